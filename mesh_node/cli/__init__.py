@@ -1,0 +1,1 @@
+"""Command line: argv -> config objects -> domain calls. Only this package parses argv."""
