@@ -1,0 +1,810 @@
+"""One authenticated connection to a peer: handshake, framed streams, RPC, flow control.
+
+A `Connection` runs over a `Carrier` (a QUIC connection, or the in-memory network used by
+tests and simulations) and knows nothing else about it. Every exchange gets its own stream:
+
+* request/response: a bidirectional stream, one request frame (then FIN) answered by one
+  response frame or an `Error` (then FIN);
+* streamed response: as above, answered by many frames then FIN; the requester grants
+  credit in bytes with `Credit` frames (real backpressure: a slow reader stops the sender);
+* one-way message: a unidirectional stream with one frame, then FIN.
+
+A malformed, oversize, truncated or unexpected frame resets that stream only (RESET_STREAM
+and STOP_SENDING with the error code); the connection and every other stream go on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from mesh_node.identity import MeshSecret, NodeId, NodeIdentity
+from mesh_node.transport.errors import (
+    ConnectionLost,
+    ErrorCode,
+    HandshakeError,
+    Overloaded,
+    ProtocolError,
+    RemoteError,
+    RequestFailed,
+    RequestTimeout,
+)
+from mesh_node.transport.frames import (
+    HEADER_SIZE,
+    FrameDecoder,
+    FrameLimits,
+    frame_parts,
+    frame_size,
+)
+from mesh_node.transport.handshake import ClientHandshake, ServerHandshake
+from mesh_node.transport.messages import Auth, Credit, Error, Hello, HelloAck, Welcome
+from mesh_node.transport.schema import Encoded, Registry
+
+log = logging.getLogger("mesh_node.transport")
+
+HANDSHAKE_STREAM = 0
+
+
+class Carrier(Protocol):
+    """What a Connection needs from the layer below. Stream ids follow QUIC's numbering:
+    bit 0 is the initiator (0 client, 1 server), bit 1 is set on unidirectional streams."""
+
+    is_client: bool
+    remote_address: tuple[str, int]
+
+    def open_stream(self, unidirectional: bool) -> int: ...
+    def write(self, stream_id: int, data: bytes | memoryview, end: bool = False) -> None: ...
+    def reset(self, stream_id: int, code: int) -> None: ...
+    def stop(self, stream_id: int, code: int) -> None: ...
+    def unacked(self, stream_id: int) -> int: ...
+    def server_key(self) -> bytes | None: ...
+    def rtt(self) -> float | None: ...
+    def close(self, code: int, reason: str) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Bounds applied to every connection."""
+
+    frames: FrameLimits = field(default_factory=FrameLimits)
+    handshake_timeout: float = 10.0
+    max_inbound_requests: int = 128  # concurrent handlers per connection
+    max_outbound_requests: int = 128  # concurrent calls per connection (others wait)
+    stream_high_water: int = 256 << 10  # unacknowledged bytes per stream before writers wait
+    stream_window: int = 1 << 20  # initial credit of a streamed response, in bytes
+    max_early_events: int = 256  # server streams buffered while the client finishes handshake
+
+
+@dataclass(frozen=True, slots=True)
+class RequestContext:
+    """What a handler knows about the request it serves."""
+
+    peer: NodeId
+    connection: Connection
+
+
+UnaryHandler = Callable[[RequestContext, Any], Awaitable[Any]]
+StreamHandler = Callable[[RequestContext, Any], AsyncIterator[Any]]
+OneWayHandler = Callable[[RequestContext, Any], Awaitable[None]]
+
+
+class Handlers:
+    """Which coroutine serves which request type. Shared by all connections of an endpoint."""
+
+    UNARY, STREAM, ONEWAY = "unary", "stream", "oneway"
+
+    def __init__(self) -> None:
+        self._table: dict[type, tuple[str, Callable[..., Any]]] = {}
+
+    def _add(self, message_type: type, kind: str, fn: Callable[..., Any]) -> None:
+        if message_type in self._table:
+            raise ValueError(f"a handler for {message_type.__name__} is already registered")
+        self._table[message_type] = (kind, fn)
+
+    def on_request(self, message_type: type, fn: UnaryHandler) -> None:
+        self._add(message_type, self.UNARY, fn)
+
+    def on_stream(self, message_type: type, fn: StreamHandler) -> None:
+        self._add(message_type, self.STREAM, fn)
+
+    def on_message(self, message_type: type, fn: OneWayHandler) -> None:
+        self._add(message_type, self.ONEWAY, fn)
+
+    def get(self, message_type: type) -> tuple[str, Callable[..., Any]] | None:
+        return self._table.get(message_type)
+
+
+class _StreamClosed(Exception):
+    """Internal: the stream went away under a writer (reset or connection closed)."""
+
+
+class _Stream:
+    """State of one open stream (either direction)."""
+
+    __slots__ = (
+        "closed",
+        "consumed",
+        "credit",
+        "credit_waiter",
+        "decoder",
+        "done",
+        "ended",
+        "items",
+        "kind",
+        "reset_code",
+        "stream_id",
+        "task",
+        "window",
+    )
+
+    def __init__(self, stream_id: int, limits: Limits):
+        self.stream_id = stream_id
+        self.decoder = FrameDecoder(limits.frames)
+        self.kind = ""
+        self.task: asyncio.Task[None] | None = None
+        # outbound calls: decoded frames (or a terminal exception) for the caller
+        self.items: asyncio.Queue[Any] = asyncio.Queue()
+        self.done = False
+        self.ended = False
+        self.closed = False
+        self.reset_code: int | None = None
+        # streamed responses: credit (server side) and consumption (client side)
+        self.credit = limits.stream_window
+        self.credit_waiter: asyncio.Future[None] | None = None
+        self.consumed = 0
+        self.window = limits.stream_window
+
+
+_END = object()  # queued when the peer finished its side of an outbound stream
+
+
+class Connection:
+    """An authenticated connection. Created by an endpoint; use `request`, `send`, `stream`."""
+
+    def __init__(
+        self,
+        carrier: Carrier,
+        *,
+        identity: NodeIdentity,
+        mesh: MeshSecret,
+        registry: Registry,
+        handlers: Handlers,
+        limits: Limits,
+        expect: NodeId | None = None,
+        on_open: Callable[[Connection], None] | None = None,
+        on_close: Callable[[Connection], None] | None = None,
+    ):
+        self._carrier = carrier
+        self._registry = registry
+        self._handlers = handlers
+        self._limits = limits
+        self._on_open = on_open
+        self._on_close = on_close
+        self._streams: dict[int, _Stream] = {}
+        # stream id -> (wake when unacked bytes fall below this, waiter)
+        self._drain_waiters: dict[int, tuple[int, asyncio.Future[None]]] = {}
+        self._early_events: list[tuple[str, tuple[Any, ...]]] | None = []
+        self._inbound = 0
+        self._highest_peer_stream = {0: -1, 2: -1}  # by stream type bit: bidi 0, uni 2
+        self._outbound = asyncio.Semaphore(limits.max_outbound_requests)
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.peer: NodeId | None = None
+        self.peer_software = ""
+        self.observed_address: tuple[str, int] | None = None
+        self.opened = asyncio.get_running_loop().create_future()
+        self.closed = asyncio.Event()
+        self.close_code: int | None = None
+        self.close_reason = ""
+        self._state = "handshake"
+        self._client_hs: ClientHandshake | None = None
+        self._server_hs: ServerHandshake | None = None
+        self._hs_decoder = FrameDecoder(limits.frames)
+        if carrier.is_client:
+            self._client_hs = ClientHandshake(identity, mesh, expect)
+        else:
+            self._server_hs = ServerHandshake(identity, mesh)
+        self._hs_timer = asyncio.get_running_loop().call_later(
+            limits.handshake_timeout, self._handshake_timed_out
+        )
+
+    # ------------------------------------------------------------------ public API
+
+    @property
+    def remote_address(self) -> tuple[str, int]:
+        return self._carrier.remote_address
+
+    @property
+    def is_open(self) -> bool:
+        return self._state == "open"
+
+    @property
+    def is_client(self) -> bool:
+        return self._carrier.is_client
+
+    def rtt(self) -> float | None:
+        """Smoothed round-trip time measured by the carrier, in seconds."""
+        return self._carrier.rtt()
+
+    def start(self) -> None:
+        """Client side: send Hello on the handshake stream."""
+        assert self._client_hs is not None
+        stream_id = self._carrier.open_stream(unidirectional=False)
+        if stream_id != HANDSHAKE_STREAM:
+            raise RuntimeError("the handshake must use the connection's first stream")
+        self._write_now(HANDSHAKE_STREAM, self._registry.encode(self._client_hs.hello()))
+
+    async def wait_open(self) -> None:
+        """Wait for the handshake; raises HandshakeError or ConnectionLost."""
+        await asyncio.shield(self.opened)
+
+    async def request(self, message: Any, *, timeout: float) -> Any:
+        """Send a request and return the peer's response message.
+
+        Raises RemoteError (the peer answered with an error), RequestTimeout, ConnectionLost.
+        """
+        try:
+            async with asyncio.timeout(timeout):
+                async with self._outbound:
+                    stream = self._open_call("unary")
+                    try:
+                        with contextlib.suppress(_StreamClosed):  # the queue says why
+                            await self._write_frame(
+                                stream, self._registry.encode(message), end=True
+                            )
+                        item = await stream.items.get()
+                        if isinstance(item, BaseException):
+                            raise item
+                        if item is _END:
+                            raise RemoteError(
+                                ErrorCode.UNEXPECTED_MESSAGE, "stream ended without an answer"
+                            )
+                        return item
+                    finally:
+                        self._finish_call(stream)
+        except TimeoutError:
+            raise RequestTimeout(
+                f"no answer to {type(message).__name__} from {self._peer_label()} "
+                f"within {timeout:g}s"
+            ) from None
+
+    async def send(self, message: Any, *, timeout: float = 10.0) -> None:
+        """Send a one-way message (no answer). Returns once the peer has acknowledged its
+        bytes, so at most `max_outbound_requests` messages are in flight per connection."""
+        try:
+            async with asyncio.timeout(timeout), self._outbound:
+                self._check_open()
+                stream_id = self._carrier.open_stream(unidirectional=True)
+                stream = _Stream(stream_id, self._limits)
+                self._streams[stream_id] = stream
+                try:
+                    await self._write_frame(stream, self._registry.encode(message), end=True)
+                    await self._drain(stream, 1)
+                except _StreamClosed:
+                    self._check_open()
+                    raise ConnectionLost(f"{self._peer_label()} refused the message") from None
+                finally:
+                    self._streams.pop(stream_id, None)
+        except TimeoutError:
+            raise RequestTimeout(
+                f"{type(message).__name__} to {self._peer_label()} not delivered in {timeout:g}s"
+            ) from None
+
+    def stream(self, message: Any, *, timeout: float, window: int | None = None) -> ResponseStream:
+        """Open a streamed response. Use as `async with conn.stream(req, timeout=5) as s:`
+        then `async for item in s`. `timeout` bounds the wait for each item."""
+        return ResponseStream(self, message, timeout, window or self._limits.stream_window)
+
+    def close(self, code: int = ErrorCode.NO_ERROR, reason: str = "") -> None:
+        if self._state != "closed":
+            self._carrier.close(int(code), reason)
+            self.connection_terminated(int(code), reason or "closed locally")
+
+    async def wait_closed(self) -> None:
+        await self.closed.wait()
+
+    # ------------------------------------------------------------------ carrier events
+
+    def stream_data(self, stream_id: int, data: bytes, end: bool) -> None:
+        if self._state == "closed":
+            return
+        if stream_id == HANDSHAKE_STREAM:
+            self._handshake_data(data, end)
+            return
+        if self._state == "handshake":
+            if self._client_hs is not None and self._early_events is not None:
+                self._buffer_early("data", (stream_id, data, end))
+                return
+            self._fail_handshake(
+                HandshakeError(ErrorCode.PROTOCOL_VIOLATION, "stream opened before handshake")
+            )
+            return
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            if self._is_local(stream_id) or stream_id <= self._highest_peer_stream[stream_id & 2]:
+                return  # late data on a stream we already finished with
+            stream = self._accept_stream(stream_id)
+        try:
+            for body, blob in stream.decoder.feed(data) if data else ():
+                message = self._registry.decode(body, memoryview(blob))
+                self._frame_received(stream, message, HEADER_SIZE + len(body) + len(blob))
+            if end:
+                stream.decoder.finish()
+                self._peer_finished(stream)
+        except ProtocolError as exc:
+            self._abort_stream(stream, exc.code, exc.message)
+
+    def stream_reset(self, stream_id: int, code: int) -> None:
+        """The peer reset its sending side (RESET_STREAM) or asked us to stop (STOP_SENDING)."""
+        if self._state == "handshake" and self._early_events is not None and stream_id:
+            self._buffer_early("reset", (stream_id, code))
+            return
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            return
+        stream.reset_code = code
+        if stream.task is not None:  # inbound: stop the handler
+            stream.task.cancel()
+            self._drop(stream)
+        elif not stream.done:  # outbound: the caller sees the reset
+            stream.items.put_nowait(
+                RemoteError(code, f"peer reset the stream ({ErrorCode.describe(code)})")
+            )
+            stream.done = True
+        self._wake(stream)
+
+    def writable(self) -> None:
+        """Acknowledgements arrived: writers waiting for their buffer to drain may go on."""
+        if not self._drain_waiters:
+            return
+        for stream_id, (below, waiter) in list(self._drain_waiters.items()):
+            if self._carrier.unacked(stream_id) < below:
+                del self._drain_waiters[stream_id]
+                if not waiter.done():
+                    waiter.set_result(None)
+
+    def connection_terminated(self, code: int, reason: str) -> None:
+        if self._state == "closed":
+            return
+        was_open = self._state == "open"
+        self._state = "closed"
+        self.close_code, self.close_reason = code, reason
+        self._hs_timer.cancel()
+        if not self.opened.done():
+            if code in (ErrorCode.NO_ERROR, ErrorCode.SHUTTING_DOWN):
+                self.opened.set_exception(ConnectionLost(f"connection closed: {reason}", code))
+            else:
+                self.opened.set_exception(HandshakeError(code, reason or "connection closed"))
+            self.opened.exception()  # mark retrieved: a dial nobody awaits is not an error
+        lost = ConnectionLost(
+            f"connection to {self._peer_label()} closed "
+            f"({ErrorCode.describe(code)}{': ' + reason if reason else ''})",
+            code,
+        )
+        for stream in list(self._streams.values()):
+            if stream.task is not None:
+                stream.task.cancel()
+            elif not stream.done:
+                stream.items.put_nowait(lost)
+                stream.done = True
+            self._wake(stream)
+        self._streams.clear()
+        for _, waiter in self._drain_waiters.values():
+            if not waiter.done():
+                waiter.set_exception(_StreamClosed())
+                waiter.exception()
+        self._drain_waiters.clear()
+        self.closed.set()
+        if was_open and self._on_close is not None:
+            self._on_close(self)
+
+    # ------------------------------------------------------------------ handshake
+
+    def _handshake_data(self, data: bytes, end: bool) -> None:
+        if self._state != "handshake":
+            return  # the handshake stream's FIN after success
+        try:
+            for body, blob in self._hs_decoder.feed(data):
+                self._handshake_message(self._registry.decode(body, memoryview(blob)))
+                if self._state != "handshake":
+                    return
+            if end:
+                raise HandshakeError(ErrorCode.HANDSHAKE_FAILED, "handshake stream ended early")
+        except ProtocolError as exc:
+            self._fail_handshake(HandshakeError(ErrorCode.HANDSHAKE_FAILED, exc.message))
+        except HandshakeError as exc:
+            self._fail_handshake(exc)
+
+    def _handshake_message(self, message: Any) -> None:
+        def expect(kind: type) -> None:
+            if type(message) is not kind:
+                raise HandshakeError(
+                    ErrorCode.HANDSHAKE_FAILED,
+                    f"expected {kind.__name__} during handshake, got {type(message).__name__}",
+                )
+
+        if self._client_hs is not None:
+            hs = self._client_hs
+            if hs.peer is None:
+                expect(HelloAck)
+                auth = hs.on_hello_ack(message, self._carrier.server_key())
+                self._write_now(HANDSHAKE_STREAM, self._registry.encode(auth), end=True)
+            else:
+                expect(Welcome)
+                self.observed_address = (message.observed_host, message.observed_port)
+                self._opened(hs.peer, hs.peer_software)
+        else:
+            hs_server = self._server_hs
+            assert hs_server is not None
+            if hs_server.proto == 0:
+                expect(Hello)
+                ack = hs_server.on_hello(message)
+                self._write_now(HANDSHAKE_STREAM, self._registry.encode(ack))
+            else:
+                expect(Auth)
+                welcome = hs_server.on_auth(message, self.remote_address)
+                assert hs_server.peer is not None
+                self._write_now(HANDSHAKE_STREAM, self._registry.encode(welcome), end=True)
+                self._opened(hs_server.peer, hs_server.peer_software)
+
+    def _opened(self, peer: NodeId, software: str) -> None:
+        self._hs_timer.cancel()
+        self.peer, self.peer_software, self._state = peer, software, "open"
+        log.debug("connection to %s open (%s)", peer.short, software)
+        self.opened.set_result(None)
+        if self._on_open is not None:
+            self._on_open(self)
+        early, self._early_events = self._early_events or [], None
+        for kind, args in early:
+            if kind == "data":
+                self.stream_data(*args)
+            else:
+                self.stream_reset(*args)
+
+    def _buffer_early(self, kind: str, args: tuple[Any, ...]) -> None:
+        assert self._early_events is not None
+        if len(self._early_events) >= self._limits.max_early_events:
+            self._fail_handshake(
+                HandshakeError(ErrorCode.PROTOCOL_VIOLATION, "too much traffic before Welcome")
+            )
+            return
+        self._early_events.append((kind, args))
+
+    def _fail_handshake(self, exc: HandshakeError) -> None:
+        side = "client" if self._carrier.is_client else "server"
+        log.warning(
+            "handshake with %s:%s failed (%s side): %s",
+            *self.remote_address[:2],
+            side,
+            exc,
+        )
+        self._carrier.close(int(exc.code), exc.reason)
+        self.connection_terminated(int(exc.code), exc.reason)
+
+    def _handshake_timed_out(self) -> None:
+        if self._state == "handshake":
+            self._fail_handshake(
+                HandshakeError(ErrorCode.HANDSHAKE_TIMEOUT, "handshake did not finish in time")
+            )
+
+    # ------------------------------------------------------------------ streams
+
+    def _is_local(self, stream_id: int) -> bool:
+        return (stream_id & 1) == (0 if self._carrier.is_client else 1)
+
+    def _accept_stream(self, stream_id: int) -> _Stream:
+        self._highest_peer_stream[stream_id & 2] = stream_id
+        stream = _Stream(stream_id, self._limits)
+        stream.kind = "oneway-in" if stream_id & 2 else "request-in"
+        self._streams[stream_id] = stream
+        return stream
+
+    def _open_call(self, kind: str) -> _Stream:
+        self._check_open()
+        stream_id = self._carrier.open_stream(unidirectional=False)
+        stream = _Stream(stream_id, self._limits)
+        stream.kind = kind
+        self._streams[stream_id] = stream
+        return stream
+
+    def _finish_call(self, stream: _Stream) -> None:
+        """Caller is done with an outbound stream: cancel it if the answer is not complete."""
+        if not stream.done and not stream.closed and self._state == "open":
+            with contextlib.suppress(Exception):
+                self._carrier.stop(stream.stream_id, ErrorCode.CANCELLED)
+                self._carrier.reset(stream.stream_id, ErrorCode.CANCELLED)
+        self._drop(stream)
+
+    def _frame_received(self, stream: _Stream, message: Any, size: int) -> None:
+        kind = stream.kind
+        if kind in ("unary", "stream"):
+            if stream.done:
+                raise ProtocolError(ErrorCode.UNEXPECTED_MESSAGE, "frame after the answer ended")
+            if type(message) is Error:
+                stream.items.put_nowait(RemoteError(message.code, message.message))
+                stream.done = True
+                return
+            if type(message) is Credit:
+                raise ProtocolError(ErrorCode.UNEXPECTED_MESSAGE, "Credit sent to a requester")
+            stream.items.put_nowait((message, size) if kind == "stream" else message)
+            if kind == "unary":
+                stream.done = True
+            return
+        if kind == "request-in" and stream.task is not None:
+            if type(message) is not Credit:
+                raise ProtocolError(
+                    ErrorCode.UNEXPECTED_MESSAGE, f"unexpected {type(message).__name__} frame"
+                )
+            if message.amount <= 0:
+                raise ProtocolError(ErrorCode.INVALID_MESSAGE, "Credit amount must be positive")
+            stream.credit += message.amount
+            self._wake(stream)
+            return
+        if kind in ("request-in", "oneway-in") and stream.task is None:
+            self._dispatch(stream, message)
+            return
+        raise ProtocolError(ErrorCode.UNEXPECTED_MESSAGE, f"unexpected {type(message).__name__}")
+
+    def _peer_finished(self, stream: _Stream) -> None:
+        if stream.kind in ("unary", "stream"):
+            stream.ended = True
+            if not stream.done:
+                stream.items.put_nowait(_END)
+                stream.done = True
+            if stream.closed:
+                self._drop(stream)
+        elif stream.task is None and stream.kind in ("request-in", "oneway-in"):
+            raise ProtocolError(ErrorCode.TRUNCATED_FRAME, "stream ended before a request")
+
+    def _dispatch(self, stream: _Stream, message: Any) -> None:
+        entry = self._handlers.get(type(message))
+        oneway = stream.kind == "oneway-in"
+        if entry is None or (entry[0] == Handlers.ONEWAY) != oneway:
+            role = "message" if oneway else "request"
+            text = f"no handler for {type(message).__name__} as a {role}"
+            if oneway:
+                raise ProtocolError(ErrorCode.NOT_SUPPORTED, text)
+            stream.task = self._spawn(self._answer_error(stream, ErrorCode.NOT_SUPPORTED, text))
+            return
+        if self._inbound >= self._limits.max_inbound_requests:
+            if oneway:
+                raise ProtocolError(ErrorCode.OVERLOADED, "too many messages in flight")
+            stream.task = self._spawn(
+                self._answer_error(stream, ErrorCode.OVERLOADED, "too many requests in flight")
+            )
+            return
+        kind, fn = entry
+        assert self.peer is not None
+        ctx = RequestContext(self.peer, self)
+        self._inbound += 1
+        runner = {
+            Handlers.UNARY: self._serve_unary,
+            Handlers.STREAM: self._serve_stream,
+            Handlers.ONEWAY: self._serve_oneway,
+        }[kind]
+        stream.task = self._spawn(runner(stream, fn, ctx, message))
+
+    def _spawn(self, coro: Awaitable[Any]) -> asyncio.Task[Any]:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _serve_unary(self, stream: _Stream, fn: UnaryHandler, ctx: RequestContext, msg):
+        try:
+            reply = await fn(ctx, msg)
+            await self._write_frame(stream, self._registry.encode(reply), end=True)
+        except _StreamClosed:
+            pass
+        except Exception as exc:
+            await self._answer_failure(stream, exc, msg)
+        finally:
+            self._inbound -= 1
+            self._drop(stream)
+
+    async def _serve_stream(self, stream: _Stream, fn: StreamHandler, ctx: RequestContext, msg):
+        items = fn(ctx, msg)
+        try:
+            async for item in items:
+                encoded = self._registry.encode(item)
+                await self._wait_credit(stream)
+                stream.credit -= frame_size(encoded)
+                await self._write_frame(stream, encoded)
+            self._write_end(stream)
+        except _StreamClosed:
+            pass
+        except Exception as exc:
+            await self._answer_failure(stream, exc, msg)
+        finally:
+            await items.aclose()
+            self._inbound -= 1
+            self._drop(stream)
+
+    async def _serve_oneway(self, stream: _Stream, fn: OneWayHandler, ctx: RequestContext, msg):
+        try:
+            await fn(ctx, msg)
+        except Exception:
+            log.exception("handler for %s from %s failed", type(msg).__name__, ctx.peer.short)
+        finally:
+            self._inbound -= 1
+            self._drop(stream)
+
+    async def _answer_failure(self, stream: _Stream, exc: Exception, msg: Any) -> None:
+        """A handler raised: RequestFailed carries its code, anything else is internal."""
+        if isinstance(exc, RequestFailed):
+            code, text = exc.code, exc.message
+        else:
+            log.error(
+                "handler for %s from %s failed",
+                type(msg).__name__,
+                self._peer_label(),
+                exc_info=exc,
+            )
+            code, text = ErrorCode.INTERNAL_ERROR, f"internal error handling {type(msg).__name__}"
+        await self._answer_error(stream, code, text)
+
+    async def _answer_error(self, stream: _Stream, code: ErrorCode, text: str) -> None:
+        with contextlib.suppress(_StreamClosed):
+            error = self._registry.encode(Error(int(code), text))
+            await self._write_frame(stream, error, end=True)
+        self._drop(stream)
+
+    def _write_end(self, stream: _Stream) -> None:
+        if self._state == "open" and stream.reset_code is None:
+            with contextlib.suppress(RuntimeError):
+                self._carrier.write(stream.stream_id, b"", end=True)
+
+    async def _wait_credit(self, stream: _Stream) -> None:
+        while stream.credit <= 0:
+            if stream.reset_code is not None or self._state != "open":
+                raise _StreamClosed()
+            stream.credit_waiter = asyncio.get_running_loop().create_future()
+            await stream.credit_waiter
+
+    def _wake(self, stream: _Stream) -> None:
+        waiter = stream.credit_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+        drain = self._drain_waiters.pop(stream.stream_id, None)
+        if drain is not None and not drain[1].done():
+            drain[1].set_result(None)
+
+    async def _drain(self, stream: _Stream, below: int) -> None:
+        """Wait until the stream's unacknowledged bytes fall below `below`."""
+        sid = stream.stream_id
+        while self._carrier.unacked(sid) >= below:
+            if stream.reset_code is not None or self._state != "open":
+                raise _StreamClosed()
+            waiter = asyncio.get_running_loop().create_future()
+            self._drain_waiters[sid] = (below, waiter)
+            await waiter
+
+    async def _write_frame(self, stream: _Stream, encoded: Encoded, end: bool = False) -> None:
+        """Write one frame, first waiting while the stream's unacknowledged bytes are high."""
+        await self._drain(stream, self._limits.stream_high_water)
+        if stream.reset_code is not None or self._state != "open":
+            raise _StreamClosed()
+        self._write_now(stream.stream_id, encoded, end)
+
+    def _write_now(self, stream_id: int, encoded: Encoded, end: bool = False) -> None:
+        parts = frame_parts(encoded)
+        try:
+            for i, part in enumerate(parts):
+                self._carrier.write(stream_id, part, end=end and i == len(parts) - 1)
+        except RuntimeError as exc:  # the carrier refuses writes on a reset/finished stream
+            raise _StreamClosed() from exc
+
+    def _abort_stream(self, stream: _Stream, code: ErrorCode, text: str) -> None:
+        log.warning(
+            "stream %d from %s reset: %s: %s",
+            stream.stream_id,
+            self._peer_label(),
+            code.name,
+            text,
+        )
+        with contextlib.suppress(Exception):
+            self._carrier.reset(stream.stream_id, int(code))
+        with contextlib.suppress(Exception):
+            self._carrier.stop(stream.stream_id, int(code))
+        stream.reset_code = int(code)
+        if stream.task is not None:
+            stream.task.cancel()
+        elif stream.kind in ("unary", "stream") and not stream.done:
+            stream.items.put_nowait(ProtocolError(code, f"bad answer from peer: {text}"))
+            stream.done = True
+        self._wake(stream)
+        self._drop(stream)
+
+    def _drop(self, stream: _Stream) -> None:
+        stream.closed = True
+        self._streams.pop(stream.stream_id, None)
+        self._drain_waiters.pop(stream.stream_id, None)
+
+    def _check_open(self) -> None:
+        if self._state != "open":
+            raise ConnectionLost(
+                f"connection to {self._peer_label()} is {self._state}", self.close_code
+            )
+
+    def _peer_label(self) -> str:
+        if self.peer is not None:
+            return self.peer.short
+        return "{}:{}".format(*self.remote_address[:2])
+
+    # used by ResponseStream
+    def _grant(self, stream: _Stream, nbytes: int) -> None:
+        stream.consumed += nbytes
+        if stream.consumed >= stream.window // 2 and not stream.ended and self._state == "open":
+            grant, stream.consumed = stream.consumed, 0
+            with contextlib.suppress(_StreamClosed):
+                self._write_now(stream.stream_id, self._registry.encode(Credit(grant)))
+
+
+class ResponseStream:
+    """Client side of a streamed response: `async with` it, then `async for` the items."""
+
+    def __init__(self, conn: Connection, message: Any, timeout: float, window: int):
+        self._conn = conn
+        self._message = message
+        self._timeout = timeout
+        self._window = window
+        self._stream: _Stream | None = None
+        self._acquired = False
+
+    async def __aenter__(self) -> ResponseStream:
+        conn = self._conn
+        try:
+            async with asyncio.timeout(self._timeout):
+                await conn._outbound.acquire()
+        except TimeoutError:
+            raise Overloaded(f"too many calls in flight to {conn._peer_label()}") from None
+        self._acquired = True
+        try:
+            stream = conn._open_call("stream")
+            self._stream = stream
+            stream.window = self._window
+            with contextlib.suppress(_StreamClosed):  # the item queue says why
+                await conn._write_frame(stream, conn._registry.encode(self._message))
+            extra = self._window - conn._limits.stream_window
+            if extra > 0 and stream.reset_code is None:
+                with contextlib.suppress(_StreamClosed):
+                    conn._write_now(stream.stream_id, conn._registry.encode(Credit(extra)))
+        except BaseException:
+            await self.__aexit__(None, None, None)
+            raise
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        if self._stream is not None:
+            stream, self._stream = self._stream, None
+            if stream.done and self._conn.is_open:
+                self._conn._write_end(stream)  # answer complete: close our side cleanly
+            self._conn._finish_call(stream)
+        if self._acquired:
+            self._acquired = False
+            self._conn._outbound.release()
+
+    def __aiter__(self) -> ResponseStream:
+        return self
+
+    async def __anext__(self) -> Any:
+        stream = self._stream
+        if stream is None:
+            raise StopAsyncIteration
+        try:
+            async with asyncio.timeout(self._timeout):
+                item = await stream.items.get()
+        except TimeoutError:
+            raise RequestTimeout(
+                f"no stream item from {self._conn._peer_label()} within {self._timeout:g}s"
+            ) from None
+        if item is _END:
+            raise StopAsyncIteration
+        if isinstance(item, BaseException):
+            raise item
+        message, size = item
+        self._conn._grant(stream, size)
+        return message

@@ -1,0 +1,274 @@
+"""QUIC carrier (aioquic) and the QUIC endpoint that listens and dials.
+
+`QuicCarrier` is the thin `QuicConnectionProtocol` subclass: it turns aioquic events into
+calls on a `Connection` and offers the `Carrier` operations on top of aioquic's API. All
+protocol logic lives in `Connection`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import ipaddress
+import logging
+import socket
+import ssl
+from collections.abc import Callable
+from typing import Any
+
+from aioquic.asyncio import QuicConnectionProtocol
+from aioquic.asyncio.server import QuicServer, serve
+from aioquic.quic import events
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.connection import QuicConnection
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from cryptography.x509.oid import NameOID
+
+from mesh_node.identity import MeshSecret, NodeId, NodeIdentity
+from mesh_node.transport.connection import Connection, Handlers, Limits
+from mesh_node.transport.endpoint import Address, Endpoint
+from mesh_node.transport.errors import ConnectionLost
+from mesh_node.transport.handshake import ALPN
+from mesh_node.transport.schema import Registry
+
+log = logging.getLogger("mesh_node.transport")
+
+
+def self_signed_certificate(identity: NodeIdentity) -> x509.Certificate:
+    """A TLS certificate for the node key, signed by itself (the key is what peers check)."""
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"mesh-node {identity.node_id}")])
+    now = datetime.datetime.now(datetime.UTC)
+    return (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(identity.private_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=3650))
+        .sign(identity.private_key, algorithm=None)
+    )
+
+
+def normalize_host(host: str) -> str:
+    """'::ffff:1.2.3.4' -> '1.2.3.4' (aioquic reports IPv4 peers of dual-stack sockets so)."""
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return host
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return host
+
+
+class QuicCarrier(QuicConnectionProtocol):
+    """One aioquic connection seen as a `Carrier`."""
+
+    def __init__(
+        self,
+        quic: QuicConnection,
+        *,
+        make_connection: Callable[[QuicCarrier], Connection],
+        remote: Address | None = None,
+        **kwargs: Any,
+    ):
+        super().__init__(quic, **kwargs)
+        self.is_client = quic.configuration.is_client
+        self._remote = remote
+        self.connection = make_connection(self)
+
+    # ---- Carrier operations
+    @property
+    def remote_address(self) -> Address:
+        if self._remote is None:
+            paths = self._quic._network_paths
+            if paths:
+                addr = paths[0].addr
+                self._remote = (normalize_host(addr[0]), addr[1])
+            else:
+                return ("?", 0)
+        return self._remote
+
+    def open_stream(self, unidirectional: bool) -> int:
+        return self._quic.get_next_available_stream_id(is_unidirectional=unidirectional)
+
+    def write(self, stream_id: int, data: bytes | memoryview, end: bool = False) -> None:
+        self._quic.send_stream_data(stream_id, data, end_stream=end)  # type: ignore[arg-type]
+        self._transmit_soon()
+
+    def reset(self, stream_id: int, code: int) -> None:
+        self._quic.reset_stream(stream_id, code)
+        self._transmit_soon()
+
+    def stop(self, stream_id: int, code: int) -> None:
+        with contextlib.suppress(ValueError):  # unknown or already finished stream
+            self._quic.stop_stream(stream_id, code)
+            self._transmit_soon()
+
+    def unacked(self, stream_id: int) -> int:
+        # aioquic keeps written data in the sender's buffer until the peer acknowledges it
+        stream = self._quic._streams.get(stream_id)
+        if stream is None:
+            return 0
+        sender = stream.sender
+        return sender._buffer_stop - sender._buffer_start
+
+    def server_key(self) -> bytes | None:
+        cert = self._quic.tls._peer_certificate
+        if cert is None:
+            return None
+        key = cert.public_key()
+        if not isinstance(key, Ed25519PublicKey):
+            return None
+        return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+    def rtt(self) -> float | None:
+        loss = self._quic._loss
+        return loss._rtt_smoothed if loss._rtt_initialized else None
+
+    # close(code, reason) is QuicConnectionProtocol.close(error_code, reason_phrase)
+
+    # ---- aioquic events -> Connection
+    def quic_event_received(self, event: events.QuicEvent) -> None:
+        conn = self.connection
+        if isinstance(event, events.StreamDataReceived):
+            conn.stream_data(event.stream_id, event.data, event.end_stream)
+        elif isinstance(event, events.StreamReset | events.StopSendingReceived):
+            conn.stream_reset(event.stream_id, event.error_code)
+        elif isinstance(event, events.HandshakeCompleted):
+            if self.is_client:
+                conn.start()
+        elif isinstance(event, events.ConnectionTerminated):
+            conn.connection_terminated(event.error_code, event.reason_phrase)
+
+    def datagram_received(self, data: bytes | str, addr: Any) -> None:
+        super().datagram_received(data, addr)
+        self.connection.writable()
+
+    def _handle_timer(self) -> None:
+        super()._handle_timer()
+        self.connection.writable()  # loss recovery may have acknowledged or dropped data
+
+
+class QuicEndpoint(Endpoint):
+    """Endpoint over QUIC: one UDP socket listening, one more per dialed connection."""
+
+    def __init__(
+        self,
+        identity: NodeIdentity,
+        mesh: MeshSecret,
+        *,
+        registry: Registry,
+        handlers: Handlers,
+        host: str = "0.0.0.0",
+        port: int = 7300,
+        limits: Limits | None = None,
+        idle_timeout: float = 30.0,
+    ):
+        super().__init__(
+            identity,
+            mesh,
+            registry=registry,
+            handlers=handlers,
+            host=host,
+            port=port,
+            limits=limits,
+        )
+        self.idle_timeout = idle_timeout
+        self._certificate = self_signed_certificate(identity)
+        self._server: QuicServer | None = None
+        self._client_transports: dict[Connection, asyncio.DatagramTransport] = {}
+        self._reapers: set[asyncio.Task[None]] = set()
+
+    def normalize_host(self, host: str) -> str:
+        return normalize_host(host)
+
+    def _configuration(self, is_client: bool) -> QuicConfiguration:
+        config = QuicConfiguration(
+            is_client=is_client,
+            alpn_protocols=[ALPN],
+            idle_timeout=self.idle_timeout,
+            max_stream_data=1 << 20,
+            max_data=8 << 20,
+        )
+        if is_client:
+            # we check the server's key ourselves in the handshake (it is not CA-signed)
+            config.verify_mode = ssl.CERT_NONE
+            config.server_name = "mesh-node"
+        else:
+            config.certificate = self._certificate
+            config.private_key = self.identity.private_key
+        return config
+
+    async def start(self) -> None:
+        """Bind the UDP port (0 picks a free one; `self.port` holds the result)."""
+        try:
+            self._server = await serve(
+                self.host,
+                self.port,
+                configuration=self._configuration(is_client=False),
+                create_protocol=lambda quic, **kw: QuicCarrier(
+                    quic, make_connection=self.new_connection, **kw
+                ),
+            )
+        except OSError as exc:
+            raise OSError(f"cannot listen on {self.host}:{self.port} (udp): {exc}") from exc
+        sock = self._server._transport.get_extra_info("socket")
+        self.port = sock.getsockname()[1]
+        log.info("listening on %s:%d (udp) as %s", self.host, self.port, self.node_id.short)
+
+    async def _dial(
+        self, host: str, port: int, expect: NodeId | None, timeout: float
+    ) -> Connection:
+        loop = asyncio.get_running_loop()
+        try:
+            infos = await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+        except OSError as exc:
+            raise ConnectionLost(f"cannot resolve {host}: {exc}") from None
+        family, _, _, _, addr = infos[0]
+        quic = QuicConnection(configuration=self._configuration(is_client=True))
+        bind_host = self.host if family == socket.AF_INET and self.host != "0.0.0.0" else None
+        local = (bind_host or ("::" if family == socket.AF_INET6 else "0.0.0.0"), 0)
+        try:
+            transport, carrier = await loop.create_datagram_endpoint(
+                lambda: QuicCarrier(
+                    quic,
+                    make_connection=lambda c: self.new_connection(c, expect),
+                    remote=(host, port),
+                ),
+                local_addr=local,
+                family=family,
+            )
+        except OSError as exc:
+            raise ConnectionLost(f"cannot open a UDP socket to dial {host}:{port}: {exc}") from None
+        conn = carrier.connection
+        self._client_transports[conn] = transport
+        reaper = asyncio.ensure_future(self._reap(conn, carrier, transport))
+        self._reapers.add(reaper)
+        reaper.add_done_callback(self._reapers.discard)
+        carrier.connect(addr)
+        return await self._await_open(conn, f"{host}:{port}", timeout)
+
+    async def _reap(
+        self, conn: Connection, carrier: QuicCarrier, transport: asyncio.DatagramTransport
+    ) -> None:
+        """Close a dialed connection's socket once the connection is over."""
+        await conn.wait_closed()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(1.0):  # aioquic's closing/draining period
+                await carrier.wait_closed()
+        transport.close()
+        self._client_transports.pop(conn, None)
+
+    async def _shutdown(self) -> None:
+        for transport in list(self._client_transports.values()):
+            transport.close()  # CONNECTION_CLOSE datagrams were sent by close() already
+        for reaper in list(self._reapers):
+            reaper.cancel()
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        await asyncio.sleep(0)  # let the transports finish closing
