@@ -301,7 +301,7 @@ class Connection:
     def close(self, code: int = ErrorCode.NO_ERROR, reason: str = "") -> None:
         if self._state != "closed":
             self._carrier.close(int(code), reason)
-            self.connection_terminated(int(code), reason or "closed locally")
+            self._terminate(int(code), reason or "closed locally")
 
     async def wait_closed(self) -> None:
         await self.closed.wait()
@@ -367,6 +367,17 @@ class Connection:
                     waiter.set_result(None)
 
     def connection_terminated(self, code: int, reason: str) -> None:
+        """The peer closed the connection, or the layer below lost it."""
+        if self._state == "handshake":
+            log.warning(
+                "handshake with %s:%s failed: closed by peer (%s: %s)",
+                *self.remote_address[:2],
+                ErrorCode.describe(code),
+                reason or "no reason",
+            )
+        self._terminate(code, reason)
+
+    def _terminate(self, code: int, reason: str) -> None:
         if self._state == "closed":
             return
         was_open = self._state == "open"
@@ -482,7 +493,7 @@ class Connection:
             exc,
         )
         self._carrier.close(int(exc.code), exc.reason)
-        self.connection_terminated(int(exc.code), exc.reason)
+        self._terminate(int(exc.code), exc.reason)
 
     def _handshake_timed_out(self) -> None:
         if self._state == "handshake":
@@ -579,13 +590,19 @@ class Connection:
         kind, fn = entry
         assert self.peer is not None
         ctx = RequestContext(self.peer, self)
-        self._inbound += 1
         runner = {
             Handlers.UNARY: self._serve_unary,
             Handlers.STREAM: self._serve_stream,
             Handlers.ONEWAY: self._serve_oneway,
         }[kind]
+        self._inbound += 1
         stream.task = self._spawn(runner(stream, fn, ctx, message))
+        # runs even when the task is cancelled before it started
+        stream.task.add_done_callback(lambda _: self._handler_done(stream))
+
+    def _handler_done(self, stream: _Stream) -> None:
+        self._inbound -= 1
+        self._drop(stream)
 
     def _spawn(self, coro: Awaitable[Any]) -> asyncio.Task[Any]:
         task = asyncio.ensure_future(coro)
@@ -601,9 +618,6 @@ class Connection:
             pass
         except Exception as exc:
             await self._answer_failure(stream, exc, msg)
-        finally:
-            self._inbound -= 1
-            self._drop(stream)
 
     async def _serve_stream(self, stream: _Stream, fn: StreamHandler, ctx: RequestContext, msg):
         items = fn(ctx, msg)
@@ -620,17 +634,12 @@ class Connection:
             await self._answer_failure(stream, exc, msg)
         finally:
             await items.aclose()
-            self._inbound -= 1
-            self._drop(stream)
 
     async def _serve_oneway(self, stream: _Stream, fn: OneWayHandler, ctx: RequestContext, msg):
         try:
             await fn(ctx, msg)
         except Exception:
             log.exception("handler for %s from %s failed", type(msg).__name__, ctx.peer.short)
-        finally:
-            self._inbound -= 1
-            self._drop(stream)
 
     async def _answer_failure(self, stream: _Stream, exc: Exception, msg: Any) -> None:
         """A handler raised: RequestFailed carries its code, anything else is internal."""
@@ -705,10 +714,13 @@ class Connection:
             code.name,
             text,
         )
+        sid = stream.stream_id
+        local = self._is_local(sid)
         with contextlib.suppress(Exception):
-            self._carrier.reset(stream.stream_id, int(code))
-        with contextlib.suppress(Exception):
-            self._carrier.stop(stream.stream_id, int(code))
+            if local or not sid & 2:  # we have a sending side
+                self._carrier.reset(sid, int(code))
+            if not local or not sid & 2:  # we have a receiving side
+                self._carrier.stop(sid, int(code))
         stream.reset_code = int(code)
         if stream.task is not None:
             stream.task.cancel()

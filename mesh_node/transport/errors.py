@@ -21,6 +21,7 @@ class ErrorCode(IntEnum):
     PROTOCOL_VIOLATION = 0x06
     SELF_CONNECTION = 0x07
     SHUTTING_DOWN = 0x08
+    LINK_ERROR = 0x09  # the layer below failed: TLS alert, idle timeout, lost path
     # stream-level (RESET_STREAM / STOP_SENDING codes, Error message codes)
     MALFORMED_FRAME = 0x10
     FRAME_TOO_LARGE = 0x11

@@ -55,13 +55,15 @@ def _check_key_and_nonce(key: bytes, nonce: bytes, who: str) -> NodeId:
 
 
 def _verify(peer: NodeId, mesh: MeshSecret, role: bytes, th: bytes, sig: bytes, proof: bytes):
-    # mesh proof first: a node of another mesh learns nothing more than "wrong mesh"
-    if not mesh.check(role + th, proof):
-        raise HandshakeError(ErrorCode.WRONG_MESH, "peer does not know this mesh's secret")
+    # the signature covers both fresh nonces: a replayed or forged proof fails here
     if not peer.verify(sig, role + th):
         raise HandshakeError(
-            ErrorCode.BAD_IDENTITY, f"signature does not match node key {peer.short}"
+            ErrorCode.BAD_IDENTITY,
+            f"signature does not prove node key {peer.short} on this connection "
+            "(forged or replayed handshake)",
         )
+    if not mesh.check(role + th, proof):
+        raise HandshakeError(ErrorCode.WRONG_MESH, "peer does not know this mesh's secret")
 
 
 class ClientHandshake:

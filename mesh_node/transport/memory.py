@@ -20,8 +20,6 @@ from mesh_node.transport.endpoint import Address, Endpoint
 from mesh_node.transport.errors import ConnectionLost, ErrorCode
 from mesh_node.transport.schema import Registry
 
-IDLE_CLOSE = 0x100000  # pseudo code reported when a silent path hits the idle timeout
-
 
 class _Pipe:
     """One direction of a connection: ordered delivery after the link's latency."""
@@ -52,7 +50,7 @@ class _Pipe:
         now = asyncio.get_running_loop().time()
         while self.queue and self.queue[0][0] <= now:
             _, deliver = self.queue.popleft()
-            if self.network.reachable(self.src, self.dst):
+            if not self.network.partitioned(self.src, self.dst):
                 deliver()
             else:
                 self.held.append(deliver)  # QUIC would retransmit once the path is back
@@ -178,7 +176,7 @@ class MemoryCarrier:
             return
         conn = self.connection
         self._terminate_local()
-        conn.connection_terminated(IDLE_CLOSE, "idle timeout: no answer from peer")
+        conn.connection_terminated(ErrorCode.LINK_ERROR, "idle timeout: no answer from peer")
 
 
 class MemoryNetwork:
@@ -228,11 +226,13 @@ class MemoryNetwork:
     def set_latency(self, a: Address, b: Address, seconds: float) -> None:
         self._latency[frozenset((a, b))] = seconds
 
-    def reachable(self, a: Address, b: Address) -> bool:
-        if a not in self._endpoints or b not in self._endpoints:
-            return False
+    def partitioned(self, a: Address, b: Address) -> bool:
         groups = self._groups
-        return groups is None or groups.get(a, -1) == groups.get(b, -1)
+        return groups is not None and groups.get(a, -1) != groups.get(b, -1)
+
+    def reachable(self, a: Address, b: Address) -> bool:
+        """Both nodes are up and on the same side of any partition."""
+        return a in self._endpoints and b in self._endpoints and not self.partitioned(a, b)
 
     def partition(self, *groups: Iterable[Address]) -> None:
         """Only nodes in the same group can talk; nodes in no group are cut off."""

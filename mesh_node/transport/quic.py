@@ -30,7 +30,7 @@ from cryptography.x509.oid import NameOID
 from mesh_node.identity import MeshSecret, NodeId, NodeIdentity
 from mesh_node.transport.connection import Connection, Handlers, Limits
 from mesh_node.transport.endpoint import Address, Endpoint
-from mesh_node.transport.errors import ConnectionLost
+from mesh_node.transport.errors import ConnectionLost, ErrorCode
 from mesh_node.transport.handshake import ALPN
 from mesh_node.transport.schema import Registry
 
@@ -142,7 +142,11 @@ class QuicCarrier(QuicConnectionProtocol):
             if self.is_client:
                 conn.start()
         elif isinstance(event, events.ConnectionTerminated):
-            conn.connection_terminated(event.error_code, event.reason_phrase)
+            if event.frame_type is None:  # an application close: our own error codes
+                conn.connection_terminated(event.error_code, event.reason_phrase)
+            else:  # QUIC/TLS closed it (idle timeout, TLS alert, ...): another code space
+                reason = f"QUIC error 0x{event.error_code:x}: {event.reason_phrase or 'no reason'}"
+                conn.connection_terminated(ErrorCode.LINK_ERROR, reason)
 
     def datagram_received(self, data: bytes | str, addr: Any) -> None:
         super().datagram_received(data, addr)

@@ -268,3 +268,51 @@ class Registry:
                 ErrorCode.UNKNOWN_MESSAGE_TYPE, f"unknown message type 0x{type_id:x}"
             )
         return codec.decode_fields(fields, blob)
+
+
+def to_plain(value: Any) -> Any:
+    """A message (or any schema value) as JSON-compatible data: bytes become hex strings,
+    tensors become {dtype, shape, data: hex}, structs become objects."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: to_plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, Tensor):
+        return {"dtype": value.dtype, "shape": list(value.shape), "data": value.data.hex()}
+    if isinstance(value, bytes):
+        return value.hex()
+    if isinstance(value, list):
+        return [to_plain(item) for item in value]
+    if isinstance(value, dict):
+        return {key: to_plain(item) for key, item in value.items()}
+    return value
+
+
+def from_plain(cls: type, plain: Any) -> Any:
+    """Inverse of `to_plain` for the dataclass `cls`."""
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name in plain:
+            kwargs[f.name] = _from_plain_value(hints[f.name], plain[f.name])
+    return cls(**kwargs)
+
+
+def _from_plain_value(annotation: Any, plain: Any) -> Any:
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if plain is None:
+        return None
+    if annotation is bytes:
+        return bytes.fromhex(plain)
+    if annotation is Tensor:
+        data = memoryview(bytearray.fromhex(plain["data"]))
+        return Tensor(plain["dtype"], tuple(plain["shape"]), data)
+    if origin in (types.UnionType, typing.Union):
+        return _from_plain_value(next(a for a in args if a is not type(None)), plain)
+    if origin is list:
+        return [_from_plain_value(args[0], item) for item in plain]
+    if origin is dict:
+        return {key: _from_plain_value(args[1], item) for key, item in plain.items()}
+    if isinstance(annotation, type) and dataclasses.is_dataclass(annotation):
+        return from_plain(annotation, plain)
+    if annotation is float:
+        return float(plain)
+    return plain

@@ -1,0 +1,94 @@
+"""`mesh-node join <mesh-id>`: run a node in a mesh until interrupted."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+
+from mesh_node.cli.arguments import host_port, port_number
+from mesh_node.identity import IdentityError, default_home
+from mesh_node.node import Node, NodeConfig
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "join",
+        help="join a mesh and serve until interrupted",
+        description=(
+            "Start a node in the mesh named by MESH_ID and keep it running until SIGINT or "
+            "SIGTERM, when it leaves cleanly. Make a mesh id with `mesh-node new`."
+        ),
+    )
+    parser.add_argument(
+        "mesh_id",
+        metavar="MESH_ID",
+        help="the mesh's shared secret (from `mesh-node new`); never sent on the wire",
+    )
+    parser.add_argument(
+        "--peer",
+        metavar="HOST:PORT",
+        action="append",
+        type=host_port,
+        default=[],
+        help="address of a node already in the mesh to connect to (repeatable); "
+        "needed where LAN discovery cannot reach",
+    )
+    parser.add_argument(
+        "--port",
+        type=port_number,
+        default=7300,
+        help="UDP port for QUIC connections from peers (default: %(default)s; 0 picks one)",
+    )
+    parser.add_argument(
+        "--host",
+        default="0.0.0.0",
+        help="address to listen on (default: %(default)s, all IPv4 interfaces)",
+    )
+    parser.add_argument(
+        "--name", default="", help="a human-readable name shown to peers (default: hostname)"
+    )
+    parser.add_argument(
+        "--ephemeral",
+        action="store_true",
+        help="use a throwaway node key instead of the one kept in $MESH_NODE_HOME "
+        "(default ~/.mesh-node)",
+    )
+    parser.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="how much to log to stderr (default: %(default)s)",
+    )
+    parser.set_defaults(run=run)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    logging.getLogger("quic").setLevel(logging.WARNING)
+    try:
+        config = NodeConfig(
+            mesh_id=args.mesh_id,
+            name=args.name,
+            host=args.host,
+            port=args.port,
+            peers=tuple(args.peer),
+            home=default_home(),
+            ephemeral=args.ephemeral,
+        )
+        node = Node(config)
+    except IdentityError as exc:
+        print(f"mesh-node: {exc}", file=sys.stderr)
+        return 2
+    print(f"node {node.node_id.short}  ({node.node_id})", flush=True)
+    try:
+        asyncio.run(node.run_until_signal(announce=print))
+    except OSError as exc:
+        print(f"mesh-node: {exc}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,74 @@
+#!/usr/bin/env python3
+"""Write proto/vectors/: one JSON file per message type with an example message and its
+encoded frame in hex. Run after adding a message type (tests fail until its vector exists):
+
+    python scripts/make_vectors.py
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from mesh_node.protocol import REGISTRY
+from mesh_node.transport.frames import frame_parts
+from mesh_node.transport.messages import (
+    Auth,
+    Credit,
+    Error,
+    Hello,
+    HelloAck,
+    Ping,
+    Pong,
+    Welcome,
+)
+from mesh_node.transport.schema import to_plain
+
+KEY_A = bytes(range(32))
+KEY_B = bytes(range(32, 64))
+NONCE_A = bytes([0xA5] * 32)
+NONCE_B = bytes([0x5A] * 32)
+SIG = bytes(range(64))
+MAC = bytes(range(100, 132))
+
+EXAMPLES = [
+    Hello(proto_min=1, proto_max=1, software="mesh-node/0.1.0", node_key=KEY_A, nonce=NONCE_A),
+    HelloAck(
+        proto=1,
+        software="mesh-node/0.1.0",
+        node_key=KEY_B,
+        nonce=NONCE_B,
+        signature=SIG,
+        mesh_proof=MAC,
+    ),
+    Auth(signature=SIG, mesh_proof=MAC),
+    Welcome(observed_host="192.0.2.7", observed_port=53211),
+    Error(code=0x17, message="too many requests in flight"),
+    Credit(amount=524288),
+    Ping(seq=42),
+    Pong(seq=42),
+]
+
+OUT = Path(__file__).resolve().parent.parent / "proto" / "vectors"
+
+
+def main() -> None:
+    OUT.mkdir(parents=True, exist_ok=True)
+    for old in OUT.glob("*.json"):
+        old.unlink()
+    for message in EXAMPLES:
+        type_id = REGISTRY.type_id(type(message))
+        frame = b"".join(bytes(part) for part in frame_parts(REGISTRY.encode(message)))
+        record = {
+            "type_id": type_id,
+            "name": type(message).__name__,
+            "fields": to_plain(message),
+            "frame": frame.hex(),
+        }
+        path = OUT / f"{type_id:04x}-{type(message).__name__}.json"
+        path.write_text(json.dumps(record, indent=2) + "\n")
+        print(f"wrote {path.relative_to(OUT.parent.parent)}")
+
+
+if __name__ == "__main__":
+    main()

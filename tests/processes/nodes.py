@@ -1,0 +1,104 @@
+"""Run `mesh-node` as OS processes for tests, and read what they print (bounded waits)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import signal
+import sys
+
+from mesh_node.identity import NodeId
+
+
+class NodeProcess:
+    """A `python -m mesh_node join ...` child process."""
+
+    def __init__(self, proc: asyncio.subprocess.Process):
+        self.proc = proc
+        self.node_id: NodeId | None = None
+        self.port: int | None = None
+        self.stderr_lines: list[str] = []
+        self._stderr_task = asyncio.create_task(self._collect_stderr())
+        self._stderr_waiters: list[tuple[re.Pattern[str], asyncio.Future[str]]] = []
+
+    @classmethod
+    async def join(cls, mesh_id: str, *args: str, env: dict[str, str] | None = None):
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "mesh_node",
+            "join",
+            mesh_id,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--ephemeral",
+            "--log-level",
+            "debug",
+            *args,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+        )
+        node = cls(proc)
+        await node._read_banner()
+        return node
+
+    async def _read_banner(self, timeout: float = 60.0) -> None:
+        async with asyncio.timeout(timeout):
+            while self.port is None:
+                line = (await self.proc.stdout.readline()).decode()
+                if not line:
+                    raise RuntimeError(f"node exited early: {''.join(self.stderr_lines)}")
+                if m := re.match(r"node \w+\s+\((\w{52})\)", line):
+                    self.node_id = NodeId.parse(m.group(1))
+                if m := re.match(r"listening on udp [\d.]+:(\d+)", line):
+                    self.port = int(m.group(1))
+
+    @property
+    def address(self) -> tuple[str, int]:
+        assert self.port is not None
+        return ("127.0.0.1", self.port)
+
+    async def _collect_stderr(self) -> None:
+        while line := (await self.proc.stderr.readline()).decode():
+            self.stderr_lines.append(line)
+            for pattern, fut in list(self._stderr_waiters):
+                if not fut.done() and pattern.search(line):
+                    fut.set_result(line)
+
+    async def wait_log(self, pattern: str, timeout: float = 10.0) -> str:
+        """Wait for a stderr line matching `pattern` (already printed or still to come)."""
+        regex = re.compile(pattern)
+        for line in self.stderr_lines:
+            if regex.search(line):
+                return line
+        fut = asyncio.get_running_loop().create_future()
+        self._stderr_waiters.append((regex, fut))
+        try:
+            async with asyncio.timeout(timeout):
+                return await fut
+        except TimeoutError:
+            raise AssertionError(
+                f"no log line like {pattern!r}; stderr:\n{''.join(self.stderr_lines[-30:])}"
+            ) from None
+
+    async def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:
+        if self.proc.returncode is None:
+            self.proc.send_signal(sig)
+        try:
+            async with asyncio.timeout(timeout):
+                code = await self.proc.wait()
+        finally:
+            if self.proc.returncode is None:
+                self.proc.kill()
+                await self.proc.wait()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._stderr_task
+        return code
+
+    async def kill(self) -> None:
+        await self.stop(signal.SIGKILL)

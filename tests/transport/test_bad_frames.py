@@ -1,0 +1,132 @@
+"""Garbage, oversize, truncated, unknown and invalid frames on a live connection: the
+stream is reset with the matching code; the connection and the node keep serving."""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+
+import msgpack
+import pytest
+
+from mesh_node.transport.errors import ErrorCode
+from mesh_node.transport.messages import Ping, Pong
+from tests.transport.conftest import Note, Sleep
+
+
+def watch_resets(conn):
+    """Record resets the peer sends us on streams we drive by hand."""
+    resets: dict[int, asyncio.Future[int]] = {}
+    original = conn.stream_reset
+
+    def stream_reset(stream_id, code):
+        fut = resets.setdefault(stream_id, asyncio.get_running_loop().create_future())
+        if not fut.done():
+            fut.set_result(code)
+        original(stream_id, code)
+
+    conn.stream_reset = stream_reset
+    return resets
+
+
+def frame(body: bytes, blob: bytes = b"", body_len=None, blob_len=None) -> bytes:
+    head = struct.pack(
+        ">II",
+        len(body) if body_len is None else body_len,
+        len(blob) if blob_len is None else blob_len,
+    )
+    return head + body + blob
+
+
+def pack(type_id, fields) -> bytes:
+    return msgpack.packb([type_id, fields], use_bin_type=True)
+
+
+CASES = {
+    "garbage body": (frame(b"\xc1\xc1\xc1 not msgpack"), True, ErrorCode.MALFORMED_FRAME),
+    "not an envelope": (frame(msgpack.packb({"a": 1})), True, ErrorCode.MALFORMED_FRAME),
+    "oversize body": (frame(b"", body_len=2**31), False, ErrorCode.FRAME_TOO_LARGE),
+    "oversize blob": (frame(b"\x90", blob_len=2**31), False, ErrorCode.FRAME_TOO_LARGE),
+    "truncated": (frame(pack(0x10, {"seq": 1}))[:-3], True, ErrorCode.TRUNCATED_FRAME),
+    "empty stream": (b"", True, ErrorCode.TRUNCATED_FRAME),
+    "empty body": (frame(b""), True, ErrorCode.MALFORMED_FRAME),
+    "unknown type": (frame(pack(0xEEEE, {})), True, ErrorCode.UNKNOWN_MESSAGE_TYPE),
+    "wrong field type": (frame(pack(0x10, {"seq": "one"})), True, ErrorCode.INVALID_MESSAGE),
+    "missing field": (frame(pack(0x10, {})), True, ErrorCode.INVALID_MESSAGE),
+    "bad tensor header": (
+        frame(pack(0xF007, {"x": {"dtype": "F32", "shape": [4], "offset": 0}, "factor": 1.0})),
+        True,
+        ErrorCode.INVALID_MESSAGE,
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+async def test_bad_request_stream_is_reset_and_peer_keeps_serving(pair_factory, mesh, case):
+    data, fin, code = CASES[case]
+    async with pair_factory(mesh) as p:
+        conn = await p.connect()
+        resets = watch_resets(conn)
+        slow = asyncio.create_task(conn.request(Sleep(0.5), timeout=10))  # an innocent stream
+        await asyncio.sleep(0.05)
+        carrier = conn._carrier
+        stream_id = carrier.open_stream(unidirectional=False)
+        carrier.write(stream_id, data, end=fin)
+        fut = resets.setdefault(stream_id, asyncio.get_running_loop().create_future())
+        async with asyncio.timeout(5):
+            assert await fut == code
+        assert conn.is_open
+        assert await conn.request(Ping(11), timeout=5) == Pong(11)
+        assert (await slow).text == "slept"
+
+
+async def test_bad_one_way_stream_is_dropped_and_peer_keeps_serving(pair_factory, mesh, caplog):
+    async with pair_factory(mesh) as p:
+        conn = await p.connect()
+        carrier = conn._carrier
+        stream_id = carrier.open_stream(unidirectional=True)
+        carrier.write(stream_id, frame(b"\xc1garbage"), end=True)
+        await conn.send(Note("after"), timeout=5)
+        async with asyncio.timeout(5):
+            assert (await p.service_b.notes.get())[1] == "after"
+        assert p.service_b.notes.empty()  # the garbage reached no handler
+        assert f"stream {stream_id} from" in caplog.text and "MALFORMED_FRAME" in caplog.text
+        assert await conn.request(Ping(12), timeout=5) == Pong(12)
+
+
+async def test_frame_after_request_is_rejected(pair_factory, mesh):
+    async with pair_factory(mesh) as p:
+        conn = await p.connect()
+        resets = watch_resets(conn)
+        carrier = conn._carrier
+        stream_id = carrier.open_stream(unidirectional=False)
+        carrier.write(stream_id, frame(pack(0xF002, {"seconds": 5.0})), end=False)
+        async with asyncio.timeout(5):
+            await p.service_b.started.get()
+        carrier.write(stream_id, frame(pack(0x10, {"seq": 1})), end=False)
+        fut = resets.setdefault(stream_id, asyncio.get_running_loop().create_future())
+        async with asyncio.timeout(5):
+            assert await fut == ErrorCode.UNEXPECTED_MESSAGE
+        async with asyncio.timeout(5):
+            assert await p.service_b.cancelled.get() == "sleep"  # its handler was stopped
+        assert await conn.request(Ping(13), timeout=5) == Pong(13)
+
+
+async def test_garbage_from_the_server_fails_only_that_call(pair_factory, mesh):
+    async with pair_factory(mesh) as p:
+        conn = await p.connect()
+
+        async def lying(ctx, msg):
+            server = p.b.connection_to(p.a.node_id)
+            # find the stream this request came on and write garbage on it by hand
+            stream_id = max(s for s in server._streams if not s & 2)
+            server._carrier.write(stream_id, frame(b"\xc1\xc1"), end=True)
+            await asyncio.sleep(5)
+
+        p.b.handlers._table[Sleep] = ("unary", lying)
+        from mesh_node.transport.errors import ProtocolError
+
+        with pytest.raises(ProtocolError) as bad:
+            await conn.request(Sleep(1), timeout=5)
+        assert bad.value.code == ErrorCode.MALFORMED_FRAME
+        assert await conn.request(Ping(14), timeout=5) == Pong(14)

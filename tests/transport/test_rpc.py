@@ -1,0 +1,246 @@
+"""RPC over both carriers: request/response, errors, timeouts, cancellation, one-way
+messages, streamed responses with backpressure, tensor payloads, reuse and reconnection."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from mesh_node.transport.connection import Limits
+from mesh_node.transport.errors import (
+    ConnectionLost,
+    ErrorCode,
+    RemoteError,
+    RequestTimeout,
+)
+from mesh_node.transport.messages import Ping, Pong
+from mesh_node.transport.tensors import Tensor
+from tests.transport.conftest import (
+    Count,
+    Crash,
+    Echo,
+    Fail,
+    Item,
+    Note,
+    Scale,
+    Scaled,
+    Sleep,
+    Unhandled,
+    connected,
+)
+
+
+async def test_request_response_both_directions(pair_factory, mesh):
+    async with pair_factory(mesh) as p:
+        conn = await p.connect()
+        assert conn.peer == p.b.node_id
+        assert await conn.request(Ping(7), timeout=5) == Pong(7)
+        assert await conn.request(Echo("héllo ✓"), timeout=5) == Echo("héllo ✓")
+        # the server can call the client over the same connection
+        back = p.b.connection_to(p.a.node_id)
+        assert back is not None and back.peer == p.a.node_id
+        assert await back.request(Ping(9), timeout=5) == Pong(9)
+
+
+async def test_many_concurrent_requests(pair_factory, mesh):
+    async with pair_factory(mesh) as p:
+        conn = await p.connect()
+        replies = await asyncio.gather(*(conn.request(Ping(i), timeout=10) for i in range(300)))
+        assert replies == [Pong(i) for i in range(300)]
+
+
+async def test_handler_errors_reach_the_caller_with_their_code(pair_factory, mesh):
+    async with pair_factory(mesh) as p:
+        conn = await p.connect()
+        with pytest.raises(RemoteError) as failed:
+            await conn.request(Fail(ErrorCode.NOT_FOUND), timeout=5)
+        assert failed.value.code == ErrorCode.NOT_FOUND
+        assert "asked to fail" in failed.value.message
+        with pytest.raises(RemoteError) as crashed:
+            await conn.request(Crash(), timeout=5)
+        assert crashed.value.code == ErrorCode.INTERNAL_ERROR
+        assert "ZeroDivisionError" not in crashed.value.message  # internals stay inside
+        with pytest.raises(RemoteError) as unsupported:
+            await conn.request(Unhandled(), timeout=5)
+        assert unsupported.value.code == ErrorCode.NOT_SUPPORTED
+        assert await conn.request(Ping(1), timeout=5) == Pong(1)
+
+
+async def test_timeout_cancels_the_remote_handler(pair_factory, mesh):
+    async with pair_factory(mesh) as p:
+        conn = await p.connect()
+        with pytest.raises(RequestTimeout):
+            await conn.request(Sleep(30), timeout=0.2)
+        async with asyncio.timeout(5):
+            assert await p.service_b.cancelled.get() == "sleep"
+        assert await conn.request(Ping(2), timeout=5) == Pong(2)
+
+
+async def test_cancelling_the_caller_cancels_the_remote_handler(pair_factory, mesh):
+    async with pair_factory(mesh) as p:
+        conn = await p.connect()
+        call = asyncio.create_task(conn.request(Sleep(30), timeout=60))
+        await asyncio.sleep(0.2)
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        async with asyncio.timeout(5):
+            assert await p.service_b.cancelled.get() == "sleep"
+
+
+async def test_one_way_messages(pair_factory, mesh):
+    async with pair_factory(mesh) as p:
+        conn = await p.connect()
+        for i in range(20):
+            await conn.send(Note(f"n{i}"), timeout=5)
+        got = [await asyncio.wait_for(p.service_b.notes.get(), 5) for _ in range(20)]
+        assert sorted(text for _, text in got) == sorted(f"n{i}" for i in range(20))
+        assert {peer for peer, _ in got} == {p.a.node_id.short}
+
+
+async def test_streamed_response(pair_factory, mesh):
+    async with pair_factory(mesh) as p:
+        conn = await p.connect()
+        async with conn.stream(Count(500), timeout=5) as items:
+            got = [item.i async for item in items]
+        assert got == list(range(500))
+        # an empty stream ends at once
+        async with conn.stream(Count(0), timeout=5) as items:
+            assert [item async for item in items] == []
+        assert await conn.request(Ping(3), timeout=5) == Pong(3)
+
+
+async def test_stream_reader_leaving_early_cancels_the_producer(pair_factory, mesh):
+    async with pair_factory(mesh) as p:
+        conn = await p.connect()
+        async with conn.stream(Count(10**9, size=1024), timeout=5) as items:
+            async for item in items:
+                if item.i == 10:
+                    break
+        async with asyncio.timeout(5):
+            assert await p.service_b.cancelled.get() == "count"
+
+
+async def test_slow_stream_reader_keeps_memory_bounded(pair_factory, mesh):
+    """The producer may run ahead of a slow reader by the credit window plus the send
+    buffer, never more, however long the reader sleeps."""
+    item_size = 16 << 10
+    limits = Limits(stream_window=256 << 10, stream_high_water=128 << 10)
+    async with pair_factory(mesh, limits=limits) as p:
+        conn = await p.connect()
+        service = p.service_b
+        bound = (limits.stream_window + limits.stream_high_water) // item_size + 2
+        consumed = 0
+        ahead = []
+        async with conn.stream(Count(400, size=item_size), timeout=10) as items:
+            async for item in items:
+                assert item.i == consumed and len(item.pad) == item_size
+                consumed += 1
+                if consumed % 100 == 0:  # pause: the producer must stop, not fill memory
+                    await asyncio.sleep(0.3)
+                    ahead.append(service.produced - consumed)
+        assert consumed == 400
+        assert max(ahead) <= bound, (ahead, bound)
+        assert max(ahead) >= 4  # it did run ahead within the window (flow is pipelined)
+
+
+async def test_stream_error_midway(pair_factory, mesh):
+    async with pair_factory(mesh) as p:
+        conn = await p.connect()
+
+        async def broken(ctx, msg):
+            yield Item(0)
+            raise ValueError("boom")
+
+        p.b.handlers._table[Count] = ("stream", broken)
+        got = []
+        with pytest.raises(RemoteError) as failed:
+            async with conn.stream(Count(5), timeout=5) as items:
+                async for item in items:
+                    got.append(item.i)
+        assert got == [0]
+        assert failed.value.code == ErrorCode.INTERNAL_ERROR
+
+
+async def test_tensor_payloads_round_trip(pair_factory, mesh):
+    async with pair_factory(mesh) as p:
+        conn = await p.connect()
+        for dtype in (torch.float32, torch.bfloat16, torch.int64, torch.float16):
+            x = (torch.arange(3 * 5 * 7) - 50).reshape(3, 5, 7).to(dtype)
+            reply = await conn.request(Scale(Tensor.from_torch(x), 2.0), timeout=5)
+            assert isinstance(reply, Scaled)
+            assert torch.equal(reply.y.torch(), x * 2)
+            assert torch.equal(reply.extra[0].torch(), x)
+            assert torch.equal(reply.extra[1].torch(), x[:1])
+        big = torch.randn(512, 1024)  # 2 MiB
+        reply = await conn.request(Scale(Tensor.from_torch(big), -1.0), timeout=20)
+        assert torch.equal(reply.y.torch(), -big)
+        empty = torch.zeros(0, 4)
+        reply = await conn.request(Scale(Tensor.from_torch(empty), 1.0), timeout=5)
+        assert reply.y.torch().shape == (0, 4)
+
+
+async def test_connections_are_reused(pair_factory, mesh):
+    async with pair_factory(mesh) as p:
+        first = await p.connect()
+        again = await p.a.connect(p.b.address)
+        by_id = await p.a.connect(("192.0.2.1", 1), expect=p.b.node_id)  # reused by id
+        assert first is again is by_id
+        dials = await asyncio.gather(*(p.a.connect(p.b.address) for _ in range(5)))
+        assert all(c is first for c in dials)
+
+
+async def test_lost_connection_is_re_established(pair_factory, mesh):
+    async with pair_factory(mesh) as p:
+        first = await p.connect()
+        first.close()
+        await first.wait_closed()
+        with pytest.raises(ConnectionLost):
+            await first.request(Ping(1), timeout=5)
+        again = await p.a.connect(p.b.address, expect=p.b.node_id)
+        assert again is not first and again.is_open
+        assert await again.request(Ping(4), timeout=5) == Pong(4)
+
+
+async def test_clean_close_is_seen_by_the_peer(pair_factory, mesh):
+    async with pair_factory(mesh) as p:
+        conn = await p.connect()
+        server_side = await connected(p.b, p.a.node_id)
+        pending = asyncio.create_task(server_side.request(Sleep(30), timeout=30))
+        await asyncio.sleep(0.1)
+        await p.a.close()
+        async with asyncio.timeout(5):
+            await server_side.wait_closed()
+        assert server_side.close_code == ErrorCode.NO_ERROR
+        with pytest.raises(ConnectionLost):
+            await pending
+        assert not conn.is_open
+
+
+async def test_in_flight_requests_fail_when_the_connection_dies(pair_factory, mesh):
+    async with pair_factory(mesh) as p:
+        conn = await p.connect()
+        calls = [asyncio.create_task(conn.request(Sleep(30), timeout=30)) for _ in range(3)]
+        await asyncio.sleep(0.1)
+        await p.b.close()
+        for call in calls:
+            with pytest.raises(ConnectionLost):
+                await call
+
+
+async def test_too_many_concurrent_requests_get_overloaded(pair_factory, mesh):
+    async with pair_factory(mesh, limits=Limits(max_inbound_requests=2)) as p:
+        conn = await p.connect()
+        calls = [asyncio.create_task(conn.request(Sleep(0.5), timeout=10)) for _ in range(2)]
+        for _ in range(2):
+            async with asyncio.timeout(5):
+                await p.service_b.started.get()
+        with pytest.raises(RemoteError) as refused:
+            await conn.request(Ping(1), timeout=5)
+        assert refused.value.code == ErrorCode.OVERLOADED
+        assert [(await c).text for c in calls] == ["slept", "slept"]
+        assert await conn.request(Ping(2), timeout=5) == Pong(2)  # the slots came back
+        server_side = p.b.connection_to(p.a.node_id)
+        assert server_side._inbound == 0 and not server_side._streams
