@@ -73,7 +73,7 @@ class Node:
     def _peer_disconnected(self, conn) -> None:
         log.info("peer %s disconnected: %s", conn.peer.short, conn.close_reason or "closed")
 
-    async def _on_ping(self, ctx: RequestContext, msg: Ping) -> Pong:
+    def _on_ping(self, ctx: RequestContext, msg: Ping) -> Pong:
         return Pong(msg.seq)
 
     async def start(self) -> None:

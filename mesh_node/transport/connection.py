@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -58,6 +60,7 @@ class Carrier(Protocol):
 
     def open_stream(self, unidirectional: bool) -> int: ...
     def write(self, stream_id: int, data: bytes | memoryview, end: bool = False) -> None: ...
+    def flush(self) -> None: ...
     def reset(self, stream_id: int, code: int) -> None: ...
     def stop(self, stream_id: int, code: int) -> None: ...
     def unacked(self, stream_id: int) -> int: ...
@@ -87,15 +90,27 @@ class RequestContext:
     connection: Connection
 
 
-UnaryHandler = Callable[[RequestContext, Any], Awaitable[Any]]
+UnaryHandler = Callable[[RequestContext, Any], Awaitable[Any] | Any]
 StreamHandler = Callable[[RequestContext, Any], AsyncIterator[Any]]
-OneWayHandler = Callable[[RequestContext, Any], Awaitable[None]]
+OneWayHandler = Callable[[RequestContext, Any], Awaitable[None] | None]
 
 
 class Handlers:
-    """Which coroutine serves which request type. Shared by all connections of an endpoint."""
+    """Which function serves which request type. Shared by all connections of an endpoint.
 
-    UNARY, STREAM, ONEWAY = "unary", "stream", "oneway"
+    Request and one-way handlers are `async def` (run as a task per request) or plain
+    functions (run inline as the request arrives: for quick, non-blocking work such as
+    pings and probes; their answer leaves in the same packet as the acknowledgement).
+    Stream handlers are async generators.
+    """
+
+    UNARY, STREAM, ONEWAY, UNARY_INLINE, ONEWAY_INLINE = (
+        "unary",
+        "stream",
+        "oneway",
+        "unary-inline",
+        "oneway-inline",
+    )
 
     def __init__(self) -> None:
         self._table: dict[type, tuple[str, Callable[..., Any]]] = {}
@@ -106,13 +121,18 @@ class Handlers:
         self._table[message_type] = (kind, fn)
 
     def on_request(self, message_type: type, fn: UnaryHandler) -> None:
-        self._add(message_type, self.UNARY, fn)
+        inline = not inspect.iscoroutinefunction(fn)
+        self._add(message_type, self.UNARY_INLINE if inline else self.UNARY, fn)
 
     def on_stream(self, message_type: type, fn: StreamHandler) -> None:
+        if not inspect.isasyncgenfunction(fn):
+            name = message_type.__name__
+            raise TypeError(f"stream handler for {name} must be an async generator")
         self._add(message_type, self.STREAM, fn)
 
     def on_message(self, message_type: type, fn: OneWayHandler) -> None:
-        self._add(message_type, self.ONEWAY, fn)
+        inline = not inspect.iscoroutinefunction(fn)
+        self._add(message_type, self.ONEWAY_INLINE if inline else self.ONEWAY, fn)
 
     def get(self, message_type: type) -> tuple[str, Callable[..., Any]] | None:
         return self._table.get(message_type)
@@ -131,6 +151,7 @@ class _Stream:
         "credit",
         "credit_waiter",
         "decoder",
+        "dispatched",
         "done",
         "ended",
         "items",
@@ -145,9 +166,11 @@ class _Stream:
         self.stream_id = stream_id
         self.decoder = FrameDecoder(limits.frames)
         self.kind = ""
+        self.dispatched = False  # inbound: the request frame arrived and went to a handler
         self.task: asyncio.Task[None] | None = None
-        # outbound calls: decoded frames (or a terminal exception) for the caller
-        self.items: asyncio.Queue[Any] = asyncio.Queue()
+        # outbound calls: what the caller waits for (decoded frames or a terminal exception):
+        # a Future for a unary call, a Queue for a streamed response
+        self.items: Any = None
         self.done = False
         self.ended = False
         self.closed = False
@@ -160,6 +183,15 @@ class _Stream:
 
 
 _END = object()  # queued when the peer finished its side of an outbound stream
+
+
+def _deliver(stream: _Stream, item: Any) -> None:
+    """Hand an answer (or a terminal exception) to the caller waiting on an outbound stream."""
+    if isinstance(stream.items, asyncio.Future):
+        if not stream.items.done():
+            stream.items.set_result(item)
+    else:
+        stream.items.put_nowait(item)
 
 
 class Connection:
@@ -191,6 +223,10 @@ class Connection:
         self._inbound = 0
         self._highest_peer_stream = {0: -1, 2: -1}  # by stream type bit: bidi 0, uni 2
         self._outbound = asyncio.Semaphore(limits.max_outbound_requests)
+        self._deadlines: dict[_Stream, tuple[float, Any, float]] = {}
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._sweep_at: float | None = None
+        self._context: RequestContext | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self.peer: NodeId | None = None
         self.peer_software = ""
@@ -246,30 +282,64 @@ class Connection:
 
         Raises RemoteError (the peer answered with an error), RequestTimeout, ConnectionLost.
         """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        encoded = self._registry.encode(message)
+        if self._outbound.locked():  # all call slots busy: wait for one, within the deadline
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await self._outbound.acquire()
+            except TimeoutError:
+                raise self._timeout_error(message, timeout) from None
+        else:
+            await self._outbound.acquire()
         try:
-            async with asyncio.timeout(timeout):
-                async with self._outbound:
-                    stream = self._open_call("unary")
-                    try:
-                        with contextlib.suppress(_StreamClosed):  # the queue says why
-                            await self._write_frame(
-                                stream, self._registry.encode(message), end=True
-                            )
-                        item = await stream.items.get()
-                        if isinstance(item, BaseException):
-                            raise item
-                        if item is _END:
-                            raise RemoteError(
-                                ErrorCode.UNEXPECTED_MESSAGE, "stream ended without an answer"
-                            )
-                        return item
-                    finally:
-                        self._finish_call(stream)
-        except TimeoutError:
-            raise RequestTimeout(
-                f"no answer to {type(message).__name__} from {self._peer_label()} "
-                f"within {timeout:g}s"
-            ) from None
+            stream = self._open_call("unary")
+            self._add_deadline(stream, deadline, message, timeout)
+            try:
+                # a fresh stream has nothing unacknowledged: the request goes out at once
+                with contextlib.suppress(_StreamClosed):  # then the future says why
+                    self._write_now(stream.stream_id, encoded, end=True)
+                item = await stream.items
+            finally:
+                self._deadlines.pop(stream, None)
+                self._finish_call(stream)
+        finally:
+            self._outbound.release()
+        if isinstance(item, BaseException):
+            raise item
+        if item is _END:
+            raise RemoteError(ErrorCode.UNEXPECTED_MESSAGE, "stream ended without an answer")
+        return item
+
+    def _add_deadline(self, stream: _Stream, deadline: float, message: Any, timeout: float):
+        """Calls in flight share one timer (set for the earliest deadline), so a call costs
+        a dict entry rather than a timer handle."""
+        self._deadlines[stream] = (deadline, message, timeout)
+        if self._sweep_at is None or deadline < self._sweep_at:
+            if self._sweeper is not None:
+                self._sweeper.cancel()
+            self._sweep_at = deadline
+            self._sweeper = asyncio.get_running_loop().call_at(deadline, self._sweep)
+
+    def _sweep(self) -> None:
+        self._sweeper = self._sweep_at = None
+        now = asyncio.get_running_loop().time()
+        pending = float("inf")
+        for stream, (deadline, message, timeout) in list(self._deadlines.items()):
+            if deadline <= now:
+                del self._deadlines[stream]
+                _deliver(stream, self._timeout_error(message, timeout))
+            else:
+                pending = min(pending, deadline)
+        if pending != float("inf"):
+            self._sweep_at = pending
+            self._sweeper = asyncio.get_running_loop().call_at(pending, self._sweep)
+
+    def _timeout_error(self, message: Any, timeout: float) -> RequestTimeout:
+        return RequestTimeout(
+            f"no answer to {type(message).__name__} from {self._peer_label()} within {timeout:g}s"
+        )
 
     async def send(self, message: Any, *, timeout: float = 10.0) -> None:
         """Send a one-way message (no answer). Returns once the peer has acknowledged its
@@ -350,8 +420,8 @@ class Connection:
             stream.task.cancel()
             self._drop(stream)
         elif not stream.done:  # outbound: the caller sees the reset
-            stream.items.put_nowait(
-                RemoteError(code, f"peer reset the stream ({ErrorCode.describe(code)})")
+            _deliver(
+                stream, RemoteError(code, f"peer reset the stream ({ErrorCode.describe(code)})")
             )
             stream.done = True
         self._wake(stream)
@@ -384,6 +454,8 @@ class Connection:
         self._state = "closed"
         self.close_code, self.close_reason = code, reason
         self._hs_timer.cancel()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         if not self.opened.done():
             if code in (ErrorCode.NO_ERROR, ErrorCode.SHUTTING_DOWN):
                 self.opened.set_exception(ConnectionLost(f"connection closed: {reason}", code))
@@ -399,7 +471,7 @@ class Connection:
             if stream.task is not None:
                 stream.task.cancel()
             elif not stream.done:
-                stream.items.put_nowait(lost)
+                _deliver(stream, lost)
                 stream.done = True
             self._wake(stream)
         self._streams.clear()
@@ -464,6 +536,7 @@ class Connection:
     def _opened(self, peer: NodeId, software: str) -> None:
         self._hs_timer.cancel()
         self.peer, self.peer_software, self._state = peer, software, "open"
+        self._context = RequestContext(peer, self)
         log.debug("connection to %s open (%s)", peer.short, software)
         self.opened.set_result(None)
         if self._on_open is not None:
@@ -518,6 +591,10 @@ class Connection:
         stream_id = self._carrier.open_stream(unidirectional=False)
         stream = _Stream(stream_id, self._limits)
         stream.kind = kind
+        if kind == "unary":
+            stream.items = asyncio.get_running_loop().create_future()
+        else:
+            stream.items = asyncio.Queue()
         self._streams[stream_id] = stream
         return stream
 
@@ -535,16 +612,16 @@ class Connection:
             if stream.done:
                 raise ProtocolError(ErrorCode.UNEXPECTED_MESSAGE, "frame after the answer ended")
             if type(message) is Error:
-                stream.items.put_nowait(RemoteError(message.code, message.message))
+                _deliver(stream, RemoteError(message.code, message.message))
                 stream.done = True
                 return
             if type(message) is Credit:
                 raise ProtocolError(ErrorCode.UNEXPECTED_MESSAGE, "Credit sent to a requester")
-            stream.items.put_nowait((message, size) if kind == "stream" else message)
+            _deliver(stream, (message, size) if kind == "stream" else message)
             if kind == "unary":
                 stream.done = True
             return
-        if kind == "request-in" and stream.task is not None:
+        if kind == "request-in" and stream.dispatched:
             if type(message) is not Credit:
                 raise ProtocolError(
                     ErrorCode.UNEXPECTED_MESSAGE, f"unexpected {type(message).__name__} frame"
@@ -554,7 +631,8 @@ class Connection:
             stream.credit += message.amount
             self._wake(stream)
             return
-        if kind in ("request-in", "oneway-in") and stream.task is None:
+        if kind in ("request-in", "oneway-in") and not stream.dispatched:
+            stream.dispatched = True
             self._dispatch(stream, message)
             return
         raise ProtocolError(ErrorCode.UNEXPECTED_MESSAGE, f"unexpected {type(message).__name__}")
@@ -563,33 +641,41 @@ class Connection:
         if stream.kind in ("unary", "stream"):
             stream.ended = True
             if not stream.done:
-                stream.items.put_nowait(_END)
+                _deliver(stream, _END)
                 stream.done = True
             if stream.closed:
                 self._drop(stream)
-        elif stream.task is None and stream.kind in ("request-in", "oneway-in"):
+        elif not stream.dispatched and stream.kind in ("request-in", "oneway-in"):
             raise ProtocolError(ErrorCode.TRUNCATED_FRAME, "stream ended before a request")
 
     def _dispatch(self, stream: _Stream, message: Any) -> None:
         entry = self._handlers.get(type(message))
         oneway = stream.kind == "oneway-in"
-        if entry is None or (entry[0] == Handlers.ONEWAY) != oneway:
+        if entry is None or entry[0].startswith("oneway") != oneway:
             role = "message" if oneway else "request"
             text = f"no handler for {type(message).__name__} as a {role}"
             if oneway:
                 raise ProtocolError(ErrorCode.NOT_SUPPORTED, text)
-            stream.task = self._spawn(self._answer_error(stream, ErrorCode.NOT_SUPPORTED, text))
+            self._answer_now(stream, ErrorCode.NOT_SUPPORTED, text)
+            return
+        kind, fn = entry
+        ctx = self._context
+        assert ctx is not None
+        if kind == Handlers.UNARY_INLINE:
+            self._serve_inline(stream, fn, ctx, message)
+            return
+        if kind == Handlers.ONEWAY_INLINE:
+            try:
+                fn(ctx, message)
+            except Exception:
+                self._log_failure(sys.exc_info()[1], message)
+            self._drop(stream)
             return
         if self._inbound >= self._limits.max_inbound_requests:
             if oneway:
                 raise ProtocolError(ErrorCode.OVERLOADED, "too many messages in flight")
-            stream.task = self._spawn(
-                self._answer_error(stream, ErrorCode.OVERLOADED, "too many requests in flight")
-            )
+            self._answer_now(stream, ErrorCode.OVERLOADED, "too many requests in flight")
             return
-        kind, fn = entry
-        assert self.peer is not None
-        ctx = RequestContext(self.peer, self)
         runner = {
             Handlers.UNARY: self._serve_unary,
             Handlers.STREAM: self._serve_stream,
@@ -599,6 +685,32 @@ class Connection:
         stream.task = self._spawn(runner(stream, fn, ctx, message))
         # runs even when the task is cancelled before it started
         stream.task.add_done_callback(lambda _: self._handler_done(stream))
+
+    def _serve_inline(self, stream: _Stream, fn: Callable[..., Any], ctx: RequestContext, msg):
+        try:
+            reply = fn(ctx, msg)
+            encoded = self._registry.encode(reply)
+        except RequestFailed as exc:
+            self._answer_now(stream, exc.code, exc.message)
+            return
+        except Exception as exc:
+            self._log_failure(exc, msg)
+            self._answer_now(
+                stream, ErrorCode.INTERNAL_ERROR, f"internal error handling {type(msg).__name__}"
+            )
+            return
+        # nothing was written on this stream yet, so nothing can be waiting to drain
+        with contextlib.suppress(_StreamClosed):
+            self._write_now(stream.stream_id, encoded, end=True)
+        self._drop(stream)
+
+    async def _write_and_drop(self, stream: _Stream, encoded: Encoded) -> None:
+        with contextlib.suppress(_StreamClosed):
+            await self._write_frame(stream, encoded, end=True)
+        self._drop(stream)
+
+    def _answer_now(self, stream: _Stream, code: ErrorCode, text: str) -> None:
+        self._spawn(self._write_and_drop(stream, self._registry.encode(Error(int(code), text))))
 
     def _handler_done(self, stream: _Stream) -> None:
         self._inbound -= 1
@@ -646,25 +758,23 @@ class Connection:
         if isinstance(exc, RequestFailed):
             code, text = exc.code, exc.message
         else:
-            log.error(
-                "handler for %s from %s failed",
-                type(msg).__name__,
-                self._peer_label(),
-                exc_info=exc,
-            )
+            self._log_failure(exc, msg)
             code, text = ErrorCode.INTERNAL_ERROR, f"internal error handling {type(msg).__name__}"
-        await self._answer_error(stream, code, text)
+        await self._write_and_drop(stream, self._registry.encode(Error(int(code), text)))
 
-    async def _answer_error(self, stream: _Stream, code: ErrorCode, text: str) -> None:
-        with contextlib.suppress(_StreamClosed):
-            error = self._registry.encode(Error(int(code), text))
-            await self._write_frame(stream, error, end=True)
-        self._drop(stream)
+    def _log_failure(self, exc: BaseException, msg: Any) -> None:
+        log.error(
+            "handler for %s from %s failed",
+            type(msg).__name__,
+            self._peer_label(),
+            exc_info=exc,
+        )
 
     def _write_end(self, stream: _Stream) -> None:
         if self._state == "open" and stream.reset_code is None:
             with contextlib.suppress(RuntimeError):
                 self._carrier.write(stream.stream_id, b"", end=True)
+                self._carrier.flush()
 
     async def _wait_credit(self, stream: _Stream) -> None:
         while stream.credit <= 0:
@@ -705,6 +815,7 @@ class Connection:
                 self._carrier.write(stream_id, part, end=end and i == len(parts) - 1)
         except RuntimeError as exc:  # the carrier refuses writes on a reset/finished stream
             raise _StreamClosed() from exc
+        self._carrier.flush()
 
     def _abort_stream(self, stream: _Stream, code: ErrorCode, text: str) -> None:
         log.warning(
@@ -725,7 +836,7 @@ class Connection:
         if stream.task is not None:
             stream.task.cancel()
         elif stream.kind in ("unary", "stream") and not stream.done:
-            stream.items.put_nowait(ProtocolError(code, f"bad answer from peer: {text}"))
+            _deliver(stream, ProtocolError(code, f"bad answer from peer: {text}"))
             stream.done = True
         self._wake(stream)
         self._drop(stream)

@@ -14,6 +14,9 @@ from mesh_node.transport.schema import Encoded
 
 HEADER = struct.Struct(">II")
 HEADER_SIZE = HEADER.size
+_EMPTY = bytearray()  # shared, never written: a frame without blob
+
+Buffer = bytes | bytearray | memoryview
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,10 +48,10 @@ class FrameDecoder:
 
     def __init__(self, limits: FrameLimits):
         self._limits = limits
-        self._head = bytearray()
+        self._head = b""
         self._stage = self._HEADER
-        self._body = bytearray()
-        self._blob = bytearray()
+        self._body = _EMPTY
+        self._blob = _EMPTY
         self._filled = 0
 
     @property
@@ -62,9 +65,7 @@ class FrameDecoder:
         self._filled += take
         return pos + take
 
-    def _start_frame(self) -> None:
-        body_len, blob_len = HEADER.unpack(self._head)
-        self._head.clear()
+    def _check(self, body_len: int, blob_len: int) -> None:
         if body_len > self._limits.max_body:
             raise ProtocolError(
                 ErrorCode.FRAME_TOO_LARGE,
@@ -77,14 +78,24 @@ class FrameDecoder:
             )
         if body_len == 0:
             raise ProtocolError(ErrorCode.MALFORMED_FRAME, "frame with an empty body")
-        self._body = bytearray(body_len)
-        self._blob = bytearray(blob_len)
-        self._stage, self._filled = self._BODY, 0
 
-    def feed(self, data: bytes | memoryview) -> list[tuple[bytearray, bytearray]]:
-        frames: list[tuple[bytearray, bytearray]] = []
+    def feed(self, data: bytes | memoryview) -> list[tuple[Buffer, bytearray]]:
+        """Frames completed by `data`, as (body, blob). A body may be a view into `data`."""
         view = memoryview(data)
+        frames: list[tuple[Buffer, bytearray]] = []
         pos = 0
+        if self.idle:  # fast path: whole frames need no buffering
+            end = len(view)
+            while end - pos >= HEADER_SIZE:
+                body_len, blob_len = HEADER.unpack_from(view, pos)
+                self._check(body_len, blob_len)
+                body_at = pos + HEADER_SIZE
+                frame_end = body_at + body_len + blob_len
+                if frame_end > end:
+                    break
+                blob = bytearray(view[body_at + body_len : frame_end]) if blob_len else _EMPTY
+                frames.append((view[body_at : body_at + body_len], blob))
+                pos = frame_end
         while pos < len(view):
             if self._stage == self._HEADER:
                 take = min(HEADER_SIZE - len(self._head), len(view) - pos)
@@ -92,7 +103,12 @@ class FrameDecoder:
                 pos += take
                 if len(self._head) < HEADER_SIZE:
                     break
-                self._start_frame()
+                body_len, blob_len = HEADER.unpack(self._head)
+                self._head = b""
+                self._check(body_len, blob_len)
+                self._body = bytearray(body_len)
+                self._blob = bytearray(blob_len)
+                self._stage, self._filled = self._BODY, 0
             if self._stage == self._BODY:
                 pos = self._fill(self._body, view, pos)
                 if self._filled < len(self._body):
@@ -102,7 +118,7 @@ class FrameDecoder:
             if self._filled < len(self._blob):
                 break
             frames.append((self._body, self._blob))
-            self._body, self._blob = bytearray(), bytearray()
+            self._body, self._blob = _EMPTY, _EMPTY
             self._stage, self._filled = self._HEADER, 0
         return frames
 

@@ -78,6 +78,7 @@ class QuicCarrier(QuicConnectionProtocol):
         super().__init__(quic, **kwargs)
         self.is_client = quic.configuration.is_client
         self._remote = remote
+        self._in_events = False
         self.connection = make_connection(self)
 
     # ---- Carrier operations
@@ -97,7 +98,12 @@ class QuicCarrier(QuicConnectionProtocol):
 
     def write(self, stream_id: int, data: bytes | memoryview, end: bool = False) -> None:
         self._quic.send_stream_data(stream_id, data, end_stream=end)  # type: ignore[arg-type]
-        self._transmit_soon()
+
+    def flush(self) -> None:
+        # inside event processing the protocol transmits right after (answers share the
+        # acknowledgement's packet); elsewhere send now rather than on the next loop turn
+        if not self._in_events:
+            self.transmit()
 
     def reset(self, stream_id: int, code: int) -> None:
         self._quic.reset_stream(stream_id, code)
@@ -149,12 +155,23 @@ class QuicCarrier(QuicConnectionProtocol):
                 conn.connection_terminated(ErrorCode.LINK_ERROR, reason)
 
     def datagram_received(self, data: bytes | str, addr: Any) -> None:
-        super().datagram_received(data, addr)
-        self.connection.writable()
+        self._in_events = True
+        try:
+            self._quic.receive_datagram(data, addr, now=self._loop.time())  # type: ignore[arg-type]
+            self._process_events()
+            self.connection.writable()
+        finally:
+            self._in_events = False
+        self.transmit()
 
     def _handle_timer(self) -> None:
-        super()._handle_timer()
-        self.connection.writable()  # loss recovery may have acknowledged or dropped data
+        self._in_events = True
+        try:
+            super()._handle_timer()  # processes events, then transmits (nothing new yet)
+            self.connection.writable()  # loss recovery may have acknowledged or dropped data
+        finally:
+            self._in_events = False
+        self.transmit()
 
 
 class QuicEndpoint(Endpoint):

@@ -13,6 +13,7 @@ travel as a {dtype, shape, offset} header in the body and their bytes in the fra
 from __future__ import annotations
 
 import dataclasses
+import functools
 import types
 import typing
 from collections.abc import Callable, Iterable
@@ -24,6 +25,8 @@ from mesh_node.transport.errors import ErrorCode, ProtocolError
 from mesh_node.transport.tensors import Tensor, tensor_from_wire
 
 BLOB_ALIGN = 64
+_NO_PARTS: list[Any] = []  # shared, never appended to
+_pack = functools.partial(msgpack.packb, use_bin_type=True)
 
 
 class _BlobWriter:
@@ -58,6 +61,10 @@ def _invalid(path: str, expected: str, value: Any) -> ProtocolError:
     )
 
 
+def _identity(value: Any, blob: Any) -> Any:
+    return value
+
+
 def _scalar(kind: type, label: str) -> tuple[Encoder, Decoder]:
     def decode(value: Any, blob: memoryview, path: str) -> Any:
         if type(value) is kind:
@@ -66,7 +73,7 @@ def _scalar(kind: type, label: str) -> tuple[Encoder, Decoder]:
             return float(value)
         raise _invalid(path, label, value)
 
-    return (lambda value, blob: value), decode
+    return _identity, decode
 
 
 def _tensor() -> tuple[Encoder, Decoder]:
@@ -162,6 +169,11 @@ class StructCodec:
                 and field.default_factory is dataclasses.MISSING
             )
             self.fields.append((field.name, enc, dec, required, field))
+        # fields sent as they are (scalars): encoded without a call per field
+        self.plain = all(enc is _identity for _, enc, _, _, _ in self.fields)
+        self.names = tuple(name for name, *_ in self.fields)
+        # for plain structs: the exact Python type each field decodes to
+        self.kinds = {name: hints[name] for name in self.names} if self.plain else {}
 
     @classmethod
     def of(cls, struct: type) -> StructCodec:
@@ -170,14 +182,28 @@ class StructCodec:
             codec = cls._cache[struct] = cls(struct)
         return codec
 
-    def encode_fields(self, value: Any, blob: _BlobWriter) -> dict[str, Any]:
+    def encode_fields(self, value: Any, blob: _BlobWriter | None) -> dict[str, Any]:
         if type(value) is not self.cls:
             raise TypeError(f"expected {self.cls.__name__}, got {type(value).__name__}")
+        if self.plain:
+            return {name: getattr(value, name) for name in self.names}
+        assert blob is not None
         return {name: enc(getattr(value, name), blob) for name, enc, _, _, _ in self.fields}
 
     def decode_fields(self, value: Any, blob: memoryview, path: str = "") -> Any:
         if type(value) is not dict:
             raise _invalid(path or self.cls.__name__, "a map", value)
+        if self.plain and len(value) == len(self.names):  # fast path: exactly our scalars
+            try:
+                kwargs = {name: value[name] for name in self.names}
+            except KeyError:
+                pass
+            else:
+                for name, _, dec, _, _ in self.fields:
+                    item = kwargs[name]
+                    if type(item) is not self.kinds[name]:
+                        kwargs[name] = dec(item, blob, f"{path}.{name}" if path else name)
+                return self.cls(**kwargs)
         kwargs = {}
         for name, _, dec, required, _ in self.fields:
             where = f"{path}.{name}" if path else name
@@ -244,9 +270,12 @@ class Registry:
 
     def encode(self, message: Any) -> Encoded:
         type_id = self.type_id(type(message))
+        codec = self._codecs[type_id]
+        if codec.plain:
+            body = _pack([type_id, codec.encode_fields(message, None)])
+            return Encoded(body, _NO_PARTS, 0)
         blob = _BlobWriter()
-        fields = self._codecs[type_id].encode_fields(message, blob)
-        body = msgpack.packb([type_id, fields], use_bin_type=True)
+        body = _pack([type_id, codec.encode_fields(message, blob)])
         return Encoded(body, blob.parts, blob.size)
 
     def decode(self, body: bytes | memoryview, blob: memoryview) -> Any:

@@ -107,7 +107,7 @@ class Service:
         self.handlers.on_stream(Count, self.count)
         self.handlers.on_message(Note, self.note)
 
-    async def ping(self, ctx, msg):
+    def ping(self, ctx, msg):  # an inline handler (the others are tasks)
         return Pong(msg.seq)
 
     async def echo(self, ctx, msg):

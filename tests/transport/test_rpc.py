@@ -238,8 +238,9 @@ async def test_too_many_concurrent_requests_get_overloaded(pair_factory, mesh):
             async with asyncio.timeout(5):
                 await p.service_b.started.get()
         with pytest.raises(RemoteError) as refused:
-            await conn.request(Ping(1), timeout=5)
+            await conn.request(Echo("a third"), timeout=5)
         assert refused.value.code == ErrorCode.OVERLOADED
+        assert await conn.request(Ping(1), timeout=5) == Pong(1)  # inline: needs no slot
         assert [(await c).text for c in calls] == ["slept", "slept"]
         assert await conn.request(Ping(2), timeout=5) == Pong(2)  # the slots came back
         server_side = p.b.connection_to(p.a.node_id)

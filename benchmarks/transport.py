@@ -1,0 +1,279 @@
+#!/usr/bin/env python3
+"""Transport overhead: our framing + RPC versus bare aioquic, two processes, same run.
+
+    python benchmarks/transport.py [--rounds 6] [--pings 500] [--payloads 24]
+
+A server process runs both a bare aioquic echo server (raw bytes on a stream, answer on
+FIN) and a mesh-node endpoint. The client measures, in interleaved rounds:
+  * small round trip: bare 8-byte echo vs `request(Ping)` -> `Pong`  (p50, p99)
+  * 1 MiB payload throughput: bare 1 MiB stream + 8-byte answer vs `request()` carrying a
+    1 MiB tensor + small answer (MB/s)
+and prints each of ours beside the bare figure as a ratio.
+Targets: RPC p50/p99 at most 1.10x bare; throughput at least 0.90x bare.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import ssl
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+from aioquic.asyncio import QuicConnectionProtocol, serve
+from aioquic.quic import events
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.connection import QuicConnection
+
+from mesh_node.identity import MeshSecret, NodeId, NodeIdentity
+from mesh_node.protocol import MESSAGES
+from mesh_node.transport.connection import Handlers
+from mesh_node.transport.messages import Ping, Pong
+from mesh_node.transport.quic import QuicEndpoint, self_signed_certificate
+from mesh_node.transport.schema import Registry
+from mesh_node.transport.tensors import Tensor
+
+PAYLOAD = 1 << 20
+MESH_ID = "benchmark-mesh-id-not-secret-0001"
+BARE_ALPN = "bench-bare"
+
+
+@dataclass(frozen=True, slots=True)
+class Payload:
+    x: Tensor
+
+
+@dataclass(frozen=True, slots=True)
+class Received:
+    nbytes: int
+
+
+REGISTRY = Registry({**MESSAGES, 0xF0A0: Payload, 0xF0A1: Received})
+
+
+def quic_config(is_client: bool, identity: NodeIdentity | None = None) -> QuicConfiguration:
+    # the same limits as the mesh-node endpoint, so only framing/RPC differ
+    config = QuicConfiguration(
+        is_client=is_client,
+        alpn_protocols=[BARE_ALPN],
+        max_stream_data=1 << 20,
+        max_data=8 << 20,
+        idle_timeout=30.0,
+    )
+    if is_client:
+        config.verify_mode = ssl.CERT_NONE
+        config.server_name = "bench"
+    else:
+        assert identity is not None
+        config.certificate = self_signed_certificate(identity)
+        config.private_key = identity.private_key
+    return config
+
+
+class BareServer(QuicConnectionProtocol):
+    """Keeps each stream's bytes; on FIN echoes small messages and answers big ones with
+    their length (8 bytes). No framing, no schema, no RPC bookkeeping."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._data: dict[int, bytearray] = {}
+
+    def quic_event_received(self, event):
+        if isinstance(event, events.StreamDataReceived):
+            buffer = self._data.get(event.stream_id)
+            if buffer is None:
+                buffer = self._data[event.stream_id] = bytearray()
+            buffer += event.data
+            if event.end_stream:
+                data = self._data.pop(event.stream_id)
+                reply = bytes(data) if len(data) <= 64 else len(data).to_bytes(8, "big")
+                self._quic.send_stream_data(event.stream_id, reply, end_stream=True)
+                self.transmit()
+
+
+class BareClient(QuicConnectionProtocol):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._waiters: dict[int, asyncio.Future[bytes]] = {}
+        self._buffers: dict[int, bytes] = {}
+
+    async def call(self, data: bytes) -> bytes:
+        stream_id = self._quic.get_next_available_stream_id()
+        fut = asyncio.get_running_loop().create_future()
+        self._waiters[stream_id] = fut
+        self._quic.send_stream_data(stream_id, data, end_stream=True)
+        self.transmit()
+        return await fut
+
+    def quic_event_received(self, event):
+        if isinstance(event, events.StreamDataReceived):
+            self._buffers[event.stream_id] = self._buffers.get(event.stream_id, b"") + event.data
+            if event.end_stream:
+                self._waiters.pop(event.stream_id).set_result(self._buffers.pop(event.stream_id))
+
+
+async def run_server() -> None:
+    identity = NodeIdentity.generate()
+    bare = await serve(
+        "127.0.0.1", 0, configuration=quic_config(False, identity), create_protocol=BareServer
+    )
+    handlers = Handlers()
+
+    def ping(ctx, msg):  # quick handlers run inline, as the bare server does
+        return Pong(msg.seq)
+
+    def payload(ctx, msg):
+        return Received(msg.x.nbytes)
+
+    handlers.on_request(Ping, ping)
+    handlers.on_request(Payload, payload)
+    ours = QuicEndpoint(
+        identity,
+        MeshSecret(MESH_ID),
+        registry=REGISTRY,
+        handlers=handlers,
+        host="127.0.0.1",
+        port=0,
+    )
+    await ours.start()
+    bare_port = bare._transport.get_extra_info("socket").getsockname()[1]
+    print(json.dumps({"bare": bare_port, "ours": ours.port, "id": str(identity.node_id)}))
+    sys.stdout.flush()
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)  # until closed
+
+
+def pct(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q))
+
+
+async def run_client(args: argparse.Namespace, ports: dict) -> dict[str, float]:
+    loop = asyncio.get_running_loop()
+    quic = QuicConnection(configuration=quic_config(True))
+    transport, bare = await loop.create_datagram_endpoint(
+        lambda: BareClient(quic), local_addr=("127.0.0.1", 0)
+    )
+    bare.connect(("127.0.0.1", ports["bare"]))
+    await bare.wait_connected()
+    endpoint = QuicEndpoint(
+        NodeIdentity.generate(),
+        MeshSecret(MESH_ID),
+        registry=REGISTRY,
+        handlers=Handlers(),
+        host="127.0.0.1",
+        port=0,
+    )
+    await endpoint.start()
+    conn = await endpoint.connect(("127.0.0.1", ports["ours"]), expect=NodeId.parse(ports["id"]))
+    blob = np.random.default_rng(0).integers(0, 255, PAYLOAD, dtype=np.uint8)
+    tensor = Tensor.from_numpy(blob)
+    raw = blob.tobytes()
+
+    async def bare_rtt() -> float:
+        t = time.perf_counter()
+        await bare.call(b"12345678")
+        return time.perf_counter() - t
+
+    async def ours_rtt(i: int) -> float:
+        t = time.perf_counter()
+        await conn.request(Ping(i), timeout=10)
+        return time.perf_counter() - t
+
+    async def bare_bulk() -> float:
+        t = time.perf_counter()
+        answer = await bare.call(raw)
+        assert int.from_bytes(answer, "big") == PAYLOAD
+        return time.perf_counter() - t
+
+    async def ours_bulk() -> float:
+        t = time.perf_counter()
+        answer = await conn.request(Payload(tensor), timeout=60)
+        assert answer.nbytes == PAYLOAD
+        return time.perf_counter() - t
+
+    # warm up both paths
+    for i in range(200):
+        await bare_rtt()
+        await ours_rtt(i)
+    for _ in range(3):
+        await bare_bulk()
+        await ours_bulk()
+
+    rtt = {"bare": [], "ours": []}
+    bulk = {"bare": [], "ours": []}
+    for r in range(args.rounds):
+        order = ("bare", "ours") if r % 2 == 0 else ("ours", "bare")
+        for who in order:
+            for i in range(args.pings):
+                rtt[who].append(await (bare_rtt() if who == "bare" else ours_rtt(i)))
+        for who in order:
+            for _ in range(args.payloads):
+                bulk[who].append(await (bare_bulk() if who == "bare" else ours_bulk()))
+
+    await endpoint.close()
+    bare.close()
+    transport.close()
+    mbps = {who: PAYLOAD * len(v) / sum(v) / 1e6 for who, v in bulk.items()}
+    return {
+        "bare_p50_us": pct(rtt["bare"], 50) * 1e6,
+        "ours_p50_us": pct(rtt["ours"], 50) * 1e6,
+        "bare_p99_us": pct(rtt["bare"], 99) * 1e6,
+        "ours_p99_us": pct(rtt["ours"], 99) * 1e6,
+        "bare_mbps": mbps["bare"],
+        "ours_mbps": mbps["ours"],
+        "samples_rtt": len(rtt["ours"]),
+        "samples_bulk": len(bulk["ours"]),
+        "bulk_median_ratio": statistics.median(bulk["bare"]) / statistics.median(bulk["ours"]),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=6, help="interleaved rounds (default 6)")
+    parser.add_argument("--pings", type=int, default=500, help="round trips per round")
+    parser.add_argument("--payloads", type=int, default=24, help="1 MiB requests per round")
+    parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve:
+        asyncio.run(run_server())
+        return
+    server = subprocess.Popen(
+        [sys.executable, __file__, "--serve"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        r = asyncio.run(run_client(args, json.loads(server.stdout.readline())))
+    finally:
+        server.stdin.close()
+        server.wait(timeout=10)
+    p50 = r["ours_p50_us"] / r["bare_p50_us"]
+    p99 = r["ours_p99_us"] / r["bare_p99_us"]
+    tput = r["ours_mbps"] / r["bare_mbps"]
+    print(f"small round trip ({r['samples_rtt']} each, two processes, loopback)")
+    print(
+        f"  p50  bare {r['bare_p50_us']:7.1f} us   ours {r['ours_p50_us']:7.1f} us   "
+        f"ratio {p50:.3f}  (target <= 1.10)"
+    )
+    print(
+        f"  p99  bare {r['bare_p99_us']:7.1f} us   ours {r['ours_p99_us']:7.1f} us   "
+        f"ratio {p99:.3f}  (target <= 1.10)"
+    )
+    print(f"1 MiB payload throughput ({r['samples_bulk']} each)")
+    print(
+        f"  bare {r['bare_mbps']:6.2f} MB/s   ours {r['ours_mbps']:6.2f} MB/s   "
+        f"ratio {tput:.3f}  (target >= 0.90)"
+    )
+    ok = p50 <= 1.10 and p99 <= 1.10 and tput >= 0.90
+    print("targets met" if ok else "TARGETS MISSED")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    main()
