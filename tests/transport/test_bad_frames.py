@@ -72,6 +72,7 @@ async def test_bad_request_stream_is_reset_and_peer_keeps_serving(pair_factory, 
         carrier = conn._carrier
         stream_id = carrier.open_stream(unidirectional=False)
         carrier.write(stream_id, data, end=fin)
+        carrier.flush()
         fut = resets.setdefault(stream_id, asyncio.get_running_loop().create_future())
         async with asyncio.timeout(5):
             assert await fut == code
@@ -86,6 +87,7 @@ async def test_bad_one_way_stream_is_dropped_and_peer_keeps_serving(pair_factory
         carrier = conn._carrier
         stream_id = carrier.open_stream(unidirectional=True)
         carrier.write(stream_id, frame(b"\xc1garbage"), end=True)
+        carrier.flush()
         await conn.send(Note("after"), timeout=5)
         async with asyncio.timeout(5):
             assert (await p.service_b.notes.get())[1] == "after"
@@ -101,9 +103,11 @@ async def test_frame_after_request_is_rejected(pair_factory, mesh):
         carrier = conn._carrier
         stream_id = carrier.open_stream(unidirectional=False)
         carrier.write(stream_id, frame(pack(0xF002, {"seconds": 5.0})), end=False)
+        carrier.flush()
         async with asyncio.timeout(5):
             await p.service_b.started.get()
         carrier.write(stream_id, frame(pack(0x10, {"seq": 1})), end=False)
+        carrier.flush()
         fut = resets.setdefault(stream_id, asyncio.get_running_loop().create_future())
         async with asyncio.timeout(5):
             assert await fut == ErrorCode.UNEXPECTED_MESSAGE
@@ -121,6 +125,7 @@ async def test_garbage_from_the_server_fails_only_that_call(pair_factory, mesh):
             # find the stream this request came on and write garbage on it by hand
             stream_id = max(s for s in server._streams if not s & 2)
             server._carrier.write(stream_id, frame(b"\xc1\xc1"), end=True)
+            server._carrier.flush()
             await asyncio.sleep(5)
 
         p.b.handlers._table[Sleep] = ("unary", lying)

@@ -137,6 +137,7 @@ class ScriptedClient:
     def _next(self) -> None:
         if self.frames:
             self.carrier.write(0, self.frames.pop(0))
+            self.carrier.flush()
 
     def stream_data(self, stream_id, data, end) -> None:
         self.received += data
