@@ -49,6 +49,9 @@ from mesh_node.transport.schema import Encoded, Registry
 log = logging.getLogger("mesh_node.transport")
 
 HANDSHAKE_STREAM = 0
+# Credit a responder may assume on a streamed response before any Credit frame (protocol
+# constant): a requester wanting a larger window grants the difference after its request.
+INITIAL_CREDIT = 64 << 10
 
 
 class Carrier(Protocol):
@@ -78,7 +81,7 @@ class Limits:
     max_inbound_requests: int = 128  # concurrent handlers per connection
     max_outbound_requests: int = 128  # concurrent calls per connection (others wait)
     stream_high_water: int = 256 << 10  # unacknowledged bytes per stream before writers wait
-    stream_window: int = 1 << 20  # initial credit of a streamed response, in bytes
+    stream_window: int = 1 << 20  # bytes a streamed response may run ahead of our reading
     max_early_events: int = 256  # server streams buffered while the client finishes handshake
 
 
@@ -176,7 +179,7 @@ class _Stream:
         self.closed = False
         self.reset_code: int | None = None
         # streamed responses: credit (server side) and consumption (client side)
-        self.credit = limits.stream_window
+        self.credit = INITIAL_CREDIT
         self.credit_waiter: asyncio.Future[None] | None = None
         self.consumed = 0
         self.window = limits.stream_window
@@ -366,7 +369,8 @@ class Connection:
     def stream(self, message: Any, *, timeout: float, window: int | None = None) -> ResponseStream:
         """Open a streamed response. Use as `async with conn.stream(req, timeout=5) as s:`
         then `async for item in s`. `timeout` bounds the wait for each item."""
-        return ResponseStream(self, message, timeout, window or self._limits.stream_window)
+        window = max(window or self._limits.stream_window, INITIAL_CREDIT)
+        return ResponseStream(self, message, timeout, window)
 
     def close(self, code: int = ErrorCode.NO_ERROR, reason: str = "") -> None:
         if self._state != "closed":
@@ -891,7 +895,7 @@ class ResponseStream:
             stream.window = self._window
             with contextlib.suppress(_StreamClosed):  # the item queue says why
                 await conn._write_frame(stream, conn._registry.encode(self._message))
-            extra = self._window - conn._limits.stream_window
+            extra = self._window - INITIAL_CREDIT
             if extra > 0 and stream.reset_code is None:
                 with contextlib.suppress(_StreamClosed):
                     conn._write_now(stream.stream_id, conn._registry.encode(Credit(extra)))
