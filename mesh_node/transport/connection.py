@@ -41,6 +41,7 @@ from mesh_node.transport.frames import (
     FrameLimits,
     frame_parts,
     frame_size,
+    single_frame,
 )
 from mesh_node.transport.handshake import ClientHandshake, ServerHandshake
 from mesh_node.transport.messages import Auth, Credit, Error, Hello, HelloAck, Welcome
@@ -185,6 +186,16 @@ class _Stream:
         self.window = limits.stream_window
 
 
+class _Slots(asyncio.Semaphore):
+    """A semaphore whose uncontended acquire needs no await (it is on every call's path)."""
+
+    def take(self) -> bool:
+        if self.locked():
+            return False
+        self._value -= 1
+        return True
+
+
 _END = object()  # queued when the peer finished its side of an outbound stream
 
 
@@ -225,7 +236,7 @@ class Connection:
         self._early_events: list[tuple[str, tuple[Any, ...]]] | None = []
         self._inbound = 0
         self._highest_peer_stream = {0: -1, 2: -1}  # by stream type bit: bidi 0, uni 2
-        self._outbound = asyncio.Semaphore(limits.max_outbound_requests)
+        self._outbound = _Slots(limits.max_outbound_requests)
         self._deadlines: dict[_Stream, tuple[float, Any, float]] = {}
         self._sweeper: asyncio.TimerHandle | None = None
         self._sweep_at: float | None = None
@@ -288,14 +299,12 @@ class Connection:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         encoded = self._registry.encode(message)
-        if self._outbound.locked():  # all call slots busy: wait for one, within the deadline
+        if not self._outbound.take():  # all call slots busy: wait for one, within the deadline
             try:
                 async with asyncio.timeout_at(deadline):
                     await self._outbound.acquire()
             except TimeoutError:
                 raise self._timeout_error(message, timeout) from None
-        else:
-            await self._outbound.acquire()
         try:
             stream = self._open_call("unary")
             self._add_deadline(stream, deadline, message, timeout)
@@ -400,7 +409,16 @@ class Connection:
         if stream is None:
             if self._is_local(stream_id) or stream_id <= self._highest_peer_stream[stream_id & 2]:
                 return  # late data on a stream we already finished with
+            if end and not stream_id & 2 and self._request_in_one_piece(stream_id, data):
+                return
             stream = self._accept_stream(stream_id)
+        elif (
+            end
+            and stream.kind == "unary"
+            and stream.decoder.idle
+            and self._answer_in_one_piece(stream, data)
+        ):
+            return
         try:
             for body, blob in stream.decoder.feed(data) if data else ():
                 message = self._registry.decode(body, memoryview(blob))
@@ -410,6 +428,39 @@ class Connection:
                 self._peer_finished(stream)
         except ProtocolError as exc:
             self._abort_stream(stream, exc.code, exc.message)
+
+    def _request_in_one_piece(self, stream_id: int, data: bytes) -> bool:
+        """Fast path: a whole request and its FIN in one piece (the usual case). Inline
+        handlers answer at once, with no per-stream state. False: take the general path."""
+        frame = single_frame(data, self._limits.frames)
+        if frame is None:
+            return False
+        try:
+            message = self._registry.decode(frame[0], memoryview(frame[1]))
+        except ProtocolError:
+            return False  # the general path resets the stream with the right code
+        self._highest_peer_stream[0] = stream_id
+        entry = self._handlers.get(type(message))
+        if entry is not None and entry[0] == Handlers.UNARY_INLINE:
+            self._serve_inline(stream_id, entry[1], message)
+        else:
+            stream = self._accept_stream(stream_id)
+            stream.dispatched = True
+            self._dispatch(stream, message)
+        return True
+
+    def _answer_in_one_piece(self, stream: _Stream, data: bytes) -> bool:
+        """Fast path: a unary call's whole answer and FIN in one piece."""
+        frame = single_frame(data, self._limits.frames)
+        if frame is None:
+            return False
+        try:
+            message = self._registry.decode(frame[0], memoryview(frame[1]))
+            self._frame_received(stream, message, len(data))
+            self._peer_finished(stream)
+        except ProtocolError as exc:
+            self._abort_stream(stream, exc.code, exc.message)
+        return True
 
     def stream_reset(self, stream_id: int, code: int) -> None:
         """The peer reset its sending side (RESET_STREAM) or asked us to stop (STOP_SENDING)."""
@@ -666,7 +717,7 @@ class Connection:
         ctx = self._context
         assert ctx is not None
         if kind == Handlers.UNARY_INLINE:
-            self._serve_inline(stream, fn, ctx, message)
+            self._serve_inline(stream.stream_id, fn, message)
             return
         if kind == Handlers.ONEWAY_INLINE:
             try:
@@ -690,23 +741,19 @@ class Connection:
         # runs even when the task is cancelled before it started
         stream.task.add_done_callback(lambda _: self._handler_done(stream))
 
-    def _serve_inline(self, stream: _Stream, fn: Callable[..., Any], ctx: RequestContext, msg):
+    def _serve_inline(self, stream_id: int, fn: Callable[..., Any], msg: Any) -> None:
         try:
-            reply = fn(ctx, msg)
-            encoded = self._registry.encode(reply)
-        except RequestFailed as exc:
-            self._answer_now(stream, exc.code, exc.message)
-            return
+            encoded = self._registry.encode(fn(self._context, msg))
         except Exception as exc:
-            self._log_failure(exc, msg)
-            self._answer_now(
-                stream, ErrorCode.INTERNAL_ERROR, f"internal error handling {type(msg).__name__}"
-            )
+            stream = self._streams.get(stream_id) or self._accept_stream(stream_id)
+            self._spawn(self._answer_failure(stream, exc, msg))
             return
         # nothing was written on this stream yet, so nothing can be waiting to drain
         with contextlib.suppress(_StreamClosed):
-            self._write_now(stream.stream_id, encoded, end=True)
-        self._drop(stream)
+            self._write_now(stream_id, encoded, end=True)
+        stream = self._streams.pop(stream_id, None)
+        if stream is not None:
+            self._drop(stream)
 
     async def _write_and_drop(self, stream: _Stream, encoded: Encoded) -> None:
         with contextlib.suppress(_StreamClosed):

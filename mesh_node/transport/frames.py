@@ -31,6 +31,24 @@ def frame_parts(encoded: Encoded) -> list[bytes | memoryview]:
     return [head, *encoded.blob_parts]
 
 
+def single_frame(data: bytes, limits: FrameLimits) -> tuple[memoryview, bytearray] | None:
+    """(body, blob) when `data` is exactly one complete frame within the limits, else None
+    (the caller then takes the general, incremental path, which reports any problem)."""
+    size = len(data)
+    if size < HEADER_SIZE:
+        return None
+    body_len, blob_len = HEADER.unpack_from(data)
+    if (
+        size != HEADER_SIZE + body_len + blob_len
+        or not 0 < body_len <= limits.max_body
+        or blob_len > limits.max_blob
+    ):
+        return None
+    view = memoryview(data)
+    body_end = HEADER_SIZE + body_len
+    return view[HEADER_SIZE:body_end], bytearray(view[body_end:]) if blob_len else _EMPTY
+
+
 def frame_size(encoded: Encoded) -> int:
     return HEADER_SIZE + len(encoded.body) + encoded.blob_size
 

@@ -220,13 +220,15 @@ class StructCodec:
             raise ProtocolError(ErrorCode.INVALID_MESSAGE, f"{self.cls.__name__}: {exc}") from None
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
 class Encoded:
     """A message ready for framing: msgpack body and the blob's parts (not copied)."""
 
-    body: bytes
-    blob_parts: list[memoryview | bytes]
-    blob_size: int
+    __slots__ = ("blob_parts", "blob_size", "body")
+
+    def __init__(self, body: bytes, blob_parts: list[memoryview | bytes], blob_size: int):
+        self.body = body
+        self.blob_parts = blob_parts
+        self.blob_size = blob_size
 
 
 class Registry:
