@@ -6,20 +6,31 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
 import sys
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from mesh_node.identity import MeshSecret, NodeIdentity, default_home
+from mesh_node.identity import MeshSecret, NodeId, NodeIdentity, default_home
+from mesh_node.membership.discovery import MdnsDiscovery, local_ipv4_addresses
+from mesh_node.membership.messages import Address
+from mesh_node.membership.state import SelfState, probe_hardware
+from mesh_node.membership.swim import Membership, MembershipConfig
+from mesh_node.membership.view import MeshView
 from mesh_node.protocol import REGISTRY
-from mesh_node.transport.connection import Handlers, RequestContext
-from mesh_node.transport.endpoint import Address, Endpoint
-from mesh_node.transport.errors import TransportError
+from mesh_node.transport.connection import Connection, Handlers, RequestContext
+from mesh_node.transport.endpoint import Endpoint
+from mesh_node.transport.handshake import SOFTWARE
 from mesh_node.transport.messages import Ping, Pong
 from mesh_node.transport.quic import QuicEndpoint
 
 log = logging.getLogger("mesh_node.node")
+
+HARDWARE_REFRESH = 30.0
 
 
 @dataclass(frozen=True)
@@ -28,11 +39,14 @@ class NodeConfig:
     name: str = ""
     host: str = "0.0.0.0"
     port: int = 7300
-    peers: tuple[Address, ...] = ()
+    peers: tuple[tuple[str, int], ...] = ()
+    advertise: tuple[tuple[str, int], ...] = ()
     home: Path = field(default_factory=default_home)
     ephemeral: bool = False
-    dial_timeout: float = 5.0
-    redial_interval: float = 5.0
+    role: str = "worker"
+    mdns: bool = True
+    mdns_interfaces: tuple[str, ...] = ()
+    membership: MembershipConfig = field(default_factory=MembershipConfig)
 
 
 class Node:
@@ -59,48 +73,98 @@ class Node:
         self.identity = endpoint.identity
         self.endpoint.handlers.on_request(Ping, self._on_ping)
         self.endpoint.on_connected.append(self._peer_connected)
-        self.endpoint.on_disconnected.append(self._peer_disconnected)
-        self._tasks: list[asyncio.Task[None]] = []
-        self._stopped = asyncio.Event()
+        self.membership: Membership | None = None
+        self.view: MeshView | None = None
+        self.discovery: MdnsDiscovery | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
 
     @property
-    def node_id(self):
+    def node_id(self) -> NodeId:
         return self.identity.node_id
-
-    def _peer_connected(self, conn) -> None:
-        log.info("peer %s connected (%s:%d)", conn.peer.short, *conn.remote_address[:2])
-
-    def _peer_disconnected(self, conn) -> None:
-        log.info("peer %s disconnected: %s", conn.peer.short, conn.close_reason or "closed")
 
     def _on_ping(self, ctx: RequestContext, msg: Ping) -> Pong:
         return Pong(msg.seq)
 
+    def _peer_connected(self, conn: Connection) -> None:
+        assert conn.peer is not None
+        log.debug("connection with %s (%s:%d)", conn.peer.short, *conn.remote_address[:2])
+
+    def advertised_addresses(self) -> list[Address]:
+        port = self.endpoint.port
+        if self.config.advertise:
+            return [Address(h, p) for h, p in self.config.advertise]
+        if self.config.host not in ("0.0.0.0", "::", ""):
+            return [Address(self.config.host, port)]
+        found = local_ipv4_addresses() or ["127.0.0.1"]
+        return [Address(ip, port) for ip in found[:8]]
+
     async def start(self) -> None:
         await self.endpoint.start()
-        for address in self.config.peers:
-            self._tasks.append(asyncio.create_task(self._keep_linked(address)))
+        addresses = self.advertised_addresses()
+        now_ms = int(time.time() * 1000)
+        self_state = SelfState(
+            self.node_id.key,
+            start_version=now_ms,
+            name=self.config.name or socket.gethostname(),
+            software=SOFTWARE,
+            role=self.config.role,
+            addresses=addresses,
+            hardware=probe_hardware(with_gpus=False),
+        )
+        self.membership = Membership(
+            self.endpoint, self_state, config=self.config.membership, seeds=self.config.peers
+        )
+        self.view = MeshView(self.membership.table)
+        await self.membership.start()
+        self._spawn(self._hardware_loop())
+        if self.config.mdns:
+            self.discovery = MdnsDiscovery(
+                self.node_id,
+                self.endpoint.port,
+                [a.host for a in addresses],
+                self.mesh.discovery_tag,
+                self._discovered,
+                interfaces=list(self.config.mdns_interfaces) or None,
+            )
+            await self.discovery.start()
 
-    async def _keep_linked(self, address: Address) -> None:
-        """Keep a connection to a bootstrap peer, redialing after loss (bounded pace)."""
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _discovered(self, node_id: NodeId, addresses: list[Address]) -> None:
+        membership = self.membership
+        if membership is None:
+            return
+        member = membership.table.get(node_id)
+        if member is not None and member.live:
+            return
+        log.info("discovered node %s on the LAN at %s", node_id.short, addresses[0])
+        self._spawn(membership.join(addresses[0], expect=node_id))
+
+    async def _hardware_loop(self) -> None:
+        """GPUs need torch (slow to import): probe off the loop, then refresh now and then."""
         while True:
-            try:
-                conn = await self.endpoint.connect(address, timeout=self.config.dial_timeout)
-                log.info("linked to %s at %s:%d", conn.peer.short, *address)
-                await conn.wait_closed()
-                log.info("link to %s:%d lost (%s)", *address, conn.close_reason)
-            except TransportError as exc:
-                log.warning("cannot reach peer %s:%d: %s", *address, exc)
-            await asyncio.sleep(self.config.redial_interval)
+            hardware = await _in_daemon_thread(probe_hardware)
+            if self.membership is not None:
+                current = self.membership.self_state.current.hardware
+                if current is None or _hardware_moved(current, hardware):
+                    self.membership.update_state(hardware=hardware)
+            await asyncio.sleep(HARDWARE_REFRESH)
 
     async def stop(self) -> None:
-        for task in self._tasks:
+        """Leave the mesh cleanly: peers are told at once, then connections close."""
+        if self.discovery is not None:
+            await self.discovery.stop()
+        for task in list(self._tasks):
             task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        if self.membership is not None:
+            await self.membership.leave()
         await self.endpoint.close()
-        self._stopped.set()
 
     async def run_until_signal(self, announce: Callable[[str], None] | None = None) -> None:
         """Run until SIGINT or SIGTERM, then leave cleanly. `announce` gets ready lines."""
@@ -119,3 +183,36 @@ class Node:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(sig)
             await self.stop()
+
+
+async def _in_daemon_thread(fn: Callable[[], Any]) -> Any:
+    """Run fn in a daemon thread: unlike the default executor, it never delays exit."""
+    loop = asyncio.get_running_loop()
+    future = loop.create_future()
+
+    def work() -> None:
+        try:
+            result = fn()
+        except BaseException as exc:  # handed to the awaiting task
+            loop.call_soon_threadsafe(_settle, future, None, exc)
+        else:
+            loop.call_soon_threadsafe(_settle, future, result, None)
+
+    threading.Thread(target=work, name="hardware-probe", daemon=True).start()
+    return await future
+
+
+def _settle(future: asyncio.Future[Any], result: Any, exc: BaseException | None) -> None:
+    if future.done():
+        return
+    if exc is not None:
+        future.set_exception(exc)
+    else:
+        future.set_result(result)
+
+
+def _hardware_moved(old: Any, new: Any) -> bool:
+    """Worth telling the mesh: GPUs changed, or free memory moved by more than 5%."""
+    if old.gpus != new.gpus or old.cpu_cores != new.cpu_cores:
+        return True
+    return abs(old.ram_free - new.ram_free) > 0.05 * max(new.ram_total, 1)

@@ -10,6 +10,25 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from mesh_node.membership.messages import (
+    Address,
+    Claim,
+    ExpertShard,
+    Gossip,
+    Gpu,
+    Hardware,
+    Load,
+    ModelInfo,
+    PeerState,
+    Probe,
+    ProbeAck,
+    ProbeRequest,
+    ProbeResult,
+    StateDelta,
+    StateRequest,
+    SyncReply,
+    SyncRequest,
+)
 from mesh_node.protocol import REGISTRY
 from mesh_node.transport.frames import frame_parts
 from mesh_node.transport.messages import (
@@ -31,6 +50,23 @@ NONCE_B = bytes([0x5A] * 32)
 SIG = bytes(range(64))
 MAC = bytes(range(100, 132))
 
+ALIVE = Claim("alive", KEY_A, 1700000000000, KEY_A, [Address("192.0.2.7", 7300)], SIG)
+SUSPECT = Claim("suspect", KEY_A, 1700000000000, KEY_B, [], SIG)
+STATE = PeerState(
+    node=KEY_A,
+    version=1700000000042,
+    incarnation=1700000000000,
+    name="box-1",
+    software="mesh-node/0.1.0",
+    role="host",
+    addresses=[Address("192.0.2.7", 7300)],
+    hardware=Hardware(16, 64 << 30, 40 << 30, [Gpu("NVIDIA H100", 80 << 30, 79 << 30)]),
+    models_on_disk=[ModelInfo("tiny-moe", "qwen3_moe", 12582912, 3145728, 8)],
+    models_served=["tiny-moe"],
+    expert_shards=[ExpertShard("tiny-moe", 0, [0, 1, 5])],
+    load=Load(2, 41.5),
+)
+
 EXAMPLES = [
     Hello(proto_min=1, proto_max=1, software="mesh-node/0.1.0", node_key=KEY_A, nonce=NONCE_A),
     HelloAck(
@@ -47,6 +83,16 @@ EXAMPLES = [
     Credit(amount=524288),
     Ping(seq=42),
     Pong(seq=42),
+    Probe(seq=7, state_version=1700000000042, claims=[ALIVE]),
+    ProbeAck(seq=7, state_version=1700000000001, claims=[SUSPECT]),
+    ProbeRequest(target=KEY_A, addresses=[Address("192.0.2.7", 7300)], claims=[]),
+    ProbeResult(ok=False, claims=[]),
+    Gossip(claims=[ALIVE, SUSPECT]),
+    SyncRequest(digest=bytes(range(32)), claims=[]),
+    SyncReply(digest=bytes(range(1, 33)), claims=[ALIVE]),
+    StateRequest(),
+    STATE,
+    StateDelta(node=KEY_A, base=1700000000042, version=1700000000043, load=Load(0, 0.0)),
 ]
 
 OUT = Path(__file__).resolve().parent.parent / "proto" / "vectors"

@@ -32,8 +32,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         action="append",
         type=host_port,
         default=[],
-        help="address of a node already in the mesh to connect to (repeatable); "
-        "needed where LAN discovery cannot reach",
+        help="address of a node already in the mesh to join through (repeatable); "
+        "needed where LAN discovery (mDNS) cannot reach",
     )
     parser.add_argument(
         "--port",
@@ -45,6 +45,27 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "--host",
         default="0.0.0.0",
         help="address to listen on (default: %(default)s, all IPv4 interfaces)",
+    )
+    parser.add_argument(
+        "--advertise",
+        metavar="HOST:PORT",
+        action="append",
+        type=host_port,
+        default=[],
+        help="address peers should use to reach this node (repeatable; default: this "
+        "machine's interface addresses with --port); set it behind NAT or in containers",
+    )
+    parser.add_argument(
+        "--no-mdns",
+        action="store_true",
+        help="do not announce or look for nodes on the LAN with mDNS (use --peer instead)",
+    )
+    parser.add_argument(
+        "--mdns-interface",
+        metavar="ADDR",
+        action="append",
+        default=[],
+        help="IPv4 address of an interface to run mDNS on (repeatable; default: all interfaces)",
     )
     parser.add_argument(
         "--name", default="", help="a human-readable name shown to peers (default: hostname)"
@@ -78,8 +99,11 @@ def run(args: argparse.Namespace) -> int:
             host=args.host,
             port=args.port,
             peers=tuple(args.peer),
+            advertise=tuple(args.advertise),
             home=default_home(),
             ephemeral=args.ephemeral,
+            mdns=not args.no_mdns,
+            mdns_interfaces=tuple(args.mdns_interface),
         )
         node = Node(config)
     except IdentityError as exc:

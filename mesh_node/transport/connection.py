@@ -225,6 +225,7 @@ class Connection:
         on_close: Callable[[Connection], None] | None = None,
     ):
         self._carrier = carrier
+        self._loop = asyncio.get_running_loop()
         self._registry = registry
         self._handlers = handlers
         self._limits = limits
@@ -249,6 +250,7 @@ class Connection:
         self.closed = asyncio.Event()
         self.close_code: int | None = None
         self.close_reason = ""
+        self.last_heard = asyncio.get_running_loop().time()  # loop time of the last data in
         self._state = "handshake"
         self._client_hs: ClientHandshake | None = None
         self._server_hs: ServerHandshake | None = None
@@ -394,6 +396,7 @@ class Connection:
     def stream_data(self, stream_id: int, data: bytes, end: bool) -> None:
         if self._state == "closed":
             return
+        self.last_heard = self._loop.time()
         if stream_id == HANDSHAKE_STREAM:
             self._handshake_data(data, end)
             return

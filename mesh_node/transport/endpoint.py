@@ -159,6 +159,12 @@ class Endpoint:
         for callback in self.on_disconnected:
             callback(conn)
 
+    def close_peer(self, peer: NodeId, reason: str) -> None:
+        """Close every connection to `peer` (e.g. it was declared dead, or came back as a
+        new process: what we hold goes to the old one)."""
+        for conn in list(self._by_peer.get(peer, ())):
+            conn.close(ErrorCode.NO_ERROR, reason)
+
     async def close(self) -> None:
         """Close every connection (peers see a clean NO_ERROR close), then the listener."""
         self._closing = True

@@ -38,7 +38,7 @@ class NodeProcess:
             "--ephemeral",
             "--log-level",
             "debug",
-            *args,
+            *(args if "--mdns-interface" in args else ("--no-mdns", *args)),
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
             env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},

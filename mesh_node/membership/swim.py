@@ -1,0 +1,691 @@
+"""The membership service: failure detection (SWIM with Lifeguard's refinements), gossip
+of claims, anti-entropy, and the exchange of node states.
+
+* Probing: every probe interval, probe the next member (round robin over a shuffled list)
+  directly; failing that, ask `indirect_probes` others to probe it; failing that, suspect it.
+* Suspicion: a suspected member is declared dead after a timeout that shrinks as other
+  members independently confirm the suspicion (Lifeguard). A member that hears it is
+  suspected refutes by raising its incarnation.
+* Local health (Lifeguard): failed probes, missed nacks, refutations and event-loop lag
+  raise a score that stretches our probe interval and timeout, so a slow node does not
+  accuse healthy ones.
+* Dissemination: claims ride on probes and acks, and are pushed to `gossip_fanout` random
+  members every gossip interval, each up to retransmit_mult * log2(N+1) times.
+* Anti-entropy: a digest exchange with a random member every sync interval; a full
+  push-pull when the digests differ. A joiner does a full push-pull with its seed.
+* State: fetched from each member directly (StateRequest); changes pushed by the owner to
+  every member (StateDelta). Probes carry the sender's state version, so a missed change
+  is noticed within a probe cycle and fetched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import random
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from mesh_node.identity import NodeId
+from mesh_node.membership.claims import (
+    ALIVE,
+    DEAD,
+    LEFT,
+    SUSPECT,
+    VERIFIER,
+    make_claim,
+    outranks,
+    shape_error,
+)
+from mesh_node.membership.messages import (
+    Address,
+    Claim,
+    Gossip,
+    PeerState,
+    Probe,
+    ProbeAck,
+    ProbeRequest,
+    ProbeResult,
+    StateDelta,
+    StateRequest,
+    SyncReply,
+    SyncRequest,
+)
+from mesh_node.membership.state import SelfState, state_error
+from mesh_node.membership.table import STATUS, Member, PeerTable
+from mesh_node.transport.connection import Connection, RequestContext
+from mesh_node.transport.endpoint import Endpoint
+from mesh_node.transport.errors import ErrorCode, RequestFailed, TransportError
+
+log = logging.getLogger("mesh_node.membership")
+
+
+@dataclass(frozen=True)
+class MembershipConfig:
+    probe_interval: float = 0.5
+    probe_timeout: float = 0.25
+    indirect_probes: int = 3
+    suspicion_min: float = 1.0  # floor of the suspicion timeout
+    suspicion_mult: float = 4.0  # min timeout = mult * log10(N) * probe_interval (>= floor)
+    suspicion_max_factor: float = 3.0  # max timeout (no confirmation) = factor * min
+    gossip_interval: float = 0.2
+    gossip_fanout: int = 3
+    retransmit_mult: int = 3
+    sync_interval: float = 10.0
+    reconnect_interval: float = 5.0  # retry seeds / dead members (heals partitions)
+    max_health: int = 8  # Lifeguard local health multiplier ceiling
+    max_claims_per_message: int = 32
+    max_members: int = 4096
+    tombstone_ttl: float = 24 * 3600.0
+    fetch_concurrency: int = 16
+    push_concurrency: int = 16
+    request_timeout: float = 3.0
+    lag_interval: float = 0.1
+
+
+class _Broadcasts:
+    """Claims waiting to be gossiped, each sent a bounded number of times."""
+
+    def __init__(self, limit: int = 4096):
+        self._items: list[list[Any]] = []  # [claim, times sent]
+        self._limit = limit
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def add(self, claim: Claim) -> None:
+        # a newer claim about a subject makes older pending ones about it pointless
+        self._items = [
+            item
+            for item in self._items
+            if not (
+                item[0].subject == claim.subject
+                and (item[0].speaker == claim.speaker or item[0].kind != SUSPECT)
+                and outranks(claim.kind, claim.incarnation, item[0].kind, item[0].incarnation)
+            )
+        ]
+        self._items.append([claim, 0])
+        if len(self._items) > self._limit:
+            self._items.sort(key=lambda item: item[1])
+            del self._items[self._limit :]
+
+    def take(self, count: int, max_sends: int) -> list[Claim]:
+        """Up to `count` claims, least-sent first; each counts as sent once more."""
+        if not self._items:
+            return []
+        self._items.sort(key=lambda item: item[1])
+        chosen = self._items[:count]
+        for item in chosen:
+            item[1] += 1
+        self._items = [item for item in self._items if item[1] < max_sends]
+        return [item[0] for item in chosen]
+
+
+class Membership:
+    def __init__(
+        self,
+        endpoint: Endpoint,
+        self_state: SelfState,
+        *,
+        config: MembershipConfig | None = None,
+        seeds: Iterable[tuple[str, int]] = (),
+        rng: random.Random | None = None,
+        wall_clock: Callable[[], float] = time.time,
+    ):
+        self.endpoint = endpoint
+        self.identity = endpoint.identity
+        self.node_id = endpoint.node_id
+        self.mesh_tag = bytes.fromhex(endpoint.mesh.discovery_tag)
+        self.config = config or MembershipConfig()
+        self.self_state = self_state
+        self.seeds = [Address(h, p) for h, p in seeds]
+        self.rng = rng or random.Random()
+        self.wall_clock = wall_clock
+        self._loop = asyncio.get_running_loop()
+        self.table = PeerTable(
+            self.node_id,
+            self._loop.time,
+            max_members=self.config.max_members,
+            tombstone_ttl=self.config.tombstone_ttl,
+        )
+        self.table.subscribe(self._on_table_change)
+        self.incarnation = self_state.current.incarnation
+        self.health = 0  # Lifeguard local health multiplier
+        self._broadcasts = _Broadcasts()
+        self._probe_order: list[NodeId] = []
+        self._probe_seq = 0
+        self._suspicions: dict[NodeId, asyncio.TimerHandle] = {}
+        self._fetching: set[NodeId] = set()
+        self._known_alive: set[NodeId] = set()
+        self._fetch_slots = asyncio.Semaphore(self.config.fetch_concurrency)
+        self._pushed: PeerState = self_state.current
+        self._state_dirty = asyncio.Event()
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._background: set[asyncio.Task[Any]] = set()
+        self._running = False
+        self._left = False
+        self._register_handlers()
+        self.table.apply(self._alive_claim())
+        self.table.apply_state(self_state.current)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def _register_handlers(self) -> None:
+        handlers = self.endpoint.handlers
+        handlers.on_request(Probe, self._on_probe)
+        handlers.on_request(ProbeRequest, self._on_probe_request)
+        handlers.on_message(Gossip, self._on_gossip)
+        handlers.on_request(SyncRequest, self._on_sync)
+        handlers.on_request(StateRequest, self._on_state_request)
+        handlers.on_message(StateDelta, self._on_state_delta)
+
+    async def start(self) -> None:
+        self._running = True
+        for loop_fn in (
+            self._probe_loop,
+            self._gossip_loop,
+            self._sync_loop,
+            self._reconnect_loop,
+            self._push_loop,
+            self._lag_loop,
+            self._reap_loop,
+        ):
+            self._tasks.append(asyncio.create_task(loop_fn(), name=f"membership{loop_fn.__name__}"))
+        for seed in self.seeds:
+            self._spawn(self.join(seed))
+
+    async def leave(self, timeout: float = 1.0) -> None:
+        """Tell every live member we are leaving (bounded wait), then stop."""
+        if self._left:
+            return
+        self._left = True
+        claim = make_claim(self.identity, self.mesh_tag, LEFT, self.node_id, self.incarnation)
+        self.table.apply(claim)
+        members = self.table.live_peers()
+        if members:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await asyncio.gather(
+                        *(self._send_to(m, Gossip([claim]), timeout) for m in members),
+                        return_exceptions=True,
+                    )
+        await self.stop()
+
+    async def stop(self) -> None:
+        self._running = False
+        for task in [*self._tasks, *self._background]:
+            task.cancel()
+        for task in [*self._tasks, *self._background]:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks.clear()
+        for timer in self._suspicions.values():
+            timer.cancel()
+        self._suspicions.clear()
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    # ------------------------------------------------------------------ our own claims/state
+
+    def _alive_claim(self) -> Claim:
+        return make_claim(
+            self.identity,
+            self.mesh_tag,
+            ALIVE,
+            self.node_id,
+            self.incarnation,
+            self.self_state.current.addresses,
+        )
+
+    def update_state(self, **changes: Any) -> None:
+        """Change this node's published state; peers get a delta within a gossip interval."""
+        if self.self_state.update(**changes):
+            member = self.table.get(self.node_id)
+            if member is not None:
+                self.table.apply_state(self.self_state.current)
+            self._state_dirty.set()
+
+    def _refute(self, incarnation: int) -> None:
+        self.incarnation = max(self.incarnation, incarnation) + 1
+        self.health = min(self.health + 1, self.config.max_health)
+        claim = self._alive_claim()
+        self.table.apply(claim)
+        self._broadcasts.add(claim)
+        self.update_state(incarnation=self.incarnation)
+        log.info("refuted a suspicion about us: now at incarnation %d", self.incarnation)
+
+    # ------------------------------------------------------------------ claims in
+
+    def accept_claims(self, claims: list[Claim], source: str) -> None:
+        """Verify and apply claims received from a peer; re-gossip what is news."""
+        if len(claims) > self.config.max_members * 2:
+            raise RequestFailed(ErrorCode.BAD_REQUEST, "too many claims")
+        for claim in claims:
+            problem = shape_error(claim)
+            if problem is None and not VERIFIER.verify(self.mesh_tag, claim):
+                problem = "bad signature"
+            if problem is not None:
+                log.warning("rejected a claim from %s: %s", source, problem)
+                continue
+            if claim.subject == self.node_id.key:
+                self._about_us(claim)
+                continue
+            changed = self.table.apply(claim)
+            if changed is not None:
+                self._broadcasts.add(claim)
+
+    def _about_us(self, claim: Claim) -> None:
+        if self._left:
+            return
+        if claim.kind in (SUSPECT, DEAD) and claim.incarnation >= self.incarnation:
+            self._refute(claim.incarnation)
+        elif claim.kind in (ALIVE, LEFT) and claim.incarnation > self.incarnation:
+            # our own old self (before a restart) spoke at a higher incarnation: go above it
+            self._refute(claim.incarnation)
+
+    def _on_table_change(self, member: Member, what: str) -> None:
+        if what != STATUS or member.node_id == self.node_id:
+            return
+        if member.status == ALIVE and member.node_id not in self._known_alive:
+            self._known_alive.add(member.node_id)
+            log.info("node %s is alive (incarnation %d)", member.node_id.short, member.incarnation)
+        elif member.status in (DEAD, LEFT):
+            self._known_alive.discard(member.node_id)
+        if member.status == SUSPECT:
+            self._arm_suspicion(member)
+        else:
+            timer = self._suspicions.pop(member.node_id, None)
+            if timer is not None:
+                timer.cancel()
+        if member.status == ALIVE:
+            if member.node_id not in self._probe_order:
+                # new members go to a random place in the probe order (SWIM)
+                self._probe_order.insert(
+                    self.rng.randrange(len(self._probe_order) + 1), member.node_id
+                )
+            if member.state is None or member.state.incarnation < member.incarnation:
+                self._fetch_state(member.node_id)
+        if member.status in (DEAD, LEFT):
+            log.info("node %s is %s", member.node_id.short, member.status)
+            self.endpoint.close_peer(member.node_id, f"node declared {member.status}")
+
+    # ------------------------------------------------------------------ suspicion
+
+    def _suspicion_timeout(self, confirmations: int) -> float:
+        cfg = self.config
+        n = max(len(self.table.live_peers()) + 1, 2)
+        low = max(cfg.suspicion_min, cfg.suspicion_mult * math.log10(n) * cfg.probe_interval)
+        high = cfg.suspicion_max_factor * low
+        expected = max(1, min(3, n - 2))
+        if confirmations <= 0:
+            return high
+        fraction = math.log(confirmations + 1) / math.log(expected + 1)
+        return max(low, high - (high - low) * min(fraction, 1.0))
+
+    def _arm_suspicion(self, member: Member) -> None:
+        old = self._suspicions.pop(member.node_id, None)
+        if old is not None:
+            old.cancel()
+        confirmations = len(member.accusers - {self.node_id.key})
+        deadline = member.status_since + self._suspicion_timeout(confirmations)
+        self._suspicions[member.node_id] = self._loop.call_at(
+            deadline, self._suspicion_expired, member.node_id, member.incarnation
+        )
+
+    def _suspicion_expired(self, node_id: NodeId, incarnation: int) -> None:
+        self._suspicions.pop(node_id, None)
+        member = self.table.get(node_id)
+        if member is None or member.status != SUSPECT or member.incarnation != incarnation:
+            return
+        claim = make_claim(self.identity, self.mesh_tag, DEAD, node_id, incarnation)
+        if self.table.apply(claim) is not None:
+            self._broadcasts.add(claim)
+            self._spawn(self._gossip_round())  # a death is worth telling at once
+
+    def _suspect(self, member: Member) -> None:
+        claim = make_claim(
+            self.identity, self.mesh_tag, SUSPECT, member.node_id, member.incarnation
+        )
+        if self.table.apply(claim) is not None:
+            log.info("suspecting node %s (no answer to probes)", member.node_id.short)
+            self._broadcasts.add(claim)
+
+    # ------------------------------------------------------------------ probing
+
+    def _max_sends(self) -> int:
+        return self.config.retransmit_mult * max(1, math.ceil(math.log2(len(self.table) + 1)))
+
+    def _piggyback(self) -> list[Claim]:
+        return self._broadcasts.take(self.config.max_claims_per_message, self._max_sends())
+
+    def _next_probe_target(self) -> Member | None:
+        for _ in range(len(self._probe_order) + 1):
+            if not self._probe_order:
+                live = [m.node_id for m in self.table.live_peers()]
+                if not live:
+                    return None
+                self.rng.shuffle(live)
+                self._probe_order = live
+            node_id = self._probe_order.pop(0)
+            member = self.table.get(node_id)
+            if member is not None and member.live:
+                return member
+        return None
+
+    async def _probe_loop(self) -> None:
+        while self._running:
+            started = self._loop.time()
+            interval = self.config.probe_interval * (1 + self.health)
+            member = self._next_probe_target()
+            if member is not None:
+                try:
+                    await self._probe(member, started + interval)
+                except Exception:
+                    log.exception("probe of %s failed unexpectedly", member.node_id.short)
+            await asyncio.sleep(max(0.0, started + interval - self._loop.time()))
+
+    async def _connect(self, member_id: NodeId, addresses: list[Address], timeout: float):
+        """A connection to the member at one of its addresses (raises TransportError)."""
+        existing = self.endpoint.connection_to(member_id)
+        if existing is not None:
+            return existing
+        last: Exception | None = None
+        deadline = self._loop.time() + timeout
+        for address in addresses:
+            remaining = deadline - self._loop.time()
+            if remaining <= 0:
+                break
+            try:
+                return await self.endpoint.connect(
+                    (address.host, address.port), expect=member_id, timeout=remaining
+                )
+            except TransportError as exc:
+                last = exc
+        raise last or TimeoutError(f"no address of {member_id.short} answered")
+
+    async def _ping(self, member_id: NodeId, addresses: list[Address], timeout: float) -> bool:
+        """One direct probe. True when the member answered in time."""
+        started = self._loop.time()
+        conn = None
+        try:
+            async with asyncio.timeout(timeout):
+                conn = await self._connect(member_id, addresses, timeout)
+                self._probe_seq += 1
+                probe = Probe(self._probe_seq, self.self_state.current.version, self._piggyback())
+                ack = await conn.request(probe, timeout=timeout)
+        except (TransportError, TimeoutError, OSError):
+            if conn is not None and conn.is_open and self._loop.time() - conn.last_heard > timeout:
+                # silent for longer than a probe: perhaps a connection to a process that is
+                # gone (the node may have restarted elsewhere); dial afresh next time
+                conn.close(ErrorCode.NO_ERROR, "no answer to probes")
+            return False
+        if not isinstance(ack, ProbeAck):
+            return False
+        self.table.contact(member_id, self._loop.time() - started)
+        self._heard_version(conn, ack.state_version)
+        self.accept_claims(ack.claims, member_id.short)
+        return True
+
+    async def _probe(self, member: Member, deadline: float) -> None:
+        timeout = self.config.probe_timeout * (1 + self.health)
+        if await self._ping(member.node_id, member.addresses, timeout):
+            self.health = max(0, self.health - 1)
+            return
+        helpers = [
+            m for m in self.table.peers(ALIVE) if m.node_id != member.node_id and m.addresses
+        ]
+        helpers = self.rng.sample(helpers, min(self.config.indirect_probes, len(helpers)))
+        remaining = deadline - self._loop.time()
+        if helpers and remaining > 0:
+            request = ProbeRequest(member.node_id.key, member.addresses, self._piggyback())
+            results = await asyncio.gather(
+                *(self._ask_helper(h, request, remaining) for h in helpers)
+            )
+            if any(r is True for r in results):
+                return
+            missed = sum(1 for r in results if r is None)
+            if missed:  # helpers that did not even answer: maybe our own network is bad
+                self.health = min(self.health + 1, self.config.max_health)
+        current = self.table.get(member.node_id)
+        if current is not None and current.live and current.incarnation == member.incarnation:
+            self.health = min(self.health + 1, self.config.max_health)
+            self._suspect(current)
+
+    async def _ask_helper(self, helper: Member, request: ProbeRequest, timeout: float):
+        """True: the helper reached the target; False: it did not (nack); None: no answer."""
+        try:
+            async with asyncio.timeout(timeout):
+                conn = await self._connect(helper.node_id, helper.addresses, timeout)
+                result = await conn.request(request, timeout=timeout)
+        except (TransportError, TimeoutError, OSError):
+            return None
+        if not isinstance(result, ProbeResult):
+            return None
+        self.accept_claims(result.claims, helper.node_id.short)
+        return result.ok
+
+    # ------------------------------------------------------------------ handlers
+
+    def _on_probe(self, ctx: RequestContext, probe: Probe) -> ProbeAck:
+        self._check_claim_count(probe.claims)
+        self.table.contact(ctx.peer)
+        self._heard_version(ctx.connection, probe.state_version)
+        self.accept_claims(probe.claims, ctx.peer.short)
+        return ProbeAck(probe.seq, self.self_state.current.version, self._piggyback())
+
+    async def _on_probe_request(self, ctx: RequestContext, request: ProbeRequest) -> ProbeResult:
+        self._check_claim_count(request.claims)
+        self.accept_claims(request.claims, ctx.peer.short)
+        if len(request.target) != 32 or len(request.addresses) > 8:
+            raise RequestFailed(ErrorCode.BAD_REQUEST, "bad probe target")
+        target = NodeId(request.target)
+        timeout = self.config.probe_timeout * (1 + self.health)
+        ok = await self._ping(target, list(request.addresses), timeout)
+        return ProbeResult(ok, self._piggyback())
+
+    def _on_gossip(self, ctx: RequestContext, gossip: Gossip) -> None:
+        if len(gossip.claims) > self.config.max_claims_per_message:
+            log.warning(
+                "dropped gossip from %s: %d claims (limit %d)",
+                ctx.peer.short,
+                len(gossip.claims),
+                self.config.max_claims_per_message,
+            )
+            return
+        self.accept_claims(gossip.claims, ctx.peer.short)
+
+    def _on_sync(self, ctx: RequestContext, request: SyncRequest) -> SyncReply:
+        if len(request.claims) > 2 * self.config.max_members:
+            raise RequestFailed(ErrorCode.BAD_REQUEST, "too many claims")
+        self.accept_claims(request.claims, ctx.peer.short)
+        digest = self.table.digest()
+        if request.digest == digest:
+            return SyncReply(digest, [])
+        return SyncReply(digest, self.table.sync_claims())
+
+    def _on_state_request(self, ctx: RequestContext, request: StateRequest) -> PeerState:
+        return self.self_state.current
+
+    def _on_state_delta(self, ctx: RequestContext, delta: StateDelta) -> None:
+        if delta.node != ctx.peer.key:
+            log.warning(
+                "rejected a state change about %s sent by %s: a node speaks only for itself",
+                NodeId(delta.node).short if len(delta.node) == 32 else "?",
+                ctx.peer.short,
+            )
+            return
+        problem = state_error(delta)
+        if problem:
+            log.warning("rejected a state change from %s: %s", ctx.peer.short, problem)
+            return
+        if self.table.apply_delta(delta) == "gap":
+            self._fetch_state(ctx.peer)
+
+    def _check_claim_count(self, claims: list[Claim]) -> None:
+        if len(claims) > self.config.max_claims_per_message:
+            raise RequestFailed(
+                ErrorCode.BAD_REQUEST,
+                f"{len(claims)} claims in one message (limit {self.config.max_claims_per_message})",
+            )
+
+    # ------------------------------------------------------------------ state exchange
+
+    def _heard_version(self, conn: Connection, version: int) -> None:
+        """A member told us (directly) its state version: fetch if ours is older."""
+        if conn.peer is None:
+            return
+        member = self.table.get(conn.peer)
+        if member is not None and member.live and member.state_version < version:
+            self._fetch_state(conn.peer)
+
+    def _fetch_state(self, node_id: NodeId) -> None:
+        if node_id in self._fetching or not self._running:
+            return
+        self._fetching.add(node_id)
+        self._spawn(self._fetch(node_id))
+
+    async def _fetch(self, node_id: NodeId) -> None:
+        try:
+            async with self._fetch_slots:
+                member = self.table.get(node_id)
+                if member is None or not member.live:
+                    return
+                timeout = self.config.request_timeout
+                conn = await self._connect(node_id, member.addresses, timeout)
+                state = await conn.request(StateRequest(), timeout=timeout)
+            if not isinstance(state, PeerState) or state.node != node_id.key:
+                log.warning("node %s answered a state request with something else", node_id.short)
+                return
+            problem = state_error(state)
+            if problem:
+                log.warning("rejected the state of %s: %s", node_id.short, problem)
+                return
+            self.table.apply_state(state)
+        except (TransportError, TimeoutError, OSError) as exc:
+            log.debug("could not fetch the state of %s: %s", node_id.short, exc)
+        finally:
+            self._fetching.discard(node_id)
+
+    async def _push_loop(self) -> None:
+        """Send our state changes to every live member (coalescing bursts of changes)."""
+        while self._running:
+            await self._state_dirty.wait()
+            self._state_dirty.clear()
+            delta = self.self_state.delta_since(self._pushed)
+            self._pushed = self.self_state.current
+            slots = asyncio.Semaphore(self.config.push_concurrency)
+
+            async def push(member: Member, delta: StateDelta = delta, slots=slots) -> None:
+                async with slots:
+                    await self._send_to(member, delta, self.config.request_timeout)
+
+            await asyncio.gather(
+                *(push(m) for m in self.table.live_peers()), return_exceptions=True
+            )
+            await asyncio.sleep(self.config.gossip_interval)  # bounded rate of pushes
+
+    async def _send_to(self, member: Member, message: Any, timeout: float) -> bool:
+        try:
+            async with asyncio.timeout(timeout):
+                conn = await self._connect(member.node_id, member.addresses, timeout)
+                await conn.send(message, timeout=timeout)
+            return True
+        except (TransportError, TimeoutError, OSError):
+            return False
+
+    # ------------------------------------------------------------------ gossip & sync
+
+    async def _gossip_round(self) -> None:
+        if not len(self._broadcasts):
+            return
+        targets = self.table.peers(ALIVE, SUSPECT)
+        targets = self.rng.sample(targets, min(self.config.gossip_fanout, len(targets)))
+        sends = []
+        for target in targets:
+            claims = self._piggyback()
+            if claims:
+                sends.append(self._send_to(target, Gossip(claims), self.config.gossip_interval * 5))
+        if sends:
+            await asyncio.gather(*sends)
+
+    async def _gossip_loop(self) -> None:
+        while self._running:
+            await asyncio.sleep(self.config.gossip_interval)
+            await self._gossip_round()
+
+    async def sync_with(self, address: Address, expect: NodeId | None = None, push: bool = False):
+        """Push-pull with one node: learn its view, and give it ours when they differ."""
+        timeout = self.config.request_timeout
+        if expect is not None:
+            conn = await self._connect(expect, [address], timeout)
+        else:
+            conn = await self.endpoint.connect((address.host, address.port), timeout=timeout)
+        claims = self.table.sync_claims() if push else []
+        reply = await conn.request(SyncRequest(self.table.digest(), claims), timeout=timeout)
+        if not isinstance(reply, SyncReply):
+            raise RequestFailed(ErrorCode.UNEXPECTED_MESSAGE, "expected SyncReply")
+        assert conn.peer is not None
+        self.accept_claims(reply.claims, conn.peer.short)
+        if not push and reply.digest != self.table.digest():
+            await conn.request(
+                SyncRequest(self.table.digest(), self.table.sync_claims()), timeout=timeout
+            )
+        return conn.peer
+
+    async def join(self, address: Address, expect: NodeId | None = None) -> bool:
+        """Join through a node already in the mesh: full push-pull of views."""
+        try:
+            peer = await self.sync_with(address, expect, push=True)
+        except (TransportError, TimeoutError, OSError) as exc:
+            log.info("could not join through %s: %s", address, exc)
+            return False
+        log.info("joined through %s (%s)", peer.short, address)
+        return True
+
+    async def _sync_loop(self) -> None:
+        while self._running:
+            await asyncio.sleep(self.config.sync_interval * (0.5 + self.rng.random()))
+            members = [m for m in self.table.peers(ALIVE) if m.addresses]
+            if not members:
+                continue
+            member = self.rng.choice(members)
+            with contextlib.suppress(TransportError, TimeoutError, OSError):
+                await self.sync_with(member.addresses[0], member.node_id)
+
+    async def _reconnect_loop(self) -> None:
+        """While alone, retry the seeds; and now and then try a dead member: after a
+        partition heals this is how the two sides find each other again."""
+        while self._running:
+            await asyncio.sleep(self.config.reconnect_interval * (0.5 + self.rng.random()))
+            if not self.table.live_peers():
+                for seed in self.seeds:
+                    if await self.join(seed):
+                        break
+            dead = [m for m in self.table.peers(DEAD) if m.addresses]
+            if dead:
+                member = self.rng.choice(dead)
+                with contextlib.suppress(TransportError, TimeoutError, OSError):
+                    await self.sync_with(member.addresses[0], member.node_id, push=True)
+
+    async def _lag_loop(self) -> None:
+        """Lifeguard-style self-awareness: a late wake-up means our event loop is loaded."""
+        interval = self.config.lag_interval
+        while self._running:
+            before = self._loop.time()
+            await asyncio.sleep(interval)
+            lag = self._loop.time() - before - interval
+            if lag > self.config.probe_timeout / 2:
+                self.health = min(self.health + 1, self.config.max_health)
+
+    async def _reap_loop(self) -> None:
+        while self._running:
+            await asyncio.sleep(min(self.config.tombstone_ttl / 10, 60.0))
+            for member in self.table.reap():
+                log.info("forgot node %s (%s long enough)", member.node_id.short, member.status)

@@ -1,0 +1,234 @@
+"""The peer table: one record per node of the mesh, this node included. It owns the view;
+everything else reads snapshots or subscribes to its change events.
+
+Claims change a member's status (see claims.py for which claim wins); a member's state is
+replaced only by that member's own newer state. Dead and left members stay as tombstones,
+so old gossip cannot bring them back; only a newer incarnation (a real rejoin) does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+
+from mesh_node.identity import NodeId
+from mesh_node.membership.claims import ALIVE, DEAD, LEFT, SUSPECT, outranks
+from mesh_node.membership.messages import Address, Claim, PeerState, StateDelta
+
+log = logging.getLogger("mesh_node.membership")
+
+TOMBSTONES = (DEAD, LEFT)
+
+# what changed about a member, for listeners
+STATUS, STATE, CONTACT, REMOVED = "status", "state", "contact", "removed"
+
+
+@dataclass(slots=True)
+class Member:
+    node_id: NodeId
+    status: str
+    incarnation: int
+    status_claim: Claim
+    status_since: float  # loop time
+    alive_claim: Claim | None = None  # the latest alive claim: where to reach the node
+    accusers: set[bytes] = field(default_factory=set)  # who suspects it (this incarnation)
+    state: PeerState | None = None  # only ever from the node itself
+    last_seen: float | None = None  # loop time of the last direct answer
+    rtt: float | None = None
+
+    @property
+    def addresses(self) -> list[Address]:
+        return list(self.alive_claim.addresses) if self.alive_claim is not None else []
+
+    @property
+    def state_version(self) -> int:
+        return self.state.version if self.state is not None else 0
+
+    @property
+    def live(self) -> bool:
+        return self.status in (ALIVE, SUSPECT)
+
+
+Listener = Callable[[Member, str], None]
+
+
+class PeerTable:
+    def __init__(
+        self,
+        self_id: NodeId,
+        clock: Callable[[], float],
+        *,
+        max_members: int = 4096,
+        tombstone_ttl: float = 24 * 3600.0,
+    ):
+        self.self_id = self_id
+        self._clock = clock
+        self._members: dict[NodeId, Member] = {}
+        self._max = max_members
+        self._ttl = tombstone_ttl
+        self._listeners: list[Listener] = []
+        self._digest: bytes | None = None
+        self._full_warned = False
+
+    # ---- reading
+    def get(self, node_id: NodeId) -> Member | None:
+        return self._members.get(node_id)
+
+    def __iter__(self) -> Iterator[Member]:
+        return iter(list(self._members.values()))
+
+    def __len__(self) -> int:
+        return len(self._members)
+
+    def peers(self, *statuses: str) -> list[Member]:
+        """Members other than this node, optionally only those with the given statuses."""
+        return [
+            m
+            for m in self._members.values()
+            if m.node_id != self.self_id and (not statuses or m.status in statuses)
+        ]
+
+    def live_peers(self) -> list[Member]:
+        return self.peers(ALIVE, SUSPECT)
+
+    def digest(self) -> bytes:
+        """A hash of who is in which status at which incarnation: equal views, equal digests."""
+        if self._digest is None:
+            h = hashlib.sha256()
+            for node_id in sorted(self._members):
+                m = self._members[node_id]
+                h.update(node_id.key + m.status.encode() + m.incarnation.to_bytes(8, "big"))
+            self._digest = h.digest()
+        return self._digest
+
+    def sync_claims(self) -> list[Claim]:
+        """Every claim needed to rebuild this view elsewhere."""
+        claims: list[Claim] = []
+        for m in self._members.values():
+            if m.status == SUSPECT and m.alive_claim is not None:
+                claims.append(m.alive_claim)  # so a newcomer also learns where it lives
+            claims.append(m.status_claim)
+        return claims
+
+    # ---- changing
+    def subscribe(self, listener: Listener) -> None:
+        self._listeners.append(listener)
+
+    def _changed(self, member: Member, what: str) -> None:
+        if what in (STATUS, REMOVED):
+            self._digest = None
+        for listener in self._listeners:
+            listener(member, what)
+
+    def apply(self, claim: Claim) -> Member | None:
+        """Apply a verified claim. Returns the member when the claim is news (its status or
+        addresses changed, or one more node suspects it), None when stale or known.
+
+        The status is the highest-ranked claim seen (claims.rank), whatever the order of
+        arrival; where a node lives is its highest alive claim, kept separately."""
+        subject = NodeId(claim.subject)
+        member = self._members.get(subject)
+        now = self._clock()
+        if member is None:
+            if len(self._members) >= self._max:
+                if not self._full_warned:
+                    log.warning("peer table full (%d members): ignoring new nodes", self._max)
+                    self._full_warned = True
+                return None
+            member = Member(subject, claim.kind, claim.incarnation, claim, now)
+            if claim.kind == ALIVE:
+                member.alive_claim = claim
+            if claim.kind == SUSPECT:
+                member.accusers = {claim.speaker}
+            self._members[subject] = member
+            self._changed(member, STATUS)
+            return member
+        news = False
+        if claim.kind == ALIVE and (
+            member.alive_claim is None or claim.incarnation > member.alive_claim.incarnation
+        ):
+            member.alive_claim = claim  # where it lives now
+            news = True
+        if (
+            claim.kind == SUSPECT
+            and member.status == SUSPECT
+            and claim.incarnation == member.incarnation
+        ):
+            if claim.speaker not in member.accusers:
+                member.accusers.add(claim.speaker)  # one more independent confirmation
+                news = True
+        elif outranks(claim.kind, claim.incarnation, member.status, member.incarnation):
+            if member.status != claim.kind:
+                member.status_since = now
+            member.status, member.incarnation = claim.kind, claim.incarnation
+            member.status_claim = claim
+            member.accusers = {claim.speaker} if claim.kind == SUSPECT else set()
+            news = True
+        if not news:
+            return None
+        self._changed(member, STATUS)
+        return member
+
+    def apply_state(self, state: PeerState) -> bool:
+        """A member's own full state (received from it). True when it is newer."""
+        member = self._members.get(NodeId(state.node))
+        if member is None or not member.live:
+            return False
+        if member.state is not None and state.version <= member.state.version:
+            return False
+        member.state = state
+        self._changed(member, STATE)
+        return True
+
+    def apply_delta(self, delta: StateDelta) -> str:
+        """A member's own state change. "applied", "stale", or "gap" (fetch the full state)."""
+        member = self._members.get(NodeId(delta.node))
+        if member is None or not member.live:
+            return "stale"
+        if delta.version <= member.state_version:
+            return "stale"
+        if member.state is None or delta.base != member.state.version:
+            return "gap"
+        changes = {
+            name: getattr(delta, name)
+            for name in (
+                "incarnation",
+                "name",
+                "role",
+                "addresses",
+                "hardware",
+                "models_on_disk",
+                "models_served",
+                "expert_shards",
+                "load",
+            )
+            if getattr(delta, name) is not None
+        }
+        member.state = replace(member.state, version=delta.version, **changes)
+        self._changed(member, STATE)
+        return "applied"
+
+    def contact(self, node_id: NodeId, rtt: float | None = None) -> None:
+        """We heard directly from `node_id` (it answered a probe, or sent us something)."""
+        member = self._members.get(node_id)
+        if member is None:
+            return
+        member.last_seen = self._clock()
+        if rtt is not None:
+            member.rtt = rtt
+        self._changed(member, CONTACT)
+
+    def reap(self) -> list[Member]:
+        """Forget tombstones older than the TTL."""
+        now = self._clock()
+        gone = [
+            m
+            for m in self._members.values()
+            if m.status in TOMBSTONES and now - m.status_since > self._ttl
+        ]
+        for member in gone:
+            del self._members[member.node_id]
+            self._changed(member, REMOVED)
+        return gone

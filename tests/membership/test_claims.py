@@ -1,0 +1,154 @@
+"""Claims (signatures, shapes, precedence) and the peer table, without a network."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mesh_node.identity import MeshSecret, NodeIdentity, new_mesh_id
+from mesh_node.membership.claims import (
+    ALIVE,
+    DEAD,
+    LEFT,
+    SUSPECT,
+    Verifier,
+    make_claim,
+    outranks,
+    shape_error,
+)
+from mesh_node.membership.messages import Address, PeerState, StateDelta
+from mesh_node.membership.table import PeerTable
+
+TAG = bytes.fromhex(MeshSecret(new_mesh_id()).discovery_tag)
+SUBJECT = NodeIdentity.generate()
+OTHERS = [NodeIdentity.generate() for _ in range(3)]
+ADDR = [Address("10.0.0.1", 7300)]
+
+
+def claim(kind, inc, speaker=None):
+    speaker = speaker or (SUBJECT if kind in (ALIVE, LEFT) else OTHERS[0])
+    return make_claim(speaker, TAG, kind, SUBJECT.node_id, inc, ADDR if kind == ALIVE else [])
+
+
+def test_signatures_bind_every_field_and_the_mesh():
+    verifier = Verifier()
+    good = claim(ALIVE, 5)
+    assert verifier.verify(TAG, good)
+    from dataclasses import replace
+
+    for tampered in (
+        replace(good, incarnation=6),
+        replace(good, kind=LEFT, addresses=[]),
+        replace(good, addresses=[Address("10.6.6.6", 7300)]),
+    ):
+        assert not verifier.verify(TAG, tampered)
+    other_mesh = bytes.fromhex(MeshSecret(new_mesh_id()).discovery_tag)
+    assert not verifier.verify(other_mesh, good)
+
+
+def test_shape_rules():
+    assert shape_error(claim(ALIVE, 1)) is None
+    assert shape_error(claim(SUSPECT, 1)) is None
+    from dataclasses import replace
+
+    assert "spoken by its subject" in shape_error(claim(ALIVE, 1, speaker=OTHERS[1]))
+    assert "spoken by another node" in shape_error(claim(SUSPECT, 1, speaker=SUBJECT))
+    assert "addresses" in shape_error(replace(claim(ALIVE, 1), addresses=[]))
+    assert "unknown claim kind" in shape_error(replace(claim(ALIVE, 1), kind="zombie"))
+    assert "32 bytes" in shape_error(replace(claim(ALIVE, 1), subject=b"x"))
+    many = [Address("10.0.0.1", 7300 + i) for i in range(9)]
+    assert "addresses" in shape_error(replace(claim(ALIVE, 1), addresses=many))
+
+
+@pytest.mark.parametrize(
+    "new, old, wins",
+    [
+        ((SUSPECT, 3), (ALIVE, 3), True),
+        ((ALIVE, 3), (SUSPECT, 3), False),
+        ((ALIVE, 4), (SUSPECT, 3), True),  # refutation
+        ((DEAD, 3), (SUSPECT, 3), True),
+        ((ALIVE, 3), (DEAD, 3), False),  # a tombstone holds against the same incarnation
+        ((ALIVE, 4), (DEAD, 3), True),  # ...and is lifted by a rejoin
+        ((SUSPECT, 3), (DEAD, 3), False),
+        ((LEFT, 3), (DEAD, 3), True),
+        ((DEAD, 3), (LEFT, 3), False),
+        ((ALIVE, 2), (ALIVE, 3), False),
+    ],
+)
+def test_precedence(new, old, wins):
+    assert outranks(*new, *old) is wins
+
+
+KIND = st.sampled_from([ALIVE, SUSPECT, DEAD, LEFT])
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(KIND, st.integers(1, 4)), min_size=1, max_size=6), st.randoms())
+def test_the_view_does_not_depend_on_arrival_order(events, rnd):
+    claims = [claim(kind, inc) for kind, inc in events]
+    results = set()
+    for order in itertools.islice(itertools.permutations(claims), 6):
+        order = list(order)
+        rnd.shuffle(order)
+        table = PeerTable(OTHERS[2].node_id, lambda: 0.0)
+        for c in order:
+            table.apply(c)
+        member = table.get(SUBJECT.node_id)
+        results.add(None if member is None else (member.status, member.incarnation))
+    assert len(results) == 1
+
+
+def state(version, **extra):
+    return PeerState(
+        node=SUBJECT.node_id.key,
+        version=version,
+        incarnation=1,
+        name="n",
+        software="s",
+        role="worker",
+        addresses=ADDR,
+        **extra,
+    )
+
+
+def test_states_only_move_forward_and_deltas_need_their_base():
+    table = PeerTable(OTHERS[2].node_id, lambda: 0.0)
+    assert not table.apply_state(state(5))  # unknown node: nothing to attach it to
+    table.apply(claim(ALIVE, 1))
+    assert table.apply_state(state(5))
+    assert not table.apply_state(state(4))
+    delta = StateDelta(node=SUBJECT.node_id.key, base=5, version=6, name="renamed")
+    assert table.apply_delta(delta) == "applied"
+    assert table.get(SUBJECT.node_id).state.name == "renamed"
+    assert table.apply_delta(delta) == "stale"
+    gap = StateDelta(node=SUBJECT.node_id.key, base=8, version=9, name="x")
+    assert table.apply_delta(gap) == "gap"
+    table.apply(claim(DEAD, 1))
+    assert not table.apply_state(state(10))  # no state for the dead
+
+
+def test_tombstones_are_reaped_after_their_ttl():
+    now = [0.0]
+    table = PeerTable(OTHERS[2].node_id, lambda: now[0], tombstone_ttl=100)
+    table.apply(claim(ALIVE, 1))
+    table.apply(claim(DEAD, 1))
+    now[0] = 50
+    assert table.reap() == [] and len(table) == 1
+    now[0] = 101
+    assert [m.node_id for m in table.reap()] == [SUBJECT.node_id]
+    assert table.get(SUBJECT.node_id) is None
+
+
+def test_digest_reflects_status_and_incarnation():
+    a = PeerTable(OTHERS[2].node_id, lambda: 0.0)
+    b = PeerTable(OTHERS[1].node_id, lambda: 0.0)
+    for table in (a, b):
+        table.apply(claim(ALIVE, 1))
+    assert a.digest() == b.digest()
+    a.apply(claim(SUSPECT, 1))
+    assert a.digest() != b.digest()
+    b.apply(claim(SUSPECT, 1, speaker=OTHERS[1]))
+    assert a.digest() == b.digest()  # who accuses does not matter to the digest

@@ -1,0 +1,224 @@
+"""A mesh member that lies: forged, replayed, stale, misattributed and oversized gossip and
+state are refused, and a false accusation is refuted. (Outsiders cannot even connect: the
+transport handshake requires the mesh secret.)"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import replace
+
+import pytest
+
+from mesh_node.identity import NodeIdentity
+from mesh_node.membership.claims import ALIVE, DEAD, LEFT, SUSPECT, make_claim
+from mesh_node.membership.messages import (
+    Address,
+    Gossip,
+    ModelInfo,
+    Probe,
+    StateDelta,
+    StateRequest,
+)
+from mesh_node.membership.swim import MembershipConfig
+from mesh_node.protocol import REGISTRY
+from mesh_node.transport.connection import Handlers
+from mesh_node.transport.errors import ErrorCode, RemoteError
+from tests.membership.test_mesh_in_process import simulate
+
+
+async def liar(mesh, handlers=None):
+    """A node that holds the mesh secret but runs no membership: it says what it wants."""
+    identity = NodeIdentity.generate()
+    endpoint = mesh.network.endpoint(
+        identity, mesh.mesh, registry=REGISTRY, handlers=handlers or Handlers()
+    )
+    await endpoint.start()
+    return identity, endpoint
+
+
+def tag(mesh):
+    return bytes.fromhex(mesh.mesh.discovery_tag)
+
+
+def test_forged_claims_are_rejected(caplog):
+    async def check(mesh):
+        victim, target = mesh.nodes[0], mesh.nodes[1]
+        identity, endpoint = await liar(mesh)
+        conn = await endpoint.connect(victim.address)
+        honest_incarnation = victim.membership.table.get(target.node_id).incarnation
+        # "target has left", signed by the liar: only a node can say it leaves
+        forged_left = make_claim(identity, tag(mesh), LEFT, identity.node_id, honest_incarnation)
+        forged_left = replace(forged_left, subject=target.node_id.key)
+        # "target is dead at a huge incarnation" with a signature that is not the speaker's
+        dead = make_claim(identity, tag(mesh), DEAD, target.node_id, 10**15)
+        bad_sig = replace(dead, signature=bytes(64))
+        # "target is alive somewhere else", claimed by the liar in the target's name
+        fake_alive = make_claim(
+            identity, tag(mesh), ALIVE, identity.node_id, 10**15, [Address("10.9.9.9", 1)]
+        )
+        fake_alive = replace(fake_alive, subject=target.node_id.key, speaker=target.node_id.key)
+        with caplog.at_level(logging.WARNING, "mesh_node.membership"):
+            await conn.send(Gossip([forged_left, bad_sig, fake_alive]), timeout=5)
+            await asyncio.sleep(0.5)
+        member = victim.membership.table.get(target.node_id)
+        assert member.status == ALIVE and member.incarnation == honest_incarnation
+        assert member.addresses == target.membership.self_state.current.addresses
+        assert caplog.text.count("rejected a claim") == 3
+        await endpoint.close()
+        assert mesh.converged()
+
+    simulate(check)
+
+
+def test_replayed_alive_claims_cannot_bring_back_the_dead():
+    async def check(mesh):
+        victim, observer = mesh.nodes[4], mesh.nodes[0]
+        recorded = observer.membership.table.get(victim.node_id).alive_claim
+        mesh.crash(victim)
+        await mesh.wait_for(lambda: all(n.status_of(victim) == DEAD for n in mesh.nodes), 20)
+        flickers = []
+        for node in mesh.nodes:
+            node.membership.table.subscribe(
+                lambda m, what: flickers.append(m.status) if m.node_id == victim.node_id else None
+            )
+        _, endpoint = await liar(mesh)
+        conn = await endpoint.connect(observer.address)
+        await conn.send(Gossip([recorded]), timeout=5)  # stale but genuinely signed
+        await asyncio.sleep(5)
+        assert flickers == []  # not even for a moment
+        assert all(n.status_of(victim) == DEAD for n in mesh.nodes)
+        await endpoint.close()
+
+    simulate(check)
+
+
+def test_stale_claims_are_ignored():
+    async def check(mesh):
+        node, other = mesh.nodes[0], mesh.nodes[2]
+        old = node.membership.table.get(other.node_id).alive_claim
+        # the other node refutes a (true, signed) suspicion and moves to a higher incarnation
+        accuser = mesh.nodes[3]
+        suspicion = make_claim(accuser.identity, tag(mesh), SUSPECT, other.node_id, old.incarnation)
+        _, endpoint = await liar(mesh)
+        conn = await endpoint.connect(other.address)
+        await conn.send(Gossip([suspicion]), timeout=5)
+        await mesh.wait_for(
+            lambda: all(
+                n.membership.table.get(other.node_id).incarnation > old.incarnation
+                and n.status_of(other) == ALIVE
+                for n in mesh.nodes
+            ),
+            10,
+        )
+        # the old alive claim is stale now
+        before = node.membership.table.digest()
+        conn2 = await endpoint.connect(node.address)
+        await conn2.send(Gossip([old]), timeout=5)
+        await asyncio.sleep(1)
+        assert node.membership.table.digest() == before
+        await endpoint.close()
+
+    simulate(check)
+
+
+def test_a_false_accusation_is_refuted():
+    async def check(mesh):
+        target = mesh.nodes[1]
+        before = target.membership.incarnation
+        identity, endpoint = await liar(mesh)
+        # a suspicion is the one thing others may say: the liar accuses the target
+        accusation = make_claim(identity, tag(mesh), SUSPECT, target.node_id, before)
+        conn = await endpoint.connect(mesh.nodes[3].address)
+        await conn.send(Gossip([accusation]), timeout=5)
+        await asyncio.sleep(10)
+        assert target.membership.incarnation > before
+        assert all(n.status_of(target) == ALIVE for n in mesh.nodes)
+        await endpoint.close()
+
+    simulate(check)
+
+
+def test_state_is_accepted_only_from_its_own_node(caplog):
+    async def check(mesh):
+        victim, target = mesh.nodes[0], mesh.nodes[1]
+        honest = victim.membership.table.get(target.node_id).state
+        _, endpoint = await liar(mesh)
+        conn = await endpoint.connect(victim.address)
+        forged = StateDelta(
+            node=target.node_id.key, base=honest.version, version=honest.version + 1, name="pwned"
+        )
+        with caplog.at_level(logging.WARNING, "mesh_node.membership"):
+            await conn.send(forged, timeout=5)
+            await asyncio.sleep(0.5)
+        assert victim.membership.table.get(target.node_id).state == honest
+        assert "a node speaks only for itself" in caplog.text
+        await endpoint.close()
+
+    simulate(check)
+
+
+def test_a_state_answer_about_someone_else_is_rejected(caplog):
+    async def check(mesh):
+        victim, target = mesh.nodes[0], mesh.nodes[1]
+        handlers = Handlers()
+
+        def lie_about_target(ctx, request):
+            state = victim.membership.table.get(target.node_id).state
+            return replace(state, name="impostor", version=state.version + 100)
+
+        handlers.on_request(StateRequest, lie_about_target)
+        identity, endpoint = await liar(mesh, handlers)
+        # announce itself properly (its own alive claim), then serve a lie when asked
+        alive = make_claim(
+            identity, tag(mesh), ALIVE, identity.node_id, 1, [Address(*endpoint.address)]
+        )
+        conn = await endpoint.connect(victim.address)
+        with caplog.at_level(logging.WARNING, "mesh_node.membership"):
+            await conn.send(Gossip([alive]), timeout=5)
+            await asyncio.sleep(1)
+        assert victim.membership.table.get(target.node_id).state.name != "impostor"
+        assert victim.membership.table.get(identity.node_id).state is None
+        assert "answered a state request with something else" in caplog.text
+        await endpoint.close()
+
+    simulate(check)
+
+
+def test_oversized_gossip_and_state_are_refused(caplog):
+    async def check(mesh):
+        victim = mesh.nodes[0]
+        limit = victim.membership.config.max_claims_per_message
+        identity, endpoint = await liar(mesh)
+        conn = await endpoint.connect(victim.address)
+        alive = make_claim(
+            identity, tag(mesh), ALIVE, identity.node_id, 1, [Address(*endpoint.address)]
+        )
+        before = victim.membership.table.digest()
+        with caplog.at_level(logging.WARNING, "mesh_node.membership"):
+            await conn.send(Gossip([alive] * (limit + 1)), timeout=5)
+            await asyncio.sleep(0.5)
+        assert victim.membership.table.digest() == before
+        assert "dropped gossip" in caplog.text
+        with pytest.raises(RemoteError) as refused:
+            await conn.request(Probe(1, 0, [alive] * (limit + 1)), timeout=5)
+        assert refused.value.code == ErrorCode.BAD_REQUEST
+        # now a legitimate join, then an oversized state change
+        await conn.send(Gossip([alive]), timeout=5)
+        await asyncio.sleep(0.5)
+        assert victim.membership.table.get(identity.node_id) is not None
+        huge = [ModelInfo(f"m{i}", "llama", 1, 1) for i in range(300)]
+        with caplog.at_level(logging.WARNING, "mesh_node.membership"):
+            await conn.send(
+                StateDelta(node=identity.node_id.key, base=0, version=5, models_on_disk=huge),
+                timeout=5,
+            )
+            await conn.send(
+                StateDelta(node=identity.node_id.key, base=0, version=6, name="x" * 500), timeout=5
+            )
+            await asyncio.sleep(0.5)
+        assert caplog.text.count("rejected a state change") == 2
+        assert victim.membership.table.get(identity.node_id).state is None
+        await endpoint.close()
+
+    simulate(check, config=MembershipConfig())
