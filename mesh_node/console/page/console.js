@@ -258,7 +258,7 @@
     const peers = [...state.peers.values()];
     document.getElementById("summary").replaceChildren(
       el("span", { class: "count", "data-count": "nodes" }, `${peers.length} nodes:`),
-      STATUSES.map((s) => el("span", { class: `count status-${s}`, "data-count": s },
+      ...STATUSES.map((s) => el("span", { class: `count status-${s}`, "data-count": s },
         `${peers.filter((p) => p.status === s).length} ${s}`)));
   }
 
