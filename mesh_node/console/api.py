@@ -45,7 +45,7 @@ def create_app(
     app[STREAMS_KEY] = streams
     app.router.add_get("/api/status", _status)
     app.router.add_get("/api/peers", _peers)
-    app.router.add_get("/api/events", streams.handle)
+    app.router.add_get("/api/events", streams.handle, allow_head=False)
     for path, (filename, content_type) in PAGE_FILES.items():
         app.router.add_get(path, _page_file((PAGE_DIR / filename).read_bytes(), content_type))
 

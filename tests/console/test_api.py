@@ -84,3 +84,11 @@ async def test_server_binds_a_free_port_and_stops_idempotently(source):
     assert server.url == f"http://127.0.0.1:{server.port}"
     await server.stop()
     await server.stop()
+
+
+async def test_head_is_refused_on_the_event_stream(console, source, http):
+    async with http.head(f"{console.url}/api/status") as response:
+        assert response.status == 200
+    async with http.head(f"{console.url}/api/events") as response:
+        assert response.status == 405
+    assert source.subscribed == 0
