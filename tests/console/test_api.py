@@ -1,5 +1,7 @@
 """The console's JSON API and page files, against a real server on 127.0.0.1:0."""
 
+import pytest
+
 from mesh_node.console.server import ConsoleServer
 from tests.console.scripted_source import ScriptedSource, make_peer
 
@@ -92,3 +94,12 @@ async def test_head_is_refused_on_the_event_stream(console, source, http):
     async with http.head(f"{console.url}/api/events") as response:
         assert response.status == 405
     assert source.subscribed == 0
+
+
+async def test_a_taken_port_is_an_os_error_and_leaves_nothing_running(console, source):
+    second = ConsoleServer(source, "127.0.0.1", console.port)
+    with pytest.raises(OSError):
+        await second.start()
+    await second.stop()  # nothing to stop: a no-op
+    async with ConsoleServer(source, "127.0.0.1", 0) as third:  # a fresh one still starts
+        assert third.port not in (0, console.port)
