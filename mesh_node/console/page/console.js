@@ -1,0 +1,403 @@
+// mesh-node status page: plain DOM + EventSource, no build step. API: proto/CONSOLE.md.
+//
+// State: the last status document, with its peers kept in a Map by id. The event stream
+// (api/events) starts with a `status` event (whole document), then sends `peer` upserts,
+// `removed` ({id}) and `status` resyncs. Peer events update the nodes table at once; the
+// other sections (models and keys added later, e.g. placements) are derived by the node,
+// so after peer changes the page re-reads api/status (debounced) for everything but peers.
+//
+// Test hooks: every node row is `tr[data-node-id][data-status]`, <body data-connection>
+// is connecting | live | reconnecting | offline.
+"use strict";
+
+(() => {
+  const GONE = new Set(["dead", "left"]);
+  const STATUSES = ["alive", "suspect", "dead", "left"];
+  const HEADER_KEYS = new Set(["node", "mesh"]);
+  const REFRESH_DELAY_MS = 300;
+  const FETCH_TIMEOUT_MS = 5000;
+  const RETRY_MIN_MS = 1000;
+  const RETRY_MAX_MS = 15000;
+
+  // One entry per known top-level key of the status document, in display order. Keys
+  // without an entry get renderGeneric. To add a panel (e.g. placements), add a line.
+  const SECTIONS = [
+    { key: "peers", title: "Nodes", render: renderPeers },
+    { key: "models", title: "Models", render: renderModels },
+  ];
+
+  const state = {
+    doc: null, // the status document without "peers"
+    peers: new Map(), // id -> PEER
+    connection: "connecting",
+    updated: null, // Date of the last event
+  };
+  window.meshConsole = state; // for the curious, in the browser's devtools
+
+  // ---------------------------------------------------------------- DOM helpers
+
+  function el(tag, attrs, ...children) {
+    const node = document.createElement(tag);
+    for (const [name, value] of Object.entries(attrs || {})) {
+      if (value !== null && value !== undefined && value !== false) node.setAttribute(name, value);
+    }
+    for (const child of children.flat()) {
+      if (child === null || child === undefined || child === false) continue;
+      node.append(child instanceof Node ? child : String(child));
+    }
+    return node;
+  }
+
+  const muted = (text) => el("span", { class: "muted" }, text);
+
+  function bytes(n) {
+    if (typeof n !== "number" || !isFinite(n)) return "?";
+    const units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let i = 0;
+    while (n >= 1024 && i < units.length - 1) { n /= 1024; i++; }
+    return `${n.toFixed(i === 0 ? 0 : 1)} ${units[i]}`;
+  }
+
+  function count(n) {
+    if (typeof n !== "number" || !isFinite(n)) return "?";
+    for (const [size, unit] of [[1e12, "T"], [1e9, "B"], [1e6, "M"], [1e3, "K"]]) {
+      if (n >= size) return `${(n / size).toFixed(1)}${unit}`;
+    }
+    return String(n);
+  }
+
+  function duration(seconds) {
+    seconds = Math.max(0, seconds);
+    if (seconds < 60) return `${Math.floor(seconds)}s`;
+    if (seconds < 3600) return `${Math.floor(seconds / 60)}m`;
+    if (seconds < 86400) return `${Math.floor(seconds / 3600)}h`;
+    return `${Math.floor(seconds / 86400)}d`;
+  }
+
+  // <time data-ts data-rel> elements are re-labelled every second by tick().
+  function relativeTime(ts, rel) {
+    const node = el("time", {
+      "data-ts": ts, "data-rel": rel, datetime: new Date(ts * 1000).toISOString(),
+      title: new Date(ts * 1000).toLocaleString(),
+    });
+    labelTime(node, Date.now() / 1000);
+    return node;
+  }
+
+  function labelTime(node, now) {
+    const age = duration(now - Number(node.dataset.ts));
+    node.textContent = node.dataset.rel === "for" ? `for ${age}` : `${age} ago`;
+  }
+
+  function tick() {
+    const now = Date.now() / 1000;
+    for (const node of document.querySelectorAll("time[data-ts]")) labelTime(node, now);
+  }
+
+  function peerLabel(id) {
+    const peer = state.peers.get(id);
+    const label = (peer && (peer.name || peer.short)) || String(id).slice(0, 10);
+    return el("span", {
+      class: "chip", title: id, "data-ref-node": id, "data-status": peer ? peer.status : null,
+    }, label);
+  }
+
+  function compact(value) {
+    if (value === null || value === undefined) return muted("–");
+    if (typeof value !== "object") return String(value);
+    const text = JSON.stringify(value);
+    return el("code", { title: text.length > 200 ? text : null },
+      text.length > 200 ? `${text.slice(0, 200)}…` : text);
+  }
+
+  // ---------------------------------------------------------------- nodes
+
+  function comparePeers(a, b) {
+    return (b.self === true) - (a.self === true)
+      || GONE.has(a.status) - GONE.has(b.status)
+      || String(a.name || "").localeCompare(String(b.name || ""))
+      || String(a.id).localeCompare(String(b.id));
+  }
+
+  function hardwareCell(hw) {
+    if (!hw) return muted("not known yet");
+    const lines = [el("div", {}, `${hw.cpu_cores ?? "?"} cores · RAM ${bytes(hw.ram_free)} free of ${bytes(hw.ram_total)}`)];
+    for (const gpu of hw.gpus || []) {
+      lines.push(el("div", {}, `${gpu.name}: ${bytes(gpu.vram_free)} free of ${bytes(gpu.vram_total)}`));
+    }
+    if (!(hw.gpus || []).length) lines.push(el("div", { class: "muted" }, "no GPU"));
+    return el("div", { class: "lines" }, lines);
+  }
+
+  function modelsCell(peer) {
+    const served = new Set(peer.models_served || []);
+    const lines = [];
+    for (const name of served) lines.push(el("div", { class: "serving" }, `serving ${name}`));
+    for (const m of peer.models_on_disk || []) {
+      if (served.has(m.name)) continue;
+      lines.push(el("div", { title: `${m.architecture} · ${count(m.parameters)} parameters` },
+        `${m.name} `, muted(`(${bytes(m.bytes)} on disk)`)));
+    }
+    for (const shard of peer.expert_shards || []) {
+      lines.push(el("div", { class: "muted" },
+        `${shard.model} layer ${shard.layer}: ${(shard.experts || []).length} experts`));
+    }
+    return lines.length ? el("div", { class: "lines" }, lines) : muted("none");
+  }
+
+  function peerRow(peer) {
+    const gone = GONE.has(peer.status);
+    const load = peer.load || {};
+    return el("tr", {
+      "data-node-id": peer.id, "data-status": peer.status, "data-self": peer.self ? "true" : null,
+      class: gone ? "gone" : null,
+    },
+      el("td", {},
+        el("code", { class: "id", title: peer.id }, peer.short || String(peer.id).slice(0, 10)),
+        " ", el("span", { class: "name" }, peer.name || ""),
+        peer.self ? el("span", { class: "badge" }, "this node") : null),
+      el("td", { class: "status-cell" },
+        el("span", { class: `status status-${peer.status}` }, peer.status),
+        typeof peer.status_since === "number"
+          ? el("div", { class: "muted" }, relativeTime(peer.status_since, "for")) : null),
+      el("td", {}, peer.role || muted("?")),
+      el("td", { class: "lines" }, (peer.addresses || []).map((a) => el("div", {}, el("code", {}, a)))),
+      el("td", {}, hardwareCell(peer.hardware)),
+      el("td", {}, modelsCell(peer)),
+      el("td", {}, `${load.inflight ?? 0} in flight`, el("div", { class: "muted" },
+        `${(load.tokens_per_s ?? 0).toFixed(1)} tok/s`)),
+      el("td", {}, peer.self ? muted("this node")
+        : typeof peer.last_seen === "number" ? relativeTime(peer.last_seen, "ago") : muted("never")),
+      el("td", {}, typeof peer.rtt_ms === "number" ? `${peer.rtt_ms.toFixed(1)} ms` : muted("–")),
+    );
+  }
+
+  const PEER_COLUMNS = ["Node", "Status", "Role", "Addresses", "Hardware", "Models", "Load", "Last seen", "RTT"];
+
+  function renderPeers(body) {
+    let tbody = body.querySelector("tbody");
+    if (!tbody) {
+      tbody = el("tbody", { id: "nodes" });
+      body.replaceChildren(el("table", {},
+        el("thead", {}, el("tr", {}, PEER_COLUMNS.map((c) => el("th", {}, c)))), tbody));
+    }
+    // Keyed update: unchanged rows stay, changed rows are replaced, order is re-applied.
+    const rows = new Map([...tbody.children].map((row) => [row.dataset.nodeId, row]));
+    for (const peer of [...state.peers.values()].sort(comparePeers)) {
+      const signature = JSON.stringify(peer);
+      let row = rows.get(peer.id);
+      if (!row || row.signature !== signature) {
+        const fresh = peerRow(peer);
+        fresh.signature = signature;
+        if (row) row.replaceWith(fresh);
+        row = fresh;
+      }
+      rows.delete(peer.id);
+      tbody.append(row);
+    }
+    for (const row of rows.values()) row.remove();
+  }
+
+  // ---------------------------------------------------------------- models
+
+  function renderModels(body, models) {
+    if (!Array.isArray(models) || !models.length) {
+      body.replaceChildren(el("p", { class: "empty" }, "No models on any node yet."));
+      return;
+    }
+    const size = (name) => {
+      for (const peer of state.peers.values()) {
+        const m = (peer.models_on_disk || []).find((x) => x.name === name);
+        if (m) return `${count(m.parameters)} parameters · ${bytes(m.bytes)}`;
+      }
+      return "";
+    };
+    body.replaceChildren(el("table", {},
+      el("thead", {}, el("tr", {}, ["Model", "Size", "Served by", "On disk at"].map((c) => el("th", {}, c)))),
+      el("tbody", {}, models.map((m) => el("tr", { "data-model": m.name },
+        el("td", {}, el("code", {}, m.name)),
+        el("td", { class: "muted" }, size(m.name)),
+        el("td", {}, (m.served_by || []).length ? m.served_by.map(peerLabel) : muted("nobody")),
+        el("td", {}, (m.on_disk || []).map(peerLabel)))))));
+  }
+
+  // ---------------------------------------------------------------- anything else
+
+  function renderGeneric(body, value) {
+    if (Array.isArray(value) && value.length && value.every((v) => v && typeof v === "object" && !Array.isArray(v))) {
+      const columns = [...new Set(value.flatMap((v) => Object.keys(v)))].slice(0, 12);
+      body.replaceChildren(el("table", {},
+        el("thead", {}, el("tr", {}, columns.map((c) => el("th", {}, c)))),
+        el("tbody", {}, value.map((row) => el("tr", {}, columns.map((c) => el("td", {}, compact(row[c]))))))));
+    } else if (value && typeof value === "object" && !Array.isArray(value)) {
+      body.replaceChildren(el("table", {}, el("tbody", {}, Object.entries(value).map(([k, v]) =>
+        el("tr", {}, el("th", {}, k), el("td", {}, compact(v)))))));
+    } else {
+      body.replaceChildren(el("p", {}, compact(value)));
+    }
+  }
+
+  // ---------------------------------------------------------------- page
+
+  function section(key, title) {
+    const main = document.getElementById("sections");
+    let node = main.querySelector(`:scope > section[data-section="${CSS.escape(key)}"]`);
+    if (!node) {
+      node = el("section", { "data-section": key }, el("h2", {}, title), el("div", { class: "body" }));
+      main.append(node);
+    }
+    return node;
+  }
+
+  function renderHeader() {
+    const self = [...state.peers.values()].find((p) => p.self);
+    const id = state.doc && state.doc.node;
+    document.getElementById("self-node").replaceChildren(id ? el("span", {},
+      "node ", el("code", { class: "id", title: id }, String(id).slice(0, 10)),
+      self && self.name ? ` (${self.name})` : "") : "");
+    const peers = [...state.peers.values()];
+    document.getElementById("summary").replaceChildren(
+      el("span", { class: "count", "data-count": "nodes" }, `${peers.length} nodes:`),
+      ...STATUSES.map((s) => el("span", { class: `count status-${s}`, "data-count": s },
+        `${peers.filter((p) => p.status === s).length} ${s}`)));
+  }
+
+  function renderAll() {
+    renderHeader();
+    const doc = state.doc || {};
+    const known = new Set(SECTIONS.map((s) => s.key));
+    const order = [];
+    for (const { key, title, render } of SECTIONS) {
+      if (key === "peers" || key in doc) order.push([key, title, render]);
+    }
+    for (const key of Object.keys(doc).sort()) {
+      if (!known.has(key) && !HEADER_KEYS.has(key)) order.push([key, key, renderGeneric]);
+    }
+    const main = document.getElementById("sections");
+    const wanted = new Set(order.map(([key]) => key));
+    for (const node of [...main.children]) {
+      if (!wanted.has(node.dataset.section)) node.remove();
+    }
+    for (const [key, title, render] of order) {
+      const node = section(key, title);
+      main.append(node); // keeps display order
+      try {
+        render(node.querySelector(".body"), key === "peers" ? null : doc[key]);
+      } catch (err) {
+        console.error(`cannot render ${key}`, err);
+        renderGeneric(node.querySelector(".body"), doc[key]);
+      }
+    }
+  }
+
+  // ---------------------------------------------------------------- applying events
+
+  function applyStatus(doc) {
+    if (!doc || typeof doc !== "object" || !Array.isArray(doc.peers)) return;
+    const { peers, ...rest } = doc;
+    state.peers = new Map(peers.filter((p) => p && p.id).map((p) => [p.id, p]));
+    state.doc = rest;
+    renderAll();
+  }
+
+  function applyPeer(peer) {
+    if (!peer || typeof peer.id !== "string") return;
+    state.peers.set(peer.id, peer);
+    renderHeader();
+    renderPeers(section("peers", "Nodes").querySelector(".body"));
+    scheduleRefresh();
+  }
+
+  function applyRemoved(payload) {
+    if (!payload || !state.peers.delete(payload.id)) return;
+    renderHeader();
+    renderPeers(section("peers", "Nodes").querySelector(".body"));
+    scheduleRefresh();
+  }
+
+  // Re-read everything except peers (which the stream keeps current) after peer changes.
+  let refreshTimer = null;
+  let refreshing = false;
+  let dirty = false;
+
+  function scheduleRefresh() {
+    dirty = true;
+    if (!refreshTimer && !refreshing) refreshTimer = setTimeout(refresh, REFRESH_DELAY_MS);
+  }
+
+  async function refresh() {
+    refreshTimer = null;
+    refreshing = true;
+    dirty = false;
+    try {
+      const response = await fetch("api/status", {
+        cache: "no-store", signal: AbortSignal.timeout(FETCH_TIMEOUT_MS),
+      });
+      if (response.ok) {
+        const { peers, ...rest } = await response.json();
+        state.doc = rest;
+        renderAll();
+      }
+    } catch (err) {
+      console.warn("status refresh failed", err);
+    } finally {
+      refreshing = false;
+      if (dirty) scheduleRefresh();
+    }
+  }
+
+  // ---------------------------------------------------------------- the event stream
+
+  let stream = null;
+  let retryMs = RETRY_MIN_MS;
+  let retryTimer = null;
+
+  function setConnection(name, text) {
+    state.connection = name;
+    document.body.dataset.connection = name;
+    document.getElementById("connection").textContent = text;
+  }
+
+  function updated() {
+    state.updated = new Date();
+    setConnection("live", `live · updated ${state.updated.toLocaleTimeString()}`);
+  }
+
+  function listen(name, apply) {
+    stream.addEventListener(name, (event) => {
+      let payload;
+      try {
+        payload = JSON.parse(event.data);
+      } catch (err) {
+        console.error(`bad ${name} event`, err);
+        return;
+      }
+      apply(payload);
+      updated();
+    });
+  }
+
+  function connect() {
+    retryTimer = null;
+    setConnection(state.connection === "connecting" ? "connecting" : "reconnecting",
+      state.connection === "connecting" ? "connecting…" : "reconnecting…");
+    stream = new EventSource("api/events");
+    listen("status", (doc) => { retryMs = RETRY_MIN_MS; applyStatus(doc); });
+    listen("peer", applyPeer);
+    listen("removed", applyRemoved);
+    stream.onerror = () => {
+      if (stream.readyState === EventSource.CONNECTING) {
+        setConnection("reconnecting", "connection lost · reconnecting…");
+        return;
+      }
+      // Closed for good (e.g. the node answered an error): retry ourselves, backing off.
+      stream.close();
+      setConnection("offline", `offline · retrying in ${Math.round(retryMs / 1000)}s`);
+      retryTimer = setTimeout(connect, retryMs);
+      retryMs = Math.min(retryMs * 2, RETRY_MAX_MS);
+    };
+  }
+
+  connect();
+  setInterval(tick, 1000);
+})();
