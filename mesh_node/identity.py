@@ -16,7 +16,7 @@ import hmac
 import os
 import secrets
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
@@ -39,13 +39,16 @@ class NodeId:
     """A node's Ed25519 public key (32 bytes)."""
 
     key: bytes
+    _text: str = field(default="", init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if type(self.key) is not bytes or len(self.key) != 32:
             raise ValueError("a node id is a 32-byte Ed25519 public key")
+        text = base64.b32encode(self.key).decode().rstrip("=").lower()
+        object.__setattr__(self, "_text", text)
 
     def __str__(self) -> str:
-        return base64.b32encode(self.key).decode().rstrip("=").lower()
+        return self._text
 
     def __repr__(self) -> str:
         return f"NodeId({self.short})"

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mesh_node.console.server import ConsoleServer
 from mesh_node.identity import MeshSecret, NodeId, NodeIdentity, default_home
 from mesh_node.membership.discovery import MdnsDiscovery, local_ipv4_addresses
 from mesh_node.membership.messages import Address
@@ -46,6 +47,8 @@ class NodeConfig:
     role: str = "worker"
     mdns: bool = True
     mdns_interfaces: tuple[str, ...] = ()
+    console_host: str = "127.0.0.1"
+    console_port: int | None = 3131  # None: no console
     membership: MembershipConfig = field(default_factory=MembershipConfig)
 
 
@@ -76,6 +79,7 @@ class Node:
         self.membership: Membership | None = None
         self.view: MeshView | None = None
         self.discovery: MdnsDiscovery | None = None
+        self.console: ConsoleServer | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
 
     @property
@@ -117,6 +121,11 @@ class Node:
         self.view = MeshView(self.membership.table)
         await self.membership.start()
         self._spawn(self._hardware_loop())
+        if self.config.console_port is not None:
+            self.console = ConsoleServer(
+                self.view, host=self.config.console_host, port=self.config.console_port
+            )
+            await self.console.start()
         if self.config.mdns:
             self.discovery = MdnsDiscovery(
                 self.node_id,
@@ -155,6 +164,8 @@ class Node:
 
     async def stop(self) -> None:
         """Leave the mesh cleanly: peers are told at once, then connections close."""
+        if self.console is not None:
+            await self.console.stop()
         if self.discovery is not None:
             await self.discovery.stop()
         for task in list(self._tasks):
@@ -176,6 +187,8 @@ class Node:
             await self.start()
             if announce is not None:
                 announce(f"listening on udp {self.endpoint.host}:{self.endpoint.port}")
+                if self.console is not None:
+                    announce(f"console on {self.console.url}")
                 sys.stdout.flush()
             await stop.wait()
             log.info("signal received: leaving the mesh")

@@ -56,6 +56,19 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "machine's interface addresses with --port); set it behind NAT or in containers",
     )
     parser.add_argument(
+        "--console-port",
+        type=port_number,
+        default=3131,
+        help="TCP port of the status console and its API (default: %(default)s; 0 picks one)",
+    )
+    parser.add_argument(
+        "--console-host",
+        default="127.0.0.1",
+        help="address the console listens on (default: %(default)s, this machine only; the "
+        "console has no authentication, so expose it only on trusted networks)",
+    )
+    parser.add_argument("--no-console", action="store_true", help="do not serve the status console")
+    parser.add_argument(
         "--no-mdns",
         action="store_true",
         help="do not announce or look for nodes on the LAN with mDNS (use --peer instead)",
@@ -104,6 +117,8 @@ def run(args: argparse.Namespace) -> int:
             ephemeral=args.ephemeral,
             mdns=not args.no_mdns,
             mdns_interfaces=tuple(args.mdns_interface),
+            console_host=args.console_host,
+            console_port=None if args.no_console else args.console_port,
         )
         node = Node(config)
     except IdentityError as exc:

@@ -84,7 +84,7 @@ class MembershipConfig:
     fetch_concurrency: int = 16
     push_concurrency: int = 16
     request_timeout: float = 3.0
-    lag_interval: float = 0.1
+    lag_interval: float = 0.1  # event-loop lag check period; 0 turns the check off
 
 
 class _Broadcasts:
@@ -156,6 +156,7 @@ class Membership:
         self.incarnation = self_state.current.incarnation
         self.health = 0  # Lifeguard local health multiplier
         self._broadcasts = _Broadcasts()
+        self._gossip_pending = asyncio.Event()  # set while broadcasts wait to go out
         self._probe_order: list[NodeId] = []
         self._probe_seq = 0
         self._suspicions: dict[NodeId, asyncio.TimerHandle] = {}
@@ -257,9 +258,13 @@ class Membership:
         self.health = min(self.health + 1, self.config.max_health)
         claim = self._alive_claim()
         self.table.apply(claim)
-        self._broadcasts.add(claim)
+        self._broadcast(claim)
         self.update_state(incarnation=self.incarnation)
         log.info("refuted a suspicion about us: now at incarnation %d", self.incarnation)
+
+    def _broadcast(self, claim: Claim) -> None:
+        self._broadcasts.add(claim)
+        self._gossip_pending.set()
 
     # ------------------------------------------------------------------ claims in
 
@@ -279,7 +284,7 @@ class Membership:
                 continue
             changed = self.table.apply(claim)
             if changed is not None:
-                self._broadcasts.add(claim)
+                self._broadcast(claim)
 
     def _about_us(self, claim: Claim) -> None:
         if self._left:
@@ -346,7 +351,7 @@ class Membership:
             return
         claim = make_claim(self.identity, self.mesh_tag, DEAD, node_id, incarnation)
         if self.table.apply(claim) is not None:
-            self._broadcasts.add(claim)
+            self._broadcast(claim)
             self._spawn(self._gossip_round())  # a death is worth telling at once
 
     def _suspect(self, member: Member) -> None:
@@ -355,7 +360,7 @@ class Membership:
         )
         if self.table.apply(claim) is not None:
             log.info("suspecting node %s (no answer to probes)", member.node_id.short)
-            self._broadcasts.add(claim)
+            self._broadcast(claim)
 
     # ------------------------------------------------------------------ probing
 
@@ -616,8 +621,13 @@ class Membership:
             await asyncio.gather(*sends)
 
     async def _gossip_loop(self) -> None:
+        """Idle until there is news, then push a round every gossip interval until sent."""
         while self._running:
+            await self._gossip_pending.wait()
             await asyncio.sleep(self.config.gossip_interval)
+            if not len(self._broadcasts):
+                self._gossip_pending.clear()
+                continue
             await self._gossip_round()
 
     async def sync_with(self, address: Address, expect: NodeId | None = None, push: bool = False):
@@ -677,7 +687,7 @@ class Membership:
     async def _lag_loop(self) -> None:
         """Lifeguard-style self-awareness: a late wake-up means our event loop is loaded."""
         interval = self.config.lag_interval
-        while self._running:
+        while self._running and interval > 0:
             before = self._loop.time()
             await asyncio.sleep(interval)
             lag = self._loop.time() - before - interval

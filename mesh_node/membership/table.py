@@ -70,6 +70,7 @@ class PeerTable:
         self._ttl = tombstone_ttl
         self._listeners: list[Listener] = []
         self._digest: bytes | None = None
+        self._peers_by_status: dict[tuple[str, ...], list[Member]] = {}
         self._full_warned = False
 
     # ---- reading
@@ -83,12 +84,16 @@ class PeerTable:
         return len(self._members)
 
     def peers(self, *statuses: str) -> list[Member]:
-        """Members other than this node, optionally only those with the given statuses."""
-        return [
-            m
-            for m in self._members.values()
-            if m.node_id != self.self_id and (not statuses or m.status in statuses)
-        ]
+        """Members other than this node, optionally only those with the given statuses.
+        (Cached until a status changes: probing and gossip ask many times a second.)"""
+        cached = self._peers_by_status.get(statuses)
+        if cached is None:
+            cached = self._peers_by_status[statuses] = [
+                m
+                for m in self._members.values()
+                if m.node_id != self.self_id and (not statuses or m.status in statuses)
+            ]
+        return list(cached)
 
     def live_peers(self) -> list[Member]:
         return self.peers(ALIVE, SUSPECT)
@@ -119,6 +124,7 @@ class PeerTable:
     def _changed(self, member: Member, what: str) -> None:
         if what in (STATUS, REMOVED):
             self._digest = None
+            self._peers_by_status.clear()
         for listener in self._listeners:
             listener(member, what)
 

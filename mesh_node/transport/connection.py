@@ -477,6 +477,8 @@ class Connection:
         if stream.task is not None:  # inbound: stop the handler
             stream.task.cancel()
             self._drop(stream)
+        elif stream.items is None:  # inbound, not dispatched yet: nothing to stop
+            self._drop(stream)
         elif not stream.done:  # outbound: the caller sees the reset
             _deliver(
                 stream, RemoteError(code, f"peer reset the stream ({ErrorCode.describe(code)})")
@@ -528,7 +530,7 @@ class Connection:
         for stream in list(self._streams.values()):
             if stream.task is not None:
                 stream.task.cancel()
-            elif not stream.done:
+            elif stream.items is not None and not stream.done:  # our calls learn why
                 _deliver(stream, lost)
                 stream.done = True
             self._wake(stream)

@@ -224,6 +224,8 @@ class MemoryNetwork:
 
     # ---- faults
     def latency(self, a: Address, b: Address) -> float:
+        if not self._latency:
+            return self.default_latency
         return self._latency.get(frozenset((a, b)), self.default_latency)
 
     def set_latency(self, a: Address, b: Address, seconds: float) -> None:

@@ -51,7 +51,7 @@ class SimMesh:
         self.boots = 0
         self.changed = asyncio.Event()  # set on any change in any node's table
 
-    async def add(self, seeds=None, identity=None, address=None) -> SimNode:
+    async def add(self, seeds=None, identity=None, address=None, start=True) -> SimNode:
         identity = identity or NodeIdentity.generate()
         endpoint = self.network.endpoint(
             identity, self.mesh, registry=REGISTRY, handlers=Handlers(), address=address
@@ -79,10 +79,25 @@ class SimMesh:
             rng=random.Random(self.rng.random()),
         )
         membership.table.subscribe(lambda member, what: self.changed.set())
-        await membership.start()
+        if start:
+            await membership.start()
         node = SimNode(identity, endpoint, membership)
         self.nodes.append(node)
         return node
+
+    async def add_converged(self, count: int) -> None:
+        """Add `count` nodes that already know each other (as if they had all joined long
+        ago), then start them. Builds a large converged mesh without simulating N joins."""
+        new = [await self.add(seeds=[], start=False) for _ in range(count)]
+        claims = [n.membership.table.get(n.node_id).alive_claim for n in new]
+        states = [n.membership.self_state.current for n in new]
+        for node in new:
+            table = node.membership.table
+            for claim, state in zip(claims, states, strict=True):
+                table.apply(claim)
+                table.apply_state(state)
+        for node in new:
+            await node.membership.start()
 
     def crash(self, node: SimNode) -> None:
         self.network.crash(node.address)

@@ -4,6 +4,7 @@ messages, streamed responses with backpressure, tensor payloads, reuse and recon
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import pytest
 import torch
@@ -245,3 +246,25 @@ async def test_too_many_concurrent_requests_get_overloaded(pair_factory, mesh):
         assert await conn.request(Ping(2), timeout=5) == Pong(2)  # the slots came back
         server_side = p.b.connection_to(p.a.node_id)
         assert server_side._inbound == 0 and not server_side._streams
+
+
+async def test_a_handler_may_close_its_own_connection(pair_factory, mesh):
+    async with pair_factory(mesh) as p:
+        conn = await p.connect()
+        closed = []
+
+        def goodbye(ctx, msg):  # inline one-way handler closing the connection it runs on
+            ctx.connection.close()
+            closed.append(msg.text)
+
+        p.b.handlers._table[Note] = ("oneway-inline", goodbye)
+        pending = asyncio.create_task(conn.request(Sleep(30), timeout=30))
+        await asyncio.sleep(0.1)
+        # the close may beat the acknowledgement of the message itself
+        with contextlib.suppress(ConnectionLost):
+            await conn.send(Note("bye"), timeout=5)
+        async with asyncio.timeout(5):
+            await conn.wait_closed()
+        assert closed == ["bye"]
+        with pytest.raises(ConnectionLost):
+            await pending
