@@ -564,7 +564,9 @@ class Membership:
                     return
                 timeout = self.config.request_timeout
                 conn = await self._connect(node_id, member.addresses, timeout)
+                asked = self._loop.time()
                 state = await conn.request(StateRequest(), timeout=timeout)
+                self.table.contact(node_id, self._loop.time() - asked)
             if not isinstance(state, PeerState) or state.node != node_id.key:
                 log.warning("node %s answered a state request with something else", node_id.short)
                 return

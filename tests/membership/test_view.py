@@ -1,0 +1,86 @@
+"""The membership view is the console's real StatusSource: its documents follow
+proto/CONSOLE.md (same checker as the console client) and it streams changes."""
+
+from __future__ import annotations
+
+import asyncio
+
+from mesh_node.console.client import status_document_problem
+from mesh_node.identity import MeshSecret, new_mesh_id
+from mesh_node.membership.claims import DEAD
+from mesh_node.membership.messages import ModelInfo
+from mesh_node.membership.swim import MembershipConfig
+from mesh_node.membership.view import SUBSCRIBER_QUEUE, MeshView
+from mesh_node.transport import virtual_time
+from mesh_node.transport.memory import MemoryNetwork
+from tests.console.scripted_source import make_peer
+from tests.membership.mesh import SimMesh
+
+
+def run_mesh(check, nodes=3):
+    async def main():
+        mesh = SimMesh(MemoryNetwork(latency=0.0005), MeshSecret(new_mesh_id()), MembershipConfig())
+        for _ in range(nodes):
+            await mesh.add()
+        try:
+            await mesh.wait_for(mesh.converged, 10)
+            await check(mesh)
+        finally:
+            await mesh.stop()
+
+    virtual_time.run(main())
+
+
+def test_documents_follow_the_console_spec():
+    async def check(mesh):
+        node = mesh.nodes[0]
+        node.membership.update_state(
+            models_on_disk=[ModelInfo("tiny-moe", "qwen3_moe", 100, 10, 8)],
+            models_served=["tiny-moe"],
+        )
+        await mesh.wait_for(mesh.converged, 5)
+        view = MeshView(mesh.nodes[1].membership.table)
+        doc = view.status()
+        assert status_document_problem(doc) is None
+        assert set(doc["peers"][0]) == set(make_peer(0))  # exactly the specified fields
+        assert doc["mesh"] == {"nodes": 3, "alive": 3, "suspect": 0, "dead": 0, "left": 0}
+        assert doc["peers"][0]["self"] and doc["node"] == doc["peers"][0]["id"]
+        assert doc["models"] == [
+            {"name": "tiny-moe", "served_by": [str(node.node_id)], "on_disk": [str(node.node_id)]}
+        ]
+        for peer in doc["peers"]:
+            assert peer["hardware"]["cpu_cores"] == 2 and peer["status"] == "alive"
+            assert peer["self"] or peer["rtt_ms"] is not None
+
+    run_mesh(check)
+
+
+def test_changes_are_streamed_and_a_slow_reader_resyncs():
+    async def check(mesh):
+        view = MeshView(mesh.nodes[0].membership.table)
+        sub = view.subscribe()
+        victim = mesh.nodes[2]
+        mesh.crash(victim)
+        events = []
+
+        async def read():
+            async for event, payload in sub:
+                events.append((event, payload))
+                if payload.get("id") == str(victim.node_id) and payload["status"] == DEAD:
+                    return
+
+        async with asyncio.timeout(20):
+            await read()
+        assert events[-1][1]["status"] == DEAD
+        assert status_document_problem(view.status()) is None
+        # a reader that never reads: its backlog collapses into one resync
+        lazy = view.subscribe()
+        for _ in range(SUBSCRIBER_QUEUE + 10):
+            view._publish("peer", events[-1][1])
+        first = await anext(aiter(lazy))
+        assert first[0] == "status" and lazy._queue.qsize() <= 11
+        lazy.close()
+        sub.close()
+        assert view._subscribers == set()
+
+    run_mesh(check)
