@@ -31,7 +31,7 @@ from mesh_node.transport.memory import MemoryNetwork
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # for tests.membership.mesh
 from tests.membership.mesh import SimMesh
 
-QUIET_WINDOW = 30.0  # simulated seconds of steady state to measure bytes over
+QUIET_WINDOW = 10.0  # simulated seconds of steady state to measure bytes over (periodic probes)
 
 
 async def measure(size: int, latency: float, seed: int) -> dict[str, float]:

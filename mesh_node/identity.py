@@ -44,10 +44,11 @@ class NodeId:
     def __post_init__(self) -> None:
         if type(self.key) is not bytes or len(self.key) != 32:
             raise ValueError("a node id is a 32-byte Ed25519 public key")
-        text = base64.b32encode(self.key).decode().rstrip("=").lower()
-        object.__setattr__(self, "_text", text)
 
     def __str__(self) -> str:
+        if not self._text:  # computed once, on first use
+            text = base64.b32encode(self.key).decode().rstrip("=").lower()
+            object.__setattr__(self, "_text", text)
         return self._text
 
     def __repr__(self) -> str:

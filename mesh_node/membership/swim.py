@@ -88,41 +88,39 @@ class MembershipConfig:
 
 
 class _Broadcasts:
-    """Claims waiting to be gossiped, each sent a bounded number of times."""
+    """Claims waiting to be gossiped, each sent a bounded number of times. At most one
+    pending claim per (subject, kind, speaker): a newer one replaces it."""
 
     def __init__(self, limit: int = 4096):
-        self._items: list[list[Any]] = []  # [claim, times sent]
+        self._items: dict[tuple[bytes, str, bytes], list[Any]] = {}  # key -> [claim, sends]
         self._limit = limit
 
     def __len__(self) -> int:
         return len(self._items)
 
     def add(self, claim: Claim) -> None:
-        # a newer claim about a subject makes older pending ones about it pointless
-        self._items = [
-            item
-            for item in self._items
-            if not (
-                item[0].subject == claim.subject
-                and (item[0].speaker == claim.speaker or item[0].kind != SUSPECT)
-                and outranks(claim.kind, claim.incarnation, item[0].kind, item[0].incarnation)
-            )
-        ]
-        self._items.append([claim, 0])
-        if len(self._items) > self._limit:
-            self._items.sort(key=lambda item: item[1])
-            del self._items[self._limit :]
+        # claims about the same subject that this one outranks are pointless now
+        for key in [k for k in self._items if k[0] == claim.subject]:
+            old = self._items[key][0]
+            if outranks(claim.kind, claim.incarnation, old.kind, old.incarnation):
+                del self._items[key]
+        self._items[(claim.subject, claim.kind, claim.speaker)] = [claim, 0]
+        if len(self._items) > self._limit:  # drop the most-sent first
+            for key, _ in sorted(self._items.items(), key=lambda kv: -kv[1][1])[
+                : len(self._items) - self._limit
+            ]:
+                del self._items[key]
 
     def take(self, count: int, max_sends: int) -> list[Claim]:
         """Up to `count` claims, least-sent first; each counts as sent once more."""
         if not self._items:
             return []
-        self._items.sort(key=lambda item: item[1])
-        chosen = self._items[:count]
-        for item in chosen:
+        chosen = sorted(self._items.items(), key=lambda kv: kv[1][1])[:count]
+        for key, item in chosen:
             item[1] += 1
-        self._items = [item for item in self._items if item[1] < max_sends]
-        return [item[0] for item in chosen]
+            if item[1] >= max_sends:
+                del self._items[key]
+        return [item[0] for _, item in chosen]
 
 
 class Membership:

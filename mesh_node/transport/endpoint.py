@@ -38,6 +38,7 @@ class Endpoint:
         self.port = port
         self.limits = limits or Limits()
         self._by_peer: dict[NodeId, list[Connection]] = {}
+        self._by_address: dict[Address, Connection] = {}  # connections we dialed, by address
         self._all: set[Connection] = set()
         self._dials: dict[tuple[Address, NodeId | None], asyncio.Future[Connection]] = {}
         self._closing = False
@@ -103,14 +104,9 @@ class Endpoint:
             if existing is not None:
                 return existing
         host, port = self.normalize_host(address[0]), int(address[1])
-        for conn in self._all:
-            if (
-                conn.is_open
-                and conn.is_client
-                and conn.remote_address == (host, port)
-                and (expect is None or conn.peer == expect)
-            ):
-                return conn
+        dialed = self._by_address.get((host, port))
+        if dialed is not None and dialed.is_open and (expect is None or dialed.peer == expect):
+            return dialed
         key = ((host, port), expect)
         dial = self._dials.get(key)
         if dial is None:
@@ -145,11 +141,15 @@ class Endpoint:
             conn.close(ErrorCode.SHUTTING_DOWN, "shutting down")
             return
         self._by_peer.setdefault(conn.peer, []).append(conn)
+        if conn.is_client:
+            self._by_address[conn.remote_address] = conn
         for callback in self.on_connected:
             callback(conn)
 
     def _closed(self, conn: Connection) -> None:
         self._all.discard(conn)
+        if self._by_address.get(conn.remote_address) is conn:
+            del self._by_address[conn.remote_address]
         if conn.peer is not None:
             links = self._by_peer.get(conn.peer, [])
             if conn in links:
