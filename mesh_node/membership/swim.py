@@ -156,6 +156,7 @@ class Membership:
         self._broadcasts = _Broadcasts()
         self._gossip_pending = asyncio.Event()  # set while broadcasts wait to go out
         self._probe_order: list[NodeId] = []
+        self._probe_queued: set[NodeId] = set()  # what _probe_order holds, for O(1) lookups
         self._probe_seq = 0
         self._suspicions: dict[NodeId, asyncio.TimerHandle] = {}
         self._fetching: set[NodeId] = set()
@@ -308,11 +309,12 @@ class Membership:
             if timer is not None:
                 timer.cancel()
         if member.status == ALIVE:
-            if member.node_id not in self._probe_order:
+            if member.node_id not in self._probe_queued:
                 # new members go to a random place in the probe order (SWIM)
                 self._probe_order.insert(
                     self.rng.randrange(len(self._probe_order) + 1), member.node_id
                 )
+                self._probe_queued.add(member.node_id)
             if member.state is None or member.state.incarnation < member.incarnation:
                 self._fetch_state(member.node_id)
         if member.status in (DEAD, LEFT):
@@ -376,7 +378,9 @@ class Membership:
                     return None
                 self.rng.shuffle(live)
                 self._probe_order = live
+                self._probe_queued = set(live)
             node_id = self._probe_order.pop(0)
+            self._probe_queued.discard(node_id)
             member = self.table.get(node_id)
             if member is not None and member.live:
                 return member
