@@ -13,12 +13,12 @@ import asyncio
 import collections
 import itertools
 from collections.abc import Callable, Iterable
+from typing import Any
 
 from mesh_node.identity import MeshSecret, NodeId, NodeIdentity
-from mesh_node.transport.connection import Connection, Handlers, Limits
+from mesh_node.transport.connection import Connection
 from mesh_node.transport.endpoint import Address, Endpoint
 from mesh_node.transport.errors import ConnectionLost, ErrorCode
-from mesh_node.transport.schema import Registry
 
 
 class _Pipe:
@@ -203,24 +203,12 @@ class MemoryNetwork:
         identity: NodeIdentity,
         mesh: MeshSecret,
         *,
-        registry: Registry,
-        handlers: Handlers,
         address: Address | None = None,
-        limits: Limits | None = None,
-        idle_timeout: float = 30.0,
+        **endpoint_args: Any,  # registry, handlers, limits, idle_timeout
     ) -> MemoryEndpoint:
+        """A new endpoint on this network, at `address` or the next free one."""
         host, port = address or self.allocate_address()
-        return MemoryEndpoint(
-            self,
-            identity,
-            mesh,
-            registry=registry,
-            handlers=handlers,
-            host=host,
-            port=port,
-            limits=limits,
-            idle_timeout=idle_timeout,
-        )
+        return MemoryEndpoint(self, identity, mesh, host=host, port=port, **endpoint_args)
 
     # ---- faults
     def latency(self, a: Address, b: Address) -> float:
@@ -275,22 +263,10 @@ class MemoryEndpoint(Endpoint):
         identity: NodeIdentity,
         mesh: MeshSecret,
         *,
-        registry: Registry,
-        handlers: Handlers,
-        host: str,
-        port: int,
-        limits: Limits | None = None,
         idle_timeout: float = 30.0,
+        **endpoint_args: Any,  # registry, handlers, host, port, limits: see Endpoint
     ):
-        super().__init__(
-            identity,
-            mesh,
-            registry=registry,
-            handlers=handlers,
-            host=host,
-            port=port,
-            limits=limits,
-        )
+        super().__init__(identity, mesh, **endpoint_args)
         self.network = network
         self.idle_timeout = idle_timeout
         self._listening = False

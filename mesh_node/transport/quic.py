@@ -28,11 +28,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.x509.oid import NameOID
 
 from mesh_node.identity import MeshSecret, NodeId, NodeIdentity
-from mesh_node.transport.connection import Connection, Handlers, Limits
+from mesh_node.transport.connection import Connection
 from mesh_node.transport.endpoint import Address, Endpoint
 from mesh_node.transport.errors import ConnectionLost, ErrorCode
 from mesh_node.transport.handshake import ALPN
-from mesh_node.transport.schema import Registry
 
 log = logging.getLogger("mesh_node.transport")
 
@@ -182,22 +181,12 @@ class QuicEndpoint(Endpoint):
         identity: NodeIdentity,
         mesh: MeshSecret,
         *,
-        registry: Registry,
-        handlers: Handlers,
         host: str = "0.0.0.0",
         port: int = 7300,
-        limits: Limits | None = None,
         idle_timeout: float = 30.0,
+        **endpoint_args: Any,  # registry, handlers, limits: see Endpoint
     ):
-        super().__init__(
-            identity,
-            mesh,
-            registry=registry,
-            handlers=handlers,
-            host=host,
-            port=port,
-            limits=limits,
-        )
+        super().__init__(identity, mesh, host=host, port=port, **endpoint_args)
         self.idle_timeout = idle_timeout
         self._certificate = self_signed_certificate(identity)
         self._server: QuicServer | None = None

@@ -3,10 +3,8 @@ three nodes, then shows one dead after it is killed, without a reload."""
 
 from __future__ import annotations
 
-import asyncio
-
 from mesh_node.identity import new_mesh_id
-from tests.processes.nodes import NodeProcess
+from tests.processes.nodes import start_mesh, stop_all
 
 ROWS = "document.querySelectorAll('tr[data-node-id]')"
 
@@ -17,9 +15,8 @@ def row(node_id: str) -> str:
 
 async def test_status_page_of_a_live_mesh_sees_a_node_die(browser):
     mesh_id = new_mesh_id()
-    first = await NodeProcess.join(mesh_id)
-    seed = "{}:{}".format(*first.address)
-    nodes = [first, *[await NodeProcess.join(mesh_id, "--peer", seed) for _ in range(2)]]
+    nodes = await start_mesh(mesh_id, 3)
+    first = nodes[0]
     try:
         page = await browser.new_page(f"{first.console_url}/")
         alive_rows = f"[...{ROWS}].filter(r => r.dataset.status === 'alive').length"
@@ -34,4 +31,4 @@ async def test_status_page_of_a_live_mesh_sees_a_node_die(browser):
         assert await page.evaluate("window.sameDocument === true")  # updated live, no reload
         assert await page.evaluate(f"{alive_rows}") == 2
     finally:
-        await asyncio.gather(*(n.stop() for n in nodes), return_exceptions=True)
+        await stop_all(nodes)

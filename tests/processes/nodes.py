@@ -107,3 +107,32 @@ class NodeProcess:
 
     async def kill(self) -> None:
         await self.stop(signal.SIGKILL)
+
+
+async def start_mesh(mesh_id: str, count: int, *args: str) -> list[NodeProcess]:
+    """`count` node processes: the first, then the others joining through it (--peer)."""
+    first = await NodeProcess.join(mesh_id, *args)
+    seed = "{}:{}".format(*first.address)
+    others = [await NodeProcess.join(mesh_id, "--peer", seed, *args) for _ in range(count - 1)]
+    return [first, *others]
+
+
+async def stop_all(nodes: list[NodeProcess]) -> None:
+    await asyncio.gather(*(n.stop() for n in nodes), return_exceptions=True)
+
+
+def client_endpoint(mesh_id: str):
+    """A bare endpoint in this (test) process, to talk to node processes directly."""
+    from mesh_node.identity import MeshSecret, NodeIdentity
+    from mesh_node.protocol import REGISTRY
+    from mesh_node.transport.connection import Handlers
+    from mesh_node.transport.quic import QuicEndpoint
+
+    return QuicEndpoint(
+        NodeIdentity.generate(),
+        MeshSecret(mesh_id),
+        registry=REGISTRY,
+        handlers=Handlers(),
+        host="127.0.0.1",
+        port=0,
+    )

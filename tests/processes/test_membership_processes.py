@@ -8,7 +8,7 @@ import signal
 import time
 
 from mesh_node.identity import new_mesh_id
-from tests.processes.nodes import NodeProcess
+from tests.processes.nodes import NodeProcess, start_mesh, stop_all
 
 DETECTION_BOUND = 5.0  # seconds: a killed node is dead to everyone within this
 
@@ -19,10 +19,6 @@ async def sees(node: NodeProcess, other: NodeProcess, timeout: float = 20.0) -> 
 
 async def all_see_all(nodes: list[NodeProcess]) -> None:
     await asyncio.gather(*(sees(a, b) for a in nodes for b in nodes if a is not b))
-
-
-async def stop_all(nodes: list[NodeProcess]) -> None:
-    await asyncio.gather(*(n.stop() for n in nodes), return_exceptions=True)
 
 
 async def test_three_processes_find_each_other_with_mdns_on_loopback():
@@ -46,10 +42,8 @@ async def test_three_processes_find_each_other_with_mdns_on_loopback():
 
 async def test_three_processes_join_through_peers_and_detect_a_kill():
     mesh_id = new_mesh_id()
-    first = await NodeProcess.join(mesh_id)
-    seed = "{}:{}".format(*first.address)
-    others = [await NodeProcess.join(mesh_id, "--peer", seed) for _ in range(2)]
-    nodes = [first, *others]
+    nodes = await start_mesh(mesh_id, 3)
+    first, others = nodes[0], nodes[1:]
     try:
         await all_see_all(nodes)
         victim, survivors = others[1], [first, others[0]]
@@ -66,10 +60,8 @@ async def test_three_processes_join_through_peers_and_detect_a_kill():
 
 async def test_sigterm_leaves_at_once():
     mesh_id = new_mesh_id()
-    first = await NodeProcess.join(mesh_id)
-    seed = "{}:{}".format(*first.address)
-    others = [await NodeProcess.join(mesh_id, "--peer", seed) for _ in range(2)]
-    nodes = [first, *others]
+    nodes = await start_mesh(mesh_id, 3)
+    first, others = nodes[0], nodes[1:]
     try:
         await all_see_all(nodes)
         leaver = others[0]

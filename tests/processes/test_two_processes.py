@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import asyncio
 
-from mesh_node.identity import MeshSecret, NodeIdentity, new_mesh_id
-from mesh_node.protocol import REGISTRY
-from mesh_node.transport.connection import Handlers
+from mesh_node.identity import new_mesh_id
 from mesh_node.transport.errors import ErrorCode
 from mesh_node.transport.messages import Ping, Pong
-from mesh_node.transport.quic import QuicEndpoint
-from tests.processes.nodes import NodeProcess
+from tests.processes.nodes import NodeProcess, client_endpoint
 
 
 async def test_two_node_processes_link_and_leave_cleanly():
@@ -20,14 +17,7 @@ async def test_two_node_processes_link_and_leave_cleanly():
     try:
         await second.wait_log(rf"joined through {first.node_id.short}")
         # this test process is a third party: it can reach both, authenticated
-        ours = QuicEndpoint(
-            NodeIdentity.generate(),
-            MeshSecret(mesh_id),
-            registry=REGISTRY,
-            handlers=Handlers(),
-            host="127.0.0.1",
-            port=0,
-        )
+        ours = client_endpoint(mesh_id)
         await ours.start()
         try:
             conn = await ours.connect(first.address, expect=first.node_id, timeout=10)
@@ -48,14 +38,7 @@ async def test_two_node_processes_link_and_leave_cleanly():
 async def test_a_node_of_another_mesh_is_refused_by_a_process():
     node = await NodeProcess.join(new_mesh_id())
     try:
-        ours = QuicEndpoint(
-            NodeIdentity.generate(),
-            MeshSecret(new_mesh_id()),
-            registry=REGISTRY,
-            handlers=Handlers(),
-            host="127.0.0.1",
-            port=0,
-        )
+        ours = client_endpoint(new_mesh_id())
         await ours.start()
         try:
             from mesh_node.transport.errors import HandshakeError
