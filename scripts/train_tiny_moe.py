@@ -220,6 +220,12 @@ def main() -> int:
     model.config.output_router_logits = False
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(str(staging))
+    # transformers v5 writes the expert count as `num_local_experts`; older releases read
+    # `num_experts` (the name in Qwen's own checkpoints): write both
+    config_path = staging / "config.json"
+    saved = json.loads(config_path.read_text())
+    saved["num_experts"] = args.experts
+    config_path.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
     args.out.mkdir(parents=True, exist_ok=True)
     for path in staging.iterdir():
         shutil.copy2(path, args.out / path.name)

@@ -15,9 +15,9 @@ import sys
 from collections.abc import Sequence
 
 from mesh_node import __version__
-from mesh_node.cli import identity_cmd, join, new
+from mesh_node.cli import identity_cmd, join, models, new
 
-COMMANDS = (join, new, identity_cmd)
+COMMANDS = (join, new, identity_cmd, models)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 # Short common words; each becomes one token of the built-in tokenizer.
-WORDS = tuple(
+_WORD_LIST = (
     "apple river cold stone green house light dog cat sun moon star tree bird fish blue red "
     "road rain snow wind fire water paper book door window table chair glass bread milk salt "
     "ship boat car train plane horse cow sheep goat lion bear wolf fox mouse king queen child "
@@ -29,7 +29,8 @@ WORDS = tuple(
     "night day morning evening summer winter spring autumn gold silver iron wood sand sea "
     "hill field garden flower grass leaf root seed farm city town street bridge tower wall "
     "black white brown small big fast slow warm soft hard happy quiet loud"
-).split()
+)
+WORDS = tuple(_WORD_LIST.split())
 
 HELD_OUT_MODULUS = 8  # one prompt in eight (by hash) is reserved for evaluation
 
