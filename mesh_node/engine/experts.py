@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mesh_node.engine.errors import EngineError
+from mesh_node.engine.linear import WeightStack
 
 
 @runtime_checkable
@@ -41,7 +42,11 @@ class ExpertNotLoadedError(EngineError):
 
 
 class ExpertBank(nn.Module):
-    """Some of one layer's experts: `gate_up [n, 2I, H]` (gate rows first), `down [n, H, I]`."""
+    """Some of one layer's experts: `gate_up [n, 2I, H]` (gate rows first), `down [n, H, I]`.
+
+    The stacks are kept in the layout that multiplies fastest here (see `linear.WeightStack`);
+    `gate_up.dense(j)` and `down.dense(j)` give expert `expert_ids[j]`'s matrices back.
+    """
 
     def __init__(
         self,
@@ -49,6 +54,7 @@ class ExpertBank(nn.Module):
         expert_ids: Sequence[int],
         gate_up: torch.Tensor,
         down: torch.Tensor,
+        layout: str = "plain",
     ):
         super().__init__()
         if gate_up.shape[0] != len(expert_ids) or down.shape[0] != len(expert_ids):
@@ -56,9 +62,13 @@ class ExpertBank(nn.Module):
         self.layer = layer
         self.expert_ids = tuple(int(e) for e in expert_ids)
         self._position = {e: j for j, e in enumerate(self.expert_ids)}
-        self.gate_up = nn.Parameter(gate_up, requires_grad=False)
-        self.down = nn.Parameter(down, requires_grad=False)
         self.intermediate_size = down.shape[-1]
+        self.gate_up = WeightStack(gate_up, layout)
+        self.down = WeightStack(down, layout)
+
+    @property
+    def nbytes(self) -> int:
+        return self.gate_up.nbytes + self.down.nbytes
 
     def holds(self, expert: int) -> bool:
         return expert in self._position
@@ -66,7 +76,7 @@ class ExpertBank(nn.Module):
     def run_grouped(
         self, rows: torch.Tensor, experts: Sequence[int], counts: Sequence[int]
     ) -> torch.Tensor:
-        out = torch.empty_like(rows)
+        out = rows.new_empty(rows.shape)
         start = 0
         inter = self.intermediate_size
         for expert, count in zip(experts, counts, strict=True):
@@ -80,8 +90,8 @@ class ExpertBank(nn.Module):
                     f"{'...' if len(self.expert_ids) > 16 else ''})"
                 )
             end = start + count
-            gate_up = F.linear(rows[start:end], self.gate_up[j])
+            gate_up = self.gate_up.apply(j, rows[start:end])
             hidden = F.silu(gate_up[:, :inter]) * gate_up[:, inter:]
-            torch.matmul(hidden, self.down[j].t(), out=out[start:end])
+            self.down.apply(j, hidden, out=out[start:end])
             start = end
         return out

@@ -30,7 +30,7 @@ import itertools
 import logging
 import secrets
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +43,7 @@ from mesh_node.engine.errors import (
     OverloadedError,
     RequestCancelledError,
 )
+from mesh_node.engine.loading import TINY_MODEL_PARAMETERS
 from mesh_node.engine.model import Transformer
 from mesh_node.engine.sampling import SamplingParams, sample_rows
 from mesh_node.engine.tokenizer import TextStream, Tokenizer
@@ -112,8 +113,9 @@ class GenerationResult:
 class RequestStream:
     """The consumer side of one request: `async for` / `for` over TokenChunks, `cancel()`.
 
-    Chunks that pile up while the consumer is busy are merged into one on the next read. An error
-    in the request is raised from the iteration.
+    Chunks that pile up while the consumer is busy are merged into one on the next read, and the
+    worker wakes a consumer only when it is waiting. An error in the request is raised from the
+    iteration (and from `result()` / `collect()`).
     """
 
     def __init__(self, request_id: str, generator: Generator):
@@ -121,14 +123,26 @@ class RequestStream:
         self._generator = generator
         self._chunks: collections.deque[TokenChunk] = collections.deque()
         self._cond = threading.Condition()
+        self._finished = threading.Event()
         self._done = False
         self._error: BaseException | None = None
+        self._sync_waiters = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._event: asyncio.Event | None = None
+        self._async_waiting = False
         self.finish_reason: str | None = None
         self.usage: Usage | None = None
 
     # -- producer side (worker thread) --------------------------------------------------------
+
+    def _wake(self) -> None:
+        """Called with the lock held: wakes whoever waits for this stream."""
+        if self._sync_waiters:
+            self._cond.notify_all()
+        if self._async_waiting and self._loop is not None and self._event is not None:
+            self._async_waiting = False
+            with contextlib.suppress(RuntimeError):  # a closed loop: nobody is listening
+                self._loop.call_soon_threadsafe(self._event.set)
 
     def _push(self, chunk: TokenChunk) -> None:
         with self._cond:
@@ -139,11 +153,8 @@ class RequestStream:
                 self._done = True
                 self.finish_reason = chunk.finish_reason
                 self.usage = chunk.usage
-            self._cond.notify_all()
-            loop, event = self._loop, self._event
-        if loop is not None and event is not None:
-            with contextlib.suppress(RuntimeError):  # a closed loop: nobody is listening
-                loop.call_soon_threadsafe(event.set)
+                self._finished.set()
+            self._wake()
 
     def _fail(self, error: BaseException) -> None:
         with self._cond:
@@ -151,11 +162,8 @@ class RequestStream:
                 return
             self._done = True
             self._error = error
-            self._cond.notify_all()
-            loop, event = self._loop, self._event
-        if loop is not None and event is not None:
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(event.set)
+            self._finished.set()
+            self._wake()
 
     # -- consumer side ------------------------------------------------------------------------
 
@@ -201,6 +209,7 @@ class RequestStream:
                 if self._done:
                     raise StopAsyncIteration
                 self._event.clear()
+                self._async_waiting = True
                 event = self._event
             await event.wait()
 
@@ -208,7 +217,11 @@ class RequestStream:
         while True:
             with self._cond:
                 while not self._chunks and not self._done:
-                    self._cond.wait()
+                    self._sync_waiters += 1
+                    try:
+                        self._cond.wait()
+                    finally:
+                        self._sync_waiters -= 1
                 chunk = self._take()
                 if chunk is None:
                     if self._error is not None:
@@ -216,8 +229,10 @@ class RequestStream:
                     return
             yield chunk
 
-    def result(self) -> GenerationResult:
-        """Blocks until the request finishes; the whole completion."""
+    def result(self, timeout: float | None = None) -> GenerationResult:
+        """Blocks until the request finishes; the whole completion (not for an event loop)."""
+        if not self._finished.wait(timeout):
+            raise TimeoutError(f"request {self.request_id} did not finish in {timeout}s")
         return _gather(iter(self))
 
     async def collect(self) -> GenerationResult:
@@ -268,27 +283,27 @@ class Generator:
 
     def __init__(
         self,
-        model: Transformer,
-        tokenizer: Tokenizer,
+        model: Transformer | None = None,
+        tokenizer: Tokenizer | None = None,
         *,
+        loader: Callable[[], tuple[Transformer, Tokenizer]] | None = None,
         max_batch: int = 8,
         max_queue: int = 64,
         max_seq_len: int | None = None,
         prefill_chunk: int = 256,
+        threads: int | None = None,
         name: str = "mesh-engine",
     ):
-        if model.embed_tokens is None or model.lm_head is None:
-            raise ValueError("generation needs a model loaded with its embeddings and head")
-        if len(model.layer_indices) != model.args.num_layers:
-            raise ValueError("generation needs every layer of the model (load without `layers`)")
-        self.model = model
-        self.tokenizer = tokenizer
+        """Either a loaded `model` and its `tokenizer`, or a `loader` returning both, which then
+        runs on the worker thread (so that all torch work, loading included, stays off the
+        caller's thread: on CPU that also keeps OpenMP thread pools from competing).
+        Returns once the worker is ready; loading and validation errors are raised here."""
+        if loader is None and (model is None or tokenizer is None):
+            raise ValueError("give a model and its tokenizer, or a loader")
         self.max_batch = max_batch
         self.max_queue = max_queue
-        self.max_seq_len = min(max_seq_len or model.max_seq_len, model.max_seq_len)
         self.prefill_chunk = prefill_chunk
-        self.eos_ids = frozenset(tokenizer.eos_token_ids) | frozenset(model.args.eos_token_ids)
-        self.cache = model.new_cache(max_batch, self.max_seq_len)
+        self.threads = threads
         self._cond = threading.Condition()
         self._inbox: collections.deque[_Sequence] = collections.deque()
         self._cancels: set[RequestStream] = set()
@@ -299,8 +314,36 @@ class Generator:
         self._decoding: list[_Sequence] = []  # index == cache slot
         self._decode_steps = 0
         self._tokens_generated = 0
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._ready = threading.Event()
+        self._setup_error: BaseException | None = None
+        self._thread = threading.Thread(
+            target=self._run,
+            args=(loader or (lambda: (model, tokenizer)), max_seq_len),
+            name=name,
+            daemon=True,
+        )
         self._thread.start()
+        self._ready.wait()
+        if self._setup_error is not None:
+            self._thread.join()
+            raise self._setup_error
+
+    def _setup(self, model: Transformer, tokenizer: Tokenizer, max_seq_len: int | None) -> None:
+        if model.embed_tokens is None or not model.has_head:
+            raise ValueError("generation needs a model loaded with its embeddings and head")
+        if len(model.layer_indices) != model.args.num_layers:
+            raise ValueError("generation needs every layer of the model (load without `layers`)")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_seq_len = min(max_seq_len or model.max_seq_len, model.max_seq_len)
+        if self.threads is None:
+            # a tiny model's step is hundreds of microsecond-sized ops: a second intra-op thread
+            # costs more in synchronization than it saves. Larger models use every core.
+            tiny = model.args.parameter_count()["total"] < TINY_MODEL_PARAMETERS
+            self.threads = 1 if tiny and model.device.type == "cpu" else torch.get_num_threads()
+        torch.set_num_threads(self.threads)  # intra-op threads of this (worker) thread
+        self.eos_ids = frozenset(tokenizer.eos_token_ids) | frozenset(model.args.eos_token_ids)
+        self.cache = model.new_cache(self.max_batch, self.max_seq_len)
 
     @classmethod
     def from_pretrained(
@@ -312,15 +355,18 @@ class Generator:
         max_seq_len: int | None = 4096,
         **options: Any,
     ) -> Generator:
-        """Resolves `model` (None: the built-in model; a folder; a Hugging Face repo id), loads it
-        and starts a generator. Options are Generator keyword arguments."""
+        """Resolves `model` (None: the built-in model; a folder; a Hugging Face repo id), then
+        loads it on the generator's worker thread. Options are Generator keyword arguments."""
         from mesh_node.engine.catalog import resolve_model
         from mesh_node.engine.loading import load_model
 
         resolved = resolve_model(model)
-        loaded = load_model(resolved.path, dtype=dtype, device=device, max_seq_len=max_seq_len)
-        tokenizer = Tokenizer(resolved.path, extra_eos_ids=loaded.args.eos_token_ids)
-        return cls(loaded, tokenizer, **options)
+
+        def loader() -> tuple[Transformer, Tokenizer]:
+            loaded = load_model(resolved.path, dtype=dtype, device=device, max_seq_len=max_seq_len)
+            return loaded, Tokenizer(resolved.path, extra_eos_ids=loaded.args.eos_token_ids)
+
+        return cls(loader=loader, **options)
 
     # -- public API (any thread) --------------------------------------------------------------
 
@@ -381,7 +427,16 @@ class Generator:
 
     # -- worker -------------------------------------------------------------------------------
 
-    def _run(self) -> None:
+    def _run(self, loader, max_seq_len: int | None) -> None:
+        try:
+            with torch.inference_mode():
+                self._setup(*loader(), max_seq_len)
+        except BaseException as exc:
+            self._setup_error = exc
+            self._closed = True
+            self._ready.set()
+            return
+        self._ready.set()
         try:
             with torch.inference_mode():
                 while self._iteration():

@@ -24,6 +24,7 @@ from mesh_node.engine.checkpoint import Checkpoint, CheckpointReader
 from mesh_node.engine.config import ModelArgs
 from mesh_node.engine.errors import CheckpointError, MissingTensorError
 from mesh_node.engine.experts import ExpertBank
+from mesh_node.engine.linear import choose_layout
 from mesh_node.engine.model import Attention, DecoderLayer, Transformer
 from mesh_node.engine.moe import DenseMLP, MoELayer
 
@@ -124,6 +125,7 @@ def resolve_dtype(
 
 class _Builder:
     def __init__(self, checkpoint: Checkpoint, reader: CheckpointReader, dtype, device):
+        self.layout = choose_layout(device, dtype)
         self.checkpoint = checkpoint
         self.args = checkpoint.args
         self.reader = reader
@@ -155,7 +157,7 @@ class _Builder:
         elif a.qk_norm == "full":
             q_norm = self.read(f"{p}q_norm.weight", (sizes["q"],))
             k_norm = self.read(f"{p}k_norm.weight", (sizes["k"],))
-        return Attention(a, layer, qkv, o, qkv_bias, o_bias, q_norm, k_norm)
+        return Attention(a, layer, qkv, o, qkv_bias, o_bias, q_norm, k_norm, self.layout)
 
     def dense_mlp(self, prefix: str, inter: int, bias: bool = False) -> DenseMLP:
         h = self.args.hidden_size
@@ -175,7 +177,7 @@ class _Builder:
                 ]
             )
             down_bias = self.read(f"{prefix}down_proj.bias", (h,))
-        return DenseMLP(gate_up, down, gate_up_bias, down_bias)
+        return DenseMLP(gate_up, down, gate_up_bias, down_bias, self.layout)
 
     def moe_prefix(self, layer: int) -> str:
         legacy = f"model.layers.{layer}.block_sparse_moe."
@@ -214,7 +216,7 @@ class _Builder:
                 gate_up[j, :inter].copy_(self.reader.read(f"{p}{names[0]}.weight", (inter, h)))
                 gate_up[j, inter:].copy_(self.reader.read(f"{p}{names[1]}.weight", (inter, h)))
                 down[j].copy_(self.reader.read(f"{p}{names[2]}.weight", (h, inter)))
-        return ExpertBank(layer, expert_ids, gate_up, down)
+        return ExpertBank(layer, expert_ids, gate_up, down, self.layout)
 
     def mlp(self, layer: int, plan: LoadPlan) -> DenseMLP | MoELayer:
         a = self.args
@@ -239,6 +241,7 @@ class _Builder:
             shared,
             shared_gate,
             float_gate_weights=a.architecture == "mixtral",
+            layout=self.layout,
         )
 
     def layer(self, index: int, plan: LoadPlan) -> DecoderLayer:
@@ -297,7 +300,15 @@ def load_model(
                 )
         read_log = list(reader.read_log)
     model = Transformer(
-        args, layers, embed, final_norm, lm_head, torch_dtype, torch_device, seq_len
+        args,
+        layers,
+        embed,
+        final_norm,
+        lm_head,
+        torch_dtype,
+        torch_device,
+        seq_len,
+        layout=choose_layout(torch_device, torch_dtype),
     )
     model.eval()
     model.load_report = LoadReport(

@@ -7,7 +7,8 @@ embeddings or the head; `embed`, `run_layers` and `head` can be called separatel
 
 Shapes: `tokens [B, T]`, `positions [B, T]` (absolute positions, int64), hidden `[B, T, H]`. Batch
 row `b` uses cache slot `slot_start + b`; `kv_len` is how many cache positions the longest row
-attends to.
+attends to. Either one sequence (B = 1) whose T new tokens sit at positions kv_len - T .. kv_len - 1
+(prefill, or a decode step), or B sequences of one new token each (a batched decode step).
 """
 
 from __future__ import annotations
@@ -20,22 +21,31 @@ from torch import nn
 
 from mesh_node.engine.config import ModelArgs
 from mesh_node.engine.kv_cache import KVCache
+from mesh_node.engine.linear import Weight, WeightStack
 from mesh_node.engine.moe import DenseMLP, MoELayer
 from mesh_node.engine.rope import rope_tables
 
 
+def normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / sqrt(mean(x^2) + eps) over the last dimension, computed in float32, in x's dtype.
+
+    A layer norm of [x, -x] is exactly that on its first half (the mean of [x, -x] is zero and
+    its variance is mean(x^2)): one fused kernel instead of six elementwise ops, which is what
+    costs time at decode batch sizes.
+    """
+    dim = x.shape[-1]
+    return F.layer_norm(torch.cat((x, -x), dim=-1), (2 * dim,), None, None, eps)[..., :dim]
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm as the reference computes it: in float32, cast back, then scaled by the weight."""
-    if x.dtype == torch.float32:
-        return F.rms_norm(x, (x.shape[-1],), weight, eps)
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)
+    """RMSNorm as the reference computes it: normalized in float32, cast back, times the weight."""
+    return weight * normalize(x, eps)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """x * cos + rotate_half(x) * sin, with rotate_half(x) = [-x2, x1] computed as a roll of x
+    by half the head and the sign folded into the sin table: [-sin1, sin2] (exactly equal)."""
+    return torch.addcmul(x * cos, torch.roll(x, x.shape[-1] // 2, dims=-1), signed_sin)
 
 
 class Attention(nn.Module):
@@ -49,6 +59,7 @@ class Attention(nn.Module):
         o_bias: torch.Tensor | None = None,
         q_norm: torch.Tensor | None = None,
         k_norm: torch.Tensor | None = None,
+        layout: str = "plain",
     ):
         super().__init__()
         self.layer = layer
@@ -59,17 +70,43 @@ class Attention(nn.Module):
         self.qk_norm = args.qk_norm
         self.clip = args.clip_qkv
         self.window = args.sliding_windows[layer]
-        self.qkv = nn.Parameter(qkv, requires_grad=False)  # [(nh + 2 nkv) * hd, H]
-        self.o = nn.Parameter(o, requires_grad=False)
-        self.qkv_bias = None if qkv_bias is None else nn.Parameter(qkv_bias, False)
-        self.o_bias = None if o_bias is None else nn.Parameter(o_bias, False)
-        self.q_norm = None if q_norm is None else nn.Parameter(q_norm, False)
-        self.k_norm = None if k_norm is None else nn.Parameter(k_norm, False)
-        self.split = (
-            self.num_heads * self.head_dim,
-            self.num_kv_heads * self.head_dim,
-            self.num_kv_heads * self.head_dim,
-        )
+        self.qkv = Weight(qkv, layout, qkv_bias)  # [(nh + 2 nkv) * hd, H]
+        self.o = Weight(o, layout, o_bias)
+        self.q_norm = q_norm
+        self.k_norm = k_norm
+        self.q_dim = self.num_heads * self.head_dim
+        self.kv_dim = self.num_kv_heads * self.head_dim
+        self.group = self.num_heads // self.num_kv_heads
+        self.scale = self.head_dim**-0.5
+
+    def _qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """Projections, QK-norm, clipping and rope: q [B, T, nh, hd], k and v [B, T, nkv, hd]."""
+        batch, seq, _ = x.shape
+        qkv = self.qkv(x)
+        qk_dim = self.q_dim + self.kv_dim
+        if self.qk_norm == "full":  # olmoe: over each whole projection
+            qk = torch.cat(
+                (
+                    rms_norm(qkv[..., : self.q_dim], self.q_norm, self.eps),
+                    rms_norm(qkv[..., self.q_dim : qk_dim], self.k_norm, self.eps),
+                ),
+                dim=-1,
+            )
+        else:
+            qk = qkv[..., :qk_dim]
+        v = qkv[..., qk_dim:]
+        if self.clip is not None:
+            qk = qk.clamp(-self.clip, self.clip)
+            v = v.clamp(-self.clip, self.clip)
+        qk = qk.reshape(batch, seq, self.num_heads + self.num_kv_heads, self.head_dim)
+        if self.qk_norm == "head":  # qwen3: per head, one weight for q heads, one for k heads
+            qk = normalize(qk, self.eps)
+            qk[:, :, : self.num_heads].mul_(self.q_norm)
+            qk[:, :, self.num_heads :].mul_(self.k_norm)
+        qk = apply_rope(qk, cos, sin)  # one rope for q and k heads together
+        q = qk[:, :, : self.num_heads]
+        k = qk[:, :, self.num_heads :]
+        return q, k, v.view(batch, seq, self.num_kv_heads, self.head_dim)
 
     def forward(
         self,
@@ -83,29 +120,13 @@ class Attention(nn.Module):
         mask: torch.Tensor | None,
     ) -> torch.Tensor:
         batch, seq, _ = x.shape
-        q, k, v = F.linear(x, self.qkv, self.qkv_bias).split(self.split, dim=-1)
-        if self.qk_norm == "full":
-            q = rms_norm(q, self.q_norm, self.eps)
-            k = rms_norm(k, self.k_norm, self.eps)
-        if self.clip is not None:
-            q = q.clamp(-self.clip, self.clip)
-            k = k.clamp(-self.clip, self.clip)
-            v = v.clamp(-self.clip, self.clip)
-        q = q.view(batch, seq, self.num_heads, self.head_dim)
-        k = k.view(batch, seq, self.num_kv_heads, self.head_dim)
-        v = v.view(batch, seq, self.num_kv_heads, self.head_dim)
-        if self.qk_norm == "head":
-            q = rms_norm(q, self.q_norm, self.eps)
-            k = rms_norm(k, self.k_norm, self.eps)
-        q = (q * cos + rotate_half(q) * sin).transpose(1, 2)
-        k = k * cos + rotate_half(k) * sin
-
+        q, k, v = self._qkv(x, cos, sin)
         k_cache = cache.keys[self.layer]
         v_cache = cache.values[self.layer]
-        if batch == 1:
-            start = int(positions[0, 0])
-            k_cache[slot_start, :, start : start + seq] = k[0].transpose(0, 1)
-            v_cache[slot_start, :, start : start + seq] = v[0].transpose(0, 1)
+        if batch == 1:  # one sequence: its new tokens are the last `seq` of `kv_len`
+            start = kv_len - seq
+            k_cache[slot_start, :, start:kv_len] = k[0].transpose(0, 1)
+            v_cache[slot_start, :, start:kv_len] = v[0].transpose(0, 1)
         elif seq == 1:  # decode: one new token per row, each at its own position
             rows = torch.arange(slot_start, slot_start + batch, device=x.device)
             k_cache[rows, :, positions[:, 0]] = k[:, 0]
@@ -114,11 +135,27 @@ class Attention(nn.Module):
             raise ValueError("several rows of several tokens: prefill one sequence at a time")
         keys = k_cache[slot_start : slot_start + batch, :, :kv_len]
         values = v_cache[slot_start : slot_start + batch, :, :kv_len]
-        out = F.scaled_dot_product_attention(
-            q, keys, values, attn_mask=mask, scale=self.head_dim**-0.5, enable_gqa=True
-        )
-        out = out.transpose(1, 2).reshape(batch, seq, -1)
-        return F.linear(out, self.o, self.o_bias)
+        if seq == 1:
+            # decode: a few small matmuls beat the fused kernel's fixed cost at one query row;
+            # query heads of one kv head form that kv head's rows (grouped-query attention)
+            grouped = q.reshape(batch, self.num_kv_heads, self.group, self.head_dim)
+            scores = torch.matmul(grouped.to(keys.dtype), keys.transpose(-1, -2)).float()
+            scores = scores * self.scale
+            if mask is not None:  # additive float mask [B, 1, 1, L]
+                scores = scores + mask
+            probs = torch.softmax(scores, dim=-1).to(values.dtype)
+            out = torch.matmul(probs, values).reshape(batch, 1, self.q_dim)
+        else:
+            out = F.scaled_dot_product_attention(
+                q.transpose(1, 2).to(keys.dtype),
+                keys,
+                values,
+                attn_mask=mask,
+                scale=self.scale,
+                enable_gqa=True,
+            )
+            out = out.transpose(1, 2).reshape(batch, seq, self.q_dim)
+        return self.o(out.to(x.dtype))
 
 
 class DecoderLayer(nn.Module):
@@ -133,14 +170,14 @@ class DecoderLayer(nn.Module):
     ):
         super().__init__()
         self.index = index
-        self.input_norm = nn.Parameter(input_norm, requires_grad=False)
+        self.input_norm = input_norm
         self.attention = attention
-        self.post_norm = nn.Parameter(post_norm, requires_grad=False)
+        self.post_norm = post_norm
         self.mlp = mlp
         self.eps = eps
 
     def forward(self, h, cos, sin, cache, slot_start, positions, kv_len, mask):
-        h = h + self.attention(
+        h = h + self.attention.forward(
             rms_norm(h, self.input_norm, self.eps),
             cos,
             sin,
@@ -150,7 +187,7 @@ class DecoderLayer(nn.Module):
             kv_len,
             mask,
         )
-        return h + self.mlp(rms_norm(h, self.post_norm, self.eps))
+        return h + self.mlp.forward(rms_norm(h, self.post_norm, self.eps))
 
 
 class Transformer(nn.Module):
@@ -164,6 +201,7 @@ class Transformer(nn.Module):
         dtype: torch.dtype,
         device: torch.device,
         max_seq_len: int,
+        layout: str = "plain",
     ):
         super().__init__()
         self.args = args
@@ -171,31 +209,40 @@ class Transformer(nn.Module):
         self.device = device
         self.layers = nn.ModuleDict({str(i): layer for i, layer in sorted(layers.items())})
         self.layer_indices = sorted(layers)
-        self.embed_tokens = None if embed_tokens is None else nn.Parameter(embed_tokens, False)
-        self.final_norm = None if final_norm is None else nn.Parameter(final_norm, False)
-        if lm_head is not None and embed_tokens is not None and lm_head is embed_tokens:
-            self.lm_head = self.embed_tokens  # tied: one tensor, counted once
-        else:
-            self.lm_head = None if lm_head is None else nn.Parameter(lm_head, False)
+        self.embed_tokens = embed_tokens
+        self.final_norm = final_norm
+        self.lm_head: Weight | None = None
+        self.tied_head = lm_head is not None and lm_head is embed_tokens
+        if lm_head is not None and not self.tied_head:
+            self.lm_head = Weight(lm_head, layout)
         self.max_seq_len = max_seq_len
+        # on CPU, half-precision models keep keys and values in float32: attention over the
+        # cache is small matmuls, which CPUs run far faster in float32 than in bf16/fp16
+        half_precision = dtype in (torch.bfloat16, torch.float16)
+        self.cache_dtype = torch.float32 if half_precision and device.type == "cpu" else dtype
         cos, sin = rope_tables(args, max_seq_len, dtype, device)
+        half = args.head_dim // 2
+        sin[:, :half] = -sin[:, :half]  # rotate_half's sign, folded in (see apply_rope)
         self.register_buffer("cos", cos, persistent=False)
-        self.register_buffer("sin", sin, persistent=False)
+        self.register_buffer("signed_sin", sin, persistent=False)
         self.windows = sorted({args.sliding_windows[i] for i in self.layer_indices}, key=str)
 
     # -- accounting ---------------------------------------------------------------------------
 
     def weight_bytes(self) -> int:
         """Bytes of all loaded weights (tied tensors once); not the KV cache or rope tables."""
-        seen: set[int] = set()
         total = 0
-        for parameter in self.parameters():
-            key = parameter.data_ptr()
-            if key in seen:
-                continue
-            seen.add(key)
-            total += parameter.numel() * parameter.element_size()
+        for module in self.modules():
+            for value in vars(module).values():
+                if isinstance(value, torch.Tensor):
+                    total += value.numel() * value.element_size()
+                elif isinstance(value, (Weight, WeightStack)):
+                    total += value.nbytes
         return total
+
+    @property
+    def has_head(self) -> bool:
+        return self.final_norm is not None and (self.lm_head is not None or self.tied_head)
 
     def moe_layers(self) -> Iterable[MoELayer]:
         for layer in self.layers.values():
@@ -208,7 +255,7 @@ class Transformer(nn.Module):
             raise ValueError(
                 f"max_seq_len {length} exceeds the model's table of {self.max_seq_len}"
             )
-        return KVCache(self.args, self.layer_indices, slots, length, self.dtype, self.device)
+        return KVCache(self.args, self.layer_indices, slots, length, self.cache_dtype, self.device)
 
     # -- forward ------------------------------------------------------------------------------
 
@@ -227,7 +274,12 @@ class Transformer(nn.Module):
         causal = key_pos <= query_pos
         masks: dict[int | None, torch.Tensor | None] = {}
         for window in self.windows:
-            masks[window] = causal if window is None else causal & (key_pos > query_pos - window)
+            allowed = causal if window is None else causal & (key_pos > query_pos - window)
+            if seq == 1:  # the decode path adds a float mask to its scores
+                allowed = torch.zeros(allowed.shape, device=allowed.device).masked_fill_(
+                    ~allowed, float("-inf")
+                )
+            masks[window] = allowed
         return masks
 
     def run_layers(
@@ -238,18 +290,28 @@ class Transformer(nn.Module):
         slot_start: int,
         kv_len: int,
     ) -> torch.Tensor:
-        cos = self.cos[positions].unsqueeze(2)
-        sin = self.sin[positions].unsqueeze(2)
+        batch, seq = positions.shape
+        if batch == 1:  # one sequence: positions are kv_len - seq .. kv_len - 1, slice the tables
+            cos = self.cos[kv_len - seq : kv_len, None]
+            sin = self.signed_sin[kv_len - seq : kv_len, None]
+        else:
+            cos = self.cos[positions].unsqueeze(2)
+            sin = self.signed_sin[positions].unsqueeze(2)
         masks = self.masks(positions, kv_len)
+        windows = self.args.sliding_windows
         for layer in self.layers.values():
-            mask = masks[self.args.sliding_windows[layer.index]]
-            h = layer(h, cos, sin, cache, slot_start, positions, kv_len, mask)
+            h = layer.forward(
+                h, cos, sin, cache, slot_start, positions, kv_len, masks[windows[layer.index]]
+            )
         return h
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
-        if self.lm_head is None or self.final_norm is None:
+        if not self.has_head:
             raise RuntimeError("this model was loaded without its LM head")
-        return F.linear(rms_norm(h, self.final_norm, self.args.rms_norm_eps), self.lm_head).float()
+        h = rms_norm(h, self.final_norm, self.args.rms_norm_eps)
+        if self.tied_head:  # the embedding table itself: no second copy in another layout
+            return F.linear(h, self.embed_tokens).float()
+        return self.lm_head(h).float()
 
     @torch.inference_mode()
     def forward(

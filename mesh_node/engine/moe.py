@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mesh_node.engine.experts import ExpertComputer
+from mesh_node.engine.linear import Weight
 
 # (layer, router probabilities [N, E] float32, chosen experts [N, k], gate weights [N, k]) -> None
 RoutingObserver = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
@@ -29,20 +30,17 @@ class DenseMLP(nn.Module):
         down: torch.Tensor,
         gate_up_bias: torch.Tensor | None = None,
         down_bias: torch.Tensor | None = None,
+        layout: str = "plain",
     ):
         super().__init__()
-        self.gate_up = nn.Parameter(gate_up, requires_grad=False)
-        self.down = nn.Parameter(down, requires_grad=False)
-        self.gate_up_bias = None if gate_up_bias is None else nn.Parameter(gate_up_bias, False)
-        self.down_bias = None if down_bias is None else nn.Parameter(down_bias, False)
+        self.gate_up = Weight(gate_up, layout, gate_up_bias)
+        self.down = Weight(down, layout, down_bias)
         self.intermediate_size = down.shape[-1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = F.linear(x, self.gate_up, self.gate_up_bias)
+        gate_up = self.gate_up(x)
         inter = self.intermediate_size
-        return F.linear(
-            F.silu(gate_up[..., :inter]) * gate_up[..., inter:], self.down, self.down_bias
-        )
+        return self.down(F.silu(gate_up[..., :inter]) * gate_up[..., inter:])
 
 
 class MoELayer(nn.Module):
@@ -56,10 +54,11 @@ class MoELayer(nn.Module):
         shared_expert: DenseMLP | None = None,
         shared_expert_gate: torch.Tensor | None = None,
         float_gate_weights: bool = False,
+        layout: str = "plain",
     ):
         super().__init__()
         self.layer = layer
-        self.router = nn.Parameter(router, requires_grad=False)  # [E, H]
+        self.router = Weight(router, layout)  # [E, H]
         self.num_experts = router.shape[0]
         self.top_k = top_k
         self.normalize_top_k = normalize_top_k
@@ -68,37 +67,52 @@ class MoELayer(nn.Module):
         self.experts = experts
         self.shared_expert = shared_expert
         self.shared_expert_gate = (
-            None if shared_expert_gate is None else nn.Parameter(shared_expert_gate, False)
+            None if shared_expert_gate is None else Weight(shared_expert_gate, layout)
         )
         self.observer: RoutingObserver | None = None
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [N, H] -> (gate weights [N, k], expert ids [N, k])."""
-        logits = F.linear(x, self.router)
-        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
-        weights, chosen = torch.topk(probs, self.top_k, dim=-1)
-        if self.normalize_top_k:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
+        logits = self.router(x)
+        if self.normalize_top_k and self.observer is None:
+            # softmax over the top-k logits == top-k of the softmax, renormalized (fewer ops)
+            top, chosen = torch.topk(logits, self.top_k, dim=-1)
+            weights = torch.softmax(top, dim=-1, dtype=torch.float32)
+        else:
+            probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+            weights, chosen = torch.topk(probs, self.top_k, dim=-1)
+            if self.normalize_top_k:
+                weights = weights / weights.sum(dim=-1, keepdim=True)
+            if self.observer is not None:
+                self.observer(self.layer, probs, chosen, weights)
         if not self.float_gate_weights:
             weights = weights.to(x.dtype)
-        if self.observer is not None:
-            self.observer(self.layer, probs, chosen, weights)
         return weights, chosen
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         weights, chosen = self.route(x)
-        flat = chosen.reshape(-1)
-        order = torch.argsort(flat, stable=True)
-        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
-        experts = [e for e, c in enumerate(counts) if c]
-        token_of_row = order // self.top_k
-        rows = x.index_select(0, token_of_row)
-        outputs = self.experts.run_grouped(rows, experts, [counts[e] for e in experts])
-        outputs = (outputs * weights.reshape(-1)[order, None]).to(x.dtype)
-        out = torch.zeros_like(x).index_add_(0, token_of_row, outputs)
+        if x.shape[0] == 1:
+            # one token: its k experts are distinct, so each is one group of one row
+            outputs = self.experts.run_grouped(
+                x.expand(self.top_k, -1), chosen[0].tolist(), [1] * self.top_k
+            )
+            out = torch.mm(weights.float(), outputs.float())
+        else:
+            flat = chosen.reshape(-1)
+            order = torch.argsort(flat, stable=True)
+            counts = torch.bincount(flat, minlength=self.num_experts).tolist()
+            experts = [e for e, c in enumerate(counts) if c]
+            rows = x.index_select(0, order // self.top_k)
+            outputs = self.experts.run_grouped(rows, experts, [counts[e] for e in experts])
+            # back to (token, k) order, then the gate-weighted sum over each token's k experts
+            unsorted = torch.empty_like(outputs)
+            unsorted[order] = outputs
+            unsorted = unsorted.view(-1, self.top_k, shape[-1])
+            out = torch.bmm(weights.unsqueeze(1).float(), unsorted.float()).squeeze(1)
+        out = out.to(x.dtype)
         if self.shared_expert is not None:
-            shared = self.shared_expert(x)
-            out = out + torch.sigmoid(F.linear(x, self.shared_expert_gate)) * shared
+            shared = self.shared_expert.forward(x)
+            out = out + torch.sigmoid(self.shared_expert_gate(x)) * shared
         return out.reshape(shape)
