@@ -118,7 +118,10 @@ class Attention(nn.Module):
         positions: torch.Tensor,
         kv_len: int,
         mask: torch.Tensor | None,
+        cache_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """`cache_index` (batched decode): row b's kv head h goes to flat cache row
+        ((slot_start + b) * kv_heads + h) * max_seq_len + position_b."""
         batch, seq, _ = x.shape
         q, k, v = self._qkv(x, cos, sin)
         k_cache = cache.keys[self.layer]
@@ -128,9 +131,9 @@ class Attention(nn.Module):
             k_cache[slot_start, :, start:kv_len] = k[0].transpose(0, 1)
             v_cache[slot_start, :, start:kv_len] = v[0].transpose(0, 1)
         elif seq == 1:  # decode: one new token per row, each at its own position
-            rows = torch.arange(slot_start, slot_start + batch, device=x.device)
-            k_cache[rows, :, positions[:, 0]] = k[:, 0]
-            v_cache[rows, :, positions[:, 0]] = v[:, 0]
+            flat = (batch * self.num_kv_heads, self.head_dim)
+            k_cache.view(-1, self.head_dim).index_copy_(0, cache_index, k.reshape(flat))
+            v_cache.view(-1, self.head_dim).index_copy_(0, cache_index, v.reshape(flat))
         else:
             raise ValueError("several rows of several tokens: prefill one sequence at a time")
         keys = k_cache[slot_start : slot_start + batch, :, :kv_len]
@@ -176,7 +179,7 @@ class DecoderLayer(nn.Module):
         self.mlp = mlp
         self.eps = eps
 
-    def forward(self, h, cos, sin, cache, slot_start, positions, kv_len, mask):
+    def forward(self, h, cos, sin, cache, slot_start, positions, kv_len, mask, cache_index=None):
         h = h + self.attention.forward(
             rms_norm(h, self.input_norm, self.eps),
             cos,
@@ -186,6 +189,7 @@ class DecoderLayer(nn.Module):
             positions,
             kv_len,
             mask,
+            cache_index,
         )
         return h + self.mlp.forward(rms_norm(h, self.post_norm, self.eps))
 
@@ -276,9 +280,7 @@ class Transformer(nn.Module):
         for window in self.windows:
             allowed = causal if window is None else causal & (key_pos > query_pos - window)
             if seq == 1:  # the decode path adds a float mask to its scores
-                allowed = torch.zeros(allowed.shape, device=allowed.device).masked_fill_(
-                    ~allowed, float("-inf")
-                )
+                allowed = torch.where(allowed, 0.0, float("-inf"))
             masks[window] = allowed
         return masks
 
@@ -297,12 +299,17 @@ class Transformer(nn.Module):
         else:
             cos = self.cos[positions].unsqueeze(2)
             sin = self.signed_sin[positions].unsqueeze(2)
+        cache_index = None
+        if batch > 1:  # where each row's new key/value goes in the flattened cache
+            heads = self.args.num_kv_heads
+            rows = torch.arange(slot_start * heads, (slot_start + batch) * heads)
+            cache_index = rows.to(positions.device) * cache.max_seq_len
+            cache_index += positions.reshape(-1).repeat_interleave(heads)
         masks = self.masks(positions, kv_len)
         windows = self.args.sliding_windows
         for layer in self.layers.values():
-            h = layer.forward(
-                h, cos, sin, cache, slot_start, positions, kv_len, masks[windows[layer.index]]
-            )
+            mask = masks[windows[layer.index]]
+            h = layer.forward(h, cos, sin, cache, slot_start, positions, kv_len, mask, cache_index)
         return h
 
     def head(self, h: torch.Tensor) -> torch.Tensor:

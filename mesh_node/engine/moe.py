@@ -100,15 +100,22 @@ class MoELayer(nn.Module):
             )
             out = torch.mm(weights.float(), outputs.float())
         else:
+            # sort the (token, k) choices by expert: each used expert gets one block of rows
             flat = chosen.reshape(-1)
-            order = torch.argsort(flat, stable=True)
-            counts = torch.bincount(flat, minlength=self.num_experts).tolist()
-            experts = [e for e, c in enumerate(counts) if c]
+            if flat.numel() <= 256:  # decode-sized: sorting a few ids on the host is cheaper
+                ids = flat.tolist()
+                order_list = sorted(range(len(ids)), key=ids.__getitem__)
+                order = torch.tensor(order_list, device=x.device)
+                experts, counts = _runs([ids[i] for i in order_list])
+            else:
+                order = torch.argsort(flat, stable=True)
+                per_expert = torch.bincount(flat, minlength=self.num_experts).tolist()
+                experts = [e for e, c in enumerate(per_expert) if c]
+                counts = [per_expert[e] for e in experts]
             rows = x.index_select(0, order // self.top_k)
-            outputs = self.experts.run_grouped(rows, experts, [counts[e] for e in experts])
+            outputs = self.experts.run_grouped(rows, experts, counts)
             # back to (token, k) order, then the gate-weighted sum over each token's k experts
-            unsorted = torch.empty_like(outputs)
-            unsorted[order] = outputs
+            unsorted = outputs.new_empty(outputs.shape).index_copy_(0, order, outputs)
             unsorted = unsorted.view(-1, self.top_k, shape[-1])
             out = torch.bmm(weights.unsqueeze(1).float(), unsorted.float()).squeeze(1)
         out = out.to(x.dtype)
@@ -116,3 +123,16 @@ class MoELayer(nn.Module):
             shared = self.shared_expert.forward(x)
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * shared
         return out.reshape(shape)
+
+
+def _runs(sorted_ids: list[int]) -> tuple[list[int], list[int]]:
+    """[3, 3, 5, 7, 7, 7] -> ([3, 5, 7], [2, 1, 3])."""
+    experts: list[int] = []
+    counts: list[int] = []
+    for expert in sorted_ids:
+        if experts and experts[-1] == expert:
+            counts[-1] += 1
+        else:
+            experts.append(expert)
+            counts.append(1)
+    return experts, counts
