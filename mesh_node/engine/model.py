@@ -132,8 +132,12 @@ class Attention(nn.Module):
             v_cache[slot_start, :, start:kv_len] = v[0].transpose(0, 1)
         elif seq == 1:  # decode: one new token per row, each at its own position
             flat = (batch * self.num_kv_heads, self.head_dim)
-            k_cache.view(-1, self.head_dim).index_copy_(0, cache_index, k.reshape(flat))
-            v_cache.view(-1, self.head_dim).index_copy_(0, cache_index, v.reshape(flat))
+            k_cache.view(-1, self.head_dim).index_copy_(
+                0, cache_index, k.reshape(flat).to(k_cache.dtype)
+            )
+            v_cache.view(-1, self.head_dim).index_copy_(
+                0, cache_index, v.reshape(flat).to(v_cache.dtype)
+            )
         else:
             raise ValueError("several rows of several tokens: prefill one sequence at a time")
         keys = k_cache[slot_start : slot_start + batch, :, :kv_len]

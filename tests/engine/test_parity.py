@@ -65,3 +65,24 @@ def test_greedy_generation_matches_transformers_alone_and_batched(references, na
         batched = [stream.result().token_ids for stream in streams]
     assert [list(x) for x in alone] == expected
     assert [list(x) for x in batched] == expected
+
+
+@pytest.mark.parametrize("name", ["qwen3_moe", "llama"])
+def test_bfloat16_stays_close_to_float32(references, name):
+    """bf16 weights (the CPU default for larger models; float32 KV cache on CPU): logits close to
+    the float32 ones, and batched generation runs through the same paths."""
+    folder, _ = references.get(name)
+    full = load_model(folder, dtype=torch.float32, device="cpu", max_seq_len=64)
+    half = load_model(folder, dtype=torch.bfloat16, device="cpu", max_seq_len=64)
+    prompt = torch.tensor([prompts(1)[0]])
+    positions = torch.arange(prompt.shape[1])[None]
+    expected = full(prompt, positions, full.new_cache(1))
+    got = half(prompt, positions, half.new_cache(1))
+    assert got.dtype == torch.float32
+    assert (got - expected).abs().max() < 0.1 * expected.abs().max()
+    params = SamplingParams(max_tokens=12, ignore_eos=True)
+    with Generator(half, Tokenizer(folder), max_batch=3) as generator:
+        streams = [
+            generator.submit(GenerationRequest(prompt_ids=p, sampling=params)) for p in prompts(5)
+        ]
+        assert [len(s.result().token_ids) for s in streams] == [12] * 5
