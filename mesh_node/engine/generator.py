@@ -476,10 +476,16 @@ class Generator:
             cancels, self._cancels = self._cancels, set()
         if cancels:
             self._apply_cancels(cancels)
-        if self._prefilling is None:
-            self._admit()
-        if self._prefilling is not None:
-            self._prefill_step()
+        # prefill up to `prefill_chunk` tokens (of one or several joining requests), then one
+        # decode step for everyone: short prompts that arrive together start decoding together,
+        # and a long prompt delays the running requests by at most one chunk per step
+        budget = self.prefill_chunk
+        while budget > 0:
+            if self._prefilling is None:
+                self._admit()
+            if self._prefilling is None:
+                break
+            budget -= self._prefill_step(budget)
         if self._decoding:
             self._decode_step()
         return True
@@ -578,11 +584,12 @@ class Generator:
                 self._prefilling = sequence
                 return
 
-    def _prefill_step(self) -> None:
+    def _prefill_step(self, budget: int) -> int:
+        """Prefills up to `budget` tokens of the joining request; returns how many it ran."""
         sequence = self._prefilling
         assert sequence is not None
         start = sequence.cached
-        end = min(len(sequence.tokens), start + self.prefill_chunk)
+        end = min(len(sequence.tokens), start + budget)
         device = self.model.device
         tokens = torch.tensor([sequence.tokens[start:end]], device=device)
         positions = torch.arange(start, end, device=device)[None]
@@ -594,10 +601,10 @@ class Generator:
             log.exception("prefill failed for %s", sequence.stream.request_id)
             self._prefilling = None
             self._fail(sequence, EngineError(f"prefill failed: {exc!r}"))
-            return
+            return end - start
         sequence.cached = end
         if end < len(sequence.tokens):
-            return
+            return end - start
         self._prefilling = None
         slot = len(self._decoding)
         if sequence.slot != slot:
@@ -609,6 +616,7 @@ class Generator:
         ]
         if self._accept(sequence, token):
             self._remove_decoding(sequence)
+        return end - start
 
     def _decode_step(self) -> None:
         batch = self._decoding
