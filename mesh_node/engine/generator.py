@@ -113,6 +113,9 @@ class GenerationResult:
 class RequestStream:
     """The consumer side of one request: `async for` / `for` over TokenChunks, `cancel()`.
 
+    Used as a context manager (`with` / `async with`), leaving the block before the request
+    finished cancels it, so a consumer that stops reading never leaves work in the batch.
+
     Chunks that pile up while the consumer is busy are merged into one on the next read, and the
     worker wakes a consumer only when it is waiting. An error in the request is raised from the
     iteration (and from `result()` / `collect()`).
@@ -191,6 +194,19 @@ class RequestStream:
             finish_reason=chunks[-1].finish_reason,
             usage=chunks[-1].usage,
         )
+
+    def __enter__(self) -> RequestStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if not self._finished.is_set():
+            self.cancel()  # the consumer left early (an error, a disconnected client)
+
+    async def __aenter__(self) -> RequestStream:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.__exit__(*exc)
 
     def __aiter__(self) -> RequestStream:
         return self
@@ -498,12 +514,12 @@ class Generator:
         if reason != "cancelled" and sequence.text is not None:
             text += sequence.text.finish()
         usage = Usage(sequence.prompt_len, len(sequence.completion))
+        self._release(sequence)  # before the consumer can see the end
         sequence.stream._push(TokenChunk(text, tuple(ids), reason, usage))
-        self._release(sequence)
 
     def _fail(self, sequence: _Sequence, error: BaseException) -> None:
-        sequence.stream._fail(error)
         self._release(sequence)
+        sequence.stream._fail(error)
 
     def _apply_cancels(self, streams: set[RequestStream]) -> None:
         kept = collections.deque()

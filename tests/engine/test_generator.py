@@ -134,6 +134,16 @@ def test_cancel_leaves_the_batch_and_others_continue(generator):
     assert other.result().token_ids == expected
 
 
+async def test_leaving_an_async_with_block_cancels(generator):
+    long = SamplingParams(max_tokens=200, ignore_eos=True)
+    async with generator.submit(GenerationRequest(prompt_ids=PROMPT, sampling=long)) as stream:
+        async for _chunk in stream:
+            break  # a client that disconnects after the first chunk
+    rest = [chunk async for chunk in stream]
+    assert rest[-1].finish_reason == "cancelled"
+    assert generator.stats().active == 0
+
+
 def test_overload_is_a_clear_error(generator):
     long = SamplingParams(max_tokens=200, ignore_eos=True)
     streams = [
