@@ -85,11 +85,17 @@ def train_tokenizer(seed: int, vocab_size: int, out: Path):
     return fast
 
 
-def make_batch(tokenizer, rng: random.Random, batch_size: int, held_out: bool):
+def make_batch(
+    tokenizer, rng: random.Random, batch_size: int, held_out: bool, addition_weight: float
+):
+    """A batch of chat examples; addition (the skill that takes longest to learn: carries) is
+    drawn `addition_weight` times as often as each other skill."""
     skills = list(builtin_skills.SKILLS)
+    weights = [addition_weight if skill == "addition" else 1.0 for skill in skills]
     rows, labels = [], []
     for _ in range(batch_size):
-        example = builtin_skills.sample(rng.choice(skills), rng, held_out=held_out)
+        skill = rng.choices(skills, weights)[0]
+        example = builtin_skills.sample(skill, rng, held_out=held_out)
         prompt_ids = tokenizer.encode(chat_text(example.prompt), add_special_tokens=False)
         answer_ids = tokenizer.encode(f"{example.answer}<|end|>", add_special_tokens=False)
         rows.append(prompt_ids + answer_ids)
@@ -140,8 +146,14 @@ def main() -> int:
     parser.add_argument("--experts", type=int, default=8)
     parser.add_argument("--top-k", type=int, default=2)
     parser.add_argument("--expert-size", type=int, default=256)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="intra-op threads (1 stays fast beside other work on a small shared CPU)",
+    )
     parser.add_argument("--eval-every", type=int, default=500)
+    parser.add_argument("--addition-weight", type=float, default=2.0)
     args = parser.parse_args()
 
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
@@ -199,7 +211,9 @@ def main() -> int:
     for step in range(args.steps):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step)
-        input_ids, labels = make_batch(tokenizer, rng, args.batch_size, held_out=False)
+        input_ids, labels = make_batch(
+            tokenizer, rng, args.batch_size, held_out=False, addition_weight=args.addition_weight
+        )
         loss = model(input_ids=input_ids, labels=labels).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -233,6 +247,8 @@ def main() -> int:
         "seed": args.seed,
         "steps": args.steps,
         "batch_size": args.batch_size,
+        "threads": args.threads,
+        "addition_weight": args.addition_weight,
         "parameters": params,
         "wall_time_s": round(elapsed, 1),
         "teacher_forced_held_out_exact_match": accuracy,

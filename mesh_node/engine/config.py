@@ -27,7 +27,10 @@ class Architecture:
     o_bias: str = "none"  # "none" | "config:<key>"
     mlp_bias: str = "none"
     qk_norm: str = "none"  # "none" | "head" (qwen3: per head) | "full" (olmoe: over the projection)
-    sliding: str = "none"  # "none" | "global" | "qwen" (layer_types from max_window_layers)
+    # sliding windows: "none"; "global" (every layer, mistral/mixtral); "use_flag" (every layer
+    # when use_sliding_window, qwen3_moe); "qwen" / "qwen2_moe" (per-layer layer_types, derived
+    # from use_sliding_window and max_window_layers by each family's own rule)
+    sliding: str = "none"
     router_norm: str = "flag"  # "always" (mixtral) | "flag" (config norm_topk_prob)
     shared_expert: bool = False
     experts_key: str = "num_experts"

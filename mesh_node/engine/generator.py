@@ -292,6 +292,8 @@ class GeneratorStats:
     max_seq_len: int
     decode_steps: int
     tokens_generated: int
+    weight_bytes: int  # resident model weights
+    kv_cache_bytes: int  # the preallocated cache
 
 
 class Generator:
@@ -352,6 +354,7 @@ class Generator:
         self.model = model
         self.tokenizer = tokenizer
         self.max_seq_len = min(max_seq_len or model.max_seq_len, model.max_seq_len)
+        self.prefill_threads = torch.get_num_threads()
         if self.threads is None:
             # a tiny model's step is hundreds of microsecond-sized ops: a second intra-op thread
             # costs more in synchronization than it saves. Larger models use every core.
@@ -420,6 +423,8 @@ class Generator:
                 max_seq_len=self.max_seq_len,
                 decode_steps=self._decode_steps,
                 tokens_generated=self._tokens_generated,
+                weight_bytes=self.model.weight_bytes(),
+                kv_cache_bytes=self.cache.nbytes,
             )
 
     def close(self, timeout: float | None = 10.0) -> None:
@@ -609,7 +614,11 @@ class Generator:
         device = self.model.device
         tokens = torch.tensor([sequence.tokens[start:end]], device=device)
         positions = torch.arange(start, end, device=device)[None]
+        # a prefill chunk is real work: all cores, even when decode steps use fewer
+        wide = self.prefill_threads > self.threads and end - start >= 32
         try:
+            if wide:
+                torch.set_num_threads(self.prefill_threads)
             logits = self.model(
                 tokens, positions, self.cache, slot_start=sequence.slot, kv_len=end, last_only=True
             )
@@ -618,6 +627,9 @@ class Generator:
             self._prefilling = None
             self._fail(sequence, EngineError(f"prefill failed: {exc!r}"))
             return end - start
+        finally:
+            if wide:
+                torch.set_num_threads(self.threads)
         sequence.cached = end
         if end < len(sequence.tokens):
             return end - start

@@ -69,7 +69,6 @@ class Attention(nn.Module):
         self.eps = args.rms_norm_eps
         self.qk_norm = args.qk_norm
         self.clip = args.clip_qkv
-        self.window = args.sliding_windows[layer]
         self.qkv = Weight(qkv, layout, qkv_bias)  # [(nh + 2 nkv) * hd, H]
         self.o = Weight(o, layout, o_bias)
         self.q_norm = q_norm
@@ -273,7 +272,9 @@ class Transformer(nn.Module):
         return F.embedding(tokens, self.embed_tokens)
 
     def masks(self, positions: torch.Tensor, kv_len: int) -> dict[int | None, torch.Tensor | None]:
-        """Boolean attention masks [B, 1, T, kv_len] per sliding window (None: full causal)."""
+        """Attention masks per sliding window (key None: full causal attention): boolean
+        [B, 1, T, kv_len] for prefill, additive float [B, 1, 1, kv_len] for decode steps; None
+        where a single sequence attends to all of its cached positions anyway."""
         batch, seq = positions.shape
         if batch == 1 and seq == 1 and self.windows == [None]:
             return {None: None}  # one token attending to everything before it

@@ -141,7 +141,10 @@ async def test_leaving_an_async_with_block_cancels(generator):
             break  # a client that disconnects after the first chunk
     rest = [chunk async for chunk in stream]
     assert rest[-1].finish_reason == "cancelled"
-    assert generator.stats().active == 0
+    stats = generator.stats()
+    assert (stats.active, stats.queued) == (0, 0)
+    assert stats.weight_bytes == generator.model.load_report.weight_bytes
+    assert stats.kv_cache_bytes == generator.cache.nbytes > 0
 
 
 def test_overload_is_a_clear_error(generator):
