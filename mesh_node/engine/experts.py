@@ -76,7 +76,7 @@ class ExpertBank(nn.Module):
     def run_grouped(
         self, rows: torch.Tensor, experts: Sequence[int], counts: Sequence[int]
     ) -> torch.Tensor:
-        out = rows.new_empty(rows.shape)
+        pieces = []
         start = 0
         inter = self.intermediate_size
         for expert, count in zip(experts, counts, strict=True):
@@ -92,6 +92,8 @@ class ExpertBank(nn.Module):
             end = start + count
             gate_up = self.gate_up.apply(j, rows[start:end])
             hidden = F.silu(gate_up[:, :inter]) * gate_up[:, inter:]
-            self.down.apply(j, hidden, out=out[start:end])
+            pieces.append(self.down.apply(j, hidden))
             start = end
-        return out
+        if not pieces:
+            return rows.new_empty(rows.shape)
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
