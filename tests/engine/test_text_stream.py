@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from mesh_node.engine.tokenizer import TextStream, Tokenizer
 
@@ -60,3 +62,31 @@ def test_replayed_state_continues_the_text_exactly(tokenizer):
         feed(replay, ids[:cut])  # silently, as the generator does for generated_ids
         rest = "".join(feed(replay, ids[cut:])) + replay.finish()
         assert emitted + rest == TEXT, cut
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    text=st.text(
+        st.characters(exclude_characters="\ufffd", exclude_categories=("Cs",)), max_size=40
+    ),
+    stop=st.text(min_size=1, max_size=3),
+)
+def test_any_text_streams_back_whole(tokenizer, text, stop):
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    stream = TextStream(tokenizer)
+    deltas = [stream.add(t) for t in ids]
+    deltas.append(stream.finish())
+    assert "".join(deltas) == text
+    assert not any(d.endswith("\ufffd") for d in deltas if d)
+    # with a stop string: exactly the text before its first occurrence
+    stopped = TextStream(tokenizer, stop=[stop])
+    emitted = ""
+    for t in ids:
+        emitted += stopped.add(t)
+        if stopped.stopped:
+            break
+    emitted += stopped.finish()
+    cut = text.find(stop)
+    assert emitted == (text if cut < 0 else text[:cut])
