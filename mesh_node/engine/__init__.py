@@ -1,0 +1,83 @@
+"""The node's inference runtime: torch, Hugging Face checkpoints, continuous batching.
+
+Knows nothing about the network. The objects other parts of the node use:
+
+- `resolve_model(spec)`: built-in model / local folder / Hugging Face cache / download -> folder
+- `load_model(folder, plan=LoadPlan(...), dtype=..., device=...)`: a `Transformer`, whole or partial
+- `Generator(model, tokenizer)` / `Generator.from_pretrained(spec)`: worker thread, `submit()`
+  -> `RequestStream` (async or sync iteration of `TokenChunk`s, `cancel()`)
+- `ExpertBank` / `ExpertComputer`: what a MoE layer calls to compute its routed experts
+- `measure_expert_usage(model, sequences)`: per-(layer, expert) gate mass and selections
+"""
+
+from mesh_node.engine.catalog import ModelInfo, ResolvedModel, list_local_models, resolve_model
+from mesh_node.engine.checkpoint import Checkpoint
+from mesh_node.engine.config import ModelArgs
+from mesh_node.engine.errors import (
+    CheckpointError,
+    CorruptCheckpointError,
+    EngineError,
+    GeneratorClosedError,
+    MissingTensorError,
+    ModelNotFoundError,
+    OverloadedError,
+    RequestCancelledError,
+    TensorShapeError,
+    UnsupportedArchitectureError,
+)
+from mesh_node.engine.expert_usage import ExpertUsage, measure_expert_usage
+from mesh_node.engine.experts import ExpertBank, ExpertComputer, ExpertNotLoadedError
+from mesh_node.engine.generator import (
+    GenerationRequest,
+    GenerationResult,
+    Generator,
+    GeneratorStats,
+    InvalidRequestError,
+    RequestStream,
+    TokenChunk,
+    Usage,
+)
+from mesh_node.engine.loading import LoadPlan, load_model
+from mesh_node.engine.model import Transformer
+from mesh_node.engine.moe import MoELayer
+from mesh_node.engine.sampling import SamplingParams
+from mesh_node.engine.tokenizer import TextStream, Tokenizer
+
+__all__ = [
+    "Checkpoint",
+    "CheckpointError",
+    "CorruptCheckpointError",
+    "EngineError",
+    "ExpertBank",
+    "ExpertComputer",
+    "ExpertNotLoadedError",
+    "ExpertUsage",
+    "GenerationRequest",
+    "GenerationResult",
+    "Generator",
+    "GeneratorClosedError",
+    "GeneratorStats",
+    "InvalidRequestError",
+    "LoadPlan",
+    "MissingTensorError",
+    "MoELayer",
+    "ModelArgs",
+    "ModelInfo",
+    "ModelNotFoundError",
+    "OverloadedError",
+    "RequestCancelledError",
+    "RequestStream",
+    "ResolvedModel",
+    "SamplingParams",
+    "TensorShapeError",
+    "TextStream",
+    "TokenChunk",
+    "Tokenizer",
+    "Transformer",
+    "UnsupportedArchitectureError",
+    "Usage",
+    "list_local_models",
+    "load_model",
+    "measure_expert_usage",
+    "resolve_model",
+]

@@ -1,0 +1,173 @@
+"""Which model to serve: resolving `--model`, and listing the models available locally.
+
+`resolve_model(spec)`:
+- None or "builtin": the tiny MoE model shipped inside the package (no download);
+- a path to a folder: that folder (it must hold config.json and safetensors weights);
+- a Hugging Face repo id ("owner/name"): the copy in the local Hugging Face cache if complete,
+  else fetched with huggingface_hub into the cache. Offline (no network, or HF_HUB_OFFLINE=1),
+  the error says so and how to point at a local folder instead.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from mesh_node.engine.checkpoint import Checkpoint
+from mesh_node.engine.errors import EngineError, ModelNotFoundError
+
+BUILTIN_NAME = "builtin"
+BUILTIN_DIR = Path(__file__).resolve().parent / "builtin"
+REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+# what a checkpoint folder needs from a repo: config, weights, tokenizer, chat template
+DOWNLOAD_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "*.tiktoken"]
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    name: str
+    path: Path
+    source: str  # "builtin" | "local" | "hf-cache" | "downloaded"
+
+
+def resolve_model(
+    spec: str | os.PathLike[str] | None = None,
+    *,
+    cache_dir: str | os.PathLike[str] | None = None,
+    allow_download: bool = True,
+) -> ResolvedModel:
+    """Turns a `--model` value into a local checkpoint folder (see the module docstring)."""
+    if spec is None or str(spec) == BUILTIN_NAME:
+        return ResolvedModel(BUILTIN_NAME, BUILTIN_DIR, "builtin")
+    text = str(spec)
+    path = Path(text).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelNotFoundError(
+                f"{path} has no config.json; point --model at a Hugging Face model folder "
+                f"(config.json, *.safetensors, tokenizer files)"
+            )
+        return ResolvedModel(path.name, path.resolve(), "local")
+    if not REPO_ID.match(text) or text.startswith((".", "/", "~")):
+        raise ModelNotFoundError(
+            f"{text!r} is neither an existing folder nor a Hugging Face repo id (owner/name)"
+        )
+    return _from_hub(text, cache_dir, allow_download)
+
+
+def _from_hub(repo_id: str, cache_dir, allow_download: bool) -> ResolvedModel:
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = snapshot_download(
+            repo_id, cache_dir=cache_dir, allow_patterns=DOWNLOAD_PATTERNS, local_files_only=True
+        )
+        if (Path(folder) / "config.json").is_file():
+            return ResolvedModel(repo_id, Path(folder), "hf-cache")
+    except Exception:  # not cached (or incomplete): fetch below
+        pass
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    how = (
+        f"To use a copy you already have, pass its folder: --model /path/to/folder "
+        f"(with config.json, *.safetensors and tokenizer files), or download it on a machine "
+        f"with network access (`hf download {repo_id}`) and copy the folder over."
+    )
+    if offline or not allow_download:
+        raise ModelNotFoundError(
+            f"model {repo_id!r} is not in the local Hugging Face cache and downloading is off "
+            f"(offline{' : HF_HUB_OFFLINE is set' if offline else ''}). {how}"
+        )
+    try:
+        folder = snapshot_download(repo_id, cache_dir=cache_dir, allow_patterns=DOWNLOAD_PATTERNS)
+    except Exception as exc:
+        kind = type(exc).__name__
+        if "RepositoryNotFound" in kind or "GatedRepo" in kind:
+            raise ModelNotFoundError(
+                f"Hugging Face repo {repo_id!r} was not found or needs access rights ({kind})"
+            ) from exc
+        raise ModelNotFoundError(
+            f"cannot fetch {repo_id!r} from the Hugging Face hub, and it is not in the local "
+            f"cache: {kind}: {exc}. If this machine is offline: {how}"
+        ) from exc
+    return ResolvedModel(repo_id, Path(folder), "downloaded")
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    path: Path
+    source: str
+    architecture: str
+    size_bytes: int
+    parameters: int
+    active_parameters: int
+    experts: int  # routed experts per MoE layer (0 for dense models)
+    experts_per_token: int
+    layers: int
+    error: str | None = None  # set when the folder is there but unusable
+
+
+def describe_model(name: str, path: Path, source: str) -> ModelInfo:
+    try:
+        checkpoint = Checkpoint.open(path)
+    except EngineError as exc:
+        return ModelInfo(name, path, source, "?", 0, 0, 0, 0, 0, 0, error=str(exc))
+    args = checkpoint.args
+    counts = args.parameter_count()
+    return ModelInfo(
+        name=name,
+        path=path,
+        source=source,
+        architecture=args.architecture,
+        size_bytes=checkpoint.nbytes,
+        parameters=counts["total"],
+        active_parameters=counts["active"],
+        experts=args.moe.num_experts if args.moe else 0,
+        experts_per_token=args.moe.top_k if args.moe else 0,
+        layers=args.num_layers,
+    )
+
+
+def list_local_models(
+    folders: Iterable[str | os.PathLike[str]] = (),
+    *,
+    cache_dir: str | os.PathLike[str] | None = None,
+    include_hf_cache: bool = True,
+) -> list[ModelInfo]:
+    """The built-in model, models in the Hugging Face cache, and the given folders (each either a
+    model folder or a folder of model folders)."""
+    models = [describe_model(BUILTIN_NAME, BUILTIN_DIR, "builtin")]
+    for folder in folders:
+        path = Path(folder).expanduser()
+        if (path / "config.json").is_file():
+            models.append(describe_model(path.name, path, "local"))
+        elif path.is_dir():
+            for child in sorted(p for p in path.iterdir() if (p / "config.json").is_file()):
+                models.append(describe_model(child.name, child, "local"))
+        else:
+            raise ModelNotFoundError(f"{path} is not a folder")
+    if include_hf_cache:
+        models.extend(_hf_cache_models(cache_dir))
+    return models
+
+
+def _hf_cache_models(cache_dir) -> list[ModelInfo]:
+    from huggingface_hub import scan_cache_dir
+
+    try:
+        info = scan_cache_dir(cache_dir)
+    except Exception:  # no cache yet (CacheNotFound) or unreadable: nothing to list
+        return []
+    found = []
+    for repo in sorted(info.repos, key=lambda r: r.repo_id):
+        if repo.repo_type != "model":
+            continue
+        revisions = sorted(repo.revisions, key=lambda r: r.last_modified, reverse=True)
+        for revision in revisions:
+            if (revision.snapshot_path / "config.json").is_file():
+                found.append(describe_model(repo.repo_id, revision.snapshot_path, "hf-cache"))
+                break
+    return found

@@ -1,0 +1,99 @@
+"""Expert banks: the routed experts of one MoE layer (all of them or a subset), stacked.
+
+The MoE layer (`mesh_node.engine.moe.MoELayer`) routes; the bank only computes. Its one entry point,
+`run_grouped(rows, experts, counts)`, takes hidden-state rows already sorted by expert (the first
+`counts[0]` rows go to `experts[0]`, and so on) and returns each row's expert output, unweighted.
+One matmul per used expert for the fused gate/up projection and one for the down projection; the
+weights are indexed as views (`gate_up[j]`), never gathered or copied per token.
+
+Anything with the same `run_grouped` method (the `ExpertComputer` protocol) can stand in for a bank:
+expert parallelism plugs in a dispatcher that runs the held experts locally and sends the rows of
+the others to the peers holding them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mesh_node.engine.errors import EngineError
+from mesh_node.engine.linear import WeightStack
+
+
+@runtime_checkable
+class ExpertComputer(Protocol):
+    """Computes given experts of one layer for given (expert-grouped) hidden-state rows."""
+
+    layer: int
+
+    def run_grouped(
+        self, rows: torch.Tensor, experts: Sequence[int], counts: Sequence[int]
+    ) -> torch.Tensor:
+        """rows [sum(counts), hidden] grouped by expert -> expert outputs [sum(counts), hidden]."""
+        ...
+
+
+class ExpertNotLoadedError(EngineError):
+    """A token was routed to an expert that this bank does not hold."""
+
+
+class ExpertBank(nn.Module):
+    """Some of one layer's experts: `gate_up [n, 2I, H]` (gate rows first), `down [n, H, I]`.
+
+    The stacks are kept in the layout that multiplies fastest here (see `linear.WeightStack`);
+    `gate_up.dense(j)` and `down.dense(j)` give expert `expert_ids[j]`'s matrices back.
+    """
+
+    def __init__(
+        self,
+        layer: int,
+        expert_ids: Sequence[int],
+        gate_up: torch.Tensor,
+        down: torch.Tensor,
+        layout: str = "plain",
+    ):
+        super().__init__()
+        if gate_up.shape[0] != len(expert_ids) or down.shape[0] != len(expert_ids):
+            raise ValueError("one stacked weight per expert id is required")
+        self.layer = layer
+        self.expert_ids = tuple(int(e) for e in expert_ids)
+        self._position = {e: j for j, e in enumerate(self.expert_ids)}
+        self.intermediate_size = down.shape[-1]
+        self.gate_up = WeightStack(gate_up, layout)
+        self.down = WeightStack(down, layout)
+
+    @property
+    def nbytes(self) -> int:
+        return self.gate_up.nbytes + self.down.nbytes
+
+    def holds(self, expert: int) -> bool:
+        return expert in self._position
+
+    def run_grouped(
+        self, rows: torch.Tensor, experts: Sequence[int], counts: Sequence[int]
+    ) -> torch.Tensor:
+        pieces = []
+        start = 0
+        inter = self.intermediate_size
+        for expert, count in zip(experts, counts, strict=True):
+            if not count:
+                continue
+            j = self._position.get(expert)
+            if j is None:
+                raise ExpertNotLoadedError(
+                    f"expert {expert} of layer {self.layer} is not loaded here "
+                    f"(this bank holds {len(self.expert_ids)} experts: {list(self.expert_ids)[:16]}"
+                    f"{'...' if len(self.expert_ids) > 16 else ''})"
+                )
+            end = start + count
+            gate_up = self.gate_up.apply(j, rows[start:end])
+            hidden = F.silu(gate_up[:, :inter]) * gate_up[:, inter:]
+            pieces.append(self.down.apply(j, hidden))
+            start = end
+        if not pieces:
+            return rows.new_empty(rows.shape)
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)

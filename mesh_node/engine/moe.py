@@ -1,0 +1,138 @@
+"""The MoE feed-forward block: router, top-k gating, grouped expert dispatch, weighted combine.
+
+The layer owns routing (router matmul, softmax, top-k, each architecture's normalization) and the
+combine; the routed experts are computed by `self.experts`, any `ExpertComputer` (an `ExpertBank`
+locally, a dispatcher under expert parallelism). Tokens are sorted by expert once per call, so each
+used expert sees one contiguous block of rows: no Python loop over tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mesh_node.engine.experts import ExpertComputer
+from mesh_node.engine.linear import Weight
+
+# (layer, router probabilities [N, E] float32, chosen experts [N, k], gate weights [N, k]) -> None
+RoutingObserver = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
+
+
+class DenseMLP(nn.Module):
+    """SwiGLU MLP with fused gate/up weight `[2I, H]` (gate rows first) and down `[H, I]`."""
+
+    def __init__(
+        self,
+        gate_up: torch.Tensor,
+        down: torch.Tensor,
+        gate_up_bias: torch.Tensor | None = None,
+        down_bias: torch.Tensor | None = None,
+        layout: str = "plain",
+    ):
+        super().__init__()
+        self.gate_up = Weight(gate_up, layout, gate_up_bias)
+        self.down = Weight(down, layout, down_bias)
+        self.intermediate_size = down.shape[-1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate_up = self.gate_up(x)
+        inter = self.intermediate_size
+        return self.down(F.silu(gate_up[..., :inter]) * gate_up[..., inter:])
+
+
+class MoELayer(nn.Module):
+    def __init__(
+        self,
+        layer: int,
+        router: torch.Tensor,
+        top_k: int,
+        normalize_top_k: bool,
+        experts: ExpertComputer,
+        shared_expert: DenseMLP | None = None,
+        shared_expert_gate: torch.Tensor | None = None,
+        float_gate_weights: bool = False,
+        layout: str = "plain",
+    ):
+        super().__init__()
+        self.layer = layer
+        self.router = Weight(router, layout)  # [E, H]
+        self.num_experts = router.shape[0]
+        self.top_k = top_k
+        self.normalize_top_k = normalize_top_k
+        # mixtral multiplies expert outputs by float32 gate weights; the others cast them first
+        self.float_gate_weights = float_gate_weights
+        self.experts = experts
+        self.shared_expert = shared_expert
+        self.shared_expert_gate = (
+            None if shared_expert_gate is None else Weight(shared_expert_gate, layout)
+        )
+        self.observer: RoutingObserver | None = None
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [N, H] -> (gate weights [N, k], expert ids [N, k])."""
+        logits = self.router(x)
+        if self.normalize_top_k and self.observer is None:
+            # softmax over the top-k logits == top-k of the softmax, renormalized (fewer ops)
+            top, chosen = torch.topk(logits, self.top_k, dim=-1)
+            weights = torch.softmax(top, dim=-1, dtype=torch.float32)
+        else:
+            probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+            weights, chosen = torch.topk(probs, self.top_k, dim=-1)
+            if self.normalize_top_k:
+                weights = weights / weights.sum(dim=-1, keepdim=True)
+            if self.observer is not None:
+                self.observer(self.layer, probs, chosen, weights)
+        if not self.float_gate_weights:
+            weights = weights.to(x.dtype)
+        return weights, chosen
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        weights, chosen = self.route(x)
+        if x.shape[0] == 1:
+            # one token: its k experts are distinct, so each is one group of one row
+            outputs = self.experts.run_grouped(
+                x.expand(self.top_k, -1), chosen[0].tolist(), [1] * self.top_k
+            )
+            out = torch.mm(weights.float(), outputs.float())
+        else:
+            # sort the (token, k) choices by expert: each used expert gets one block of rows
+            flat = chosen.reshape(-1)
+            if flat.numel() <= 256:  # decode-sized: sorting a few ids on the host is cheaper
+                ids = flat.tolist()
+                order_list = sorted(range(len(ids)), key=ids.__getitem__)
+                order = torch.tensor(order_list, device=x.device)
+                experts, counts = _runs([ids[i] for i in order_list])
+            else:
+                order = torch.argsort(flat, stable=True)
+                per_expert = torch.bincount(flat, minlength=self.num_experts).tolist()
+                experts = [e for e, c in enumerate(per_expert) if c]
+                counts = [per_expert[e] for e in experts]
+            rows = x.index_select(0, order // self.top_k)
+            outputs = self.experts.run_grouped(rows, experts, counts)
+            # back to (token, k) order, then the gate-weighted sum over each token's k experts
+            unsorted = outputs.new_empty(outputs.shape).index_copy_(0, order, outputs)
+            unsorted = unsorted.view(-1, self.top_k, shape[-1])
+            out = torch.bmm(weights.unsqueeze(1).float(), unsorted.float()).squeeze(1)
+        out = out.to(x.dtype)
+        if self.shared_expert is not None:
+            shared = self.shared_expert.forward(x)
+            out = out + torch.sigmoid(self.shared_expert_gate(x)) * shared
+        return out.reshape(shape)
+
+
+def _runs(sorted_ids: list[int]) -> tuple[list[int], list[int]]:
+    """[3, 3, 5, 7, 7, 7] -> ([3, 5, 7], [2, 1, 3])."""
+    experts: list[int] = []
+    counts: list[int] = []
+    for expert in sorted_ids:
+        if experts and experts[-1] == expert:
+            counts[-1] += 1
+        else:
+            experts.append(expert)
+            counts.append(1)
+    return experts, counts

@@ -1,0 +1,167 @@
+"""The checkpoint's tokenizer and chat template (through transformers), and streaming
+detokenization.
+
+`TextStream` turns generated token ids into text deltas: a delta never ends inside a multi-byte
+character (text that decodes to U+FFFD is held back until the next token completes it), text that
+could be the beginning of a stop string is held back until it is known not to be one, and a stop
+string ends the stream with the text before it. Its state is a pure function of the tokens fed in,
+so a replayed request (prompt + tokens already generated elsewhere) rebuilds exactly the state the
+first host had, and its next delta continues the text without duplicating or splitting a character.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from mesh_node.engine.errors import CheckpointError
+
+REPLACEMENT_CHAR = "\ufffd"
+DETOKENIZE_CONTEXT = 6  # prompt tokens decoded with the first generated ones (leading spaces)
+
+
+class Tokenizer:
+    """A model folder's tokenizer: encoding, chat templates, decoding, end-of-sequence ids."""
+
+    def __init__(self, folder: str | Path, extra_eos_ids: Iterable[int] = ()):
+        from transformers import AutoTokenizer
+
+        self.folder = Path(folder)
+        try:
+            self.hf = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        except Exception as exc:  # transformers raises many types here
+            raise CheckpointError(f"cannot load the tokenizer in {folder}: {exc}") from exc
+        self._backend = getattr(self.hf, "backend_tokenizer", None)
+        eos = set(extra_eos_ids)
+        if self.hf.eos_token_id is not None:
+            eos.add(int(self.hf.eos_token_id))
+        eos.update(_generation_config_eos(self.folder))
+        self.eos_token_ids = frozenset(eos)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.hf)
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self.hf, "chat_template", None))
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return list(self.hf.encode(text, add_special_tokens=add_special_tokens))
+
+    def apply_chat_template(
+        self,
+        messages: Sequence[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        **template_kwargs: Any,
+    ) -> list[int]:
+        """Renders messages with the checkpoint's chat template and encodes the result."""
+        if not self.has_chat_template:
+            raise CheckpointError(
+                f"the tokenizer in {self.folder} has no chat template; send a raw prompt instead"
+            )
+        text = self.hf.apply_chat_template(
+            list(messages),
+            add_generation_prompt=add_generation_prompt,
+            tokenize=False,
+            **template_kwargs,
+        )
+        return self.encode(text, add_special_tokens=False)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        if self._backend is not None:
+            return self._backend.decode(list(ids), skip_special_tokens=True)
+        return self.hf.decode(list(ids), skip_special_tokens=True)
+
+
+def _generation_config_eos(folder: Path) -> set[int]:
+    path = folder / "generation_config.json"
+    if not path.is_file():
+        return set()
+    try:
+        eos = json.loads(path.read_text(encoding="utf-8")).get("eos_token_id")
+    except (ValueError, UnicodeDecodeError):
+        return set()
+    if eos is None:
+        return set()
+    return {int(e) for e in eos} if isinstance(eos, list) else {int(eos)}
+
+
+class TextStream:
+    """Token ids in, text deltas out; see the module docstring."""
+
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        prompt_ids: Sequence[int] = (),
+        stop: Sequence[str] = (),
+    ):
+        self.tokenizer = tokenizer
+        context = list(prompt_ids[-DETOKENIZE_CONTEXT:])
+        self._ids = context
+        self._prefix_offset = 0
+        self._read_offset = len(context)
+        self._stop = tuple(s for s in stop if s)
+        self._pending = ""  # decoded text not yet emitted (may be the start of a stop string)
+        self.text = ""  # all text emitted so far
+        self.stopped = False
+
+    def add(self, token_id: int) -> str:
+        """Feeds one generated token; returns the text that can be emitted now (may be "")."""
+        if self.stopped:
+            return ""
+        self._ids.append(int(token_id))
+        prefix = self.tokenizer.decode(self._ids[self._prefix_offset : self._read_offset])
+        full = self.tokenizer.decode(self._ids[self._prefix_offset :])
+        if len(full) <= len(prefix) or full.endswith(REPLACEMENT_CHAR):
+            return ""  # an incomplete character (or nothing visible yet): wait for more tokens
+        new_text = full[len(prefix) :]
+        self._prefix_offset = self._read_offset
+        self._read_offset = len(self._ids)
+        return self._release(new_text, final=False)
+
+    def finish(self) -> str:
+        """At the end of generation: whatever is still held back (an incomplete character too)."""
+        if self.stopped:
+            return ""
+        rest = ""
+        if self._read_offset < len(self._ids):
+            prefix = self.tokenizer.decode(self._ids[self._prefix_offset : self._read_offset])
+            full = self.tokenizer.decode(self._ids[self._prefix_offset :])
+            rest = full[len(prefix) :]
+            self._read_offset = len(self._ids)
+        return self._release(rest, final=True)
+
+    def _release(self, new_text: str, final: bool) -> str:
+        pending = self._pending + new_text
+        if self._stop:
+            cut = min((i for i in (pending.find(s) for s in self._stop) if i >= 0), default=-1)
+            if cut >= 0:
+                self.stopped = True
+                self._pending = ""
+                self.text += pending[:cut]
+                return pending[:cut]
+            if not final:
+                hold = _longest_stop_prefix_suffix(pending, self._stop)
+                if hold:
+                    self._pending = pending[-hold:]
+                    pending = pending[:-hold]
+                else:
+                    self._pending = ""
+            else:
+                self._pending = ""
+        self.text += pending
+        return pending
+
+
+def _longest_stop_prefix_suffix(text: str, stops: Sequence[str]) -> int:
+    """Length of the longest suffix of `text` that is a proper prefix of some stop string."""
+    best = 0
+    for stop in stops:
+        for length in range(min(len(stop) - 1, len(text)), best, -1):
+            if text.endswith(stop[:length]):
+                best = length
+                break
+    return best

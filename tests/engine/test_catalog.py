@@ -1,0 +1,85 @@
+"""Resolving `--model` (built-in, folder, HF cache, offline errors) and `mesh-node models`."""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+
+import pytest
+
+from mesh_node.cli import models as models_cmd
+from mesh_node.engine.catalog import BUILTIN_DIR, list_local_models, resolve_model
+from mesh_node.engine.errors import ModelNotFoundError
+
+
+def fake_hf_cache(tmp_path, source, repo_id="acme/tiny-moe"):
+    """A Hugging Face hub cache laid out as huggingface_hub writes it, holding `source`."""
+    cache = tmp_path / "hub"
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / "0123456789abcdef"
+    shutil.copytree(source, snapshot)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123456789abcdef")
+    return cache
+
+
+def test_default_is_the_builtin_model():
+    resolved = resolve_model(None)
+    assert resolved.source == "builtin" and resolved.path == BUILTIN_DIR
+    assert (resolved.path / "config.json").is_file()
+    assert resolve_model("builtin").path == BUILTIN_DIR
+
+
+def test_local_folder(references):
+    folder, _ = references.get("mixtral")
+    resolved = resolve_model(str(folder))
+    assert resolved.source == "local" and resolved.path == folder.resolve()
+
+
+def test_folder_without_config_and_nonsense(tmp_path):
+    with pytest.raises(ModelNotFoundError, match=r"has no config\.json"):
+        resolve_model(tmp_path)
+    with pytest.raises(
+        ModelNotFoundError, match="neither an existing folder nor a Hugging Face repo id"
+    ):
+        resolve_model("./no/such/folder")
+
+
+def test_repo_id_from_the_hf_cache(references, tmp_path):
+    folder, _ = references.get("olmoe")
+    cache = fake_hf_cache(tmp_path, folder)
+    resolved = resolve_model("acme/tiny-moe", cache_dir=cache, allow_download=False)
+    assert resolved.source == "hf-cache"
+    assert (resolved.path / "model.safetensors").is_file()
+
+
+def test_repo_id_offline_says_so_and_how_to_use_a_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelNotFoundError) as info:
+        resolve_model("acme/not-cached", cache_dir=tmp_path / "empty-cache")
+    message = str(info.value)
+    assert "'acme/not-cached' is not in the local Hugging Face cache" in message
+    assert "offline" in message and "--model /path/to/folder" in message
+
+
+def test_list_local_models_and_cli(references, tmp_path, capsys):
+    shelf = tmp_path / "shelf"
+    shelf.mkdir()
+    for name in ("qwen2_moe", "llama"):
+        shutil.copytree(references.get(name)[0], shelf / name)
+    cache = fake_hf_cache(tmp_path, references.get("olmoe")[0])
+    found = {m.name: m for m in list_local_models([shelf], cache_dir=cache)}
+    assert set(found) == {"builtin", "qwen2_moe", "llama", "acme/tiny-moe"}
+    assert found["builtin"].architecture == "qwen3_moe" and found["builtin"].experts > 1
+    assert found["qwen2_moe"].experts == 6 and found["qwen2_moe"].experts_per_token == 2
+    assert found["llama"].experts == 0
+    assert found["acme/tiny-moe"].source == "hf-cache"
+    assert found["llama"].parameters == found["llama"].size_bytes // 4  # float32 checkpoint
+
+    parser = argparse.ArgumentParser()
+    models_cmd.add_parser(parser.add_subparsers())
+    args = parser.parse_args(["models", "--path", str(shelf), "--cache-dir", str(cache)])
+    assert args.run(args) == 0
+    out = capsys.readouterr().out
+    for text in ("builtin", "qwen3_moe", "qwen2_moe", "llama", "acme/tiny-moe", "dense"):
+        assert text in out
