@@ -25,9 +25,9 @@ async def test_three_processes_find_each_other_with_mdns_on_loopback():
     mesh_id = new_mesh_id()
     nodes = [await NodeProcess.join(mesh_id, "--mdns-interface", "127.0.0.1") for _ in range(3)]
     try:
-        await all_see_all(nodes)
-        for node in nodes:
-            await node.wait_log("discovered node .* on the LAN")
+        await all_see_all(nodes)  # with no --peer at all: only mDNS can have done this
+        found = [any("discovered node" in line for line in n.stderr_lines) for n in nodes]
+        assert any(found)  # (a node found by the others first needs to discover no one)
         # a node of another mesh on the same LAN is not joined
         stranger = await NodeProcess.join(new_mesh_id(), "--mdns-interface", "127.0.0.1")
         try:
