@@ -36,6 +36,7 @@ from mesh_node.transport.errors import (
     RequestTimeout,
 )
 from mesh_node.transport.frames import (
+    HEADER,
     HEADER_SIZE,
     FrameDecoder,
     FrameLimits,
@@ -142,6 +143,17 @@ class Handlers:
         return self._table.get(message_type)
 
 
+class _NoFramesYet:
+    """A stream's decoder before its first bytes: most answers arrive whole, in one piece,
+    and never need one (see Connection.stream_data)."""
+
+    __slots__ = ("limits",)
+    idle = True
+
+    def __init__(self, limits: FrameLimits):
+        self.limits = limits
+
+
 class _StreamClosed(Exception):
     """Internal: the stream went away under a writer (reset or connection closed)."""
 
@@ -168,7 +180,7 @@ class _Stream:
 
     def __init__(self, stream_id: int, limits: Limits):
         self.stream_id = stream_id
-        self.decoder = FrameDecoder(limits.frames)
+        self.decoder = _NoFramesYet(limits.frames)
         self.kind = ""
         self.dispatched = False  # inbound: the request frame arrived and went to a handler
         self.task: asyncio.Task[None] | None = None
@@ -187,13 +199,20 @@ class _Stream:
 
 
 class _Slots(asyncio.Semaphore):
-    """A semaphore whose uncontended acquire needs no await (it is on every call's path)."""
+    """A semaphore whose uncontended acquire and release need no await and no waiter scan
+    (both are on every call's path)."""
 
     def take(self) -> bool:
         if self.locked():
             return False
         self._value -= 1
         return True
+
+    def release(self) -> None:
+        if self._waiters:
+            super().release()
+        else:
+            self._value += 1
 
 
 _END = object()  # queued when the peer finished its side of an outbound stream
@@ -312,12 +331,27 @@ class Connection:
             self._add_deadline(stream, deadline, message, timeout)
             try:
                 # a fresh stream has nothing unacknowledged: the request goes out at once
-                with contextlib.suppress(_StreamClosed):  # then the future says why
-                    self._write_now(stream.stream_id, encoded, end=True)
+                carrier, stream_id = self._carrier, stream.stream_id
+                head = HEADER.pack(len(encoded.body), encoded.blob_size) + encoded.body
+                try:
+                    if encoded.blob_parts:
+                        carrier.write(stream_id, head)
+                        for part in encoded.blob_parts[:-1]:  # tensors, not copied
+                            carrier.write(stream_id, part)
+                        carrier.write(stream_id, encoded.blob_parts[-1], end=True)
+                    else:
+                        carrier.write(stream_id, head, end=True)
+                    carrier.flush()
+                except RuntimeError:
+                    pass  # reset under us: the future says why
                 item = await stream.items
             finally:
                 self._deadlines.pop(stream, None)
-                self._finish_call(stream)
+                if stream.done:  # answered: nothing to cancel
+                    stream.closed = True
+                    self._streams.pop(stream_id, None)
+                else:
+                    self._finish_call(stream)
         finally:
             self._outbound.release()
         if isinstance(item, BaseException):
@@ -422,6 +456,8 @@ class Connection:
             and self._answer_in_one_piece(stream, data)
         ):
             return
+        if type(stream.decoder) is _NoFramesYet:
+            stream.decoder = FrameDecoder(stream.decoder.limits)
         try:
             for body, blob in stream.decoder.feed(data) if data else ():
                 message = self._registry.decode(body, memoryview(blob))

@@ -99,6 +99,11 @@ class FrameDecoder:
 
     def feed(self, data: bytes | memoryview) -> list[tuple[Buffer, bytearray]]:
         """Frames completed by `data`, as (body, blob). A body may be a view into `data`."""
+        if self._stage == self._BLOB and len(data) < len(self._blob) - self._filled:
+            # fast path: a chunk in the middle of a large blob (tensor payloads)
+            self._blob[self._filled : self._filled + len(data)] = data
+            self._filled += len(data)
+            return []
         view = memoryview(data)
         frames: list[tuple[Buffer, bytearray]] = []
         pos = 0

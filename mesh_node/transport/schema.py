@@ -27,6 +27,7 @@ from mesh_node.transport.tensors import Tensor, tensor_from_wire
 BLOB_ALIGN = 64
 _NO_PARTS: list[Any] = []  # shared, never appended to
 _pack = functools.partial(msgpack.packb, use_bin_type=True)
+_unpack = functools.partial(msgpack.unpackb, raw=False, use_list=True, strict_map_key=False)
 
 
 class _BlobWriter:
@@ -239,6 +240,7 @@ class Registry:
         self._by_id: dict[int, type] = {}
         self._by_cls: dict[type, int] = {}
         self._codecs: dict[int, StructCodec] = {}
+        self._encoding: dict[type, tuple[int, StructCodec]] = {}  # one lookup per encode
         for type_id, cls in items:
             self.add(type_id, cls)
 
@@ -254,6 +256,7 @@ class Registry:
         self._by_id[type_id] = cls
         self._by_cls[cls] = type_id
         self._codecs[type_id] = StructCodec.of(cls)
+        self._encoding[cls] = (type_id, self._codecs[type_id])
 
     def extended(self, table: dict[int, type]) -> Registry:
         return Registry([*self._by_id.items(), *table.items()])
@@ -271,10 +274,12 @@ class Registry:
         return cls in self._by_cls
 
     def encode(self, message: Any) -> Encoded:
-        type_id = self.type_id(type(message))
-        codec = self._codecs[type_id]
-        if codec.plain:
-            body = _pack([type_id, codec.encode_fields(message, None)])
+        try:
+            type_id, codec = self._encoding[type(message)]
+        except KeyError:
+            raise TypeError(f"{type(message).__name__} is not a registered message type") from None
+        if codec.plain:  # scalars only: the fields go as they are
+            body = _pack([type_id, {name: getattr(message, name) for name in codec.names}])
             return Encoded(body, _NO_PARTS, 0)
         blob = _BlobWriter()
         body = _pack([type_id, codec.encode_fields(message, blob)])
@@ -283,7 +288,7 @@ class Registry:
     def decode(self, body: bytes | memoryview, blob: memoryview) -> Any:
         """Decode a frame's body (and blob). Raises ProtocolError, and only ProtocolError."""
         try:
-            envelope = msgpack.unpackb(body, raw=False, use_list=True, strict_map_key=False)
+            envelope = _unpack(body)
         except Exception as exc:  # msgpack raises many types on garbage; all mean "malformed"
             raise ProtocolError(
                 ErrorCode.MALFORMED_FRAME, f"body is not valid msgpack ({type(exc).__name__})"
