@@ -8,14 +8,15 @@ import logging
 import signal
 import socket
 import sys
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mesh_node.blocking import run_blocking
 from mesh_node.console.server import ConsoleServer
+from mesh_node.engine.catalog import ResolvedModel, resolve_model
 from mesh_node.identity import MeshSecret, NodeId, NodeIdentity, default_home
 from mesh_node.membership.discovery import MdnsDiscovery, local_ipv4_addresses
 from mesh_node.membership.messages import Address
@@ -23,6 +24,10 @@ from mesh_node.membership.state import SelfState, probe_hardware
 from mesh_node.membership.swim import Membership, MembershipConfig
 from mesh_node.membership.view import MeshView
 from mesh_node.protocol import REGISTRY
+from mesh_node.serving.gateway import Gateway, GatewayConfig
+from mesh_node.serving.hosting import Hosting, HostingConfig
+from mesh_node.serving.local import LocalModels
+from mesh_node.serving.tunnel import TunnelHost
 from mesh_node.transport.connection import Connection, Handlers, RequestContext
 from mesh_node.transport.endpoint import Endpoint
 from mesh_node.transport.handshake import SOFTWARE
@@ -44,12 +49,15 @@ class NodeConfig:
     advertise: tuple[tuple[str, int], ...] = ()
     home: Path = field(default_factory=default_home)
     ephemeral: bool = False
-    role: str = "worker"
+    models: tuple[str, ...] = ()  # --model values; none: the built-in model
+    client: bool = False  # never hosts, still serves the API
     mdns: bool = True
     mdns_interfaces: tuple[str, ...] = ()
     console_host: str = "127.0.0.1"
     console_port: int | None = 3131  # None: no console
     membership: MembershipConfig = field(default_factory=MembershipConfig)
+    hosting: HostingConfig = field(default_factory=HostingConfig)
+    gateway: GatewayConfig = field(default_factory=GatewayConfig)
 
 
 class Node:
@@ -78,6 +86,10 @@ class Node:
         self.endpoint.on_connected.append(self._peer_connected)
         self.membership: Membership | None = None
         self.view: MeshView | None = None
+        self.local = LocalModels()
+        self.hosting: Hosting | None = None
+        self.gateway: Gateway | None = None
+        TunnelHost(self.endpoint.handlers, self.local)
         self.discovery: MdnsDiscovery | None = None
         self.console: ConsoleServer | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -97,8 +109,8 @@ class Node:
         port = self.endpoint.port
         if self.config.advertise:
             return [Address(h, p) for h, p in self.config.advertise]
-        if self.config.host not in ("0.0.0.0", "::", ""):
-            return [Address(self.config.host, port)]
+        if self.endpoint.host not in ("0.0.0.0", "::", ""):
+            return [Address(self.endpoint.host, port)]
         found = local_ipv4_addresses() or ["127.0.0.1"]
         return [Address(ip, port) for ip in found[:8]]
 
@@ -111,15 +123,33 @@ class Node:
             start_version=now_ms,
             name=self.config.name or socket.gethostname(),
             software=SOFTWARE,
-            role=self.config.role,
+            role="client" if self.config.client else "worker",
             addresses=addresses,
             hardware=probe_hardware(with_gpus=False),
         )
         self.membership = Membership(
             self.endpoint, self_state, config=self.config.membership, seeds=self.config.peers
         )
-        self.view = MeshView(self.membership.table)
+        offered = [] if self.config.client else await self._resolve_models()
+        self.hosting = Hosting(
+            self.membership,
+            self.local,
+            offered,
+            config=self.config.hosting,
+            client=self.config.client,
+        )
+        self.gateway = Gateway(
+            self.node_id,
+            self.endpoint,
+            self.membership.table,
+            self.local,
+            self.hosting,
+            config=self.config.gateway,
+        )
+        self.view = MeshView(self.membership.table, extra=self._status_sections)
+        self.hosting.on_change(self.view.publish_status)
         await self.membership.start()
+        await self.hosting.start()
         self._spawn(self._hardware_loop())
         if self.config.console_port is not None:
             self.console = ConsoleServer(
@@ -136,6 +166,14 @@ class Node:
                 interfaces=list(self.config.mdns_interfaces) or None,
             )
             await self.discovery.start()
+
+    async def _resolve_models(self) -> list[ResolvedModel]:
+        """--model values to local folders (downloading what is missing, off the loop)."""
+        specs = self.config.models or (None,)
+        return await asyncio.to_thread(lambda: [resolve_model(spec) for spec in specs])
+
+    def _status_sections(self) -> dict[str, Any]:
+        return {"hosting": self.hosting.status() if self.hosting is not None else []}
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)
@@ -155,7 +193,7 @@ class Node:
     async def _hardware_loop(self) -> None:
         """GPUs need torch (slow to import): probe off the loop, then refresh now and then."""
         while True:
-            hardware = await _in_daemon_thread(probe_hardware)
+            hardware = await run_blocking(probe_hardware, "hardware-probe")
             if self.membership is not None:
                 current = self.membership.self_state.current.hardware
                 if current is None or _hardware_moved(current, hardware):
@@ -175,6 +213,8 @@ class Node:
                 await task
         if self.membership is not None:
             await self.membership.leave()
+        if self.hosting is not None:
+            await self.hosting.stop()
         await self.endpoint.close()
 
     async def run_until_signal(self, announce: Callable[[str], None] | None = None) -> None:
@@ -196,32 +236,6 @@ class Node:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(sig)
             await self.stop()
-
-
-async def _in_daemon_thread(fn: Callable[[], Any]) -> Any:
-    """Run fn in a daemon thread: unlike the default executor, it never delays exit."""
-    loop = asyncio.get_running_loop()
-    future = loop.create_future()
-
-    def work() -> None:
-        try:
-            result = fn()
-        except BaseException as exc:  # handed to the awaiting task
-            loop.call_soon_threadsafe(_settle, future, None, exc)
-        else:
-            loop.call_soon_threadsafe(_settle, future, result, None)
-
-    threading.Thread(target=work, name="hardware-probe", daemon=True).start()
-    return await future
-
-
-def _settle(future: asyncio.Future[Any], result: Any, exc: BaseException | None) -> None:
-    if future.done():
-        return
-    if exc is not None:
-        future.set_exception(exc)
-    else:
-        future.set_result(result)
 
 
 def _hardware_moved(old: Any, new: Any) -> bool:

@@ -8,12 +8,14 @@ proto/PROTOCOL.md documents every entry; tests check each against proto/vectors/
 from __future__ import annotations
 
 from mesh_node.membership.messages import MEMBERSHIP_MESSAGES
+from mesh_node.serving.messages import SERVING_MESSAGES
 from mesh_node.transport.messages import TRANSPORT_MESSAGES
 from mesh_node.transport.schema import Registry
 
 MESSAGES: dict[int, type] = {
     **TRANSPORT_MESSAGES,
     **MEMBERSHIP_MESSAGES,
+    **SERVING_MESSAGES,
 }
 
 REGISTRY = Registry(MESSAGES)

@@ -1,0 +1,202 @@
+"""The gateway: any node answers for any model in the mesh.
+
+For each request it picks a ready host (routing.rank_hosts: affinity, then load), runs the
+completion there (the local engine, or a QUIC tunnel), and streams the deltas back. When
+the host fails before the first token, the request simply goes to the next host; when it
+fails mid-stream, the prompt plus the tokens already sent go to another host, which
+continues after them, so the client's stream goes on (for greedy requests the text equals
+an uninterrupted run). When no host is ready yet but one is elected, it waits for it
+(bounded); when none can be, it says so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import dataclasses
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from mesh_node.identity import NodeId
+from mesh_node.membership.claims import ALIVE, SUSPECT
+from mesh_node.membership.table import PeerTable
+from mesh_node.serving.hosting import Hosting
+from mesh_node.serving.local import LocalModels
+from mesh_node.serving.requests import (
+    CompletionRequest,
+    Delta,
+    GenerationFailed,
+    ModelNotFound,
+    NoHostAvailable,
+    Overloaded,
+)
+from mesh_node.serving.routing import HostLoad, affinity_key, rank_hosts
+from mesh_node.serving.tunnel import HostBusy, HostFailed, stream_from_host
+from mesh_node.transport.endpoint import Endpoint
+from mesh_node.transport.errors import TransportError
+
+log = logging.getLogger("mesh_node.gateway")
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    host_wait: float = 30.0  # how long a request waits for an elected host to be ready
+    item_timeout: float = 120.0  # longest wait for the next token from a host
+    connect_timeout: float = 5.0
+    max_failovers: int = 3  # hosts that may fail under one request before it gives up
+    affinity_slack: int = 2
+
+
+class Gateway:
+    """The `Backend` behind every node's API."""
+
+    def __init__(
+        self,
+        node_id: NodeId,
+        endpoint: Endpoint,
+        table: PeerTable,
+        local: LocalModels,
+        hosting: Hosting | None = None,
+        *,
+        config: GatewayConfig | None = None,
+    ):
+        self.node_id = node_id
+        self.endpoint = endpoint
+        self.table = table
+        self.local = local
+        self.hosting = hosting
+        self.config = config or GatewayConfig()
+        self._sent: collections.Counter[NodeId] = collections.Counter()  # in flight, by host
+        self._changed = asyncio.Event()
+        table.subscribe(lambda member, what: self._changed.set())
+
+    # ---- what the mesh offers
+    def model_ids(self) -> list[str]:
+        names = set(self.local.generators)
+        for member in self.table:
+            if member.live and member.state is not None:
+                names.update(m.name for m in member.state.models_on_disk)
+                names.update(member.state.models_served)
+        return sorted(names)
+
+    def _ready_hosts(self, model: str) -> list[HostLoad]:
+        """Hosts advertising the model, alive ones (suspects only when no one else is)."""
+        ready: dict[str, list[HostLoad]] = {ALIVE: [], SUSPECT: []}
+        for member in self.table:
+            state = member.state
+            if member.status not in ready or state is None or model not in state.models_served:
+                continue
+            if member.node_id == self.node_id and model not in self.local.generators:
+                continue  # being unloaded here
+            load = state.load.inflight + self._sent[member.node_id]
+            ready[member.status].append(HostLoad(member.node_id, load))
+        return ready[ALIVE] or ready[SUSPECT]
+
+    def _electable(self, model: str) -> bool:
+        """Someone is (or is about to be) elected for the model: worth waiting for."""
+        if self.hosting is not None:
+            self.hosting.evaluate()
+            election = self.hosting.elections.get(model)
+            return election is not None and bool(election.hosts)
+        return False
+
+    async def _choose(self, request: CompletionRequest, exclude: set[NodeId]) -> NodeId:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.host_wait
+        key = affinity_key(request)
+        while True:
+            hosts = [h for h in self._ready_hosts(request.model) if h.node_id not in exclude]
+            if hosts:
+                return rank_hosts(hosts, key, self.config.affinity_slack)[0]
+            if request.model not in self.model_ids():
+                raise ModelNotFound(f"no node in the mesh has model {request.model!r}", "model")
+            if not self._electable(request.model) and not exclude:
+                raise NoHostAvailable(
+                    f"no node can host {request.model} now (none has it with enough free memory)"
+                )
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise NoHostAvailable(f"no host of {request.model} became ready in time")
+            self._changed.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(min(remaining, 1.0)):
+                    await self._changed.wait()
+
+    # ---- running requests
+    @contextlib.asynccontextmanager
+    async def stream(self, request: CompletionRequest) -> AsyncIterator[AsyncIterator[Delta]]:
+        deltas = self._generate(request)
+        try:
+            yield deltas
+        finally:
+            await deltas.aclose()  # a client that left cancels the generation on its host
+
+    async def _generate(self, request: CompletionRequest) -> AsyncIterator[Delta]:
+        delivered: list[int] = []  # token ids the client already has
+        failed: set[NodeId] = set()
+        busy: set[NodeId] = set()
+        while True:
+            host = await self._choose(request, failed | busy)
+            attempt = dataclasses.replace(
+                request, generated_ids=request.generated_ids + tuple(delivered)
+            )
+            self._sent[host] += 1
+            try:
+                async for delta in self._run_on(host, attempt):
+                    delivered.extend(delta.token_ids)
+                    yield delta
+                    if delta.finish_reason is not None:
+                        return
+                raise HostFailed("the host ended the stream before the answer was complete")
+            except HostBusy:
+                busy.add(host)
+                if not [h for h in self._ready_hosts(request.model) if h.node_id not in busy]:
+                    raise Overloaded(
+                        f"every host of {request.model} is busy; retry later"
+                    ) from None
+            except HostFailed as exc:
+                failed.add(host)
+                where = (
+                    "before the first token" if not delivered else f"after {len(delivered)} tokens"
+                )
+                log.warning("host %s failed %s: %s", host.short, where, exc)
+                if len(failed) > self.config.max_failovers:
+                    raise GenerationFailed(
+                        f"{len(failed)} hosts failed this request; giving up"
+                    ) from None
+            finally:
+                self._sent[host] -= 1
+                if not self._sent[host]:
+                    del self._sent[host]
+
+    async def _run_on(self, host: NodeId, request: CompletionRequest) -> AsyncIterator[Delta]:
+        if host == self.node_id:
+            try:
+                async with self.local.stream(request) as deltas:
+                    async for delta in deltas:
+                        yield delta
+            except Overloaded as exc:
+                raise HostBusy(exc.message) from None
+            except (ModelNotFound, NoHostAvailable, GenerationFailed) as exc:  # just unloaded
+                raise HostFailed(exc.message) from None
+            return
+        member = self.table.get(host)
+        addresses = member.addresses if member is not None else []
+        conn = self.endpoint.connection_to(host)
+        if conn is None:
+            for address in addresses:
+                try:
+                    conn = await self.endpoint.connect(
+                        (address.host, address.port),
+                        expect=host,
+                        timeout=self.config.connect_timeout,
+                    )
+                    break
+                except (TransportError, TimeoutError, OSError) as exc:
+                    log.debug("host %s not reachable at %s: %s", host.short, address, exc)
+        if conn is None:
+            raise HostFailed("host unreachable")
+        async for delta in stream_from_host(conn, request, item_timeout=self.config.item_timeout):
+            yield delta

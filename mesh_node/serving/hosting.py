@@ -1,0 +1,280 @@
+"""Hosting: this node runs the models the election gives it, and says so.
+
+Every node publishes the models it has on disk. Whenever the mesh changes, each node runs
+the election (placement.election) for every model in the mesh; a node elected for a model
+it has loads it (off the event loop) and then adds it to its `models_served`, which is when
+routers start sending it requests. A node no longer elected stops advertising the model
+first, lets its requests finish (bounded), then unloads it. Load (requests in flight,
+tokens/s) is published every few seconds while it changes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from mesh_node.blocking import run_blocking
+from mesh_node.engine import Generator
+from mesh_node.engine.catalog import ResolvedModel, describe_model
+from mesh_node.membership.messages import Load, ModelInfo
+from mesh_node.membership.swim import Membership
+from mesh_node.membership.table import PeerTable
+from mesh_node.placement.election import Election, NodeView, elect
+from mesh_node.serving.local import LocalModels
+
+log = logging.getLogger("mesh_node.hosting")
+
+
+@dataclass(frozen=True)
+class HostingConfig:
+    device: str = "auto"
+    dtype: str | None = None
+    max_batch: int = 8
+    max_queue: int = 64
+    max_seq_len: int = 4096
+    load_interval: float = 2.0  # seconds between load reports (when load changed)
+    drain_timeout: float = 30.0  # how long an unloading model may finish its requests
+    settle: float = 0.2  # re-elect at most this often while the mesh is changing
+
+
+def node_views(table: PeerTable) -> list[NodeView]:
+    """Election inputs from the gossiped states (GPU memory where a node has GPUs)."""
+    views = []
+    for member in table:
+        state = member.state
+        if state is None:
+            continue
+        hardware = state.hardware
+        if hardware is None:
+            total = free = 0
+        elif hardware.gpus:
+            total = max(g.vram_total for g in hardware.gpus)
+            free = max(g.vram_free for g in hardware.gpus)
+        else:
+            total, free = hardware.ram_total, hardware.ram_free
+        views.append(
+            NodeView(
+                member.node_id,
+                member.live,
+                state.role,
+                total,
+                free,
+                {m.name: m.bytes for m in state.models_on_disk},
+                frozenset(state.models_served),
+                state.load.inflight,
+            )
+        )
+    return views
+
+
+class Hosting:
+    def __init__(
+        self,
+        membership: Membership,
+        local: LocalModels,
+        offered: Sequence[ResolvedModel],
+        *,
+        config: HostingConfig | None = None,
+        client: bool = False,
+        load_generator: Callable[[ResolvedModel, HostingConfig], Generator] | None = None,
+    ):
+        self.membership = membership
+        self.local = local
+        self.offered = {m.name: m for m in offered} if not client else {}
+        self.config = config or HostingConfig()
+        self.client = client
+        self._load_generator = load_generator or _load_generator
+        self.elections: dict[str, Election] = {}
+        self.failed: dict[str, str] = {}  # model -> why it could not be loaded here
+        self._busy: set[str] = set()  # models being loaded or unloaded
+        self._kick = asyncio.Event()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._changed_callbacks: list[Callable[[], None]] = []
+
+    @property
+    def node_id(self):
+        return self.membership.node_id
+
+    def on_change(self, callback: Callable[[], None]) -> None:
+        """Called after elections or hosting changed (for the console)."""
+        self._changed_callbacks.append(callback)
+
+    async def start(self) -> None:
+        infos = await asyncio.to_thread(
+            lambda: [describe_model(m.name, m.path, m.source) for m in self.offered.values()]
+        )
+        on_disk = []
+        for info in infos:
+            if info.error:
+                log.error("cannot offer model %s: %s", info.name, info.error)
+                self.failed[info.name] = info.error
+                self.offered.pop(info.name, None)
+                continue
+            on_disk.append(
+                ModelInfo(
+                    info.name, info.architecture, info.size_bytes, info.parameters, info.experts
+                )
+            )
+        self.membership.update_state(models_on_disk=on_disk, role=self._role())
+        self.membership.table.subscribe(lambda member, what: self._kick.set())
+        self._spawn(self._election_loop())
+        self._spawn(self._load_loop())
+        self._kick.set()
+
+    async def stop(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        generators, self.local.generators = dict(self.local.generators), {}
+        for name, generator in generators.items():
+            log.info("unloading %s", name)
+            await run_blocking(generator.close, "model-unload")
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _role(self) -> str:
+        if self.client:
+            return "client"
+        return "host" if self.local.generators else "worker"
+
+    def _publish_serving(self) -> None:
+        self.membership.update_state(models_served=sorted(self.local.generators), role=self._role())
+        for callback in self._changed_callbacks:
+            callback()
+
+    # ---- elections
+    async def _election_loop(self) -> None:
+        while True:
+            await self._kick.wait()
+            await asyncio.sleep(self.config.settle)
+            self._kick.clear()
+            self.evaluate()
+
+    def models_in_mesh(self) -> set[str]:
+        names: set[str] = set()
+        for member in self.membership.table:
+            if member.live and member.state is not None:
+                names.update(m.name for m in member.state.models_on_disk)
+                names.update(member.state.models_served)
+        return names
+
+    def evaluate(self) -> None:
+        views = node_views(self.membership.table)
+        elections = {model: elect(model, views) for model in sorted(self.models_in_mesh())}
+        changed = elections != self.elections
+        self.elections = elections
+        for model, election in elections.items():
+            if model in self._busy:
+                continue
+            elected = self.node_id in election.hosts
+            if elected and model not in self.local.generators and model in self.offered:
+                self._busy.add(model)
+                self._spawn(self._load(model))
+            elif not elected and model in self.local.generators:
+                self._busy.add(model)
+                self._spawn(self._unload(model))
+        if changed:
+            for callback in self._changed_callbacks:
+                callback()
+
+    async def _load(self, model: str) -> None:
+        resolved = self.offered[model]
+        log.info("elected to host %s: loading it", model)
+        started = time.monotonic()
+        try:
+            generator = await run_blocking(
+                lambda: self._load_generator(resolved, self.config), "model-load"
+            )
+        except Exception as exc:
+            log.error("could not load %s: %s", model, exc)
+            self.failed[model] = str(exc)
+            self.offered.pop(model, None)  # no longer offered: the election moves on
+            self.membership.update_state(
+                models_on_disk=[
+                    m for m in self.membership.self_state.current.models_on_disk if m.name != model
+                ]
+            )
+            return
+        finally:
+            self._busy.discard(model)
+        self.local.generators[model] = generator
+        log.info("hosting %s (loaded in %.1fs)", model, time.monotonic() - started)
+        self._publish_serving()
+        self._kick.set()  # the world may have moved on while loading
+
+    async def _unload(self, model: str) -> None:
+        try:
+            generator = self.local.generators.pop(model)
+            log.info("no longer elected for %s: draining, then unloading", model)
+            self._publish_serving()  # routers stop sending here
+            deadline = time.monotonic() + self.config.drain_timeout
+            while time.monotonic() < deadline:
+                stats = generator.stats()
+                if stats.active + stats.queued == 0:
+                    break
+                await asyncio.sleep(0.1)
+            await run_blocking(generator.close, "model-unload")
+        finally:
+            self._busy.discard(model)
+        self._kick.set()
+
+    # ---- load reports
+    async def _load_loop(self) -> None:
+        last_tokens: dict[str, int] = {}
+        last_time = time.monotonic()
+        while True:
+            await asyncio.sleep(self.config.load_interval)
+            now = time.monotonic()
+            inflight = 0
+            produced = 0
+            for name, generator in list(self.local.generators.items()):
+                stats = generator.stats()
+                inflight += stats.active + stats.queued
+                produced += stats.tokens_generated - last_tokens.get(name, stats.tokens_generated)
+                last_tokens[name] = stats.tokens_generated
+            rate = round(produced / max(now - last_time, 1e-6), 1)
+            last_time = now
+            self.membership.update_state(load=Load(inflight, rate))
+
+    def status(self) -> list[dict[str, Any]]:
+        """The "hosting" section of the console's status document."""
+        ready = self._ready_hosts()
+        return [
+            {
+                "model": model,
+                "hosts": [str(h) for h in election.hosts],
+                "ready": [str(h) for h in ready.get(model, [])],
+                "eligible": [str(h) for h in election.eligible],
+                "fingerprint": election.fingerprint,
+            }
+            for model, election in sorted(self.elections.items())
+        ]
+
+    def _ready_hosts(self) -> dict[str, list]:
+        ready: dict[str, list] = {}
+        for member in self.membership.table:
+            if member.live and member.state is not None:
+                for model in member.state.models_served:
+                    ready.setdefault(model, []).append(member.node_id)
+        return ready
+
+
+def _load_generator(resolved: ResolvedModel, config: HostingConfig) -> Generator:
+    return Generator.from_pretrained(
+        str(resolved.path),
+        device=config.device,
+        dtype=config.dtype,
+        max_seq_len=config.max_seq_len,
+        max_batch=config.max_batch,
+        max_queue=config.max_queue,
+    )

@@ -1,0 +1,51 @@
+"""Which host takes a request: session affinity first, unless that host is clearly busier.
+
+Affinity: the request's `user`, or else a hash of the start of its prompt (a conversation's
+later turns share it), picks a preferred host by rendezvous hashing (stable as hosts come
+and go: only the requests of a departed host move). The least-loaded host wins instead when
+the preferred one has more than `slack` more requests in flight.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from mesh_node.identity import NodeId
+from mesh_node.serving.requests import CompletionRequest
+
+PREFIX_CHARS = 512
+
+
+@dataclass(frozen=True, slots=True)
+class HostLoad:
+    node_id: NodeId
+    inflight: int  # as gossiped by the host, plus what this node has sent it since
+
+
+def affinity_key(request: CompletionRequest) -> bytes:
+    if request.user:
+        return b"user\x00" + request.user.encode()
+    if request.messages is not None:
+        text = "\x00".join(f"{m.role}\x01{m.content}" for m in request.messages)
+    else:
+        text = request.prompt or ""
+    return b"prefix\x00" + text[:PREFIX_CHARS].encode()
+
+
+def _score(key: bytes, node_id: NodeId) -> bytes:
+    return hashlib.sha256(key + node_id.key).digest()
+
+
+def rank_hosts(hosts: Iterable[HostLoad], key: bytes, slack: int = 2) -> list[NodeId]:
+    """Hosts in the order to try them: the chosen one first, the rest by affinity."""
+    by_affinity = sorted(hosts, key=lambda h: _score(key, h.node_id), reverse=True)
+    if not by_affinity:
+        return []
+    preferred = by_affinity[0]
+    least = min(by_affinity, key=lambda h: h.inflight)  # ties: the earlier by affinity
+    if preferred.inflight - least.inflight > slack:
+        by_affinity.remove(least)
+        by_affinity.insert(0, least)
+    return [h.node_id for h in by_affinity]

@@ -1,0 +1,138 @@
+"""The tunnel: a completion sent to its host over a QUIC stream, tokens streamed back.
+
+The host side serves `Generate` from the models it hosts (`LocalModels`); the caller side
+turns the host's `GenerateChunk`s back into `Delta`s. Flow control is the transport's:
+a slow client slows the host. Cancelling the caller's stream (client gone) resets the QUIC
+stream, which cancels the generation on the host.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from mesh_node.engine.sampling import SamplingParams
+from mesh_node.serving.local import LocalModels
+from mesh_node.serving.messages import ChatTurn, Generate, GenerateChunk
+from mesh_node.serving.requests import (
+    BadRequest,
+    ChatMessage,
+    CompletionRequest,
+    Delta,
+    GenerationFailed,
+    ModelNotFound,
+    NoHostAvailable,
+    Overloaded,
+)
+from mesh_node.transport.connection import Connection, Handlers, RequestContext
+from mesh_node.transport.errors import ErrorCode, RemoteError, RequestFailed, TransportError
+
+
+class HostFailed(Exception):
+    """The host could not finish this request (gone, unloading, failed): try another."""
+
+
+class HostBusy(Exception):
+    """The host is at capacity: try another, or tell the client to retry."""
+
+
+def to_wire(request: CompletionRequest) -> Generate:
+    s = request.sampling
+    return Generate(
+        request_id=request.request_id,
+        model=request.model,
+        messages=[ChatTurn(m.role, m.content) for m in request.messages]
+        if request.messages is not None
+        else None,
+        prompt=request.prompt,
+        generated_ids=list(request.generated_ids),
+        max_tokens=s.max_tokens,
+        temperature=s.temperature,
+        top_p=s.top_p,
+        top_k=s.top_k,
+        seed=s.seed,
+        stop=list(s.stop),
+    )
+
+
+def from_wire(message: Generate) -> CompletionRequest:
+    """Raises ValueError when the request cannot be served as given."""
+    sampling = SamplingParams(
+        max_tokens=message.max_tokens,
+        temperature=message.temperature,
+        top_p=message.top_p,
+        top_k=message.top_k,
+        seed=message.seed,
+        stop=tuple(message.stop),
+    )
+    messages = (
+        tuple(ChatMessage(t.role, t.content) for t in message.messages)
+        if message.messages is not None
+        else None
+    )
+    return CompletionRequest(
+        model=message.model,
+        request_id=message.request_id,
+        messages=messages,
+        prompt=message.prompt,
+        sampling=sampling,
+        generated_ids=tuple(message.generated_ids),
+    )
+
+
+class TunnelHost:
+    """Serves `Generate` requests for the models this node hosts."""
+
+    def __init__(self, handlers: Handlers, local: LocalModels):
+        self.local = local
+        handlers.on_stream(Generate, self._serve)
+
+    async def _serve(self, ctx: RequestContext, message: Generate) -> AsyncIterator[GenerateChunk]:
+        try:
+            request = from_wire(message)
+        except ValueError as exc:
+            raise RequestFailed(ErrorCode.BAD_REQUEST, str(exc)) from None
+        try:
+            async with self.local.stream(request) as deltas:
+                async for delta in deltas:
+                    yield GenerateChunk(
+                        text=delta.text,
+                        token_ids=list(delta.token_ids),
+                        finish_reason=delta.finish_reason,
+                        prompt_tokens=delta.prompt_tokens,
+                        completion_tokens=delta.completion_tokens,
+                    )
+        except ModelNotFound as exc:
+            raise RequestFailed(ErrorCode.NOT_FOUND, exc.message) from None
+        except Overloaded as exc:
+            raise RequestFailed(ErrorCode.OVERLOADED, exc.message) from None
+        except BadRequest as exc:
+            raise RequestFailed(ErrorCode.BAD_REQUEST, exc.message) from None
+        except (NoHostAvailable, GenerationFailed) as exc:
+            raise RequestFailed(ErrorCode.UNAVAILABLE, exc.message) from None
+
+
+async def stream_from_host(
+    conn: Connection, request: CompletionRequest, *, item_timeout: float
+) -> AsyncIterator[Delta]:
+    """The host's answer as Deltas. Raises BadRequest (the request itself is wrong),
+    HostBusy, or HostFailed (anything else: try another host)."""
+    try:
+        async with conn.stream(to_wire(request), timeout=item_timeout) as chunks:
+            async for chunk in chunks:
+                if not isinstance(chunk, GenerateChunk):
+                    raise HostFailed(f"host answered with {type(chunk).__name__}")
+                yield Delta(
+                    text=chunk.text,
+                    token_ids=tuple(chunk.token_ids),
+                    finish_reason=chunk.finish_reason,
+                    prompt_tokens=chunk.prompt_tokens,
+                    completion_tokens=chunk.completion_tokens,
+                )
+    except RemoteError as exc:
+        if exc.code == ErrorCode.BAD_REQUEST:
+            raise BadRequest(exc.message) from None
+        if exc.code == ErrorCode.OVERLOADED:
+            raise HostBusy(exc.message) from None
+        raise HostFailed(f"{ErrorCode.describe(exc.code)}: {exc.message}") from None
+    except (TransportError, TimeoutError) as exc:
+        raise HostFailed(str(exc)) from None
