@@ -115,6 +115,7 @@ class Node:
         return [Address(ip, port) for ip in found[:8]]
 
     async def start(self) -> None:
+        offered = [] if self.config.client else await self._resolve_models()  # fail fast
         await self.endpoint.start()
         addresses = self.advertised_addresses()
         now_ms = int(time.time() * 1000)
@@ -130,7 +131,6 @@ class Node:
         self.membership = Membership(
             self.endpoint, self_state, config=self.config.membership, seeds=self.config.peers
         )
-        offered = [] if self.config.client else await self._resolve_models()
         self.hosting = Hosting(
             self.membership,
             self.local,

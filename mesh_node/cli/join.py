@@ -8,8 +8,10 @@ import logging
 import sys
 
 from mesh_node.cli.arguments import host_port, port_number
+from mesh_node.engine.errors import EngineError
 from mesh_node.identity import IdentityError, default_home
 from mesh_node.node import Node, NodeConfig
+from mesh_node.serving.hosting import HostingConfig
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -45,6 +47,33 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "--host",
         default="0.0.0.0",
         help="address to listen on (default: %(default)s, all IPv4 interfaces)",
+    )
+    parser.add_argument(
+        "--model",
+        metavar="M",
+        action="append",
+        default=[],
+        help="a model this node offers to host: a local Hugging Face model folder or a "
+        "Hugging Face repo id (repeatable; default: the built-in model). The mesh elects "
+        "one or more hosts per model among the nodes that have it and enough free memory",
+    )
+    parser.add_argument(
+        "--client",
+        action="store_true",
+        help="never host a model; still answer API requests by passing them to hosts",
+    )
+    parser.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda"],
+        default="auto",
+        help="where hosted models run (default: %(default)s, a GPU when torch sees one)",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        default="auto",
+        help="weights' precision (default: %(default)s: bfloat16 on CPU for models over 100M "
+        "parameters, the checkpoint's on GPU, float32 for tiny models)",
     )
     parser.add_argument(
         "--advertise",
@@ -115,6 +144,11 @@ def run(args: argparse.Namespace) -> int:
             advertise=tuple(args.advertise),
             home=default_home(),
             ephemeral=args.ephemeral,
+            models=tuple(args.model),
+            client=args.client,
+            hosting=HostingConfig(
+                device=args.device, dtype=None if args.dtype == "auto" else args.dtype
+            ),
             mdns=not args.no_mdns,
             mdns_interfaces=tuple(args.mdns_interface),
             console_host=args.console_host,
@@ -127,6 +161,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"node {node.node_id.short}  ({node.node_id})", flush=True)
     try:
         asyncio.run(node.run_until_signal(announce=print))
+    except EngineError as exc:  # e.g. a --model that cannot be found or fetched
+        print(f"mesh-node: {exc}", file=sys.stderr)
+        return 2
     except OSError as exc:
         print(f"mesh-node: {exc}", file=sys.stderr)
         return 1

@@ -24,6 +24,7 @@
   const SECTIONS = [
     { key: "peers", title: "Nodes", render: renderPeers },
     { key: "models", title: "Models", render: renderModels },
+    { key: "hosting", title: "Hosting", render: renderHosting },
   ];
 
   const state = {
@@ -219,6 +220,22 @@
         el("td", { class: "muted" }, size(m.name)),
         el("td", {}, (m.served_by || []).length ? m.served_by.map(peerLabel) : muted("nobody")),
         el("td", {}, (m.on_disk || []).map(peerLabel)))))));
+  }
+
+  function renderHosting(body, hosting) {
+    if (!Array.isArray(hosting) || !hosting.length) {
+      body.replaceChildren(el("p", { class: "empty" }, "No model to host yet."));
+      return;
+    }
+    const list = (ids, none) => ((ids || []).length ? ids.map(peerLabel) : muted(none));
+    body.replaceChildren(el("table", {},
+      el("thead", {}, el("tr", {}, ["Model", "Elected hosts", "Ready", "Eligible", "Plan"].map((c) => el("th", {}, c)))),
+      el("tbody", {}, hosting.map((h) => el("tr", { "data-hosting": h.model },
+        el("td", {}, el("code", {}, h.model)),
+        el("td", {}, list(h.hosts, "nobody fits")),
+        el("td", {}, list(h.ready, "loading")),
+        el("td", { class: "muted" }, `${(h.eligible || []).length} node(s)`),
+        el("td", { class: "muted" }, el("code", {}, h.fingerprint || "")))))));
   }
 
   // ---------------------------------------------------------------- anything else
