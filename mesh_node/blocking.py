@@ -26,11 +26,13 @@ async def run_blocking(fn: Callable[[], Any], name: str = "blocking") -> Any:
 
     def work() -> None:
         try:
-            result = fn()
-        except BaseException as exc:  # handed to the awaiting task
-            loop.call_soon_threadsafe(settle, None, exc)
-        else:
-            loop.call_soon_threadsafe(settle, result, None)
+            result, exc = fn(), None
+        except BaseException as error:  # handed to the awaiting task
+            result, exc = None, error
+        try:
+            loop.call_soon_threadsafe(settle, result, exc)
+        except RuntimeError:
+            pass  # the loop closed meanwhile (the node stopped): nobody is waiting
 
     threading.Thread(target=work, name=name, daemon=True).start()
     return await future
