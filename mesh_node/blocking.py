@@ -7,6 +7,7 @@ node told to stop leaves at once even while a model is still loading.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -29,10 +30,9 @@ async def run_blocking(fn: Callable[[], Any], name: str = "blocking") -> Any:
             result, exc = fn(), None
         except BaseException as error:  # handed to the awaiting task
             result, exc = None, error
-        try:
+        # the loop may have closed meanwhile (the node stopped): then nobody is waiting
+        with contextlib.suppress(RuntimeError):
             loop.call_soon_threadsafe(settle, result, exc)
-        except RuntimeError:
-            pass  # the loop closed meanwhile (the node stopped): nobody is waiting
 
     threading.Thread(target=work, name=name, daemon=True).start()
     return await future
