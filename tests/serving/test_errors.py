@@ -1,0 +1,311 @@
+"""Every error the API answers: OpenAI's JSON shape, the exact status, the field it names;
+and the node keeps serving after each."""
+
+from __future__ import annotations
+
+import json
+
+import openai
+import pytest
+
+from mesh_node.serving.api import ApiServer
+from tests.serving.backends import CRASH_ON_OPEN, OVERLOADED, ScriptedBackend
+from tests.serving.conftest import MODEL
+
+CHAT = "/v1/chat/completions"
+COMPLETIONS = "/v1/completions"
+QUESTION = [{"role": "user", "content": "What is 348 + 276?"}]
+
+
+def chat(**fields) -> dict:
+    return {"model": MODEL, "messages": QUESTION, "temperature": 0} | fields
+
+
+def completion(**fields) -> dict:
+    return {"model": MODEL, "prompt": "<|user|>\nWhat is 2 + 2?<|end|>\n<|assistant|>\n"} | fields
+
+
+async def post(http, server, path, body, headers=None) -> tuple[int, dict]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    async with http.post(server.url + path, data=data, headers=headers) as response:
+        assert response.content_type == "application/json"
+        return response.status, await response.json()
+
+
+def assert_error(payload: dict, type_: str, param: str | None = None) -> dict:
+    error = payload["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["type"] == type_
+    assert error["param"] == param
+    assert isinstance(error["message"], str) and error["message"]
+    return error
+
+
+async def assert_still_serving(http, server, headers=None) -> None:
+    status, payload = await post(http, server, CHAT, chat(), headers)
+    assert status == 200
+    assert payload["choices"][0]["message"]["content"] == "624"
+
+
+INVALID_CHAT = [
+    (b"{not json", None),
+    (b"\xff\xfe", None),
+    (b"[" * 50000, None),
+    (b"[1, 2]", None),
+    (b'"a string"', None),
+    ({"messages": QUESTION}, "model"),
+    ({"model": 5, "messages": QUESTION}, "model"),
+    ({"model": ""}, "model"),
+    ({"model": MODEL}, "messages"),
+    (chat(messages=[]), "messages"),
+    (chat(messages="hello"), "messages"),
+    (chat(messages=["hello"]), "messages[0]"),
+    (chat(messages=[{"role": "robot", "content": "x"}]), "messages[0].role"),
+    (chat(messages=[{"role": "tool", "content": "x", "tool_call_id": "t"}]), "messages[0].role"),
+    (chat(messages=[{"role": "user"}]), "messages[0].content"),
+    (chat(messages=[{"role": "user", "content": 5}]), "messages[0].content"),
+    (
+        chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]),
+        "messages[0].content[0].type",
+    ),
+    (
+        chat(messages=[{"role": "user", "content": [{"type": "text", "text": 1}]}]),
+        "messages[0].content[0].text",
+    ),
+    (
+        chat(messages=[{"role": "assistant", "content": None, "tool_calls": [{"id": "x"}]}]),
+        "messages[0].tool_calls",
+    ),
+    (chat(max_tokens=0), "max_tokens"),
+    (chat(max_tokens=-5), "max_tokens"),
+    (chat(max_tokens=1.5), "max_tokens"),
+    (chat(max_tokens="10"), "max_tokens"),
+    (chat(max_tokens=True), "max_tokens"),
+    (chat(max_tokens=32769), "max_tokens"),
+    (chat(max_tokens=10**30), "max_tokens"),
+    (chat(max_completion_tokens=0), "max_completion_tokens"),
+    (chat(temperature=2.5), "temperature"),
+    (chat(temperature=-0.1), "temperature"),
+    (chat(temperature="hot"), "temperature"),
+    (chat(top_p=0), "top_p"),
+    (chat(top_p=1.01), "top_p"),
+    (chat(top_k=-1), "top_k"),
+    (chat(top_k=2.5), "top_k"),
+    (chat(seed="x"), "seed"),
+    (chat(seed=2**70), "seed"),
+    (chat(stop=5), "stop"),
+    (chat(stop=["a", "b", "c", "d", "e"]), "stop"),
+    (chat(stop=[""]), "stop"),
+    (chat(stream="yes"), "stream"),
+    (chat(stream_options={"include_usage": True}), "stream_options"),
+    (chat(stream=True, stream_options={"include_usage": "yes"}), "stream_options.include_usage"),
+    (chat(n=2), "n"),
+    (chat(n=0), "n"),
+    (chat(presence_penalty=0.5), "presence_penalty"),
+    (chat(frequency_penalty=-1), "frequency_penalty"),
+    (chat(logprobs=True), "logprobs"),
+    (chat(top_logprobs=3), "top_logprobs"),
+    (chat(logit_bias={"50256": -100}), "logit_bias"),
+    (chat(tools=[{"type": "function", "function": {"name": "f"}}]), "tools"),
+    (chat(tool_choice="required"), "tool_choice"),
+    (chat(functions=[{"name": "f"}]), "functions"),
+    (chat(response_format={"type": "json_object"}), "response_format"),
+    (chat(modalities=["text", "audio"]), "modalities"),
+    (chat(user=7), "user"),
+]
+
+
+@pytest.mark.parametrize(("body", "param"), INVALID_CHAT)
+async def test_invalid_chat_requests(http, server, body, param):
+    status, payload = await post(http, server, CHAT, body)
+    assert status == 400
+    error = assert_error(payload, "invalid_request_error", param)
+    assert param is None or param in error["message"]
+
+
+INVALID_COMPLETIONS = [
+    ({"model": MODEL}, "prompt"),
+    (completion(prompt=5), "prompt"),
+    (completion(prompt=["one", "two"]), "prompt"),
+    (completion(prompt=[]), "prompt"),
+    (completion(prompt=[1, 2, 3]), "prompt"),
+    (completion(prompt=[[1, 2]]), "prompt"),
+    (completion(echo=True), "echo"),
+    (completion(suffix="tail"), "suffix"),
+    (completion(best_of=2), "best_of"),
+    (completion(logprobs=2), "logprobs"),
+    (completion(max_tokens=0), "max_tokens"),
+    (completion(temperature=3), "temperature"),
+]
+
+
+@pytest.mark.parametrize(("body", "param"), INVALID_COMPLETIONS)
+async def test_invalid_completion_requests(http, server, body, param):
+    status, payload = await post(http, server, COMPLETIONS, body)
+    assert status == 400
+    assert_error(payload, "invalid_request_error", param)
+
+
+async def test_errors_leave_the_node_serving(http, server):
+    for body, _ in INVALID_CHAT[:12]:
+        status, _payload = await post(http, server, CHAT, body)
+        assert status == 400
+    await assert_still_serving(http, server)
+
+
+async def test_backend_decides_what_a_model_is(http, server):
+    # neither hosted nor known: the backend's ModelNotFound, stream or not
+    for stream in (False, True):
+        status, payload = await post(http, server, CHAT, chat(model="gpt-4", stream=stream))
+        assert status == 404
+        assert assert_error(payload, "invalid_request_error", "model")["code"] == "model_not_found"
+    # the engine refuses a prompt longer than the context: a 400 too
+    long = [{"role": "user", "content": " ".join(["apple"] * 400)}]
+    status, payload = await post(http, server, CHAT, chat(messages=long))
+    assert status == 400
+    assert "context" in assert_error(payload, "invalid_request_error")["message"]
+    await assert_still_serving(http, server)
+
+
+async def test_max_tokens_cap_is_configurable(http, local_models):
+    async with ApiServer(local_models, port=0, max_tokens_limit=100) as server:
+        status, payload = await post(http, server, CHAT, chat(max_tokens=101))
+        assert status == 400
+        assert "100" in assert_error(payload, "invalid_request_error", "max_tokens")["message"]
+        status, _ = await post(http, server, CHAT, chat(max_tokens=100))
+        assert status == 200
+
+
+async def test_unknown_paths_and_methods(http, server):
+    for method, path, status in [
+        ("GET", "/v1/nothing-here", 404),
+        ("POST", "/v2/chat/completions", 404),
+        ("GET", "/", 404),
+        ("GET", CHAT, 405),
+        ("DELETE", "/v1/models", 405),
+    ]:
+        async with http.request(method, server.url + path) as response:
+            assert response.status == status
+            payload = await response.json()
+            assert_error(payload, "invalid_request_error")
+            if status == 405:
+                assert "POST" in response.headers["Allow"] or "GET" in response.headers["Allow"]
+    await assert_still_serving(http, server)
+
+
+async def test_body_too_large(http, server):
+    big = json.dumps(chat(padding="x" * (4 * 1024 * 1024))).encode()
+    status, payload = await post(http, server, CHAT, big)
+    assert status == 413
+    assert_error(payload, "invalid_request_error")
+    await assert_still_serving(http, server)
+
+
+async def test_chunked_body_too_large(http, local_models):
+    async def chunks():
+        for _ in range(8):
+            yield b" " * 512
+
+    async with ApiServer(local_models, port=0, max_body_bytes=2048) as server:
+        async with http.post(server.url + CHAT, data=chunks()) as response:
+            assert response.status == 413
+            assert_error(await response.json(), "invalid_request_error")
+        await assert_still_serving(http, server)
+
+
+async def test_api_key(http, local_models):
+    async with ApiServer(local_models, port=0, api_key="sekret") as server:
+        good = {"Authorization": "Bearer sekret"}
+        for headers in (None, {"Authorization": "Bearer wrong"}, {"Authorization": "sekret"}):
+            for method, path in (("GET", "/v1/models"), ("POST", CHAT), ("GET", "/v1/nope")):
+                async with http.request(method, server.url + path, headers=headers) as response:
+                    assert response.status == 401
+                    assert response.headers["WWW-Authenticate"] == "Bearer"
+                    error = assert_error(await response.json(), "authentication_error")
+                    assert error["code"] == "invalid_api_key"
+        async with openai.AsyncOpenAI(
+            base_url=server.base_url, api_key="wrong", max_retries=0, timeout=10
+        ) as wrong:
+            with pytest.raises(openai.AuthenticationError):
+                await wrong.models.list()
+        async with openai.AsyncOpenAI(
+            base_url=server.base_url, api_key="sekret", max_retries=0, timeout=10
+        ) as right:
+            assert [m.id for m in (await right.models.list()).data] == [MODEL]
+        await assert_still_serving(http, server, good)
+
+
+@pytest.fixture
+async def scripted():
+    backend = ScriptedBackend()
+    async with ApiServer(backend, port=0, shutdown_timeout=2.0) as server:
+        yield backend, server
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize(
+    ("model", "status", "type_", "code"),
+    [
+        (OVERLOADED, 429, "rate_limit_error", "overloaded"),
+        ("no-host", 503, "server_error", "no_host_available"),
+        ("crash", 500, "server_error", "internal_error"),
+        (CRASH_ON_OPEN, 500, "server_error", "internal_error"),
+        ("empty", 502, "server_error", "generation_failed"),
+    ],
+)
+async def test_backend_errors_before_the_first_delta(
+    http, scripted, model, status, type_, code, stream, caplog
+):
+    """Before any delta, even a stream request gets a plain HTTP error (no event stream)."""
+    _, server = scripted
+    got, payload = await post(http, server, CHAT, chat(model=model, stream=stream))
+    assert got == status
+    error = assert_error(payload, type_)
+    assert error["code"] == code
+    assert "secret" not in error["message"]  # unexpected errors stay in the log
+    if status == 500:
+        assert "secret internal detail" in caplog.text
+    status, payload = await post(http, server, CHAT, chat(model="echo"))
+    assert status == 200 and payload["choices"][0]["message"]["content"] == "ok"
+
+
+async def test_openai_client_sees_status_errors(scripted):
+    _, server = scripted
+    async with openai.AsyncOpenAI(
+        base_url=server.base_url, api_key="unused", max_retries=0, timeout=10
+    ) as oai:
+        with pytest.raises(openai.RateLimitError):
+            await oai.chat.completions.create(model=OVERLOADED, messages=QUESTION)
+        with pytest.raises(openai.InternalServerError) as caught:
+            await oai.chat.completions.create(model="no-host", messages=QUESTION, stream=True)
+        assert caught.value.status_code == 503
+        with pytest.raises(openai.BadRequestError) as bad:
+            await oai.chat.completions.create(model="echo", messages=QUESTION, n=3)
+        assert bad.value.body["param"] == "n"
+
+
+async def test_unfinished_generation_is_a_bad_gateway(http, scripted):
+    _, server = scripted
+    status, payload = await post(http, server, CHAT, chat(model="unfinished"))
+    assert status == 502
+    assert assert_error(payload, "server_error")["code"] == "generation_failed"
+
+
+async def test_request_ids_are_unique(http, scripted):
+    backend, server = scripted
+    ids = set()
+    for path, body in ((CHAT, chat(model="echo")), (COMPLETIONS, completion(model="echo"))):
+        for _ in range(5):
+            status, payload = await post(http, server, path, body)
+            assert status == 200
+            ids.add(payload["id"])
+    assert len(ids) == 10
+    assert {r.request_id for r in backend.requests} == ids
+
+
+async def test_head_and_get_with_a_body(http, server):
+    async with http.head(server.url + "/v1/models") as response:
+        assert response.status == 200
+    async with http.get(server.url + "/v1/models", data=b"junk") as response:
+        assert response.status == 200
+    await assert_still_serving(http, server)
