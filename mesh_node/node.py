@@ -24,6 +24,7 @@ from mesh_node.membership.state import SelfState, probe_hardware
 from mesh_node.membership.swim import Membership, MembershipConfig
 from mesh_node.membership.view import MeshView
 from mesh_node.protocol import REGISTRY
+from mesh_node.serving.api import ApiServer
 from mesh_node.serving.gateway import Gateway, GatewayConfig
 from mesh_node.serving.hosting import Hosting, HostingConfig
 from mesh_node.serving.local import LocalModels
@@ -55,6 +56,9 @@ class NodeConfig:
     mdns_interfaces: tuple[str, ...] = ()
     console_host: str = "127.0.0.1"
     console_port: int | None = 3131  # None: no console
+    api_host: str = "127.0.0.1"
+    api_port: int | None = 9337  # None: no API
+    api_key: str | None = None
     membership: MembershipConfig = field(default_factory=MembershipConfig)
     hosting: HostingConfig = field(default_factory=HostingConfig)
     gateway: GatewayConfig = field(default_factory=GatewayConfig)
@@ -92,6 +96,7 @@ class Node:
         TunnelHost(self.endpoint.handlers, self.local)
         self.discovery: MdnsDiscovery | None = None
         self.console: ConsoleServer | None = None
+        self.api: ApiServer | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
 
     @property
@@ -151,6 +156,14 @@ class Node:
         await self.membership.start()
         await self.hosting.start()
         self._spawn(self._hardware_loop())
+        if self.config.api_port is not None:
+            self.api = ApiServer(
+                self.gateway,
+                host=self.config.api_host,
+                port=self.config.api_port,
+                api_key=self.config.api_key,
+            )
+            await self.api.start()
         if self.config.console_port is not None:
             self.console = ConsoleServer(
                 self.view, host=self.config.console_host, port=self.config.console_port
@@ -202,6 +215,8 @@ class Node:
 
     async def stop(self) -> None:
         """Leave the mesh cleanly: peers are told at once, then connections close."""
+        if self.api is not None:
+            await self.api.stop()
         if self.console is not None:
             await self.console.stop()
         if self.discovery is not None:
@@ -229,6 +244,8 @@ class Node:
                 announce(f"listening on udp {self.endpoint.host}:{self.endpoint.port}")
                 if self.console is not None:
                     announce(f"console on {self.console.url}")
+                if self.api is not None:
+                    announce(f"api on {self.api.base_url}")
                 sys.stdout.flush()
             await stop.wait()
             log.info("signal received: leaving the mesh")

@@ -30,6 +30,7 @@ from mesh_node.membership.messages import (
     SyncRequest,
 )
 from mesh_node.protocol import REGISTRY
+from mesh_node.serving.messages import ChatTurn, Generate, GenerateChunk
 from mesh_node.transport.frames import frame_parts
 from mesh_node.transport.messages import (
     Auth,
@@ -93,6 +94,20 @@ EXAMPLES = [
     StateRequest(),
     STATE,
     StateDelta(node=KEY_A, base=1700000000042, version=1700000000043, load=Load(0, 0.0)),
+    Generate(
+        request_id="chatcmpl-4f9c2a",
+        model="builtin",
+        messages=[ChatTurn("user", "What is 348 + 276?")],
+        generated_ids=[26, 22],
+        max_tokens=16,
+        temperature=0.0,
+        seed=7,
+        stop=["\n"],
+    ),
+    GenerateChunk(text="4", token_ids=[24]),
+    GenerateChunk(
+        text="", token_ids=[1], finish_reason="stop", prompt_tokens=18, completion_tokens=4
+    ),
 ]
 
 OUT = Path(__file__).resolve().parent.parent / "proto" / "vectors"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 
 from mesh_node.cli.arguments import host_port, port_number
@@ -85,6 +86,26 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "machine's interface addresses with --port); set it behind NAT or in containers",
     )
     parser.add_argument(
+        "--api-port",
+        type=port_number,
+        default=9337,
+        help="TCP port of the OpenAI-compatible API (default: %(default)s; 0 picks one)",
+    )
+    parser.add_argument(
+        "--api-host",
+        default="127.0.0.1",
+        help="address the API listens on (default: %(default)s, this machine only; use "
+        "0.0.0.0 to serve the LAN, ideally with --api-key)",
+    )
+    parser.add_argument(
+        "--api-key",
+        metavar="KEY",
+        default=os.environ.get("MESH_NODE_API_KEY"),
+        help="require `Authorization: Bearer KEY` on every API request (default: "
+        "$MESH_NODE_API_KEY if set, else no key)",
+    )
+    parser.add_argument("--no-api", action="store_true", help="do not serve the API")
+    parser.add_argument(
         "--console-port",
         type=port_number,
         default=3131,
@@ -153,6 +174,9 @@ def run(args: argparse.Namespace) -> int:
             mdns_interfaces=tuple(args.mdns_interface),
             console_host=args.console_host,
             console_port=None if args.no_console else args.console_port,
+            api_host=args.api_host,
+            api_port=None if args.no_api else args.api_port,
+            api_key=args.api_key or None,
         )
         node = Node(config)
     except IdentityError as exc:

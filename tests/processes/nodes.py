@@ -20,6 +20,7 @@ class NodeProcess:
         self.node_id: NodeId | None = None
         self.port: int | None = None
         self.console_url: str | None = None
+        self.api_url: str | None = None
         self.stderr_lines: list[str] = []
         self._stderr_task = asyncio.create_task(self._collect_stderr())
         self._stderr_waiters: list[tuple[re.Pattern[str], asyncio.Future[str]]] = []
@@ -41,6 +42,8 @@ class NodeProcess:
             "debug",
             "--console-port",
             "0",
+            "--api-port",
+            "0",
             *(args if "--mdns-interface" in args else ("--no-mdns", *args)),
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
@@ -52,7 +55,7 @@ class NodeProcess:
 
     async def _read_banner(self, timeout: float = 60.0) -> None:
         async with asyncio.timeout(timeout):
-            while self.port is None or self.console_url is None:
+            while self.port is None or self.console_url is None or self.api_url is None:
                 line = (await self.proc.stdout.readline()).decode()
                 if not line:
                     raise RuntimeError(f"node exited early: {''.join(self.stderr_lines)}")
@@ -62,6 +65,8 @@ class NodeProcess:
                     self.port = int(m.group(1))
                 if m := re.match(r"console on (\S+)", line):
                     self.console_url = m.group(1)
+                if m := re.match(r"api on (\S+)", line):
+                    self.api_url = m.group(1)
 
     @property
     def address(self) -> tuple[str, int]:
