@@ -104,7 +104,6 @@ EXAMPLES = [
         seed=7,
         stop=["\n"],
     ),
-    GenerateChunk(text="4", token_ids=[24]),
     GenerateChunk(
         text="", token_ids=[1], finish_reason="stop", prompt_tokens=18, completion_tokens=4
     ),
