@@ -46,6 +46,7 @@ class Mesh:
             peers=peers,
             mdns=False,
             console_port=None,
+            api_port=None,
         )
         node = Node(config, endpoint=endpoint)
         await node.start()

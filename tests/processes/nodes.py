@@ -26,8 +26,15 @@ class NodeProcess:
         self._stderr_waiters: list[tuple[re.Pattern[str], asyncio.Future[str]]] = []
 
     @classmethod
-    async def join(cls, mesh_id: str, *args: str, env: dict[str, str] | None = None):
+    async def join(
+        cls,
+        mesh_id: str,
+        *args: str,
+        env: dict[str, str] | None = None,
+        prefix: tuple[str, ...] = (),  # e.g. ("taskset", "-c", "1") to pin the process
+    ):
         proc = await asyncio.create_subprocess_exec(
+            *prefix,
             sys.executable,
             "-m",
             "mesh_node",
