@@ -17,6 +17,8 @@ from typing import Any
 from mesh_node.blocking import run_blocking
 from mesh_node.console.server import ConsoleServer
 from mesh_node.engine.catalog import ResolvedModel, resolve_model
+from mesh_node.expert_parallel.coordinator import ExpertParallel, ExpertParallelConfig
+from mesh_node.expert_parallel.service import ExpertService
 from mesh_node.identity import MeshSecret, NodeId, NodeIdentity, default_home
 from mesh_node.membership.discovery import MdnsDiscovery, local_ipv4_addresses
 from mesh_node.membership.messages import Address
@@ -62,6 +64,7 @@ class NodeConfig:
     membership: MembershipConfig = field(default_factory=MembershipConfig)
     hosting: HostingConfig = field(default_factory=HostingConfig)
     gateway: GatewayConfig = field(default_factory=GatewayConfig)
+    experts: ExpertParallelConfig = field(default_factory=ExpertParallelConfig)
 
 
 class Node:
@@ -94,6 +97,8 @@ class Node:
         self.hosting: Hosting | None = None
         self.gateway: Gateway | None = None
         TunnelHost(self.endpoint.handlers, self.local)
+        self.expert_service = ExpertService(self.endpoint.handlers)
+        self.experts: ExpertParallel | None = None
         self.discovery: MdnsDiscovery | None = None
         self.console: ConsoleServer | None = None
         self.api: ApiServer | None = None
@@ -136,12 +141,23 @@ class Node:
         self.membership = Membership(
             self.endpoint, self_state, config=self.config.membership, seeds=self.config.peers
         )
+        self.experts = ExpertParallel(
+            self.endpoint,
+            self.membership,
+            self.expert_service,
+            self.endpoint.handlers,
+            config=self.config.experts,
+            device=self.config.hosting.device,
+            dtype=self.config.hosting.dtype,
+            elected_host=self._elected_host,
+        )
         self.hosting = Hosting(
             self.membership,
             self.local,
             offered,
             config=self.config.hosting,
             client=self.config.client,
+            experts=self.experts,
         )
         self.gateway = Gateway(
             self.node_id,
@@ -153,8 +169,11 @@ class Node:
         )
         self.view = MeshView(self.membership.table, extra=self._status_sections)
         self.hosting.on_change(self.view.publish_status)
+        self.hosting.on_change(self.experts.kick)
+        self.experts.on_change(self.view.publish_status)
         await self.membership.start()
         await self.hosting.start()
+        await self.experts.start()
         self._spawn(self._hardware_loop())
         if self.config.api_port is not None:
             self.api = ApiServer(
@@ -186,7 +205,14 @@ class Node:
         return await asyncio.to_thread(lambda: [resolve_model(spec) for spec in specs])
 
     def _status_sections(self) -> dict[str, Any]:
-        return {"hosting": self.hosting.status() if self.hosting is not None else []}
+        return {
+            "hosting": self.hosting.status() if self.hosting is not None else [],
+            "experts": self.experts.status() if self.experts is not None else [],
+        }
+
+    def _elected_host(self, model: str) -> NodeId | None:
+        election = self.hosting.elections.get(model) if self.hosting is not None else None
+        return election.hosts[0] if election is not None and election.hosts else None
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)
@@ -230,6 +256,8 @@ class Node:
             await self.membership.leave()
         if self.hosting is not None:
             await self.hosting.stop()
+        if self.experts is not None:
+            await self.experts.stop()
         await self.endpoint.close()
 
     async def run_until_signal(self, announce: Callable[[str], None] | None = None) -> None:

@@ -7,6 +7,7 @@ proto/PROTOCOL.md documents every entry; tests check each against proto/vectors/
 
 from __future__ import annotations
 
+from mesh_node.expert_parallel.messages import EXPERT_MESSAGES
 from mesh_node.membership.messages import MEMBERSHIP_MESSAGES
 from mesh_node.serving.messages import SERVING_MESSAGES
 from mesh_node.transport.messages import TRANSPORT_MESSAGES
@@ -16,6 +17,7 @@ MESSAGES: dict[int, type] = {
     **TRANSPORT_MESSAGES,
     **MEMBERSHIP_MESSAGES,
     **SERVING_MESSAGES,
+    **EXPERT_MESSAGES,
 }
 
 REGISTRY = Registry(MESSAGES)

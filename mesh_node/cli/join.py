@@ -8,8 +8,9 @@ import logging
 import os
 import sys
 
-from mesh_node.cli.arguments import host_port, port_number
+from mesh_node.cli.arguments import byte_size, host_port, port_number
 from mesh_node.engine.errors import EngineError
+from mesh_node.expert_parallel.coordinator import ExpertParallelConfig
 from mesh_node.identity import IdentityError, default_home
 from mesh_node.node import Node, NodeConfig
 from mesh_node.serving.hosting import HostingConfig
@@ -75,6 +76,22 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         default="auto",
         help="weights' precision (default: %(default)s: bfloat16 on CPU for models over 100M "
         "parameters, the checkpoint's on GPU, float32 for tiny models)",
+    )
+    parser.add_argument(
+        "--moe-split",
+        action="store_true",
+        help="expert parallelism: offer this node's Mixture-of-Experts models split across the "
+        "mesh, each node holding a share of the experts in proportion to its memory (exact: "
+        "same output as one node holding everything). A model is split when any node offers "
+        "it so; start every node of the mesh with the same --dtype",
+    )
+    parser.add_argument(
+        "--expert-memory",
+        metavar="SIZE",
+        type=byte_size,
+        default=None,
+        help="with --moe-split: memory this node offers for experts of each split model, e.g. "
+        "4GiB (default: 80%% of the free RAM at start, shared among the split models)",
     )
     parser.add_argument(
         "--advertise",
@@ -167,6 +184,7 @@ def run(args: argparse.Namespace) -> int:
             ephemeral=args.ephemeral,
             models=tuple(args.model),
             client=args.client,
+            experts=ExpertParallelConfig(enabled=args.moe_split, memory=args.expert_memory),
             hosting=HostingConfig(
                 device=args.device, dtype=None if args.dtype == "auto" else args.dtype
             ),

@@ -63,6 +63,8 @@ class ExpertBank(nn.Module):
         self.expert_ids = tuple(int(e) for e in expert_ids)
         self._position = {e: j for j, e in enumerate(self.expert_ids)}
         self.intermediate_size = down.shape[-1]
+        self.dtype = gate_up.dtype
+        self.device = gate_up.device
         self.gate_up = WeightStack(gate_up, layout)
         self.down = WeightStack(down, layout)
 
@@ -72,6 +74,17 @@ class ExpertBank(nn.Module):
 
     def holds(self, expert: int) -> bool:
         return expert in self._position
+
+    def subset(self, expert_ids: Sequence[int]) -> ExpertBank:
+        """A new bank of some of these experts (copies their weights; this bank is unchanged)."""
+        missing = [e for e in expert_ids if e not in self._position]
+        if missing:
+            raise ExpertNotLoadedError(f"experts {missing} of layer {self.layer} are not here")
+        ids = sorted(set(int(e) for e in expert_ids))
+        positions = [self._position[e] for e in ids]
+        gate_up = torch.stack([self.gate_up.dense(j) for j in positions])
+        down = torch.stack([self.down.dense(j) for j in positions])
+        return ExpertBank(self.layer, ids, gate_up, down, self.gate_up.layout)
 
     def run_grouped(
         self, rows: torch.Tensor, experts: Sequence[int], counts: Sequence[int]

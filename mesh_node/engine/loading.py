@@ -323,3 +323,40 @@ def load_model(
     if not model.layers and not plan.embeddings and not plan.head:
         raise CheckpointError("the load plan selects nothing to load")
     return model
+
+
+def load_expert_banks(
+    source: str | Path | Checkpoint,
+    experts: Mapping[int, Sequence[int]],
+    *,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device = "auto",
+) -> dict[int, ExpertBank]:
+    """Only routed experts: layer -> a bank of the given experts (what an expert-parallel peer
+    holds). Layers must be MoE layers; only these experts' bytes are read from disk. Empty
+    expert lists are skipped. The dtype follows the same defaults as `load_model`, so a host
+    and its peers agree on it."""
+    checkpoint = source if isinstance(source, Checkpoint) else Checkpoint.open(source)
+    args = checkpoint.args
+    if args.moe is None:
+        raise CheckpointError(f"the model in {checkpoint.folder} has no routed experts")
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, args, torch_device)
+    plan = LoadPlan(experts=experts)
+    banks: dict[int, ExpertBank] = {}
+    with checkpoint.reader() as reader:
+        builder = _Builder(checkpoint, reader, torch_dtype, torch_device)
+        for layer in sorted(experts):
+            if not 0 <= layer < args.num_layers or not args.is_sparse_layer(layer):
+                raise ValueError(f"layer {layer} is not a MoE layer of this model")
+            ids = plan.experts_for(args, layer)
+            if ids:
+                banks[layer] = builder.expert_bank(layer, builder.moe_prefix(layer), ids)
+    return banks
+
+
+def expert_nbytes(args: ModelArgs, dtype: torch.dtype) -> int:
+    """Bytes of one routed expert (gate, up and down projections) in `dtype`."""
+    assert args.moe is not None
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return 3 * args.hidden_size * args.moe.expert_intermediate_size * itemsize

@@ -5,6 +5,9 @@ not move a model), is not a client, has the model on disk, and has room for it: 
 (the larger of free RAM and the freest GPU's free VRAM) at least `headroom` times the
 model's bytes, counting the copy a current host already holds as free.
 
+A model split across the mesh (expert parallelism) is hosted by one node (`max_hosts=1`),
+and its size for the room check is the trunk's (what the host itself loads).
+
 The number of hosts follows demand: one, plus one more while the current hosts average at
 least `busy_inflight` requests in flight, minus one while they average under
 `idle_inflight` (never below one, never above the eligible nodes).
@@ -68,6 +71,7 @@ def elect(
     headroom: float = 1.1,
     busy_inflight: float = 4.0,
     idle_inflight: float = 1.0,
+    max_hosts: int | None = None,
 ) -> Election:
     eligible = sorted(
         (n for n in nodes if n.live and n.role != "client" and fits(n, model, headroom)),
@@ -86,5 +90,7 @@ def elect(
         key=lambda n: (-(n.memory_total // GIB), n.node_id),
     )
     ranked = current + others
+    if max_hosts is not None:
+        count = min(count, max_hosts)
     hosts = tuple(n.node_id for n in ranked[: min(count, len(ranked))])
     return Election(model, hosts, tuple(n.node_id for n in eligible))

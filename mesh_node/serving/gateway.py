@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from mesh_node.identity import NodeId
 from mesh_node.membership.claims import ALIVE, SUSPECT
+from mesh_node.membership.dialing import connect_member
 from mesh_node.membership.table import PeerTable
 from mesh_node.serving.hosting import Hosting
 from mesh_node.serving.local import LocalModels
@@ -35,7 +36,6 @@ from mesh_node.serving.requests import (
 from mesh_node.serving.routing import HostLoad, affinity_key, rank_hosts
 from mesh_node.serving.tunnel import HostBusy, HostFailed, stream_from_host
 from mesh_node.transport.endpoint import Endpoint
-from mesh_node.transport.errors import TransportError
 
 log = logging.getLogger("mesh_node.gateway")
 
@@ -182,20 +182,9 @@ class Gateway:
             except (ModelNotFound, NoHostAvailable, GenerationFailed) as exc:  # just unloaded
                 raise HostFailed(exc.message) from None
             return
-        member = self.table.get(host)
-        addresses = member.addresses if member is not None else []
-        conn = self.endpoint.connection_to(host)
-        if conn is None:
-            for address in addresses:
-                try:
-                    conn = await self.endpoint.connect(
-                        (address.host, address.port),
-                        expect=host,
-                        timeout=self.config.connect_timeout,
-                    )
-                    break
-                except (TransportError, TimeoutError, OSError) as exc:
-                    log.debug("host %s not reachable at %s: %s", host.short, address, exc)
+        conn = await connect_member(
+            self.endpoint, self.table, host, timeout=self.config.connect_timeout
+        )
         if conn is None:
             raise HostFailed("host unreachable")
         async for delta in stream_from_host(conn, request, item_timeout=self.config.item_timeout):

@@ -21,6 +21,8 @@ from typing import Any
 from mesh_node.blocking import run_blocking
 from mesh_node.engine import Generator
 from mesh_node.engine.catalog import ResolvedModel, describe_model
+from mesh_node.engine.tokenizer import Tokenizer
+from mesh_node.expert_parallel.coordinator import ExpertParallel
 from mesh_node.membership.messages import Load, ModelInfo
 from mesh_node.membership.swim import Membership
 from mesh_node.membership.table import PeerTable
@@ -64,7 +66,7 @@ def node_views(table: PeerTable) -> list[NodeView]:
                 state.role,
                 total,
                 free,
-                {m.name: m.bytes for m in state.models_on_disk},
+                {m.name: _room_needed(m) for m in state.models_on_disk},
                 frozenset(state.models_served),
                 state.load.inflight,
             )
@@ -82,6 +84,7 @@ class Hosting:
         config: HostingConfig | None = None,
         client: bool = False,
         load_generator: Callable[[ResolvedModel, HostingConfig], Generator] | None = None,
+        experts: ExpertParallel | None = None,
     ):
         self.membership = membership
         self.local = local
@@ -89,6 +92,7 @@ class Hosting:
         self.config = config or HostingConfig()
         self.client = client
         self._load_generator = load_generator or _load_generator
+        self.experts = experts
         self.elections: dict[str, Election] = {}
         self.failed: dict[str, str] = {}  # model -> why it could not be loaded here
         self._busy: set[str] = set()  # models being loaded or unloaded
@@ -120,6 +124,9 @@ class Hosting:
                     info.name, info.architecture, info.size_bytes, info.parameters, info.experts
                 )
             )
+        if self.experts is not None:
+            experts, offered = self.experts, list(self.offered.values())
+            on_disk = await asyncio.to_thread(lambda: experts.describe(offered, on_disk))
         self.membership.update_state(models_on_disk=on_disk, role=self._role())
         self.membership.table.subscribe(lambda member, what: self._kick.set())
         self._spawn(self._election_loop())
@@ -170,7 +177,10 @@ class Hosting:
 
     def evaluate(self) -> None:
         views = node_views(self.membership.table)
-        elections = {model: elect(model, views) for model in sorted(self.models_in_mesh())}
+        elections = {
+            model: elect(model, views, max_hosts=1 if self._split(model) else None)
+            for model in sorted(self.models_in_mesh())
+        }
         changed = elections != self.elections
         self.elections = elections
         for model, election in elections.items():
@@ -187,14 +197,21 @@ class Hosting:
             for callback in self._changed_callbacks:
                 callback()
 
+    def _split(self, model: str) -> bool:
+        return self.experts is not None and self.experts.is_split(model)
+
     async def _load(self, model: str) -> None:
         resolved = self.offered[model]
-        log.info("elected to host %s: loading it", model)
+        split = self._split(model)
+        log.info("elected to host %s: loading it%s", model, " (experts split)" if split else "")
         started = time.monotonic()
         try:
-            generator = await run_blocking(
-                lambda: self._load_generator(resolved, self.config), "model-load"
-            )
+            if split:
+                generator = await self._load_split(resolved)
+            else:
+                generator = await run_blocking(
+                    lambda: self._load_generator(resolved, self.config), "model-load"
+                )
         except Exception as exc:
             log.error("could not load %s: %s", model, exc)
             self.failed[model] = str(exc)
@@ -211,6 +228,31 @@ class Hosting:
         log.info("hosting %s (loaded in %.1fs)", model, time.monotonic() - started)
         self._publish_serving()
         self._kick.set()  # the world may have moved on while loading
+
+    async def _load_split(self, resolved: ResolvedModel) -> Generator:
+        """The trunk here, the routed experts wherever the plan puts them; ready once every
+        expert has a holder."""
+        experts = self.experts
+        assert experts is not None
+        await experts.choose_rankings(resolved.name)
+        loop = asyncio.get_running_loop()
+        config = self.config
+
+        def loader():
+            model = experts.build_model(resolved, config.max_seq_len, loop)
+            return model, Tokenizer(resolved.path, extra_eos_ids=model.args.eos_token_ids)
+
+        generator = await run_blocking(
+            lambda: Generator(
+                loader=loader,
+                max_batch=config.max_batch,
+                max_queue=config.max_queue,
+                max_seq_len=config.max_seq_len,
+            ),
+            "model-load",
+        )
+        await experts.wait_covered(resolved.name)
+        return generator
 
     async def _unload(self, model: str) -> None:
         try:
@@ -267,6 +309,11 @@ class Hosting:
                 for model in member.state.models_served:
                     ready.setdefault(model, []).append(member.node_id)
         return ready
+
+
+def _room_needed(info: ModelInfo) -> int:
+    """Bytes a host of this model loads: the trunk when its experts are split, else all."""
+    return info.trunk_bytes if info.expert_budget else info.bytes
 
 
 def _load_generator(resolved: ResolvedModel, config: HostingConfig) -> Generator:

@@ -1,0 +1,648 @@
+"""Expert parallelism for a node: plans, this node's share of the experts, and the routes.
+
+A node started with expert parallelism on offers each MoE model it has on disk "split": its
+gossiped `ModelInfo` carries `expert_budget` (bytes it will hold of that model's routed
+experts) and `trunk_bytes`. A model is split when any live node offers it so. Then:
+
+* the election (placement.election) picks one host, by the trunk's size, not the model's;
+* the host picks the rankings (cached full run, else cached micro run, else a micro run now
+  when the whole model fits here, else uniform) and publishes their digest; peers fetch the
+  rankings from it (`RankingsRequest`) when they do not have them;
+* every node computes the plan (placement.expert_plan) from the same gossiped inputs: the
+  host, the live participants and their budgets (the host's minus the trunk), the rankings.
+  It is recomputed only when these change materially;
+* each participant loads its experts (only their bytes are read), keeps the ones it is
+  giving up until their new holders have them, and publishes what it holds
+  (`expert_shards`); hosts route by what is published, so a plan change never sends a call
+  to a node that has not loaded the expert yet;
+* the host's engine runs every MoE layer through `RemoteExperts` (dispatch.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from mesh_node.blocking import run_blocking
+from mesh_node.engine.catalog import ResolvedModel
+from mesh_node.engine.checkpoint import Checkpoint
+from mesh_node.engine.loading import (
+    LoadPlan,
+    expert_nbytes,
+    load_expert_banks,
+    load_model,
+    resolve_device,
+    resolve_dtype,
+)
+from mesh_node.expert_parallel.dispatch import (
+    DispatchConfig,
+    DispatchStats,
+    ExpertRoutes,
+    RemoteExperts,
+)
+from mesh_node.expert_parallel.messages import (
+    ExpertCall,
+    ExpertOutput,
+    RankingsData,
+    RankingsRequest,
+)
+from mesh_node.expert_parallel.service import ExpertService
+from mesh_node.identity import NodeId
+from mesh_node.membership.claims import ALIVE
+from mesh_node.membership.dialing import connect_member
+from mesh_node.membership.messages import ExpertShard, ModelInfo
+from mesh_node.membership.swim import Membership
+from mesh_node.placement import rankings as rankings_mod
+from mesh_node.placement.expert_plan import (
+    ExpertDemand,
+    ExpertPlan,
+    PeerOffer,
+    PlanError,
+    materially_different,
+    plan_experts,
+)
+from mesh_node.transport.connection import Handlers, RequestContext
+from mesh_node.transport.endpoint import Endpoint
+from mesh_node.transport.errors import ErrorCode, RequestFailed
+from mesh_node.transport.tensors import Tensor
+
+log = logging.getLogger("mesh_node.experts")
+
+UNIFORM = "uniform"  # the rankings digest meaning "no rankings: every expert alike"
+
+
+class PeerGone(Exception):
+    """The peer left, was suspected, or could not be reached during an expert call."""
+
+
+@dataclass(frozen=True)
+class ExpertParallelConfig:
+    enabled: bool = False  # offer this node's MoE models in expert-parallel mode
+    memory: int | None = None  # bytes offered per split model (None: 80% of free RAM, shared)
+    dispatch: DispatchConfig = field(default_factory=DispatchConfig)
+    connect_timeout: float = 5.0
+    release_wait: float = 30.0  # keep given-up experts until their new holders have them
+
+
+@dataclass
+class _ModelPlan:
+    inputs: tuple[NodeId, tuple[PeerOffer, ...], str]  # host, offers, rankings digest
+    plan: ExpertPlan
+
+
+class ExpertParallel:
+    def __init__(
+        self,
+        endpoint: Endpoint,
+        membership: Membership,
+        service: ExpertService,
+        handlers: Handlers,
+        *,
+        config: ExpertParallelConfig | None = None,
+        device: str = "auto",
+        dtype: str | None = None,
+        elected_host: Callable[[str], NodeId | None] = lambda model: None,
+    ):
+        self.endpoint = endpoint
+        self.membership = membership
+        self.service = service
+        self.config = config or ExpertParallelConfig()
+        self.device = device
+        self.dtype = dtype
+        self.elected_host = elected_host
+        self.offered: dict[str, ResolvedModel] = {}
+        self.rankings: dict[str, Any] = {}  # digest -> ExpertRankings
+        self.plans: dict[str, _ModelPlan] = {}
+        self.errors: dict[str, str] = {}
+        self.routes: dict[str, ExpertRoutes] = {}
+        self.stats: dict[str, DispatchStats] = {}
+        self._shapes: dict[str, tuple[tuple[int, ...], int, int]] = {}  # layers, E, expert bytes
+        self._reconciling: dict[str, asyncio.Task[None]] = {}
+        self._fetching: set[str] = set()
+        self._kick = asyncio.Event()
+        self._table_changed = asyncio.Event()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._changed: list[Callable[[], None]] = []
+        handlers.on_request(RankingsRequest, self._serve_rankings)
+
+    @property
+    def node_id(self) -> NodeId:
+        return self.membership.node_id
+
+    @property
+    def table(self):
+        return self.membership.table
+
+    def on_change(self, callback: Callable[[], None]) -> None:
+        self._changed.append(callback)
+
+    # ---- what this node offers
+    def describe(self, offered: Sequence[ResolvedModel], infos: list[ModelInfo]) -> list[ModelInfo]:
+        """This node's ModelInfos with the expert-parallel fields filled in (blocking: reads
+        checkpoint headers). MoE models get their trunk size (this node may host them split
+        even when it holds no experts); with expert parallelism enabled, a budget too."""
+        by_name = {m.name: m for m in offered}
+        split = []
+        for info in infos:
+            resolved = by_name.get(info.name)
+            if resolved is None or not info.experts:
+                split.append(info)
+                continue
+            args = Checkpoint.open(resolved.path).args
+            counts = args.parameter_count()
+            trunk = info.bytes * counts["trunk"] // max(counts["total"], 1)
+            self.offered[info.name] = resolved
+            self._shapes[info.name] = self._shape_of(args)
+            split.append(
+                ModelInfo(
+                    info.name,
+                    info.architecture,
+                    info.bytes,
+                    info.parameters,
+                    info.experts,
+                    trunk_bytes=trunk,
+                    expert_budget=0,  # filled below, shared between the split models
+                )
+            )
+        models = [i for i in split if i.name in self.offered]
+        if models and self.config.enabled:
+            budget = self.config.memory
+            if budget is None:
+                hardware = self.membership.self_state.current.hardware
+                free = hardware.ram_free if hardware is not None else 0
+                budget = int(0.8 * free) // len(models)
+            split = [
+                _with(i, expert_budget=max(1, budget)) if i.name in self.offered else i
+                for i in split
+            ]
+        return split
+
+    def _shape_of(self, args) -> tuple[tuple[int, ...], int, int]:
+        dtype = resolve_dtype(self.dtype, args, resolve_device(self.device))
+        return args.sparse_layer_indices(), args.moe.num_experts, expert_nbytes(args, dtype)
+
+    def is_split(self, model: str) -> bool:
+        """Some live node offers `model` in expert-parallel mode."""
+        return any(i.expert_budget > 0 for _, i in self._infos(model))
+
+    def _infos(self, model: str) -> list[tuple[NodeId, ModelInfo]]:
+        found = []
+        for member in self.table:
+            if member.live and member.state is not None:
+                for info in member.state.models_on_disk:
+                    if info.name == model:
+                        found.append((member.node_id, info))
+        return found
+
+    # ---- lifecycle
+    async def start(self) -> None:
+        self.table.subscribe(self._on_table_change)
+        self._spawn(self._loop())
+        self._kick.set()
+
+    def _on_table_change(self, member, what) -> None:
+        self._kick.set()
+        self._table_changed.set()
+
+    async def stop(self) -> None:
+        for task in list(self._tasks) + list(self._reconciling.values()):
+            task.cancel()
+        for task in list(self._tasks) + list(self._reconciling.values()):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self.service.close()
+
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _loop(self) -> None:
+        while True:
+            await self._kick.wait()
+            await asyncio.sleep(0.05)
+            self._kick.clear()
+            self.evaluate()
+
+    def kick(self) -> None:
+        self._kick.set()
+
+    # ---- plans
+    def evaluate(self) -> None:
+        changed = False
+        models = {i.name for m in self.table if m.live and m.state for i in m.state.models_on_disk}
+        for model in sorted(models):
+            if not self.is_split(model):
+                continue
+            changed |= self._plan(model)
+            self._update_routes(model)
+            if model in self.offered:
+                self._reconcile(model)
+        if changed:
+            for callback in self._changed:
+                callback()
+
+    def _plan(self, model: str) -> bool:
+        host = self.elected_host(model)
+        infos = self._infos(model)
+        host_info = next((i for n, i in infos if n == host), None)
+        if host is None or host_info is None or not host_info.rankings:
+            return False  # no host yet, or it has not chosen rankings
+        digest = host_info.rankings
+        demand = self._demand(model, digest, host)
+        if demand is None:
+            return False  # fetching the rankings
+        trunk = host_info.trunk_bytes
+        offers = tuple(
+            sorted(
+                (
+                    PeerOffer(node, max(0, i.expert_budget - (trunk if node == host else 0)))
+                    for node, i in infos
+                    if i.expert_budget > 0 and self._participates(node)
+                ),
+                key=lambda o: o.node_id,
+            )
+        )
+        if host not in {o.node_id for o in offers}:
+            offers = tuple(sorted((*offers, PeerOffer(host, 0)), key=lambda o: o.node_id))
+        current = self.plans.get(model)
+        if (
+            current is not None
+            and current.inputs[0] == host
+            and current.inputs[2] == digest
+            and not materially_different(current.inputs[1], offers)
+        ):
+            return False
+        try:
+            plan = plan_experts(model, host, offers, demand)
+        except PlanError as exc:
+            if self.errors.get(model) != str(exc):
+                log.error("cannot place the experts of %s: %s", model, exc)
+            self.errors[model] = str(exc)
+            return True
+        self.errors.pop(model, None)
+        self.plans[model] = _ModelPlan((host, offers, digest), plan)
+        mine = plan.experts_of(self.node_id)
+        log.info(
+            "expert plan %s for %s: %d peers, this node holds %d experts (%d bytes)",
+            plan.fingerprint,
+            model,
+            len(offers),
+            sum(len(v) for v in mine.values()),
+            plan.bytes_of(self.node_id),
+        )
+        return True
+
+    def _participates(self, node: NodeId) -> bool:
+        member = self.table.get(node)
+        return (
+            member is not None
+            and member.live
+            and member.state is not None
+            and (member.state.role != "client")
+        )
+
+    def _demand(self, model: str, digest: str, host: NodeId) -> ExpertDemand | None:
+        shape = self._shapes.get(model)
+        if shape is None:
+            return None  # not on disk here: this node neither holds nor hosts it
+        layers, num_experts, expert_bytes = shape
+        if digest == UNIFORM:
+            mass = tuple(tuple(1.0 for _ in range(num_experts)) for _ in layers)
+            return ExpertDemand(layers, num_experts, expert_bytes, mass, None, UNIFORM)
+        rankings = self.rankings.get(digest)
+        if rankings is None:
+            if digest not in self._fetching:
+                self._fetching.add(digest)
+                self._spawn(self._fetch_rankings(model, digest, host))
+            return None
+        return ExpertDemand(
+            tuple(rankings.layers),
+            rankings.num_experts,
+            expert_bytes,
+            tuple(tuple(r) for r in rankings.gate_mass),
+            tuple(tuple(tuple(c) for c in layer) for layer in rankings.coselection),
+            digest,
+        )
+
+    async def _fetch_rankings(self, model: str, digest: str, host: NodeId) -> None:
+        try:
+            conn = await connect_member(
+                self.endpoint, self.table, host, timeout=self.config.connect_timeout
+            )
+            if conn is None:
+                raise PeerGone(f"host {host.short} unreachable")
+            reply = await conn.request(RankingsRequest(model, digest), timeout=30.0)
+            if not isinstance(reply, RankingsData):
+                raise PeerGone(f"host answered {type(reply).__name__}")
+            rankings = rankings_mod.ExpertRankings.from_bytes(reply.data)
+            if rankings.digest() != digest:
+                raise PeerGone("the rankings received do not match their digest")
+            self.rankings[digest] = rankings
+            log.info("fetched expert rankings %s of %s from %s", digest, model, host.short)
+        except Exception as exc:  # retried on the next change
+            log.warning("could not fetch rankings %s of %s: %s", digest, model, exc)
+            await asyncio.sleep(1.0)
+        finally:
+            self._fetching.discard(digest)
+            self._kick.set()
+
+    def _serve_rankings(self, ctx: RequestContext, request: RankingsRequest) -> RankingsData:
+        rankings = self.rankings.get(request.digest)
+        if rankings is None:
+            raise RequestFailed(ErrorCode.NOT_FOUND, f"no rankings {request.digest} here")
+        return RankingsData(rankings.to_bytes())
+
+    async def choose_rankings(self, model: str) -> str:
+        """On the host: the rankings the mesh will plan with (see module doc); publishes the
+        digest in this node's ModelInfo and returns it."""
+        resolved = self.offered[model]
+        rankings = await run_blocking(lambda: self._find_rankings(resolved), "rankings")
+        digest = UNIFORM
+        if rankings is not None:
+            digest = rankings.digest()
+            self.rankings[digest] = rankings
+        infos = [
+            _with(i, rankings=digest) if i.name == model else i
+            for i in self.membership.self_state.current.models_on_disk
+        ]
+        self.membership.update_state(models_on_disk=infos)
+        log.info("expert rankings for %s: %s", model, digest)
+        self._kick.set()
+        return digest
+
+    def _find_rankings(self, resolved: ResolvedModel):
+        fingerprint = rankings_mod.checkpoint_fingerprint(resolved.path)
+        for kind in ("full", "micro"):
+            cached = rankings_mod.load_cached(fingerprint, kind)
+            if cached is not None:
+                return cached
+        hardware = self.membership.self_state.current.hardware
+        size = sum(
+            i.bytes
+            for i in self.membership.self_state.current.models_on_disk
+            if i.name == resolved.name
+        )
+        if hardware is not None and size * 1.5 > hardware.ram_free:
+            log.warning(
+                "no expert rankings cached for %s and it is too large to rank here: planning "
+                "with every expert alike (run `mesh-node moe analyze` where it fits)",
+                resolved.name,
+            )
+            return None
+        rankings = rankings_mod.analyze(resolved.path, kind="micro", device="cpu")
+        rankings_mod.save(rankings)
+        return rankings
+
+    # ---- routes
+    def _update_routes(self, model: str) -> None:
+        routes = self.routes.setdefault(model, ExpertRoutes())
+        entry = self.plans.get(model)
+        holders: dict[tuple[int, int], list[tuple[tuple[int, int, bytes], NodeId]]] = {}
+        for member in self.table:
+            if member.node_id == self.node_id or not member.live or member.state is None:
+                continue
+            for shard in member.state.expert_shards:
+                if shard.model != model:
+                    continue
+                for expert in shard.experts:
+                    planned = entry is not None and member.node_id in entry.plan.holders(
+                        shard.layer, expert
+                    )
+                    rank = (
+                        0 if member.status == ALIVE else 1,
+                        0 if planned else 1,
+                        member.node_id.key,
+                    )
+                    holders.setdefault((shard.layer, expert), []).append((rank, member.node_id))
+        routes.update({key: tuple(n for _, n in sorted(found)) for key, found in holders.items()})
+
+    def coverage(self, model: str) -> list[tuple[int, int]]:
+        """(layer, expert) that neither this node nor any live peer holds."""
+        shape = self._shapes.get(model)
+        if shape is None:
+            return []
+        layers, num_experts, _ = shape
+        routes = self.routes.get(model) or ExpertRoutes()
+        held = self.service.held(model)
+        return [
+            (layer, e)
+            for layer in layers
+            for e in range(num_experts)
+            if e not in held.get(layer, ()) and not routes.holders(layer, e)
+        ]
+
+    # ---- this node's share
+    def _reconcile(self, model: str) -> None:
+        running = self._reconciling.get(model)
+        if running is not None and not running.done():
+            return  # it looks again when done
+        entry = self.plans.get(model)
+        if entry is None:
+            return
+        want = {layer: e for layer, e in entry.plan.experts_of(self.node_id).items() if e}
+        if want == self.service.held(model):
+            return
+        self._reconciling[model] = self._spawn(self._apply(model, entry.plan, want))
+
+    async def _apply(self, model: str, plan: ExpertPlan, want: dict[int, tuple[int, ...]]):
+        held = self.service.held(model)
+        try:
+            # load what is new (whole layers whose expert set changed), keep everything held
+            changed = {layer: ids for layer, ids in want.items() if held.get(layer) != ids}
+            union = {
+                layer: tuple(sorted(set(ids) | set(held.get(layer, ()))))
+                for layer, ids in changed.items()
+            }
+            if union:
+                path = self.offered[model].path
+                fresh = await run_blocking(
+                    lambda: load_expert_banks(path, union, dtype=self.dtype, device=self.device),
+                    "expert-load",
+                )
+                banks = {layer: self.service.bank(model, layer) for layer in held}  # type: dict[int, ExpertBank | None]
+                banks.update(fresh)
+                self.service.replace(model, {k: v for k, v in banks.items() if v is not None})
+                self._publish_shards()
+            # then give up what the plan moved elsewhere, once its new holders have it
+            if self.service.held(model) != want:
+                deadline = time.monotonic() + self.config.release_wait
+                while not self._realized(model, plan):
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    self._table_changed.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._table_changed.wait(), remaining)
+                current = {layer: self.service.bank(model, layer) for layer in want}
+                trimmed = await run_blocking(
+                    lambda: {
+                        layer: bank if bank.expert_ids == want[layer] else bank.subset(want[layer])
+                        for layer, bank in current.items()
+                        if bank is not None
+                    },
+                    "expert-trim",
+                )
+                self.service.replace(model, trimmed)
+                self._publish_shards()
+            log.info(
+                "holding %d experts of %s (%d bytes)",
+                sum(len(v) for v in self.service.held(model).values()),
+                model,
+                self.service.nbytes(model),
+            )
+        except Exception as exc:  # reported, retried on the next change
+            log.error("could not load this node's experts of %s: %s", model, exc)
+            self.errors[model] = f"loading experts failed: {exc}"
+        finally:
+            self._kick.set()
+            for callback in self._changed:
+                callback()
+
+    def _realized(self, model: str, plan: ExpertPlan) -> bool:
+        """Every expert's planned holders (other than this node) publish that they hold it."""
+        published: dict[NodeId, dict[int, set[int]]] = {}
+        for member in self.table:
+            if member.live and member.state is not None:
+                for shard in member.state.expert_shards:
+                    if shard.model == model:
+                        published.setdefault(member.node_id, {})[shard.layer] = set(shard.experts)
+        for node, layers in plan.assignments.items():
+            if node == self.node_id or not self._participates(node):
+                continue
+            for layer, ids in layers.items():
+                if not set(ids) <= published.get(node, {}).get(layer, set()):
+                    return False
+        return True
+
+    def _publish_shards(self) -> None:
+        shards = [
+            ExpertShard(model, layer, list(ids))
+            for model in self.service.models()
+            for layer, ids in sorted(self.service.held(model).items())
+        ]
+        self.membership.update_state(expert_shards=shards)
+
+    # ---- the host's engine
+    def build_model(self, resolved: ResolvedModel, max_seq_len: int | None, loop):
+        """Loads the trunk (blocking; on the engine's thread) with every MoE layer's experts
+        computed by RemoteExperts: local ones from this node's service, the rest remotely."""
+        model = load_model(
+            resolved.path,
+            plan=LoadPlan.trunk(),
+            dtype=self.dtype,
+            device=self.device,
+            max_seq_len=max_seq_len,
+        )
+        name = resolved.name
+        routes = self.routes.setdefault(name, ExpertRoutes())
+        stats = self.stats.setdefault(name, DispatchStats())
+        for layer in model.moe_layers():
+            layer.experts = RemoteExperts(
+                layer.layer,
+                lambda index=layer.layer: self.service.bank(name, index),
+                routes,
+                lambda peer, index, experts, counts, rows: self._call_peer(
+                    name, peer, index, experts, counts, rows
+                ),
+                loop,
+                stats,
+                self.config.dispatch,
+            )
+        return model
+
+    async def _call_peer(
+        self,
+        model: str,
+        peer: NodeId,
+        layer: int,
+        experts: list[int],
+        counts: list[int],
+        rows: torch.Tensor,
+    ) -> torch.Tensor:
+        conn = await connect_member(
+            self.endpoint, self.table, peer, timeout=self.config.connect_timeout
+        )
+        if conn is None:
+            raise PeerGone(f"{peer.short} unreachable")
+        call = ExpertCall(model, layer, experts, counts, Tensor.from_torch(rows.contiguous()))
+        request = asyncio.ensure_future(
+            conn.request(call, timeout=self.config.dispatch.call_timeout)
+        )
+        try:
+            while True:
+                done, _ = await asyncio.wait({request}, timeout=0.25)
+                if done:
+                    break
+                member = self.table.get(peer)
+                if member is None or member.status != ALIVE:
+                    raise PeerGone(f"{peer.short} is {member.status if member else 'gone'}")
+        finally:
+            if not request.done():
+                request.cancel()
+        reply = request.result()
+        if not isinstance(reply, ExpertOutput):
+            raise PeerGone(f"{peer.short} answered {type(reply).__name__}")
+        outputs = reply.outputs.torch()
+        if tuple(outputs.shape) != tuple(rows.shape) or outputs.dtype != rows.dtype:
+            raise PeerGone(f"{peer.short} answered {list(outputs.shape)} for {list(rows.shape)}")
+        return outputs
+
+    async def wait_covered(self, model: str) -> None:
+        """Until every expert of `model` has a holder (this node or a live peer)."""
+        last_report = time.monotonic()
+        while True:
+            self._update_routes(model)
+            missing = self.coverage(model)
+            if not missing:
+                return
+            if time.monotonic() - last_report > 10:
+                log.info("%s: waiting for %d experts to be loaded somewhere", model, len(missing))
+                last_report = time.monotonic()
+            await asyncio.sleep(0.1)
+
+    # ---- status
+    def status(self) -> list[dict[str, Any]]:
+        """The "experts" section of the status document."""
+        sections = []
+        for model in sorted(set(self.plans) | set(self.errors)):
+            entry = self.plans.get(model)
+            section: dict[str, Any] = {"model": model, "error": self.errors.get(model)}
+            if entry is not None:
+                section.update(entry.plan.to_dict())
+                section["rankings"] = entry.inputs[2]
+                section["held"] = self._held_bytes(model)
+            stats = self.stats.get(model)
+            if stats is not None:
+                section["dispatch"] = {
+                    "steps": stats.steps,
+                    "remote_calls": stats.remote_calls,
+                    "failovers": stats.failovers,
+                }
+            sections.append(section)
+        return sections
+
+    def _held_bytes(self, model: str) -> dict[str, int]:
+        """Bytes each live node publishes it holds of `model` (from expert_shards)."""
+        shape = self._shapes.get(model)
+        per_expert = shape[2] if shape else 0
+        held: dict[str, int] = {}
+        for member in self.table:
+            if member.live and member.state is not None:
+                count = sum(len(s.experts) for s in member.state.expert_shards if s.model == model)
+                if count:
+                    held[str(member.node_id)] = count * per_expert
+        return held
+
+
+def _with(info: ModelInfo, **changes: Any) -> ModelInfo:
+    return dataclasses.replace(info, **changes)

@@ -1,0 +1,48 @@
+"""Expert-parallel messages (type ids 0x80-0x9F): a host sends hidden-state rows to the peers
+holding experts and gets their expert outputs back; peers fetch the rankings a plan uses."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mesh_node.transport.tensors import Tensor
+
+
+@dataclass(frozen=True, slots=True)
+class ExpertCall:
+    """Compute experts of one MoE layer. `rows [sum(counts), hidden]` are grouped by expert:
+    the first `counts[0]` rows go to `experts[0]`, and so on. Answered by ExpertOutput with the
+    unweighted expert outputs in the same row order. `rows` has the dtype the host runs in,
+    which must be the dtype the peer holds its experts in."""
+
+    model: str
+    layer: int
+    experts: list[int]
+    counts: list[int]
+    rows: Tensor
+
+
+@dataclass(frozen=True, slots=True)
+class ExpertOutput:
+    outputs: Tensor  # [sum(counts), hidden], same dtype as the call's rows
+
+
+@dataclass(frozen=True, slots=True)
+class RankingsRequest:
+    """Ask a peer for the expert rankings with this digest (the one its plan uses)."""
+
+    model: str
+    digest: str
+
+
+@dataclass(frozen=True, slots=True)
+class RankingsData:
+    data: bytes  # ExpertRankings.to_bytes() (msgpack; see PROTOCOL.md)
+
+
+EXPERT_MESSAGES: dict[int, type] = {
+    0x80: ExpertCall,
+    0x81: ExpertOutput,
+    0x82: RankingsRequest,
+    0x83: RankingsData,
+}

@@ -1,0 +1,125 @@
+"""The expert service: the routed experts this node holds, computed for the hosts that ask.
+
+A peer in an expert-parallel mesh holds some experts of some MoE layers (its part of the
+plan) as `ExpertBank`s, by model and layer. A host sends one `ExpertCall` per layer per
+step with the rows routed to this peer's experts; the service checks the call against what
+it holds, computes it on its own worker thread (torch, off the event loop; one computation
+at a time, so concurrent calls queue instead of fighting over the cores) and answers with
+the outputs. At most `max_pending` calls wait; more are answered OVERLOADED.
+
+The host's own experts live here too: its engine reads `bank(model, layer)` directly, so
+the same bytes serve local and remote tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+from collections.abc import Mapping
+
+import torch
+
+from mesh_node.engine.experts import ExpertBank
+from mesh_node.expert_parallel.messages import ExpertCall, ExpertOutput
+from mesh_node.transport.connection import Handlers, RequestContext
+from mesh_node.transport.errors import ErrorCode, RequestFailed
+from mesh_node.transport.tensors import Tensor
+
+log = logging.getLogger("mesh_node.experts")
+
+_WIRE_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+
+
+class ExpertService:
+    def __init__(self, handlers: Handlers, *, max_pending: int = 32):
+        self._banks: dict[str, dict[int, ExpertBank]] = {}
+        self.max_pending = max_pending
+        self._pending = 0
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="mesh-experts"
+        )
+        self.calls_served = 0
+        handlers.on_request(ExpertCall, self._serve)
+
+    # ---- what is held (read from any thread; replaced whole, never mutated in place)
+    def bank(self, model: str, layer: int) -> ExpertBank | None:
+        return self._banks.get(model, {}).get(layer)
+
+    def held(self, model: str) -> dict[int, tuple[int, ...]]:
+        """layer -> expert ids held for `model`."""
+        return {layer: bank.expert_ids for layer, bank in self._banks.get(model, {}).items()}
+
+    def nbytes(self, model: str) -> int:
+        return sum(bank.nbytes for bank in self._banks.get(model, {}).values())
+
+    def models(self) -> list[str]:
+        return sorted(self._banks)
+
+    def replace(self, model: str, banks: Mapping[int, ExpertBank]) -> None:
+        """Hold exactly these banks for `model` (an empty mapping drops the model)."""
+        if banks:
+            self._banks[model] = dict(banks)
+        else:
+            self._banks.pop(model, None)
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        self._banks.clear()
+
+    # ---- serving calls
+    def check(self, call: ExpertCall) -> tuple[ExpertBank, torch.Tensor]:
+        """The bank and rows for a call, or RequestFailed saying what is wrong with it."""
+        banks = self._banks.get(call.model)
+        if banks is None:
+            raise RequestFailed(
+                ErrorCode.NOT_FOUND, f"this node holds no experts of model {call.model!r}"
+            )
+        bank = banks.get(call.layer)
+        missing = [e for e in call.experts if bank is None or not bank.holds(e)]
+        if missing:
+            raise RequestFailed(
+                ErrorCode.NOT_FOUND,
+                f"experts {missing} of layer {call.layer} of {call.model} are not held here",
+            )
+        assert bank is not None
+        if len(call.experts) != len(call.counts) or any(c < 0 for c in call.counts):
+            raise RequestFailed(
+                ErrorCode.BAD_REQUEST, "experts and counts must pair up, counts non-negative"
+            )
+        rows = call.rows
+        hidden = bank.down.shape[0]  # down is [hidden, intermediate] per expert
+        if len(rows.shape) != 2 or rows.shape[1] != hidden or rows.shape[0] != sum(call.counts):
+            raise RequestFailed(
+                ErrorCode.BAD_REQUEST,
+                f"rows must be [sum(counts)={sum(call.counts)}, {hidden}], got {list(rows.shape)}",
+            )
+        held_dtype = _WIRE_DTYPES.get(bank.dtype)
+        if rows.dtype != held_dtype:
+            raise RequestFailed(
+                ErrorCode.BAD_REQUEST,
+                f"rows are {rows.dtype} but this node holds the experts in {held_dtype}: "
+                "start every node of the mesh with the same --dtype",
+            )
+        return bank, rows.torch()
+
+    async def _serve(self, ctx: RequestContext, call: ExpertCall) -> ExpertOutput:
+        bank, rows = self.check(call)
+        if self._pending >= self.max_pending:
+            raise RequestFailed(ErrorCode.OVERLOADED, "too many expert calls waiting here")
+        self._pending += 1
+        try:
+            loop = asyncio.get_running_loop()
+            outputs = await loop.run_in_executor(
+                self._executor, _compute, bank, rows, call.experts, call.counts
+            )
+        finally:
+            self._pending -= 1
+        self.calls_served += 1
+        return ExpertOutput(Tensor.from_torch(outputs))
+
+
+@torch.inference_mode()
+def _compute(bank: ExpertBank, rows: torch.Tensor, experts, counts) -> torch.Tensor:
+    rows = rows.to(bank.device) if rows.device != bank.device else rows
+    return bank.run_grouped(rows, experts, counts).contiguous().cpu()
