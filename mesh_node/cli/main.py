@@ -15,9 +15,9 @@ import sys
 from collections.abc import Sequence
 
 from mesh_node import __version__
-from mesh_node.cli import identity, join, models, new, status
+from mesh_node.cli import identity, join, models, moe, new, status
 
-COMMANDS = (join, new, identity, status, models)
+COMMANDS = (join, new, identity, status, models, moe)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -7,7 +7,8 @@ Knows nothing about the network. The objects other parts of the node use:
 - `Generator(model, tokenizer)` / `Generator.from_pretrained(spec)`: worker thread, `submit()`
   -> `RequestStream` (async or sync iteration of `TokenChunk`s, `cancel()`)
 - `ExpertBank` / `ExpertComputer`: what a MoE layer calls to compute its routed experts
-- `measure_expert_usage(model, sequences)`: per-(layer, expert) gate mass and selections
+- `measure_expert_usage(model, sequences)`: per-(layer, expert) gate mass, selections and
+  co-selections (`measure_expert_usage_by_layer(folder, ...)`: one layer in memory at a time)
 """
 
 from mesh_node.engine.catalog import ModelInfo, ResolvedModel, list_local_models, resolve_model
@@ -25,7 +26,11 @@ from mesh_node.engine.errors import (
     TensorShapeError,
     UnsupportedArchitectureError,
 )
-from mesh_node.engine.expert_usage import ExpertUsage, measure_expert_usage
+from mesh_node.engine.expert_usage import (
+    ExpertUsage,
+    measure_expert_usage,
+    measure_expert_usage_by_layer,
+)
 from mesh_node.engine.experts import ExpertBank, ExpertComputer, ExpertNotLoadedError
 from mesh_node.engine.generator import (
     GenerationRequest,
@@ -79,5 +84,6 @@ __all__ = [
     "list_local_models",
     "load_model",
     "measure_expert_usage",
+    "measure_expert_usage_by_layer",
     "resolve_model",
 ]

@@ -275,3 +275,34 @@ def test_expert_usage_counts_every_routing_decision(references):
     assert sorted(ranking) == list(range(model.args.moe.num_experts))
     masses = usage.gate_mass[1][ranking]
     assert all(masses[i] >= masses[i + 1] for i in range(len(ranking) - 1))
+
+
+def test_expert_usage_counts_co_selections(references):
+    from mesh_node.engine.expert_usage import measure_expert_usage
+
+    folder, _ = references.get("qwen3_moe")
+    model = load_model(folder, dtype=torch.float32, device="cpu", max_seq_len=32)
+    usage = measure_expert_usage(model, [[1, 2, 3, 4, 5], list(range(40, 60))])
+    top_k = model.args.moe.top_k
+    co = usage.coselected
+    assert co.shape == (3, usage.num_experts, usage.num_experts)
+    assert torch.equal(co, co.transpose(1, 2))
+    assert torch.diagonal(co, dim1=1, dim2=2).eq(0).all()
+    # every token contributes k * (k - 1) ordered pairs; an expert pairs with k - 1 others
+    assert co.sum((1, 2)).tolist() == [25 * top_k * (top_k - 1)] * 3
+    assert torch.equal(co.sum(2), usage.selected * (top_k - 1))
+
+
+def test_expert_usage_by_layer_matches_the_whole_model(references):
+    from mesh_node.engine.expert_usage import measure_expert_usage, measure_expert_usage_by_layer
+
+    folder, _ = references.get("qwen2_moe")  # with a dense layer and shared experts
+    sequences = [[1, 2, 3, 4, 5], list(range(40, 60)), [9]]
+    model = load_model(folder, dtype=torch.float32, device="cpu", max_seq_len=32)
+    whole = measure_expert_usage(model, sequences)
+    streamed = measure_expert_usage_by_layer(folder, sequences, dtype=torch.float32, device="cpu")
+    assert streamed.layers == whole.layers == (0, 2)
+    assert streamed.tokens == whole.tokens == 26
+    assert torch.equal(streamed.selected, whole.selected)
+    assert torch.equal(streamed.coselected, whole.coselected)
+    assert torch.allclose(streamed.gate_mass, whole.gate_mass, atol=1e-9)
