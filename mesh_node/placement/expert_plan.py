@@ -1,0 +1,602 @@
+"""Expert placement plan: which peer holds which routed experts of which MoE layer.
+
+A pure function of gossiped state (the peers' offers, the rankings as plain numbers, the
+model's expert size): every node computes the same plan and the same fingerprint, so the
+mesh agrees without voting. The host keeps the trunk (embeddings, attention, norms,
+routers, output head); the caller subtracts it from the host's offer. Here only routed
+experts are placed, all of one size (`expert_bytes`), in whole experts ("copies").
+
+The algorithm, step by step (peers sorted by node id, layers ascending, integers where a
+tie could go either way, so the same inputs give the same plan everywhere):
+
+1. Capacity. A peer holds `budget // expert_bytes` copies. Every (layer, expert) needs one
+   copy; if the sum of the capacities is smaller, `PlanError` says how many bytes miss.
+2. Replicas. In each layer the hottest `ceil(replicate_fraction * num_experts)` experts by
+   gate mass (ties: lower id) want `min_replicas` copies on distinct peers (fewer when
+   fewer peers have room). Extra copies that do not fit are dropped coldest first (by gate
+   mass across all layers, then layer, then expert); a hot expert left with fewer than
+   `min_replicas` holders is listed in `ExpertPlan.unreplicated`.
+3. Targets. The N copies to place are split among peers proportionally to their budgets
+   (largest-remainder apportionment in exact integers, water-filled under each peer's
+   capacity), then each peer's target is split across layers the same way, layer by
+   layer, so every layer is spread proportionally too: a peer ends within about one
+   expert per layer of `N * budget / sum(budgets)` experts.
+4. Greedy placement. Layer by layer, experts hottest first, each copy goes to a peer with
+   capacity left that does not hold that expert yet, preferring peers with room left in
+   their target for that layer, then by:
+   a. affinity: the co-selection mass between this expert and the experts the peer
+      already holds in this layer (so experts chosen together land together, and a token
+      needs fewer remote peers per layer);
+   b. the host, for the hot experts only (a slight preference: a tie-break after affinity);
+   c. the most room left in the layer target, then in the overall target;
+   d. the lower node id.
+   A replica with no distinct peer left is dropped (and reported, as in step 2).
+
+`coselection`, when given, is per layer a symmetric E x E matrix of how often two experts
+are chosen for the same token (any scale; the diagonal is ignored). Without it there is no
+affinity and experts are dealt out by room, hot ones to the host first.
+
+`expected_remote_peers` estimates the distinct non-host peers a token contacts per MoE
+layer for a plan; `materially_different` says when a new membership warrants a new plan.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import math
+import struct
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from types import MappingProxyType
+
+import numpy as np
+
+from mesh_node.identity import NodeId
+
+SYMMETRY_TOLERANCE = 1e-6  # relative; coselection[i][j] and [j][i] may differ by float noise
+MAX_INDEX = (1 << 32) - 1  # largest layer index / expert id
+MAX_BYTES = (1 << 63) - 1  # largest budget / expert size
+
+
+class PlanError(ValueError):
+    """Inputs (or a received plan) from which no valid plan can be made; says why."""
+
+
+@dataclass(frozen=True, slots=True)
+class PeerOffer:
+    node_id: NodeId
+    budget: int  # bytes this peer offers for routed experts (the host's: trunk subtracted)
+
+
+@dataclass(frozen=True, slots=True)
+class ExpertDemand:
+    """What the rankings say, as plain numbers."""
+
+    layers: tuple[int, ...]  # MoE layer indices
+    num_experts: int
+    expert_bytes: int  # bytes of one routed expert (all experts the same size)
+    gate_mass: tuple[tuple[float, ...], ...]  # [len(layers)][num_experts], hotter = larger
+    coselection: tuple[tuple[tuple[float, ...], ...], ...] | None = None  # per layer E x E
+    rankings_digest: str = ""  # identifies the rankings (goes into the demand digest)
+
+
+@dataclass(frozen=True)
+class ExpertPlan:
+    """node -> layer -> sorted expert ids. Every offered node is present (maybe holding
+    nothing) and every node lists every planned layer (maybe with no experts)."""
+
+    model: str
+    host: NodeId
+    assignments: Mapping[NodeId, Mapping[int, tuple[int, ...]]]
+    demand_digest: str
+    expert_bytes: int = 0
+    budgets: Mapping[NodeId, int] = field(default_factory=lambda: MappingProxyType({}))
+    unreplicated: tuple[tuple[int, int], ...] = ()  # hot (layer, expert) short of replicas
+
+    def __hash__(self) -> int:
+        return hash(self.fingerprint)
+
+    @cached_property
+    def _holders(self) -> dict[tuple[int, int], tuple[NodeId, ...]]:
+        index: dict[tuple[int, int], list[NodeId]] = {}
+        for node in _preference_order(self.assignments, self.host):
+            for layer, experts in self.assignments[node].items():
+                for expert in experts:
+                    index.setdefault((layer, expert), []).append(node)
+        return {key: tuple(nodes) for key, nodes in index.items()}
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        return tuple(sorted({layer for m in self.assignments.values() for layer in m}))
+
+    @property
+    def num_experts(self) -> int:
+        return 1 + max((e for _, e in self._holders), default=-1)
+
+    def holders(self, layer: int, expert: int) -> tuple[NodeId, ...]:
+        """Nodes holding the expert, in preference order: the host first, then by id."""
+        return self._holders.get((layer, expert), ())
+
+    def experts_of(self, node: NodeId) -> Mapping[int, tuple[int, ...]]:
+        return self.assignments.get(node, MappingProxyType({}))
+
+    def bytes_of(self, node: NodeId) -> int:
+        return self.expert_bytes * sum(len(e) for e in self.experts_of(node).values())
+
+    def replicated(self) -> list[tuple[int, int]]:
+        """(layer, expert) pairs with at least two holders, sorted."""
+        return sorted(key for key, nodes in self._holders.items() if len(nodes) >= 2)
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """16 hex chars over model, host, demand digest, expert size and the assignments
+        (nodes holding nothing are left out, so a peer offering nothing changes nothing)."""
+        h = hashlib.sha256(b"expert-plan/1\0")
+        h.update(self.model.encode() + b"\0")
+        h.update(self.host.key)
+        h.update(self.demand_digest.encode() + b"\0")
+        h.update(struct.pack("<Q", self.expert_bytes))
+        for node in sorted(self.assignments):
+            held = self.assignments[node]
+            if not any(held.values()):
+                continue
+            h.update(b"N" + node.key)
+            for layer in sorted(held):
+                h.update(struct.pack("<QQ", layer, len(held[layer])))
+                h.update(struct.pack(f"<{len(held[layer])}Q", *held[layer]))
+        return h.hexdigest()[:16]
+
+    def to_dict(self) -> dict:
+        """JSON-able status (for /api/status and the status page)."""
+        total_budget = sum(self.budgets.values())
+        total_bytes = sum(self.bytes_of(node) for node in self.assignments)
+        nodes = []
+        for node in _preference_order(self.assignments, self.host):
+            held = self.assignments[node]
+            budget = self.budgets.get(node, 0)
+            node_bytes = self.bytes_of(node)
+            nodes.append(
+                {
+                    "node_id": str(node),
+                    "short": node.short,
+                    "host": node == self.host,
+                    "experts": {str(layer): list(held[layer]) for layer in sorted(held)},
+                    "count": sum(len(e) for e in held.values()),
+                    "bytes": node_bytes,
+                    "budget": budget,
+                    "budget_share": budget / total_budget if total_budget else 0.0,
+                    "bytes_share": node_bytes / total_bytes if total_bytes else 0.0,
+                }
+            )
+        return {
+            "model": self.model,
+            "host": str(self.host),
+            "fingerprint": self.fingerprint,
+            "demand_digest": self.demand_digest,
+            "layers": list(self.layers),
+            "num_experts": self.num_experts,
+            "expert_bytes": self.expert_bytes,
+            "total_bytes": total_bytes,
+            "nodes": nodes,
+            "replicas": [
+                {"layer": layer, "expert": expert, "holders": [str(n) for n in nodes_]}
+                for (layer, expert) in self.replicated()
+                for nodes_ in [self.holders(layer, expert)]
+            ],
+            "unreplicated": [[layer, expert] for layer, expert in self.unreplicated],
+        }
+
+    def to_wire(self) -> dict:
+        """Plain msgpack-able types; node ids as their 32 raw bytes. Per node: id, budget,
+        and one sorted expert list per entry of `layers`."""
+        layers = self.layers
+        return {
+            "model": self.model,
+            "host": self.host.key,
+            "demand_digest": self.demand_digest,
+            "expert_bytes": self.expert_bytes,
+            "layers": list(layers),
+            "nodes": [
+                [
+                    node.key,
+                    self.budgets.get(node, 0),
+                    [list(self.assignments[node].get(layer, ())) for layer in layers],
+                ]
+                for node in sorted(self.assignments)
+            ],
+            "unreplicated": [[layer, expert] for layer, expert in self.unreplicated],
+            "fingerprint": self.fingerprint,
+        }
+
+    @classmethod
+    def from_wire(cls, d: object) -> ExpertPlan:
+        """Validate and rebuild a plan from `to_wire`'s form. Raises PlanError (only) on
+        anything malformed: wrong types, an expert nobody holds, a node over its budget,
+        a fingerprint that does not match. Unknown keys are ignored."""
+        if not isinstance(d, Mapping):
+            raise PlanError("a wire plan is a map")
+        model = _wire_field(d, "model", str)
+        host = _wire_node(_wire_field(d, "host", bytes))
+        demand_digest = _wire_field(d, "demand_digest", str)
+        expert_bytes = _wire_int(_wire_field(d, "expert_bytes", int), "expert_bytes", 1, MAX_BYTES)
+        layers = _wire_sorted_ints(_wire_field(d, "layers", (list, tuple)), "layers")
+        if not layers:
+            raise PlanError("a wire plan has at least one layer")
+        budgets: dict[NodeId, int] = {}
+        assignments: dict[NodeId, dict[int, tuple[int, ...]]] = {}
+        for entry in _wire_field(d, "nodes", (list, tuple)):
+            if not isinstance(entry, (list, tuple)) or len(entry) != 3:
+                raise PlanError("a wire plan node is [id, budget, experts per layer]")
+            raw_id, budget, per_layer = entry
+            if not isinstance(raw_id, bytes):
+                raise PlanError("a wire plan node id is bytes")
+            node = _wire_node(raw_id)
+            if node in budgets:
+                raise PlanError(f"node {node.short} appears twice in the plan")
+            budgets[node] = _wire_int(budget, "budget", 0, MAX_BYTES)
+            if not isinstance(per_layer, (list, tuple)) or len(per_layer) != len(layers):
+                raise PlanError("a wire plan node lists one expert list per layer")
+            assignments[node] = {
+                layer: _wire_sorted_ints(experts, "experts")
+                for layer, experts in zip(layers, per_layer, strict=True)
+            }
+            if len(_flat(assignments[node])) * expert_bytes > budgets[node]:
+                raise PlanError(f"node {node.short} holds more than its budget")
+        if host not in assignments:
+            raise PlanError("the host is not among the plan's nodes")
+        num_experts = 0
+        for layer in layers:
+            held = sorted({e for node in assignments for e in assignments[node][layer]})
+            if not held or held != list(range(len(held))):
+                raise PlanError(f"layer {layer}: the experts held are not 0..E-1")
+            if num_experts and len(held) != num_experts:
+                raise PlanError("layers differ in their number of experts")
+            num_experts = len(held)
+        unreplicated = []
+        for pair in _wire_field(d, "unreplicated", (list, tuple)):
+            if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+                raise PlanError("an unreplicated entry is [layer, expert]")
+            layer, expert = (_wire_int(x, "unreplicated", 0) for x in pair)
+            if layer not in layers or expert >= num_experts:
+                raise PlanError("an unreplicated entry names no planned expert")
+            unreplicated.append((layer, expert))
+        if len(set(unreplicated)) != len(unreplicated):
+            raise PlanError("an unreplicated entry appears twice")
+        plan = _make_plan(
+            model, host, assignments, demand_digest, expert_bytes, budgets, unreplicated
+        )
+        fingerprint = d.get("fingerprint")
+        if fingerprint is not None and fingerprint != plan.fingerprint:
+            raise PlanError("the plan's fingerprint does not match its content")
+        return plan
+
+
+def plan_experts(
+    model: str,
+    host: NodeId,
+    peers: Sequence[PeerOffer],
+    demand: ExpertDemand,
+    *,
+    replicate_fraction: float = 0.125,
+    min_replicas: int = 2,
+) -> ExpertPlan:
+    """Place every routed expert of `demand` on `peers` (see the module docstring)."""
+    if not isinstance(model, str):
+        raise PlanError("the model name is a string")
+    if not isinstance(host, NodeId):
+        raise PlanError("the host is a NodeId")
+    offers = _normalize_peers(peers)
+    if host not in offers:
+        raise PlanError(f"the host {host.short} is not among the peers offering memory")
+    _check_fraction(replicate_fraction)
+    if type(min_replicas) is not int or min_replicas < 1:
+        raise PlanError("min_replicas is an integer of at least 1")
+    gate, cosel = _check_demand(demand)
+
+    nodes = sorted(offers)
+    budgets = [offers[n] for n in nodes]
+    host_index = nodes.index(host)
+    num_layers, num_experts, size = len(demand.layers), demand.num_experts, demand.expert_bytes
+    capacity = [b // size for b in budgets]
+    needed = num_layers * num_experts
+    if sum(capacity) < needed:
+        usable = sum(capacity) * size
+        raise PlanError(
+            f"the experts do not fit: {num_layers} layers x {num_experts} experts x "
+            f"{size} bytes need {needed * size} bytes, the peers offer {usable} usable bytes "
+            f"(of {sum(budgets)}); {needed * size - usable} bytes are missing"
+        )
+
+    # 2. which hot experts get extra copies, dropping the coldest extras that do not fit
+    order = [sorted(range(num_experts), key=lambda e, g=g: (-g[e], e)) for g in gate]
+    hot_count = math.ceil(round(replicate_fraction * num_experts, 9))
+    with_room = sum(1 for c in capacity if c > 0)
+    want = min(min_replicas, with_room)
+    extras = [
+        (-gate[li][e], li, e)
+        for li in range(num_layers)
+        for e in order[li][:hot_count]
+        for _ in range(want - 1)
+    ]
+    extras.sort()
+    copies = [[1] * num_experts for _ in range(num_layers)]
+    for _, li, e in extras[: sum(capacity) - needed]:
+        copies[li][e] += 1
+
+    # 3. targets: overall, then per layer
+    total = sum(sum(row) for row in copies)
+    target = _apportion(total, budgets, capacity)
+    left = list(target)
+    layer_targets = []
+    for li in range(num_layers):
+        quota = _apportion(sum(copies[li]), left, left)
+        left = [a - b for a, b in zip(left, quota, strict=True)]
+        layer_targets.append(quota)
+
+    # 4. greedy placement
+    slots = list(capacity)
+    placed = [0] * len(nodes)
+    held: list[list[set[int]]] = [[set() for _ in range(num_layers)] for _ in nodes]
+    unreplicated = []
+    for li in range(num_layers):
+        room = list(layer_targets[li])
+        affinity = np.zeros((len(nodes), num_experts)) if cosel is not None else None
+        hot = set(order[li][:hot_count])
+        for e in order[li]:
+            is_hot = e in hot
+            for _ in range(copies[li][e]):
+                candidates = [p for p in range(len(nodes)) if slots[p] and e not in held[p][li]]
+                if not candidates:
+                    break  # a replica with no distinct peer left: dropped
+                pool = [p for p in candidates if room[p] > 0] or candidates
+                p = min(
+                    (
+                        -(float(affinity[p, e]) if affinity is not None else 0.0),
+                        -(is_hot and p == host_index),
+                        -room[p],
+                        -(target[p] - placed[p]),
+                        p,
+                    )
+                    for p in pool
+                )[-1]
+                held[p][li].add(e)
+                slots[p] -= 1
+                room[p] -= 1
+                placed[p] += 1
+                if affinity is not None:
+                    affinity[p] += cosel[li][e]
+            if is_hot and sum(e in held[p][li] for p in range(len(nodes))) < min_replicas:
+                unreplicated.append((demand.layers[li], e))
+
+    assignments = {
+        node: {demand.layers[li]: tuple(sorted(held[p][li])) for li in range(num_layers)}
+        for p, node in enumerate(nodes)
+    }
+    return _make_plan(model, host, assignments, demand_digest(demand), size, offers, unreplicated)
+
+
+def materially_different(
+    old_peers: Sequence[PeerOffer], new_peers: Sequence[PeerOffer], tolerance: float = 0.25
+) -> bool:
+    """True when the set of peers offering memory (budget > 0) changed, or some peer's
+    budget moved by more than `tolerance` of its old value: then recompute the plan."""
+    _check_fraction(tolerance, name="tolerance", upper=math.inf)
+    old = {n: b for n, b in _normalize_peers(old_peers).items() if b > 0}
+    new = {n: b for n, b in _normalize_peers(new_peers).items() if b > 0}
+    if old.keys() != new.keys():
+        return True
+    return any(abs(new[n] - old[n]) > tolerance * old[n] for n in old)
+
+
+def expected_remote_peers(plan: ExpertPlan, demand: ExpertDemand) -> float:
+    """Expected number of distinct non-host peers a token contacts per MoE layer (mean over
+    the layers). An approximation, good for comparing plans:
+
+    * a token's routing in a layer is modelled as one pair of distinct experts (i, j),
+      drawn with probability proportional to `coselection[i][j]`, or to
+      `gate_mass[i] * gate_mass[j]` without coselection (independent choices);
+    * the router serves an expert from the host when the host holds it, and two remote
+      experts from one peer when some peer holds both; so the pair costs 0, 1 or 2 peers.
+      Top-k > 2 routing contacts more peers than this; the ordering between plans is
+      what counts;
+    * with no pair weight at all (one hot expert, or all zero), one expert drawn by gate
+      mass (uniformly if all zero).
+    """
+    gate, cosel = _check_demand(demand)
+    nodes = [n for n in sorted(plan.assignments) if n != plan.host]
+    totals = []
+    for li, layer in enumerate(demand.layers):
+        remote_holders = np.zeros((demand.num_experts, len(nodes)), dtype=bool)
+        remote = np.zeros(demand.num_experts, dtype=bool)
+        for e in range(demand.num_experts):
+            holders = plan.holders(layer, e)
+            if not holders:
+                raise PlanError(f"layer {layer} expert {e} is not in the plan")
+            remote[e] = holders[0] != plan.host
+            for node in holders:
+                if node != plan.host:
+                    remote_holders[e, nodes.index(node)] = True
+        g = np.array(gate[li])
+        weights = cosel[li].copy() if cosel is not None else np.outer(g, g)
+        np.fill_diagonal(weights, 0.0)
+        if weights.sum() > 0:
+            both = remote[:, None] & remote[None, :]
+            shared = (remote_holders.astype(int) @ remote_holders.T.astype(int)) > 0
+            cost = remote[:, None].astype(float) + remote[None, :] - (both & shared)
+            totals.append(float((weights * cost).sum() / weights.sum()))
+        else:
+            p = g / g.sum() if g.sum() > 0 else np.full(len(g), 1.0 / len(g))
+            totals.append(float((p * remote).sum()))
+    return sum(totals) / len(totals)
+
+
+def demand_digest(demand: ExpertDemand) -> str:
+    """16 hex chars identifying the demand: layers, sizes, gate mass, coselection and the
+    rankings digest (floats by their exact bits)."""
+    gate, cosel = _check_demand(demand)
+    h = hashlib.sha256(b"expert-demand/1\0")
+    h.update(demand.rankings_digest.encode() + b"\0")
+    h.update(struct.pack("<QQQ", len(demand.layers), demand.num_experts, demand.expert_bytes))
+    h.update(struct.pack(f"<{len(demand.layers)}Q", *demand.layers))
+    for row in gate:
+        h.update(struct.pack(f"<{len(row)}d", *row))
+    if cosel is None:
+        h.update(b"-")
+    else:
+        h.update(b"C")
+        for matrix in cosel:
+            h.update(matrix.astype("<f8").tobytes())
+    return h.hexdigest()[:16]
+
+
+# --- internals -----------------------------------------------------------------------------
+
+
+def _make_plan(model, host, assignments, digest, expert_bytes, budgets, unreplicated):
+    frozen = {
+        node: MappingProxyType({layer: tuple(held[layer]) for layer in sorted(held)})
+        for node, held in sorted(assignments.items())
+    }
+    return ExpertPlan(
+        model=model,
+        host=host,
+        assignments=MappingProxyType(frozen),
+        demand_digest=digest,
+        expert_bytes=expert_bytes,
+        budgets=MappingProxyType({n: budgets[n] for n in sorted(budgets)}),
+        unreplicated=tuple(sorted(unreplicated)),
+    )
+
+
+def _preference_order(assignments: Mapping[NodeId, object], host: NodeId) -> list[NodeId]:
+    return sorted(assignments, key=lambda n: (n != host, n))
+
+
+def _flat(held: Mapping[int, tuple[int, ...]]) -> list[int]:
+    return [e for experts in held.values() for e in experts]
+
+
+def _apportion(total: int, weights: Sequence[int], caps: Sequence[int]) -> list[int]:
+    """Split `total` proportionally to `weights`, no share above its cap: shares that
+    would exceed their cap are fixed at it and the rest re-split; then largest remainder
+    (ties: lower index). Exact integer arithmetic. Requires total <= sum of caps where
+    weight > 0."""
+    alloc = [0] * len(weights)
+    active = [i for i, w in enumerate(weights) if w > 0 and caps[i] > 0]
+    remaining = total
+    while remaining > 0:
+        weight = sum(weights[i] for i in active)
+        if weight == 0:
+            raise AssertionError("apportion: more to place than room")  # callers prevent it
+        over = [i for i in active if remaining * weights[i] > caps[i] * weight]
+        if over:
+            for i in over:
+                alloc[i] = caps[i]
+                remaining -= caps[i]
+            active = [i for i in active if i not in over]
+            continue
+        for i in active:
+            alloc[i] = remaining * weights[i] // weight
+        leftover = remaining - sum(alloc[i] for i in active)
+        by_remainder = sorted(active, key=lambda i: (-(remaining * weights[i] % weight), i))
+        for i in by_remainder[:leftover]:
+            alloc[i] += 1
+        remaining = 0
+    return alloc
+
+
+def _normalize_peers(peers: Sequence[PeerOffer]) -> dict[NodeId, int]:
+    offers: dict[NodeId, int] = {}
+    for peer in peers:
+        if not isinstance(peer, PeerOffer) or not isinstance(peer.node_id, NodeId):
+            raise PlanError("peers are PeerOffer(node_id: NodeId, budget: int)")
+        if type(peer.budget) is not int or not 0 <= peer.budget <= MAX_BYTES:
+            raise PlanError(f"peer {peer.node_id.short}: budget is a non-negative integer")
+        if offers.setdefault(peer.node_id, peer.budget) != peer.budget:
+            raise PlanError(f"peer {peer.node_id.short} is offered twice with different budgets")
+    return {n: offers[n] for n in sorted(offers)}
+
+
+def _check_fraction(value: float, *, name: str = "replicate_fraction", upper=1.0) -> None:
+    if type(value) not in (int, float) or not (0.0 <= value <= upper):  # NaN fails too
+        raise PlanError(f"{name} is a number from 0 to {upper}")
+
+
+def _check_demand(demand: ExpertDemand) -> tuple[list[list[float]], list[np.ndarray] | None]:
+    """Validate shapes and values; return gate mass as floats and symmetrized coselection."""
+    if not isinstance(demand, ExpertDemand):
+        raise PlanError("demand is an ExpertDemand")
+    layers, num_experts = demand.layers, demand.num_experts
+    if not isinstance(layers, (tuple, list)) or not layers:
+        raise PlanError("demand.layers lists at least one MoE layer")
+    if any(type(layer) is not int or not 0 <= layer <= MAX_INDEX for layer in layers):
+        raise PlanError("demand.layers are integers from 0 to 2**32 - 1")
+    if len(set(layers)) != len(layers):
+        raise PlanError("demand.layers has a layer twice")
+    if type(num_experts) is not int or not 1 <= num_experts <= MAX_INDEX:
+        raise PlanError("demand.num_experts is a positive integer")
+    if type(demand.expert_bytes) is not int or not 1 <= demand.expert_bytes <= MAX_BYTES:
+        raise PlanError("demand.expert_bytes is a positive integer")
+    if not isinstance(demand.rankings_digest, str):
+        raise PlanError("demand.rankings_digest is a string")
+    gate = _matrix(demand.gate_mass, len(layers), num_experts, "demand.gate_mass")
+    if demand.coselection is None:
+        return gate, None
+    if not isinstance(demand.coselection, (tuple, list)) or len(demand.coselection) != len(layers):
+        raise PlanError(f"demand.coselection has one matrix per layer ({len(layers)})")
+    cosel = []
+    for li, rows in enumerate(demand.coselection):
+        m = np.array(_matrix(rows, num_experts, num_experts, f"demand.coselection[{li}]"))
+        if not np.all(np.abs(m - m.T) <= SYMMETRY_TOLERANCE * np.maximum(1.0, np.abs(m))):
+            raise PlanError(f"demand.coselection[{li}] is not symmetric")
+        cosel.append((m + m.T) / 2)
+    return gate, cosel
+
+
+def _matrix(rows: object, n_rows: int, n_cols: int, name: str) -> list[list[float]]:
+    if not isinstance(rows, (tuple, list)) or len(rows) != n_rows:
+        raise PlanError(f"{name} has {n_rows} rows")
+    out = []
+    for row in rows:
+        if not isinstance(row, (tuple, list)) or len(row) != n_cols:
+            raise PlanError(f"{name} rows have {n_cols} entries")
+        values = []
+        for x in row:
+            if type(x) not in (int, float) or not math.isfinite(x) or x < 0:
+                raise PlanError(f"{name} holds finite non-negative numbers (got {x!r})")
+            values.append(float(x))
+        out.append(values)
+    return out
+
+
+def _wire_field(d: Mapping, key: str, kind: type | tuple[type, ...]):
+    if key not in d:
+        raise PlanError(f"a wire plan needs {key!r}")
+    value = d[key]
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise PlanError(f"a wire plan's {key!r} has the wrong type")
+    return value
+
+
+def _wire_int(value: object, name: str, minimum: int, maximum: int = MAX_INDEX) -> int:
+    if type(value) is not int or not minimum <= value <= maximum:
+        raise PlanError(f"a wire plan's {name} is an integer from {minimum} to {maximum}")
+    return value
+
+
+def _wire_node(raw: bytes) -> NodeId:
+    try:
+        return NodeId(bytes(raw))
+    except ValueError:
+        raise PlanError("a wire plan node id is 32 bytes") from None
+
+
+def _wire_sorted_ints(values: object, name: str) -> tuple[int, ...]:
+    if not isinstance(values, (list, tuple)):
+        raise PlanError(f"a wire plan's {name} is a list")
+    out = tuple(_wire_int(v, name, 0) for v in values)
+    if any(a >= b for a, b in itertools.pairwise(out)):
+        raise PlanError(f"a wire plan's {name} are strictly increasing")
+    return out
