@@ -77,6 +77,13 @@ def test_same_inputs_in_any_order_give_the_same_plan_and_fingerprint():
         assert again == plan and again.fingerprint == plan.fingerprint
     assert len(plan.fingerprint) == 16 and int(plan.fingerprint, 16) >= 0
     check_valid(plan, peers, demand)
+    # the order the layers are listed in does not matter either
+    rows = ((5.0, 1, 3, 3, 0, 2, 8, 1), (0.0, 0, 9, 0, 0, 7, 0, 0))
+    listed = ExpertDemand((1, 3), 8, EB, rows)
+    flipped = ExpertDemand((3, 1), 8, EB, rows[::-1])
+    assert demand_digest(flipped) == demand_digest(listed)
+    assert plan_experts(MODEL, IDS[2], peers, flipped) == plan_experts(MODEL, IDS[2], peers, listed)
+    assert plan_experts(MODEL, IDS[2], peers, listed).holders(3, 2)[0] == IDS[2]  # hot in 3
 
 
 def test_fingerprint_covers_model_host_demand_and_assignments():
