@@ -20,7 +20,8 @@ tie could go either way, so the same inputs give the same plan everywhere):
    (largest-remainder apportionment in exact integers, water-filled under each peer's
    capacity), then each peer's target is split across layers the same way, layer by
    layer, so every layer is spread proportionally too: a peer ends within about one
-   expert per layer of `N * budget / sum(budgets)` experts.
+   expert per layer of `N * budget / sum(budgets)` experts (a little more when replicas,
+   which must sit on distinct peers, push copies onto a peer past its target).
 4. Greedy placement. Layer by layer, experts hottest first, each copy goes to a peer with
    capacity left that does not hold that expert yet, preferring peers with room left in
    their target for that layer, then by:
@@ -36,6 +37,9 @@ tie could go either way, so the same inputs give the same plan everywhere):
 are chosen for the same token (any scale; the diagonal is ignored). Without it there is no
 affinity and experts are dealt out by room, hot ones to the host first.
 
+The fingerprint covers model, host, demand digest, expert size and assignments (peers
+holding nothing are left out, so an idle peer joining changes nothing). `to_wire` /
+`from_wire` carry the plan as plain types; `from_wire` re-checks every invariant.
 `expected_remote_peers` estimates the distinct non-host peers a token contacts per MoE
 layer for a plan; `materially_different` says when a new membership warrants a new plan.
 """
