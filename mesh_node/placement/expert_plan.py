@@ -20,7 +20,8 @@ tie could go either way, so the same inputs give the same plan everywhere):
    (largest-remainder apportionment in exact integers, water-filled under each peer's
    capacity), then each peer's target is split across layers the same way, layer by
    layer, so every layer is spread proportionally too: a peer ends within about one
-   expert per layer of `N * budget / sum(budgets)` experts.
+   expert per layer of `N * budget / sum(budgets)` experts (a little more when replicas,
+   which must sit on distinct peers, push copies onto a peer past its target).
 4. Greedy placement. Layer by layer, experts hottest first, each copy goes to a peer with
    capacity left that does not hold that expert yet, preferring peers with room left in
    their target for that layer, then by:
@@ -36,6 +37,9 @@ tie could go either way, so the same inputs give the same plan everywhere):
 are chosen for the same token (any scale; the diagonal is ignored). Without it there is no
 affinity and experts are dealt out by room, hot ones to the host first.
 
+The fingerprint covers model, host, demand digest, expert size and assignments (peers
+holding nothing are left out, so an idle peer joining changes nothing). `to_wire` /
+`from_wire` carry the plan as plain types; `from_wire` re-checks every invariant.
 `expected_remote_peers` estimates the distinct non-host peers a token contacts per MoE
 layer for a plan; `materially_different` says when a new membership warrants a new plan.
 """
@@ -181,9 +185,12 @@ class ExpertPlan:
             "total_bytes": total_bytes,
             "nodes": nodes,
             "replicas": [
-                {"layer": layer, "expert": expert, "holders": [str(n) for n in nodes_]}
-                for (layer, expert) in self.replicated()
-                for nodes_ in [self.holders(layer, expert)]
+                {
+                    "layer": layer,
+                    "expert": expert,
+                    "holders": [str(n) for n in self.holders(layer, expert)],
+                }
+                for layer, expert in self.replicated()
             ],
             "unreplicated": [[layer, expert] for layer, expert in self.unreplicated],
         }
@@ -293,12 +300,12 @@ def plan_experts(
     _check_fraction(replicate_fraction)
     if type(min_replicas) is not int or min_replicas < 1:
         raise PlanError("min_replicas is an integer of at least 1")
-    gate, cosel = _check_demand(demand)
+    layers, gate, cosel = _check_demand(demand)
 
     nodes = sorted(offers)
     budgets = [offers[n] for n in nodes]
     host_index = nodes.index(host)
-    num_layers, num_experts, size = len(demand.layers), demand.num_experts, demand.expert_bytes
+    num_layers, num_experts, size = len(layers), demand.num_experts, demand.expert_bytes
     capacity = [b // size for b in budgets]
     needed = num_layers * num_experts
     if sum(capacity) < needed:
@@ -368,13 +375,15 @@ def plan_experts(
                 if affinity is not None:
                     affinity[p] += cosel[li][e]
             if is_hot and sum(e in held[p][li] for p in range(len(nodes))) < min_replicas:
-                unreplicated.append((demand.layers[li], e))
+                unreplicated.append((layers[li], e))
 
     assignments = {
-        node: {demand.layers[li]: tuple(sorted(held[p][li])) for li in range(num_layers)}
+        node: {layers[li]: tuple(sorted(held[p][li])) for li in range(num_layers)}
         for p, node in enumerate(nodes)
     }
-    return _make_plan(model, host, assignments, demand_digest(demand), size, offers, unreplicated)
+    return _make_plan(
+        model, host, assignments, _digest(demand, layers, gate, cosel), size, offers, unreplicated
+    )
 
 
 def materially_different(
@@ -404,10 +413,10 @@ def expected_remote_peers(plan: ExpertPlan, demand: ExpertDemand) -> float:
     * with no pair weight at all (one hot expert, or all zero), one expert drawn by gate
       mass (uniformly if all zero).
     """
-    gate, cosel = _check_demand(demand)
+    layers, gate, cosel = _check_demand(demand)
     nodes = [n for n in sorted(plan.assignments) if n != plan.host]
     totals = []
-    for li, layer in enumerate(demand.layers):
+    for li, layer in enumerate(layers):
         remote_holders = np.zeros((demand.num_experts, len(nodes)), dtype=bool)
         remote = np.zeros(demand.num_experts, dtype=bool)
         for e in range(demand.num_experts):
@@ -435,23 +444,25 @@ def expected_remote_peers(plan: ExpertPlan, demand: ExpertDemand) -> float:
 def demand_digest(demand: ExpertDemand) -> str:
     """16 hex chars identifying the demand: layers, sizes, gate mass, coselection and the
     rankings digest (floats by their exact bits)."""
-    gate, cosel = _check_demand(demand)
-    h = hashlib.sha256(b"expert-demand/1\0")
-    h.update(demand.rankings_digest.encode() + b"\0")
-    h.update(struct.pack("<QQQ", len(demand.layers), demand.num_experts, demand.expert_bytes))
-    h.update(struct.pack(f"<{len(demand.layers)}Q", *demand.layers))
-    for row in gate:
-        h.update(struct.pack(f"<{len(row)}d", *row))
-    if cosel is None:
-        h.update(b"-")
-    else:
-        h.update(b"C")
-        for matrix in cosel:
-            h.update(matrix.astype("<f8").tobytes())
-    return h.hexdigest()[:16]
+    return _digest(demand, *_check_demand(demand))
 
 
 # --- internals -----------------------------------------------------------------------------
+
+
+def _digest(
+    demand: ExpertDemand,
+    layers: tuple[int, ...],
+    gate: list[list[float]],
+    cosel: np.ndarray | None,
+) -> str:
+    h = hashlib.sha256(b"expert-demand/1\0")
+    h.update(demand.rankings_digest.encode() + b"\0")
+    h.update(struct.pack("<QQQ", len(layers), demand.num_experts, demand.expert_bytes))
+    h.update(struct.pack(f"<{len(layers)}Q", *layers))
+    h.update(np.array(gate, dtype="<f8").tobytes())
+    h.update(b"-" if cosel is None else b"C" + cosel.astype("<f8").tobytes())
+    return h.hexdigest()[:16]
 
 
 def _make_plan(model, host, assignments, digest, expert_bytes, budgets, unreplicated):
@@ -524,8 +535,12 @@ def _check_fraction(value: float, *, name: str = "replicate_fraction", upper=1.0
         raise PlanError(f"{name} is a number from 0 to {upper}")
 
 
-def _check_demand(demand: ExpertDemand) -> tuple[list[list[float]], list[np.ndarray] | None]:
-    """Validate shapes and values; return gate mass as floats and symmetrized coselection."""
+def _check_demand(
+    demand: ExpertDemand,
+) -> tuple[tuple[int, ...], list[list[float]], np.ndarray | None]:
+    """Validate shapes and values. Return, in ascending layer order (so the order the
+    layers are listed in does not matter): the layers, the gate mass as floats and the
+    coselection matrices, symmetrized exactly, as one [layers, E, E] array."""
     if not isinstance(demand, ExpertDemand):
         raise PlanError("demand is an ExpertDemand")
     layers, num_experts = demand.layers, demand.num_experts
@@ -541,34 +556,31 @@ def _check_demand(demand: ExpertDemand) -> tuple[list[list[float]], list[np.ndar
         raise PlanError("demand.expert_bytes is a positive integer")
     if not isinstance(demand.rankings_digest, str):
         raise PlanError("demand.rankings_digest is a string")
-    gate = _matrix(demand.gate_mass, len(layers), num_experts, "demand.gate_mass")
+    order = sorted(range(len(layers)), key=layers.__getitem__)
+    gate = _table(demand.gate_mass, (len(layers), num_experts), "demand.gate_mass")[order]
     if demand.coselection is None:
-        return gate, None
-    if not isinstance(demand.coselection, (tuple, list)) or len(demand.coselection) != len(layers):
-        raise PlanError(f"demand.coselection has one matrix per layer ({len(layers)})")
-    cosel = []
-    for li, rows in enumerate(demand.coselection):
-        m = np.array(_matrix(rows, num_experts, num_experts, f"demand.coselection[{li}]"))
-        if not np.all(np.abs(m - m.T) <= SYMMETRY_TOLERANCE * np.maximum(1.0, np.abs(m))):
-            raise PlanError(f"demand.coselection[{li}] is not symmetric")
-        cosel.append((m + m.T) / 2)
-    return gate, cosel
+        return tuple(sorted(layers)), gate.tolist(), None
+    shape = (len(layers), num_experts, num_experts)
+    cosel = _table(demand.coselection, shape, "demand.coselection")[order]
+    transposed = cosel.transpose(0, 2, 1)
+    if not np.all(np.abs(cosel - transposed) <= SYMMETRY_TOLERANCE * np.maximum(1.0, cosel)):
+        raise PlanError("demand.coselection matrices are not symmetric")
+    return tuple(sorted(layers)), gate.tolist(), (cosel + transposed) / 2
 
 
-def _matrix(rows: object, n_rows: int, n_cols: int, name: str) -> list[list[float]]:
-    if not isinstance(rows, (tuple, list)) or len(rows) != n_rows:
-        raise PlanError(f"{name} has {n_rows} rows")
-    out = []
-    for row in rows:
-        if not isinstance(row, (tuple, list)) or len(row) != n_cols:
-            raise PlanError(f"{name} rows have {n_cols} entries")
-        values = []
-        for x in row:
-            if type(x) not in (int, float) or not math.isfinite(x) or x < 0:
-                raise PlanError(f"{name} holds finite non-negative numbers (got {x!r})")
-            values.append(float(x))
-        out.append(values)
-    return out
+def _table(values: object, shape: tuple[int, ...], name: str) -> np.ndarray:
+    """A nested sequence of finite non-negative numbers of exactly `shape`, as float64."""
+    wanted = " x ".join(map(str, shape))
+    try:
+        table = np.array(values)
+    except (ValueError, TypeError):  # ragged
+        raise PlanError(f"{name} is a {wanted} table of numbers") from None
+    if table.shape != shape or table.dtype.kind not in "iuf":
+        raise PlanError(f"{name} is a {wanted} table of numbers")
+    table = table.astype(np.float64)
+    if not np.all(np.isfinite(table)) or np.any(table < 0):
+        raise PlanError(f"{name} holds finite non-negative numbers")
+    return table
 
 
 def _wire_field(d: Mapping, key: str, kind: type | tuple[type, ...]):

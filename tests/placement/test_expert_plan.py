@@ -1,0 +1,536 @@
+"""Expert placement plan: a pure, deterministic function of gossiped state."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import msgpack
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from mesh_node.identity import NodeId
+from mesh_node.placement.expert_plan import (
+    ExpertDemand,
+    ExpertPlan,
+    PeerOffer,
+    PlanError,
+    demand_digest,
+    expected_remote_peers,
+    materially_different,
+    plan_experts,
+)
+
+IDS = [NodeId(hashlib.sha256(bytes([i])).digest()) for i in range(8)]  # not in id order
+MODEL = "m"
+EB = 1000  # bytes of one expert
+
+
+def uniform(layers=(1, 3), experts=8, mass=None, coselection=None, digest="r1"):
+    rows = tuple(tuple(mass or [1.0] * experts) for _ in layers)
+    return ExpertDemand(tuple(layers), experts, EB, rows, coselection, digest)
+
+
+def offers(*budgets):
+    return [PeerOffer(IDS[i], b) for i, b in enumerate(budgets)]
+
+
+def check_valid(plan, peers, demand, min_replicas=2):
+    """The invariants every plan keeps."""
+    budgets = {p.node_id: p.budget for p in peers}
+    assert set(plan.assignments) == set(budgets) and plan.host in plan.assignments
+    for node in plan.assignments:
+        assert plan.bytes_of(node) <= budgets[node]
+        assert set(plan.experts_of(node)) == set(demand.layers)
+        for experts in plan.experts_of(node).values():
+            assert list(experts) == sorted(set(experts))
+    for layer in demand.layers:
+        for e in range(demand.num_experts):
+            holders = plan.holders(layer, e)
+            assert holders, (layer, e)
+            assert len(set(holders)) == len(holders)
+            rest = [h for h in holders if h != plan.host]
+            assert list(holders) == ([plan.host] if plan.host in holders else []) + sorted(rest)
+    short = {(layer, e) for layer in demand.layers for e in range(demand.num_experts)}
+    short = {k for k in short if len(plan.holders(*k)) < min_replicas}
+    assert set(plan.unreplicated) <= short
+
+
+# --- determinism ---------------------------------------------------------------------------
+
+
+def test_same_inputs_in_any_order_give_the_same_plan_and_fingerprint():
+    demand = uniform(mass=[5, 1, 3, 3, 0, 2, 8, 1])
+    peers = offers(9 * EB, 4 * EB, 7 * EB + 17, 0, 3 * EB)
+    plan = plan_experts(MODEL, IDS[2], peers, demand)
+    for seed in range(5):
+        shuffled = [*peers, peers[seed % len(peers)]]  # a harmless duplicate
+        random.Random(seed).shuffle(shuffled)
+        again = plan_experts(MODEL, IDS[2], shuffled, demand)
+        assert again == plan and again.fingerprint == plan.fingerprint
+    assert len(plan.fingerprint) == 16 and int(plan.fingerprint, 16) >= 0
+    check_valid(plan, peers, demand)
+    # the order the layers are listed in does not matter either
+    rows = ((5.0, 1, 3, 3, 0, 2, 8, 1), (0.0, 0, 9, 0, 0, 7, 0, 0))
+    listed = ExpertDemand((1, 3), 8, EB, rows)
+    flipped = ExpertDemand((3, 1), 8, EB, rows[::-1])
+    assert demand_digest(flipped) == demand_digest(listed)
+    assert plan_experts(MODEL, IDS[2], peers, flipped) == plan_experts(MODEL, IDS[2], peers, listed)
+    assert plan_experts(MODEL, IDS[2], peers, listed).holders(3, 2)[0] == IDS[2]  # hot in 3
+
+
+def test_fingerprint_covers_model_host_demand_and_assignments():
+    demand = uniform()
+    peers = offers(10 * EB, 10 * EB, 10 * EB)
+    base = plan_experts(MODEL, IDS[0], peers, demand)
+    others = [
+        plan_experts("other", IDS[0], peers, demand),
+        plan_experts(MODEL, IDS[1], peers, demand),
+        plan_experts(MODEL, IDS[0], peers, uniform(digest="r2")),
+        plan_experts(MODEL, IDS[0], offers(10 * EB, 10 * EB, 4 * EB), demand),
+    ]
+    assert len({base.fingerprint, *(p.fingerprint for p in others)}) == 5
+    # a peer offering nothing holds nothing and changes nothing
+    with_idle = plan_experts(MODEL, IDS[0], [*peers, PeerOffer(IDS[5], 0)], demand)
+    assert with_idle.fingerprint == base.fingerprint
+    assert with_idle.experts_of(IDS[5]) == {1: (), 3: ()}
+
+
+SCRIPT = """
+import hashlib
+from mesh_node.identity import NodeId
+from mesh_node.placement.expert_plan import ExpertDemand, PeerOffer, plan_experts
+ids = [NodeId(hashlib.sha256(bytes([i])).digest()) for i in range(5)]
+E = 16
+cos = tuple(tuple(tuple(float((i * j) % 5) if i != j else 0.0 for j in range(E))
+            for i in range(E)) for _ in range(3))
+mass = tuple(tuple(float((7 * e + l) % 11) for e in range(E)) for l in range(3))
+demand = ExpertDemand((0, 2, 4), E, 10, mass, cos, "x")
+peers = {peers}
+print(plan_experts("m", ids[3], [PeerOffer(ids[i], b) for i, b in peers], demand).fingerprint)
+"""
+
+
+def test_same_fingerprint_in_other_processes_whatever_their_hash_seed():
+    peers = [(4, 230), (0, 120), (3, 100), (1, 77)]
+    script = SCRIPT.format(peers=peers)
+    exec_globals: dict = {}
+    fingerprints = set()
+    for seed in ("1", "2"):
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        root = str(Path(__file__).resolve().parents[2])
+        env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+        out = subprocess.run(
+            [sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True
+        )
+        fingerprints.add(out.stdout.strip())
+    script_here = script.replace("print(", "result = (")
+    exec(script_here, exec_globals)
+    fingerprints.add(exec_globals["result"])
+    assert len(fingerprints) == 1
+
+
+# --- the rules -----------------------------------------------------------------------------
+
+
+def test_hot_experts_are_replicated_on_distinct_peers_and_the_host_gets_them_first():
+    mass = [1, 9, 2, 8, 3, 3, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1]  # hottest: 1, then 3
+    demand = uniform(experts=16, mass=mass)
+    peers = offers(20 * EB, 20 * EB, 20 * EB)
+    plan = plan_experts(MODEL, IDS[1], peers, demand)  # ceil(0.125 * 16) = 2 hot
+    assert plan.replicated() == [(1, 1), (1, 3), (3, 1), (3, 3)]
+    for layer in (1, 3):
+        assert plan.holders(layer, 1)[0] == IDS[1] and plan.holders(layer, 3)[0] == IDS[1]
+    assert plan.unreplicated == ()
+    check_valid(plan, peers, demand)
+    more = plan_experts(MODEL, IDS[1], peers, demand, replicate_fraction=0.25, min_replicas=3)
+    assert len(more.replicated()) == 8
+    assert all(len(more.holders(*k)) == 3 for k in more.replicated())
+    assert plan_experts(MODEL, IDS[1], peers, demand, replicate_fraction=0).replicated() == []
+
+
+def test_replicas_are_dropped_coldest_first_when_memory_is_short():
+    mass_1 = [9, 8, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1]
+    mass_3 = [1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 7, 6]
+    demand = ExpertDemand((1, 3), 16, EB, (tuple(mass_1), tuple(mass_3)))
+    peers = offers(17 * EB, 17 * EB)  # 34 copies: the 32 experts and 2 of the 4 replicas
+    plan = plan_experts(MODEL, IDS[0], peers, demand)
+    assert plan.replicated() == [(1, 0), (1, 1)]
+    assert plan.unreplicated == ((3, 14), (3, 15))
+    check_valid(plan, peers, demand)
+    assert plan.to_dict()["unreplicated"] == [[3, 14], [3, 15]]
+
+
+def test_a_single_peer_holds_everything_once_and_reports_the_missing_replicas():
+    demand = uniform()
+    plan = plan_experts(MODEL, IDS[0], offers(100 * EB), demand)
+    assert plan.experts_of(IDS[0]) == {1: tuple(range(8)), 3: tuple(range(8))}
+    assert plan.unreplicated == ((1, 0), (3, 0))
+
+
+def test_replicas_go_to_distinct_peers_even_when_one_peer_has_most_memory():
+    demand = uniform(experts=4, mass=[4, 3, 2, 1])
+    peers = offers(100 * EB, EB)  # the small peer takes one replica at most
+    plan = plan_experts(MODEL, IDS[0], peers, demand, replicate_fraction=1.0)
+    check_valid(plan, peers, demand)
+    assert len(plan.replicated()) == 1 and plan.replicated() == [(1, 0)]
+    assert len(plan.unreplicated) == 7
+
+
+def test_peers_with_no_room_hold_nothing():
+    demand = uniform()
+    peers = offers(30 * EB, 0, EB - 1, 30 * EB)
+    plan = plan_experts(MODEL, IDS[3], peers, demand)
+    assert plan.bytes_of(IDS[1]) == plan.bytes_of(IDS[2]) == 0
+    check_valid(plan, peers, demand)
+
+
+def test_bytes_follow_budgets():
+    demand = uniform(layers=tuple(range(6)), experts=32)
+    peers = offers(100 * EB, 200 * EB, 300 * EB, 400 * EB)
+    plan = plan_experts(MODEL, IDS[0], peers, demand)
+    total = sum(plan.bytes_of(p.node_id) for p in peers)
+    for p in peers:
+        assert abs(plan.bytes_of(p.node_id) - total * p.budget / 1000 / EB) <= EB
+    # and every layer is spread the same way, within one expert
+    for layer in demand.layers:
+        per_layer = sum(len(plan.experts_of(p.node_id)[layer]) for p in peers)
+        for p in peers:
+            share = per_layer * p.budget / (1000 * EB)
+            assert abs(len(plan.experts_of(p.node_id)[layer]) - share) <= 1
+
+
+def test_a_peer_whose_share_exceeds_its_whole_experts_is_capped_and_the_rest_move():
+    demand = uniform(layers=(0,), experts=5)
+    peers = offers(2 * EB - 1, 4 * EB)  # shares 1.67 and 3.33 experts; the first holds 1
+    plan = plan_experts(MODEL, IDS[0], peers, demand, replicate_fraction=0)
+    assert [plan.bytes_of(p.node_id) // EB for p in peers] == [1, 4]
+    big = offers(10 * EB, 1000 * EB, 3000 * EB)
+    plan = plan_experts(MODEL, IDS[0], big, uniform(layers=(0,), experts=40), replicate_fraction=0)
+    assert [plan.bytes_of(p.node_id) // EB for p in big] == [0, 10, 30]
+
+
+# --- errors --------------------------------------------------------------------------------
+
+
+def test_plan_error_when_the_experts_do_not_fit_says_how_many_bytes_are_missing():
+    demand = uniform()  # 16 experts of 1000 bytes; a half expert of room is no room
+    with pytest.raises(PlanError, match="2000 bytes are missing"):
+        plan_experts(MODEL, IDS[0], offers(7 * EB, 7 * EB + 500), demand)
+
+
+def test_plan_error_cases():
+    demand = uniform()
+    peers = offers(20 * EB, 20 * EB)
+    with pytest.raises(PlanError, match="not among the peers"):
+        plan_experts(MODEL, IDS[5], peers, demand)
+    with pytest.raises(PlanError, match="different budgets"):
+        plan_experts(MODEL, IDS[0], [*peers, PeerOffer(IDS[1], 5)], demand)
+    with pytest.raises(PlanError):
+        plan_experts(MODEL, IDS[0], [PeerOffer(IDS[0], -1)], demand)
+    with pytest.raises(PlanError):
+        plan_experts(MODEL, IDS[0], peers, demand, replicate_fraction=1.5)
+    with pytest.raises(PlanError):
+        plan_experts(MODEL, IDS[0], peers, demand, replicate_fraction=math.nan)
+    with pytest.raises(PlanError):
+        plan_experts(MODEL, IDS[0], peers, demand, min_replicas=0)
+
+
+E4 = ((1.0,) * 4,)
+SYM = (tuple(tuple(1.0 if i != j else 0.0 for j in range(4)) for i in range(4)),)
+
+
+@pytest.mark.parametrize(
+    "demand",
+    [
+        ExpertDemand((), 4, EB, ()),  # no layers
+        ExpertDemand((0, 0), 4, EB, E4 * 2),  # a layer twice
+        ExpertDemand((-1,), 4, EB, E4),
+        ExpertDemand((0,), 0, EB, ((),)),
+        ExpertDemand((0,), 4, 0, E4),
+        ExpertDemand((0,), 4, EB, E4 * 2),  # gate mass: too many rows
+        ExpertDemand((0,), 4, EB, ((1.0,) * 3,)),  # a short row
+        ExpertDemand((0,), 4, EB, ((1.0, -1.0, 1.0, 1.0),)),
+        ExpertDemand((0,), 4, EB, ((1.0, math.nan, 1.0, 1.0),)),
+        ExpertDemand((0,), 4, EB, ((1.0, math.inf, 1.0, 1.0),)),
+        ExpertDemand((0,), 4, EB, ((1.0, "1", 1.0, 1.0),)),
+        ExpertDemand((0,), 4, EB, E4, SYM * 2),  # coselection: one matrix too many
+        ExpertDemand((0,), 4, EB, E4, (SYM[0][:3],)),
+        ExpertDemand((0,), 4, EB, E4, (((0.0, 1.0, 0.0, 0.0),) * 4,)),  # not symmetric
+        ExpertDemand(
+            (0,), 4, EB, E4, ((SYM[0][0], SYM[0][1], SYM[0][2], (1.0, 1.0, math.nan, 0)),)
+        ),
+    ],
+)
+def test_bad_demand_shapes_and_values_raise_plan_error(demand):
+    with pytest.raises(PlanError):
+        plan_experts(MODEL, IDS[0], offers(100 * EB), demand)
+
+
+# --- properties ----------------------------------------------------------------------------
+
+
+@st.composite
+def planning_inputs(draw):
+    num_layers = draw(st.integers(1, 3))
+    layers = tuple(sorted(draw(st.sets(st.integers(0, 60), min_size=num_layers, max_size=3))))
+    experts = draw(st.integers(1, 10))
+    mass = tuple(
+        tuple(draw(st.lists(st.floats(0, 100), min_size=experts, max_size=experts))) for _ in layers
+    )
+    coselection = None
+    if draw(st.booleans()):
+        matrices = []
+        for _ in layers:
+            m = [[0.0] * experts for _ in range(experts)]
+            for i in range(experts):
+                for j in range(i + 1, experts):
+                    m[i][j] = m[j][i] = draw(st.sampled_from([0.0, 0.0, 0.5, 1.0, 3.0]))
+            matrices.append(tuple(tuple(row) for row in m))
+        coselection = tuple(matrices)
+    demand = ExpertDemand(layers, experts, EB, mass, coselection, "d")
+    count = draw(st.integers(1, 5))
+    budgets = draw(st.lists(st.integers(0, 3 * experts * EB), min_size=count, max_size=count))
+    peers = [PeerOffer(IDS[i], b) for i, b in enumerate(budgets)]
+    host = IDS[draw(st.integers(0, count - 1))]
+    fraction = draw(st.sampled_from([0.0, 0.125, 0.25, 0.5, 1.0]))
+    replicas = draw(st.integers(1, 3))
+    return host, peers, demand, fraction, replicas
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(planning_inputs(), st.randoms(use_true_random=False))
+def test_plan_properties(inputs, rnd):
+    host, peers, demand, fraction, replicas = inputs
+    kwargs = {"replicate_fraction": fraction, "min_replicas": replicas}
+    room = sum(p.budget // EB for p in peers)
+    if room < len(demand.layers) * demand.num_experts:
+        with pytest.raises(PlanError, match="bytes are missing"):
+            plan_experts(MODEL, host, peers, demand, **kwargs)
+        return
+    plan = plan_experts(MODEL, host, peers, demand, **kwargs)
+    check_valid(plan, peers, demand, replicas)
+    shuffled = list(peers)
+    rnd.shuffle(shuffled)
+    assert plan_experts(MODEL, host, shuffled, demand, **kwargs).fingerprint == plan.fingerprint
+    # hot experts have their replicas unless reported
+    hot = math.ceil(round(fraction * demand.num_experts, 9))
+    with_room = sum(1 for p in peers if p.budget >= EB)
+    for li, layer in enumerate(demand.layers):
+        order = sorted(
+            range(demand.num_experts), key=lambda e, li=li: (-demand.gate_mass[li][e], e)
+        )
+        for e in order[:hot]:
+            holders = len(plan.holders(layer, e))
+            assert holders >= min(replicas, with_room) or (layer, e) in plan.unreplicated
+    assert ExpertPlan.from_wire(plan.to_wire()) == plan
+    json.dumps(plan.to_dict())
+    assert 0.0 <= expected_remote_peers(plan, demand) <= 2.0
+
+
+@settings(max_examples=100, deadline=None)
+@given(planning_inputs(), st.lists(st.integers(1, 50), min_size=5, max_size=5))
+def test_bytes_are_proportional_to_budgets_when_memory_is_ample(inputs, units):
+    host, peers, demand, fraction, replicas = inputs
+    layers = len(demand.layers)
+    # ample: every peer could hold every copy, so no cap binds
+    copies = layers * demand.num_experts * replicas
+    peers = [PeerOffer(p.node_id, u * copies * EB) for p, u in zip(peers, units, strict=False)]
+    plan = plan_experts(MODEL, host, peers, demand, replicate_fraction=fraction, min_replicas=2)
+    check_valid(plan, peers, demand)
+    total = sum(plan.bytes_of(p.node_id) for p in peers)
+    budget = sum(p.budget for p in peers)
+    # within one expert per layer; replicas on distinct peers can force a small peer to
+    # take one copy of each hot expert, so each hot expert widens the bound by one a layer
+    hot = math.ceil(round(fraction * demand.num_experts, 9)) if len(peers) > 1 else 0
+    for p in peers:
+        target = total * p.budget / budget
+        assert abs(plan.bytes_of(p.node_id) - target) <= EB * layers * (1 + hot)
+
+
+# --- wire ----------------------------------------------------------------------------------
+
+
+def sample_plan():
+    demand = uniform(mass=[5, 1, 3, 3, 0, 2, 8, 1])
+    return plan_experts(MODEL, IDS[2], offers(9 * EB, 4 * EB, 7 * EB, 0, 3 * EB), demand)
+
+
+def test_wire_roundtrip_through_msgpack():
+    plan = sample_plan()
+    raw = msgpack.packb(plan.to_wire(), use_bin_type=True)
+    again = ExpertPlan.from_wire(msgpack.unpackb(raw, raw=False))
+    assert again == plan and again.fingerprint == plan.fingerprint
+    assert again.to_dict() == plan.to_dict()
+    tuples = msgpack.unpackb(raw, raw=False, use_list=False)
+    assert ExpertPlan.from_wire(tuples) == plan
+    extra = {**plan.to_wire(), "future_field": 1}
+    assert ExpertPlan.from_wire(extra) == plan  # unknown fields are ignored
+
+
+def test_wire_rejects_inconsistent_plans():
+    wire = sample_plan().to_wire()
+    cases = []
+    as_lists = json.loads(json.dumps(wire, default=list))  # node ids as lists, not bytes
+    cases.append({k: v for k, v in wire.items() if k != "nodes"})
+    cases.append({**wire, "fingerprint": "0" * 16})
+    cases.append({**wire, "host": IDS[7].key})
+    cases.append({**wire, "nodes": [*wire["nodes"], wire["nodes"][0]]})
+    nodes = [list(n) for n in wire["nodes"]]
+    busiest = max(range(len(nodes)), key=lambda i: sum(map(len, nodes[i][2])))
+    over = [list(n) for n in nodes]
+    over[busiest][1] = 0  # budget 0 but holding experts
+    cases.append({**wire, "nodes": over, "fingerprint": None})
+    dropped = [list(n) for n in nodes]
+    dropped[busiest][2] = [[] for _ in dropped[busiest][2]]
+    cases.append({**wire, "nodes": dropped, "fingerprint": None})  # experts nobody holds
+    cases.append({**wire, "unreplicated": [[99, 0]]})
+    cases.append({**wire, "layers": [3, 1]})
+    cases.append(as_lists)
+    cases.append([wire])
+    for case in cases:
+        with pytest.raises(PlanError):
+            ExpertPlan.from_wire(case)
+
+
+WIRE_VALUES = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats()
+    | st.text(max_size=5)
+    | st.binary(max_size=33),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.sampled_from(
+        ["model", "host", "demand_digest", "expert_bytes", "layers", "nodes", "unreplicated"]
+    ),
+    WIRE_VALUES,
+    st.integers(0, 3),
+)
+def test_malformed_wire_plans_raise_plan_error_only(key, value, depth):
+    wire = sample_plan().to_wire()
+    target = wire
+    if key == "nodes" and depth:  # reach inside: a node entry, or one of its fields
+        entry = list(wire["nodes"][depth % len(wire["nodes"])])
+        entry[depth % 3] = value
+        wire["nodes"] = [entry, *wire["nodes"][1:]]
+    else:
+        target[key] = value
+    wire.pop("fingerprint")
+    try:
+        plan = ExpertPlan.from_wire(wire)
+    except PlanError:
+        return
+    json.dumps(plan.to_dict())  # anything accepted is a usable plan
+
+
+@settings(max_examples=100, deadline=None)
+@given(WIRE_VALUES)
+def test_garbage_wire_plans_raise_plan_error(value):
+    with pytest.raises(PlanError):
+        ExpertPlan.from_wire(value)
+
+
+# --- membership changes --------------------------------------------------------------------
+
+
+def test_materially_different():
+    before = offers(100, 200, 0)
+    assert not materially_different(before, list(reversed(before)))
+    assert not materially_different(before, offers(120, 160))  # +20%, -20%, idle peer gone
+    assert materially_different(before, offers(130, 200, 0))  # +30%
+    assert materially_different(before, offers(100, 200, 5))  # a peer starts offering
+    assert materially_different(before, offers(100))  # a peer left
+    assert not materially_different(before, offers(130, 200), tolerance=0.5)
+    with pytest.raises(PlanError):
+        materially_different(before, offers(100, 200, 0), tolerance=-1)
+    with pytest.raises(PlanError):
+        materially_different(before, [*before, PeerOffer(IDS[0], 7)])
+
+
+# --- affinity ------------------------------------------------------------------------------
+
+
+def paired_demand(experts=8, layers=(0, 1)):
+    """Experts 2m and 2m+1 are always chosen together (and nothing else)."""
+    m = tuple(
+        tuple(1.0 if i != j and i // 2 == j // 2 else 0.0 for j in range(experts))
+        for i in range(experts)
+    )
+    mass = tuple(tuple(1.0 for _ in range(experts)) for _ in layers)
+    return ExpertDemand(tuple(layers), experts, EB, mass, (m,) * len(layers), "pairs")
+
+
+def remote_peers_per_token(plan, demand):
+    """Computed here from coselection: a token picks pair (i, j) with probability
+    C[i][j] / sum(C); it contacts the fewest non-host peers that hold both."""
+    total = 0.0
+    for li, layer in enumerate(demand.layers):
+        c = demand.coselection[li]
+        weight = sum(c[i][j] for i in range(demand.num_experts) for j in range(i))
+        for i in range(demand.num_experts):
+            for j in range(i):
+                if not c[i][j]:
+                    continue
+                need = [
+                    set(plan.holders(layer, x)) - {plan.host}
+                    for x in (i, j)
+                    if plan.host not in plan.holders(layer, x)
+                ]
+                peers = 0 if not need else 1 if len(need) == 1 or need[0] & need[1] else 2
+                total += c[i][j] / weight * peers
+    return total / len(demand.layers)
+
+
+def test_affinity_keeps_experts_chosen_together_on_one_peer():
+    demand = paired_demand()
+    blind = ExpertDemand(demand.layers, 8, EB, demand.gate_mass, None, "pairs")
+    peers = offers(8 * EB, 8 * EB)
+    near = plan_experts(MODEL, IDS[0], peers, demand, replicate_fraction=0)
+    far = plan_experts(MODEL, IDS[0], peers, blind, replicate_fraction=0)
+    for plan in (near, far):
+        assert expected_remote_peers(plan, demand) == pytest.approx(
+            remote_peers_per_token(plan, demand)
+        )
+    assert remote_peers_per_token(near, demand) == pytest.approx(0.5)  # optimal: half local
+    assert remote_peers_per_token(far, demand) > remote_peers_per_token(near, demand)
+    for layer in demand.layers:
+        for m in range(4):
+            assert near.holders(layer, 2 * m) == near.holders(layer, 2 * m + 1)
+
+
+def test_affinity_helps_with_replicas_and_more_peers_too():
+    demand = paired_demand(experts=16, layers=(0, 1, 2))
+    blind = ExpertDemand(demand.layers, 16, EB, demand.gate_mass, None, "pairs")
+    peers = offers(12 * EB, 12 * EB, 12 * EB, 12 * EB)
+    near = plan_experts(MODEL, IDS[3], peers, demand)
+    far = plan_experts(MODEL, IDS[3], peers, blind)
+    check_valid(near, peers, demand)
+    assert remote_peers_per_token(near, demand) < remote_peers_per_token(far, demand)
+    assert expected_remote_peers(near, demand) == pytest.approx(
+        remote_peers_per_token(near, demand)
+    )
+
+
+def test_demand_digest_depends_on_every_number():
+    a = paired_demand()
+    assert demand_digest(a) == demand_digest(paired_demand())
+    b = ExpertDemand(a.layers, 8, EB, a.gate_mass, None, a.rankings_digest)
+    c = ExpertDemand(a.layers, 8, EB + 1, a.gate_mass, a.coselection, a.rankings_digest)
+    d = ExpertDemand(a.layers, 8, EB, ((2.0,) * 8, (1.0,) * 8), a.coselection, "pairs")
+    assert len({demand_digest(x) for x in (a, b, c, d)}) == 4
