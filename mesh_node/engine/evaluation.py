@@ -18,10 +18,11 @@ training-split prompts with answers (token ids) for measuring expert usage, disj
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +31,7 @@ import torch
 from mesh_node.engine import builtin_skills
 from mesh_node.engine.builtin_skills import Example
 from mesh_node.engine.generator import GenerationRequest, Generator
-from mesh_node.engine.loading import LoadPlan, load_model
+from mesh_node.engine.loading import TINY_MODEL_PARAMETERS, LoadPlan, load_model
 from mesh_node.engine.model import Transformer
 from mesh_node.engine.sampling import SamplingParams
 from mesh_node.engine.tokenizer import Tokenizer
@@ -80,6 +81,20 @@ def summarize(scores: Iterable[PromptScore]) -> Quality:
         exact_match=sum(s.correct for s in scores) / len(scores),
         perplexity=math.exp(sum(s.loss for s in scores) / tokens),
     )
+
+
+@contextlib.contextmanager
+def compute_threads(model: Transformer) -> Iterator[None]:
+    """Runs the block with the intra-op thread count the Generator would use for `model`: one
+    for a tiny model on CPU (its many microsecond-sized ops run several times faster on one
+    thread than on two), else all."""
+    before = torch.get_num_threads()
+    tiny = model.args.parameter_count()["total"] < TINY_MODEL_PARAMETERS
+    torch.set_num_threads(1 if tiny and model.device.type == "cpu" else before)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _messages(example: Example) -> list[dict[str, str]]:
@@ -145,15 +160,8 @@ def evaluate_loaded(
     started = time.perf_counter()
     with Generator(model, tokenizer, max_batch=max_batch, max_queue=4 * max_batch) as generator:
         answers = greedy_answers(generator, examples)
-        threads = generator.threads
-    # the losses with the generator's thread count: a tiny model's many small ops run several
-    # times faster on one thread than on two
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads or before)
-    try:
+    with compute_threads(model):
         losses = answer_losses(model, tokenizer, examples)
-    finally:
-        torch.set_num_threads(before)
     scores = tuple(
         PromptScore(answer == example.answer, loss, tokens)
         for example, answer, (loss, tokens) in zip(examples, answers, losses, strict=True)
