@@ -18,29 +18,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mesh_node.engine import builtin_skills
-from mesh_node.engine.generator import GenerationRequest, Generator
-from mesh_node.engine.sampling import SamplingParams
+from mesh_node.engine.evaluation import greedy_answers
+from mesh_node.engine.generator import Generator
 
 
 def evaluate(generator: Generator, per_skill: int, seed: int = 1234) -> dict[str, tuple[int, int]]:
     examples = builtin_skills.held_out_set(per_skill, seed=seed)
-    params = SamplingParams(max_tokens=32, temperature=0.0)
-    streams = []
     results: dict[str, tuple[int, int]] = {}
-    # keep the queue within the generator's bound: submit in waves
-    wave = generator.max_batch + generator.max_queue
-    for start in range(0, len(examples), wave):
-        batch = examples[start : start + wave]
-        streams = [
-            generator.submit(
-                GenerationRequest(messages=[{"role": "user", "content": e.prompt}], sampling=params)
-            )
-            for e in batch
-        ]
-        for example, stream in zip(batch, streams, strict=True):
-            correct, total = results.get(example.skill, (0, 0))
-            answer = stream.result().text.strip()
-            results[example.skill] = (correct + (answer == example.answer), total + 1)
+    for example, answer in zip(examples, greedy_answers(generator, examples), strict=True):
+        correct, total = results.get(example.skill, (0, 0))
+        results[example.skill] = (correct + (answer == example.answer), total + 1)
     return results
 
 

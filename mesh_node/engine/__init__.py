@@ -9,6 +9,10 @@ Knows nothing about the network. The objects other parts of the node use:
 - `ExpertBank` / `ExpertComputer`: what a MoE layer calls to compute its routed experts
 - `measure_expert_usage(model, sequences)`: per-(layer, expert) gate mass, selections and
   co-selections (`measure_expert_usage_by_layer(folder, ...)`: one layer in memory at a time)
+- `LoadPlan(experts=..., restrict_router=True)`: a model whose routers choose only the experts
+  it holds (independent-shard mode)
+- `evaluation.evaluate_quality(folder, plan)`: greedy exact match and answer perplexity on the
+  built-in model's held-out prompts
 """
 
 from mesh_node.engine.catalog import ModelInfo, ResolvedModel, list_local_models, resolve_model

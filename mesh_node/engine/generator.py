@@ -43,7 +43,7 @@ from mesh_node.engine.errors import (
     OverloadedError,
     RequestCancelledError,
 )
-from mesh_node.engine.loading import TINY_MODEL_PARAMETERS
+from mesh_node.engine.loading import TINY_MODEL_PARAMETERS, LoadPlan
 from mesh_node.engine.model import Transformer
 from mesh_node.engine.sampling import SamplingParams, sample_rows
 from mesh_node.engine.tokenizer import TextStream, Tokenizer
@@ -372,17 +372,22 @@ class Generator:
         device: str = "auto",
         dtype: str | torch.dtype | None = None,
         max_seq_len: int | None = 4096,
+        plan: LoadPlan | None = None,
         **options: Any,
     ) -> Generator:
         """Resolves `model` (None: the built-in model; a folder; a Hugging Face repo id), then
-        loads it on the generator's worker thread. Options are Generator keyword arguments."""
+        loads it on the generator's worker thread. `plan` selects experts (it must keep every
+        layer, embeddings and head); `LoadPlan(experts=..., restrict_router=True)` serves with
+        only those experts (independent-shard mode). Options are Generator keyword arguments."""
         from mesh_node.engine.catalog import resolve_model
         from mesh_node.engine.loading import load_model
 
         resolved = resolve_model(model)
 
         def loader() -> tuple[Transformer, Tokenizer]:
-            loaded = load_model(resolved.path, dtype=dtype, device=device, max_seq_len=max_seq_len)
+            loaded = load_model(
+                resolved.path, plan=plan, dtype=dtype, device=device, max_seq_len=max_seq_len
+            )
             return loaded, Tokenizer(resolved.path, extra_eos_ids=loaded.args.eos_token_ids)
 
         return cls(loader=loader, **options)

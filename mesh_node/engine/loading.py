@@ -47,12 +47,18 @@ class LoadPlan:
     None for all, a sequence of expert ids for the same subset in every layer, or a mapping
     layer -> expert ids (layers not in the mapping get none). `LoadPlan.trunk()` loads no routed
     experts at all: embeddings, attention, norms, routers, dense MLPs, shared experts, head.
+
+    restrict_router: each MoE layer's router may choose only the experts loaded for that layer
+    (independent-shard mode: a node serves whole requests with its own experts, no expert
+    traffic; see `MoELayer.restrict_router`). Loading raises ValueError when a layer would hold
+    fewer experts than the model routes each token to (top_k).
     """
 
     layers: tuple[int, ...] | None = None
     experts: Mapping[int, Sequence[int]] | Sequence[int] | None = None
     embeddings: bool = True
     head: bool = True
+    restrict_router: bool = False
 
     @classmethod
     def trunk(cls, layers: Iterable[int] | None = None) -> LoadPlan:
@@ -225,14 +231,21 @@ class _Builder:
         assert a.moe is not None
         prefix = self.moe_prefix(layer)
         router = self.read(f"{prefix}gate.weight", (a.moe.num_experts, a.hidden_size))
-        bank = self.expert_bank(layer, prefix, plan.experts_for(a, layer))
+        expert_ids = plan.experts_for(a, layer)
+        if plan.restrict_router and len(expert_ids) < a.moe.top_k:
+            raise ValueError(
+                f"restrict_router: layer {layer} would hold {len(expert_ids)} experts "
+                f"({list(expert_ids)}) but the model routes each token to {a.moe.top_k}; "
+                f"give every MoE layer at least {a.moe.top_k} experts"
+            )
+        bank = self.expert_bank(layer, prefix, expert_ids)
         shared = shared_gate = None
         if a.moe.shared_expert_intermediate_size:
             shared = self.dense_mlp(
                 f"{prefix}shared_expert.", a.moe.shared_expert_intermediate_size
             )
             shared_gate = self.read(f"{prefix}shared_expert_gate.weight", (1, a.hidden_size))
-        return MoELayer(
+        moe = MoELayer(
             layer,
             router,
             a.moe.top_k,
@@ -243,6 +256,9 @@ class _Builder:
             float_gate_weights=a.architecture == "mixtral",
             layout=self.layout,
         )
+        if plan.restrict_router:
+            moe.restrict_router(expert_ids)
+        return moe
 
     def layer(self, index: int, plan: LoadPlan) -> DecoderLayer:
         a = self.args

@@ -4,11 +4,18 @@ The layer owns routing (router matmul, softmax, top-k, each architecture's norma
 combine; the routed experts are computed by `self.experts`, any `ExpertComputer` (an `ExpertBank`
 locally, a dispatcher under expert parallelism). Tokens are sorted by expert once per call, so each
 used expert sees one contiguous block of rows: no Python loop over tokens.
+
+Restricted routing (independent-shard mode): `restrict_router(allowed)` limits the router to the
+experts a node holds. The logits of all other experts become -inf before the softmax and the top-k,
+so the softmax is taken over the allowed experts only (their probabilities sum to 1) and only they
+can be chosen. With `normalize_top_k` the k gate weights are then renormalized as usual (softmax
+over the k chosen logits); without it they are the chosen experts' probabilities under the softmax
+over the allowed experts. An unrestricted layer (the default) runs exactly the ops it always ran.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -70,10 +77,52 @@ class MoELayer(nn.Module):
             None if shared_expert_gate is None else Weight(shared_expert_gate, layout)
         )
         self.observer: RoutingObserver | None = None
+        # [E] additive router mask: 0 for allowed experts, -inf for the others; None: all allowed
+        self.router_mask: torch.Tensor | None = None
+
+    @property
+    def allowed_experts(self) -> tuple[int, ...]:
+        """The experts the router may choose (all of them unless restricted)."""
+        if self.router_mask is None:
+            return tuple(range(self.num_experts))
+        return tuple(torch.isfinite(self.router_mask).nonzero().flatten().tolist())
+
+    def restrict_router(self, allowed: Iterable[int] | None) -> None:
+        """Lets the router choose only `allowed` experts (None: all again); see module doc.
+
+        Raises ValueError for an unknown expert id or fewer allowed experts than top_k.
+        """
+        if allowed is None:
+            self.router_mask = None
+            return
+        ids = sorted({int(e) for e in allowed})
+        bad = [e for e in ids if not 0 <= e < self.num_experts]
+        if bad:
+            raise ValueError(
+                f"experts {bad} out of range: layer {self.layer} has {self.num_experts} experts"
+            )
+        if len(ids) < self.top_k:
+            raise ValueError(
+                f"layer {self.layer} routes each token to {self.top_k} experts, but only "
+                f"{len(ids)} are allowed ({ids}): hold at least {self.top_k} experts per layer"
+            )
+        if len(ids) == self.num_experts:
+            self.router_mask = None  # nothing to mask: keep the unrestricted path's speed
+            return
+        mask = torch.full(
+            (self.num_experts,),
+            float("-inf"),
+            dtype=self.router.dtype,
+            device=self.router.data.device,
+        )
+        mask[ids] = 0.0
+        self.router_mask = mask
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [N, H] -> (gate weights [N, k], expert ids [N, k])."""
         logits = self.router(x)
+        if self.router_mask is not None:
+            return self._route_restricted(x, logits)
         if self.normalize_top_k and self.observer is None:
             # softmax over the top-k logits == top-k of the softmax, renormalized (fewer ops)
             top, chosen = torch.topk(logits, self.top_k, dim=-1)
@@ -81,6 +130,27 @@ class MoELayer(nn.Module):
         else:
             probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
             weights, chosen = torch.topk(probs, self.top_k, dim=-1)
+            if self.normalize_top_k:
+                weights = weights / weights.sum(dim=-1, keepdim=True)
+            if self.observer is not None:
+                self.observer(self.layer, probs, chosen, weights)
+        if not self.float_gate_weights:
+            weights = weights.to(x.dtype)
+        return weights, chosen
+
+    def _route_restricted(
+        self, x: torch.Tensor, logits: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        assert self.router_mask is not None
+        logits = logits + self.router_mask
+        # top-k of the logits, not of the probabilities: an allowed expert whose probability
+        # underflows to 0 must still win over the masked ones
+        top, chosen = torch.topk(logits, self.top_k, dim=-1)
+        if self.normalize_top_k and self.observer is None:
+            weights = torch.softmax(top, dim=-1, dtype=torch.float32)
+        else:
+            probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+            weights = probs.gather(-1, chosen)
             if self.normalize_top_k:
                 weights = weights / weights.sum(dim=-1, keepdim=True)
             if self.observer is not None:

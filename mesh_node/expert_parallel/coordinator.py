@@ -187,7 +187,7 @@ class ExpertParallel:
 
     def _shape_of(self, args) -> tuple[tuple[int, ...], int, int]:
         dtype = resolve_dtype(self.dtype, args, resolve_device(self.device))
-        return args.sparse_layer_indices(), args.moe.num_experts, expert_nbytes(args, dtype)
+        return args.sparse_layer_indices, args.moe.num_experts, expert_nbytes(args, dtype)
 
     def is_split(self, model: str) -> bool:
         """Some live node offers `model` in expert-parallel mode."""

@@ -26,6 +26,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from mesh_node.engine.errors import EngineError
 from mesh_node.engine.experts import ExpertBank
@@ -85,8 +86,9 @@ class DispatchStats:
     failovers: int = 0
 
 
-class RemoteExperts:
-    """The experts of one MoE layer of the host's model, local and remote."""
+class RemoteExperts(nn.Module):
+    """The experts of one MoE layer of the host's model, local and remote. (A module without
+    weights, so that it can take an `ExpertBank`'s place in the MoE layer.)"""
 
     def __init__(
         self,
@@ -98,6 +100,7 @@ class RemoteExperts:
         stats: DispatchStats,
         config: DispatchConfig | None = None,
     ):
+        super().__init__()
         self.layer = layer
         self._local = local
         self._routes = routes
@@ -184,7 +187,10 @@ class RemoteExperts:
                 local.append(group)
             else:
                 holders = self._holders(group[0], failed)
-                (remote if holders else orphans).append((len(holders), group, holders))
+                if holders:
+                    remote.append((len(holders), group, holders))
+                else:
+                    orphans.append(group)
         for _, group, holders in sorted(remote, key=lambda r: (r[0], r[1][1])):
             peer = next((h for h in holders if h in by_peer), holders[0])
             by_peer.setdefault(peer, []).append(group)

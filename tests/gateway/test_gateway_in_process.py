@@ -4,20 +4,14 @@ election, tunneling through a node that does not host, failover mid-answer, conc
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import random
 
 import pytest
 
 from mesh_node.engine import GenerationRequest, Generator
 from mesh_node.engine.builtin_skills import held_out_set
 from mesh_node.engine.sampling import SamplingParams
-from mesh_node.identity import MeshSecret, NodeIdentity, new_mesh_id
-from mesh_node.node import Node, NodeConfig
-from mesh_node.protocol import REGISTRY
-from mesh_node.serving.requests import ChatMessage, CompletionRequest
-from mesh_node.transport.connection import Handlers
-from mesh_node.transport.memory import MemoryNetwork
+from mesh_node.serving.requests import CompletionRequest
+from tests.gateway.mesh import answer, chat
 from tests.gateway.slow_model import NAME as SLOW
 from tests.gateway.slow_model import build_slow_model
 
@@ -27,87 +21,19 @@ def slow_model(tmp_path_factory):
     return build_slow_model(tmp_path_factory.mktemp("models"))
 
 
-class Mesh:
-    def __init__(self, network: MemoryNetwork, mesh_id: str):
-        self.network = network
-        self.mesh_id = mesh_id
-        self.nodes: list[Node] = []
-        self.changed = asyncio.Event()  # any node's view changed
-
-    async def add(self, models=(), client=False) -> Node:
-        identity = NodeIdentity.generate()
-        endpoint = self.network.endpoint(
-            identity, MeshSecret(self.mesh_id), registry=REGISTRY, handlers=Handlers()
-        )
-        peers = (self.nodes[0].endpoint.address,) if self.nodes else ()
-        config = NodeConfig(
-            mesh_id=self.mesh_id,
-            models=tuple(models),
-            client=client,
-            peers=peers,
-            mdns=False,
-            console_port=None,
-            api_port=None,
-        )
-        node = Node(config, endpoint=endpoint)
-        await node.start()
-        node.membership.table.subscribe(lambda member, what: self.changed.set())
-        self.nodes.append(node)
-        return node
-
-    async def stop(self) -> None:
-        for node in self.nodes:
-            await node.stop()
-
-    async def wait(self, predicate, timeout: float = 30.0) -> None:
-        async with asyncio.timeout(timeout):
-            while not predicate():
-                self.changed.clear()
-                # elections and loads also change without a table event: look again soon
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.changed.wait(), 0.1)
-
-    def hosts_of(self, model: str) -> list[Node]:
-        return [n for n in self.nodes if model in n.local.generators]
-
-
-@pytest.fixture
-async def mesh():
-    m = Mesh(MemoryNetwork(latency=0.0002), new_mesh_id())
-    yield m
-    await m.stop()
-
-
-def chat(model: str, text: str, max_tokens: int = 32, user: str | None = None):
-    return CompletionRequest(
-        model=model,
-        request_id=f"t-{random.random()}",
-        messages=(ChatMessage("user", text),),
-        sampling=SamplingParams(max_tokens=max_tokens),
-        user=user,
-    )
-
-
-async def answer(node: Node, request: CompletionRequest) -> tuple[str, list]:
-    text, deltas = "", []
-    async with node.gateway.stream(request) as stream:
-        async for delta in stream:
-            text += delta.text
-            deltas.append(delta)
-    return text, deltas
-
-
 async def test_a_node_that_does_not_host_answers_through_the_host(mesh):
     for _ in range(3):
         await mesh.add()
     # one host, the same on every node (nodes that joined while the first was loading may
     # briefly elect themselves until they hear it serves), and the status shows it
     await mesh.wait(
-        lambda: len(mesh.hosts_of("builtin")) == 1
-        and all(
-            "builtin" in n.hosting.elections
-            and n.hosting.elections["builtin"].hosts == (mesh.hosts_of("builtin")[0].node_id,)
-            for n in mesh.nodes
+        lambda: (
+            len(mesh.hosts_of("builtin")) == 1
+            and all(
+                "builtin" in n.hosting.elections
+                and n.hosting.elections["builtin"].hosts == (mesh.hosts_of("builtin")[0].node_id,)
+                for n in mesh.nodes
+            )
         )
     )
     host = mesh.hosts_of("builtin")[0]

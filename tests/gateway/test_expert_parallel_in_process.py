@@ -1,0 +1,124 @@
+"""Expert parallelism across real nodes in one process (in-memory network, real engine): the
+built-in model split three ways answers exactly as one node holding everything."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mesh_node.engine import GenerationRequest, Generator
+from mesh_node.engine.catalog import BUILTIN_DIR
+from mesh_node.engine.loading import LoadPlan, load_expert_banks, load_model
+from mesh_node.engine.sampling import SamplingParams
+from mesh_node.expert_parallel.coordinator import ExpertParallelConfig
+from mesh_node.expert_parallel.dispatch import (
+    DispatchConfig,
+    DispatchStats,
+    ExpertRoutes,
+    ExpertsUnavailable,
+    RemoteExperts,
+)
+from tests.gateway.mesh import answer, chat
+
+SPLIT = ExpertParallelConfig(enabled=True, memory=6 << 20)  # ~16 of the 32 experts fit each
+PROMPTS = ["What is 348 + 276?", "Reverse the words: blue green red", "Sort the letters: d b a c"]
+
+
+@pytest.fixture(scope="module")
+def single_node_answers():
+    with Generator.from_pretrained(None, device="cpu") as generator:
+        return [
+            generator.generate(
+                GenerationRequest(
+                    messages=[{"role": "user", "content": p}],
+                    sampling=SamplingParams(max_tokens=32),
+                )
+            ).text
+            for p in PROMPTS
+        ]
+
+
+async def test_three_nodes_split_the_experts_and_answer_like_one(mesh, single_node_answers):
+    for _ in range(3):
+        await mesh.add(experts=SPLIT)
+    await mesh.wait(lambda: len(mesh.hosts_of("builtin")) == 1, timeout=60)
+    host = mesh.hosts_of("builtin")[0]
+    # each node holds a share of the experts; together they hold all 4 x 8, the hottest twice
+    held = {n.node_id: n.expert_service.held("builtin") for n in mesh.nodes}
+    assert all(0 < sum(len(e) for e in h.values()) < 32 for h in held.values())
+    for layer in range(4):
+        together = set().union(*(set(h.get(layer, ())) for h in held.values()))
+        assert together == set(range(8))
+    # every node computes the same plan, and each holds exactly its part of it
+    fingerprints = {n.experts.plans["builtin"].plan.fingerprint for n in mesh.nodes}
+    assert len(fingerprints) == 1
+    for node in mesh.nodes:
+        plan = node.experts.plans["builtin"].plan
+        assert node.expert_service.nbytes("builtin") == plan.bytes_of(node.node_id)
+        assert replicas_are_distinct(plan)
+    # answers through every node equal the single-node engine's
+    for node in mesh.nodes:
+        for prompt, expected in zip(PROMPTS, single_node_answers, strict=True):
+            text, _ = await answer(node, chat("builtin", prompt))
+            assert text == expected
+    stats = host.experts.stats["builtin"]
+    assert stats.remote_calls > 0 and stats.failovers == 0
+    status = mesh.nodes[1].view.status()["experts"][0]
+    assert status["model"] == "builtin" and status["fingerprint"] in fingerprints
+
+
+def replicas_are_distinct(plan) -> bool:
+    for layer in range(4):
+        for expert in range(8):
+            holders = plan.holders(layer, expert)
+            if len(set(holders)) != len(holders) or not holders:
+                return False
+    return True
+
+
+async def test_remote_experts_give_the_single_node_logits_in_fp32():
+    """The dispatcher, with half the experts 'remote' (computed by a second bank through the
+    same path a peer uses), gives logits within 1e-3 of the whole model, in float32."""
+    import asyncio
+    import threading
+
+    full = load_model(BUILTIN_DIR, device="cpu", dtype="float32")
+    trunk = load_model(BUILTIN_DIR, plan=LoadPlan.trunk(), device="cpu", dtype="float32")
+    near = load_expert_banks(BUILTIN_DIR, {layer: range(0, 8, 2) for layer in range(4)})
+    far = load_expert_banks(BUILTIN_DIR, {layer: range(1, 8, 2) for layer in range(4)})
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    from mesh_node.identity import NodeIdentity
+
+    peer = NodeIdentity.generate().node_id
+    routes = ExpertRoutes()
+    routes.update({(layer, e): (peer,) for layer in range(4) for e in range(1, 8, 2)})
+    stats = DispatchStats()
+
+    async def call(node, layer, experts, counts, rows):
+        assert node == peer
+        return far[layer].run_grouped(rows.clone(), experts, counts)
+
+    for layer in trunk.moe_layers():
+        layer.experts = RemoteExperts(
+            layer.layer, lambda i=layer.layer: near[i], routes, call, loop, stats
+        )
+    try:
+        ids = torch.tensor([[3, 17, 42, 99, 5, 250, 7, 8, 9, 10]])
+        positions = torch.arange(ids.shape[1])[None]
+        with torch.inference_mode():
+            want = full(ids, positions, full.new_cache(1, 16), slot_start=0, kv_len=10)
+            got = trunk(ids, positions, trunk.new_cache(1, 16), slot_start=0, kv_len=10)
+        assert (got - want).abs().max().item() < 1e-3
+        assert stats.remote_calls == 4  # one call per layer to the one peer
+        # an expert nobody holds: a clear error after the holder wait, not a wrong answer
+        routes.update({})
+        for layer in trunk.moe_layers():
+            layer.experts.config = DispatchConfig(holder_wait=0.2)
+        with pytest.raises(ExpertsUnavailable, match="no live holder"), torch.inference_mode():
+            trunk(ids, positions, trunk.new_cache(1, 16), slot_start=0, kv_len=10)
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+        loop.close()
