@@ -291,6 +291,7 @@ class ExpertParallel:
             return True
         self.errors.pop(model, None)
         self.plans[model] = _ModelPlan((host, offers, digest), plan)
+        self._publish_model(model, expert_plan=plan.fingerprint)
         mine = plan.experts_of(self.node_id)
         log.info(
             "expert plan %s for %s: %d peers, this node holds %d experts (%d bytes)",
@@ -371,11 +372,7 @@ class ExpertParallel:
         if rankings is not None:
             digest = rankings.digest()
             self.rankings[digest] = rankings
-        infos = [
-            _with(i, rankings=digest) if i.name == model else i
-            for i in self.membership.self_state.current.models_on_disk
-        ]
-        self.membership.update_state(models_on_disk=infos)
+        self._publish_model(model, rankings=digest)
         log.info("expert rankings for %s: %s", model, digest)
         self._kick.set()
         return digest
@@ -524,6 +521,14 @@ class ExpertParallel:
                     return False
         return True
 
+    def _publish_model(self, model: str, **changes: Any) -> None:
+        """Change fields of this node's gossiped ModelInfo of `model` (if it offers it)."""
+        infos = self.membership.self_state.current.models_on_disk
+        if any(i.name == model for i in infos):
+            self.membership.update_state(
+                models_on_disk=[_with(i, **changes) if i.name == model else i for i in infos]
+            )
+
     def _publish_shards(self) -> None:
         shards = [
             ExpertShard(model, layer, list(ids))
@@ -621,6 +626,13 @@ class ExpertParallel:
                 section.update(entry.plan.to_dict())
                 section["rankings"] = entry.inputs[2]
                 section["held"] = self._held_bytes(model)
+                following = {
+                    str(node): info.expert_plan
+                    for node, info in self._infos(model)
+                    if info.expert_budget > 0 or node == entry.plan.host
+                }
+                section["following"] = following  # the plan each node says it follows
+                section["agreed"] = set(following.values()) == {entry.plan.fingerprint}
             stats = self.stats.get(model)
             if stats is not None:
                 section["dispatch"] = {

@@ -62,10 +62,12 @@ class ModelInfo:
     experts: int = 0
     # expert parallelism (MoE models): bytes of the model without its routed experts, the
     # bytes this node offers for holding routed experts of this model (0: it does not take
-    # part), and the digest of the expert rankings it plans with (meaningful from the host)
+    # part), the digest of the expert rankings it plans with (meaningful from the host), and
+    # the fingerprint of the expert plan this node follows ("" when none)
     trunk_bytes: int = 0
     expert_budget: int = 0
     rankings: str = ""
+    expert_plan: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -63,8 +63,11 @@ async def test_three_nodes_split_the_experts_and_answer_like_one(mesh, single_no
             assert text == expected
     stats = host.experts.stats["builtin"]
     assert stats.remote_calls > 0 and stats.failovers == 0
+    # the plan each node follows is gossiped: every node sees that all agree
+    await mesh.wait(lambda: all(n.experts.status()[0].get("agreed") for n in mesh.nodes))
     status = mesh.nodes[1].view.status()["experts"][0]
     assert status["model"] == "builtin" and status["fingerprint"] in fingerprints
+    assert set(status["following"].values()) == fingerprints
 
 
 def replicas_are_distinct(plan) -> bool:
