@@ -18,6 +18,7 @@ from mesh_node.blocking import run_blocking
 from mesh_node.console.server import ConsoleServer
 from mesh_node.engine.catalog import ResolvedModel, resolve_model
 from mesh_node.expert_parallel.coordinator import ExpertParallel, ExpertParallelConfig
+from mesh_node.expert_parallel.independent_shards import IndependentShards
 from mesh_node.expert_parallel.service import ExpertService
 from mesh_node.identity import MeshSecret, NodeId, NodeIdentity, default_home
 from mesh_node.membership.discovery import MdnsDiscovery, local_ipv4_addresses
@@ -99,6 +100,7 @@ class Node:
         TunnelHost(self.endpoint.handlers, self.local)
         self.expert_service = ExpertService(self.endpoint.handlers)
         self.experts: ExpertParallel | None = None
+        self.shards: IndependentShards | None = None
         self.discovery: MdnsDiscovery | None = None
         self.console: ConsoleServer | None = None
         self.api: ApiServer | None = None
@@ -151,6 +153,7 @@ class Node:
             dtype=self.config.hosting.dtype,
             elected_host=self._elected_host,
         )
+        self.shards = IndependentShards(self.experts, enabled=self.config.experts.shards)
         self.hosting = Hosting(
             self.membership,
             self.local,
@@ -158,6 +161,7 @@ class Node:
             config=self.config.hosting,
             client=self.config.client,
             experts=self.experts,
+            shards=self.shards,
         )
         self.gateway = Gateway(
             self.node_id,
@@ -208,6 +212,7 @@ class Node:
         return {
             "hosting": self.hosting.status() if self.hosting is not None else [],
             "experts": self.experts.status() if self.experts is not None else [],
+            "shards": self.shards.status() if self.shards is not None else [],
         }
 
     def _elected_host(self, model: str) -> NodeId | None:

@@ -86,6 +86,7 @@ class PeerGone(Exception):
 @dataclass(frozen=True)
 class ExpertParallelConfig:
     enabled: bool = False  # offer this node's MoE models in expert-parallel mode
+    shards: bool = False  # offer them in independent-shard mode instead
     memory: int | None = None  # bytes offered per split model (None: 80% of free RAM, shared)
     dispatch: DispatchConfig = field(default_factory=DispatchConfig)
     connect_timeout: float = 5.0
@@ -191,9 +192,9 @@ class ExpertParallel:
 
     def is_split(self, model: str) -> bool:
         """Some live node offers `model` in expert-parallel mode."""
-        return any(i.expert_budget > 0 for _, i in self._infos(model))
+        return any(i.expert_budget > 0 for _, i in self.offers_of(model))
 
-    def _infos(self, model: str) -> list[tuple[NodeId, ModelInfo]]:
+    def offers_of(self, model: str) -> list[tuple[NodeId, ModelInfo]]:
         found = []
         for member in self.table:
             if member.live and member.state is not None:
@@ -205,7 +206,7 @@ class ExpertParallel:
     # ---- lifecycle
     async def start(self) -> None:
         self.table.subscribe(self._on_table_change)
-        self._spawn(self._loop())
+        self.spawn(self._loop())
         self._kick.set()
 
     def _on_table_change(self, member, what) -> None:
@@ -220,7 +221,7 @@ class ExpertParallel:
                 await task
         self.service.close()
 
-    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+    def spawn(self, coro: Any) -> asyncio.Task[Any]:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -235,6 +236,12 @@ class ExpertParallel:
 
     def kick(self) -> None:
         self._kick.set()
+
+    async def wait_change(self, timeout: float) -> None:
+        """Until the peer table changes or fetched rankings arrive (at most `timeout` s)."""
+        self._table_changed.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._table_changed.wait(), timeout)
 
     # ---- plans
     def evaluate(self) -> None:
@@ -253,7 +260,7 @@ class ExpertParallel:
 
     def _plan(self, model: str) -> bool:
         host = self.elected_host(model)
-        infos = self._infos(model)
+        infos = self.offers_of(model)
         host_info = next((i for n, i in infos if n == host), None)
         if host is None or host_info is None or not host_info.rankings:
             return False  # no host yet, or it has not chosen rankings
@@ -267,7 +274,7 @@ class ExpertParallel:
                 (
                     PeerOffer(node, max(0, i.expert_budget - (trunk if node == host else 0)))
                     for node, i in infos
-                    if i.expert_budget > 0 and self._participates(node)
+                    if i.expert_budget > 0 and self.participates(node)
                 ),
                 key=lambda o: o.node_id,
             )
@@ -303,7 +310,7 @@ class ExpertParallel:
         )
         return True
 
-    def _participates(self, node: NodeId) -> bool:
+    def participates(self, node: NodeId) -> bool:
         member = self.table.get(node)
         return (
             member is not None
@@ -320,11 +327,8 @@ class ExpertParallel:
         if digest == UNIFORM:
             mass = tuple(tuple(1.0 for _ in range(num_experts)) for _ in layers)
             return ExpertDemand(layers, num_experts, expert_bytes, mass, None, UNIFORM)
-        rankings = self.rankings.get(digest)
+        rankings = self.rankings_for(model, digest, host)
         if rankings is None:
-            if digest not in self._fetching:
-                self._fetching.add(digest)
-                self._spawn(self._fetch_rankings(model, digest, host))
             return None
         return ExpertDemand(
             tuple(rankings.layers),
@@ -334,6 +338,15 @@ class ExpertParallel:
             tuple(tuple(tuple(c) for c in layer) for layer in rankings.coselection),
             digest,
         )
+
+    def rankings_for(self, model: str, digest: str, source: NodeId):
+        """The rankings with this digest if this node has them; else None, and they are being
+        fetched from `source` (a change is signalled when they arrive)."""
+        rankings = self.rankings.get(digest)
+        if rankings is None and digest not in self._fetching:
+            self._fetching.add(digest)
+            self.spawn(self._fetch_rankings(model, digest, source))
+        return rankings
 
     async def _fetch_rankings(self, model: str, digest: str, host: NodeId) -> None:
         try:
@@ -356,6 +369,7 @@ class ExpertParallel:
         finally:
             self._fetching.discard(digest)
             self._kick.set()
+            self._table_changed.set()
 
     def _serve_rankings(self, ctx: RequestContext, request: RankingsRequest) -> RankingsData:
         rankings = self.rankings.get(request.digest)
@@ -363,11 +377,12 @@ class ExpertParallel:
             raise RequestFailed(ErrorCode.NOT_FOUND, f"no rankings {request.digest} here")
         return RankingsData(rankings.to_bytes())
 
-    async def choose_rankings(self, model: str) -> str:
+    async def choose_rankings(self, model: str, analysis: str = "micro") -> str:
         """On the host: the rankings the mesh will plan with (see module doc); publishes the
-        digest in this node's ModelInfo and returns it."""
+        digest in this node's ModelInfo and returns it. `analysis`: the kind of run to make
+        when none is cached."""
         resolved = self.offered[model]
-        rankings = await run_blocking(lambda: self._find_rankings(resolved), "rankings")
+        rankings = await run_blocking(lambda: self._find_rankings(resolved, analysis), "rankings")
         digest = UNIFORM
         if rankings is not None:
             digest = rankings.digest()
@@ -377,7 +392,7 @@ class ExpertParallel:
         self._kick.set()
         return digest
 
-    def _find_rankings(self, resolved: ResolvedModel):
+    def _find_rankings(self, resolved: ResolvedModel, analysis: str):
         fingerprint = rankings_mod.checkpoint_fingerprint(resolved.path)
         for kind in ("full", "micro"):
             cached = rankings_mod.load_cached(fingerprint, kind)
@@ -396,7 +411,7 @@ class ExpertParallel:
                 resolved.name,
             )
             return None
-        rankings = rankings_mod.analyze(resolved.path, kind="micro", device="cpu")
+        rankings = rankings_mod.analyze(resolved.path, kind=analysis, device="cpu")
         rankings_mod.save(rankings)
         return rankings
 
@@ -449,7 +464,7 @@ class ExpertParallel:
         want = {layer: e for layer, e in entry.plan.experts_of(self.node_id).items() if e}
         if want == self.service.held(model):
             return
-        self._reconciling[model] = self._spawn(self._apply(model, entry.plan, want))
+        self._reconciling[model] = self.spawn(self._apply(model, entry.plan, want))
 
     async def _apply(self, model: str, plan: ExpertPlan, want: dict[int, tuple[int, ...]]):
         held = self.service.held(model)
@@ -514,7 +529,7 @@ class ExpertParallel:
                     if shard.model == model:
                         published.setdefault(member.node_id, {})[shard.layer] = set(shard.experts)
         for node, layers in plan.assignments.items():
-            if node == self.node_id or not self._participates(node):
+            if node == self.node_id or not self.participates(node):
                 continue
             for layer, ids in layers.items():
                 if not set(ids) <= published.get(node, {}).get(layer, set()):
@@ -628,7 +643,7 @@ class ExpertParallel:
                 section["held"] = self._held_bytes(model)
                 following = {
                     str(node): info.expert_plan
-                    for node, info in self._infos(model)
+                    for node, info in self.offers_of(model)
                     if info.expert_budget > 0 or node == entry.plan.host
                 }
                 section["following"] = following  # the plan each node says it follows

@@ -68,6 +68,9 @@ class ModelInfo:
     expert_budget: int = 0
     rankings: str = ""
     expert_plan: str = ""
+    # independent-shard mode: this node serves the model as one shard (trunk, the hot core,
+    # its own experts; the router restricted to them)
+    shard: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -44,6 +44,7 @@ from mesh_node.engine.evaluation import (
 from mesh_node.engine.expert_usage import measure_expert_usage
 from mesh_node.engine.loading import LoadPlan, load_model
 from mesh_node.engine.tokenizer import Tokenizer
+from mesh_node.placement.rankings import cache_root
 from mesh_node.placement.shards import ShardPlan, plan_shards, shard_for_session
 
 MEASUREMENT_VERSION = 1  # bump when what is measured changes: old cache entries are then unused
@@ -180,8 +181,7 @@ def measure_shard_quality(
 
 
 def cache_directory() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "mesh-node" / "shard-quality"
+    return cache_root() / "shard-quality"
 
 
 def _cache_key(folder: Path, parameters: Mapping) -> str:

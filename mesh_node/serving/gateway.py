@@ -23,6 +23,7 @@ from mesh_node.identity import NodeId
 from mesh_node.membership.claims import ALIVE, SUSPECT
 from mesh_node.membership.dialing import connect_member
 from mesh_node.membership.table import PeerTable
+from mesh_node.placement.shards import shard_for_session
 from mesh_node.serving.hosting import Hosting
 from mesh_node.serving.local import LocalModels
 from mesh_node.serving.requests import (
@@ -108,6 +109,10 @@ class Gateway:
         key = affinity_key(request)
         while True:
             hosts = [h for h in self._ready_hosts(request.model) if h.node_id not in exclude]
+            if hosts and self.hosting is not None and self.hosting.is_sharded(request.model):
+                # independent shards answer differently: a session stays on its shard
+                chosen = shard_for_session(key.hex(), [str(h.node_id) for h in hosts])
+                return next(h.node_id for h in hosts if str(h.node_id) == chosen)
             if hosts:
                 return rank_hosts(hosts, key, self.config.affinity_slack)[0]
             if request.model not in self.model_ids():

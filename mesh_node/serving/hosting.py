@@ -23,6 +23,7 @@ from mesh_node.engine import Generator
 from mesh_node.engine.catalog import ResolvedModel, describe_model
 from mesh_node.engine.tokenizer import Tokenizer
 from mesh_node.expert_parallel.coordinator import ExpertParallel
+from mesh_node.expert_parallel.independent_shards import IndependentShards
 from mesh_node.membership.messages import Load, ModelInfo
 from mesh_node.membership.swim import Membership
 from mesh_node.membership.table import PeerTable
@@ -85,6 +86,7 @@ class Hosting:
         client: bool = False,
         load_generator: Callable[[ResolvedModel, HostingConfig], Generator] | None = None,
         experts: ExpertParallel | None = None,
+        shards: IndependentShards | None = None,
     ):
         self.membership = membership
         self.local = local
@@ -93,6 +95,7 @@ class Hosting:
         self.client = client
         self._load_generator = load_generator or _load_generator
         self.experts = experts
+        self.shards = shards
         self.elections: dict[str, Election] = {}
         self.failed: dict[str, str] = {}  # model -> why it could not be loaded here
         self._busy: set[str] = set()  # models being loaded or unloaded
@@ -127,6 +130,8 @@ class Hosting:
         if self.experts is not None:
             experts, offered = self.experts, list(self.offered.values())
             on_disk = await asyncio.to_thread(lambda: experts.describe(offered, on_disk))
+        if self.shards is not None:
+            on_disk = self.shards.describe(on_disk)
         self.membership.update_state(models_on_disk=on_disk, role=self._role())
         self.membership.table.subscribe(lambda member, what: self._kick.set())
         self._spawn(self._election_loop())
@@ -178,7 +183,9 @@ class Hosting:
     def evaluate(self) -> None:
         views = node_views(self.membership.table)
         elections = {
-            model: elect(model, views, max_hosts=1 if self._split(model) else None)
+            model: self._shard_election(model)
+            if self.is_sharded(model)
+            else elect(model, views, max_hosts=1 if self._split(model) else None)
             for model in sorted(self.models_in_mesh())
         }
         changed = elections != self.elections
@@ -193,6 +200,9 @@ class Hosting:
             elif not elected and model in self.local.generators:
                 self._busy.add(model)
                 self._spawn(self._unload(model))
+            elif elected and model in self.local.generators and self._reshard(model):
+                self._busy.add(model)
+                self._spawn(self._reload(model))
         if changed:
             for callback in self._changed_callbacks:
                 callback()
@@ -200,13 +210,39 @@ class Hosting:
     def _split(self, model: str) -> bool:
         return self.experts is not None and self.experts.is_split(model)
 
+    def is_sharded(self, model: str) -> bool:
+        """`model` runs in independent-shard mode: every shard node hosts its own shard."""
+        return self.shards is not None and self.shards.is_sharded(model)
+
+    def _shard_election(self, model: str) -> Election:
+        assert self.shards is not None
+        nodes = tuple(self.shards.participants(model))
+        return Election(model, nodes, nodes)
+
+    def _reshard(self, model: str) -> bool:
+        """The shard nodes changed since this node loaded its shard: load the new split."""
+        if not self.is_sharded(model):
+            return False
+        assert self.shards is not None
+        wanted = self.shards.wanted(model)
+        return wanted is not None and wanted != self.shards.loaded(model)
+
+    async def _reload(self, model: str) -> None:
+        log.info("the shards of %s changed: reloading this node's shard", model)
+        await self._unload(model)
+        self._busy.add(model)
+        await self._load(model)
+
     async def _load(self, model: str) -> None:
         resolved = self.offered[model]
         split = self._split(model)
         log.info("elected to host %s: loading it%s", model, " (experts split)" if split else "")
         started = time.monotonic()
         try:
-            if split:
+            if self.is_sharded(model):
+                assert self.shards is not None
+                generator = await self.shards.load(resolved, self.config)
+            elif split:
                 generator = await self._load_split(resolved)
             else:
                 generator = await run_blocking(
@@ -266,6 +302,8 @@ class Hosting:
                     break
                 await asyncio.sleep(0.1)
             await run_blocking(generator.close, "model-unload")
+            if self.shards is not None:
+                self.shards.forget(model)
         finally:
             self._busy.discard(model)
         self._kick.set()

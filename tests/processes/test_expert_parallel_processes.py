@@ -41,10 +41,16 @@ async def wait_until_served(nodes: list[NodeProcess], model: str, timeout: float
             ready = [
                 e["ready"] for d in documents for e in d.get("hosting", []) if e["model"] == model
             ]
-            plans = {
-                e.get("fingerprint") for d in documents for e in d["experts"] if e["model"] == model
-            }
-            if len(ready) == len(nodes) and all(ready) and len(plans) == 1 and None not in plans:
+            plans = [
+                next((e.get("fingerprint") for e in d["experts"] if e["model"] == model), None)
+                for d in documents
+            ]
+            if (
+                all(ready)
+                and len(ready) == len(nodes)
+                and None not in plans
+                and len(set(plans)) == 1
+            ):
                 host = ready[0][0]
                 return next(n for n in nodes if str(n.node_id) == host), documents
             await asyncio.sleep(0.2)  # polling other processes' HTTP status (bounded)
@@ -55,7 +61,9 @@ async def wait_until_held(nodes: list[NodeProcess], model: str, timeout: float =
     async with asyncio.timeout(timeout):
         while True:
             documents = [await status(n) for n in nodes]
-            sections = [next(e for e in d["experts"] if e["model"] == model) for d in documents]
+            sections = [
+                next((e for e in d["experts"] if e["model"] == model), {}) for d in documents
+            ]
             if all(_held_as_planned(s) for s in sections):
                 return sections
             await asyncio.sleep(0.2)
