@@ -2,14 +2,22 @@
 """Write proto/vectors/: one JSON file per message type with an example message and its
 encoded frame in hex. Run after adding a message type (tests fail until its vector exists):
 
-    python scripts/make_vectors.py
+    PYTHONPATH=. python scripts/make_vectors.py
 """
 
 from __future__ import annotations
 
 import json
+import struct
 from pathlib import Path
 
+from mesh_node.expert_parallel.messages import (
+    ExpertCall,
+    ExpertOutput,
+    RankingsData,
+    RankingsRequest,
+)
+from mesh_node.identity import NodeId
 from mesh_node.membership.messages import (
     Address,
     Claim,
@@ -29,6 +37,8 @@ from mesh_node.membership.messages import (
     SyncReply,
     SyncRequest,
 )
+from mesh_node.placement.expert_plan import ExpertDemand, PeerOffer, plan_experts
+from mesh_node.placement.rankings import ExpertRankings
 from mesh_node.protocol import REGISTRY
 from mesh_node.serving.messages import ChatTurn, Generate, GenerateChunk
 from mesh_node.transport.frames import frame_parts
@@ -43,6 +53,7 @@ from mesh_node.transport.messages import (
     Welcome,
 )
 from mesh_node.transport.schema import to_plain
+from mesh_node.transport.tensors import Tensor
 
 KEY_A = bytes(range(32))
 KEY_B = bytes(range(32, 64))
@@ -50,6 +61,59 @@ NONCE_A = bytes([0xA5] * 32)
 NONCE_B = bytes([0x5A] * 32)
 SIG = bytes(range(64))
 MAC = bytes(range(100, 132))
+
+
+def bf16(rows: list[list[float]]) -> Tensor:
+    """A BF16 tensor of exactly representable values (the top half of each float32)."""
+    flat = [v for row in rows for v in row]
+    data = b"".join(struct.pack("<f", v)[2:] for v in flat)
+    return Tensor("BF16", (len(rows), len(rows[0])), memoryview(data))
+
+
+# Expert rankings of a 2-layer (MoE layers 1 and 3), 4-expert model: the RankingsData vector
+# carries them, RankingsRequest and ModelInfo.rankings name their digest, and the PeerState
+# vector's expert_plan is the plan every node computes from them (PROTOCOL.md, section 9).
+RANKINGS = ExpertRankings(
+    fingerprint="9f86d081884c7d65",
+    kind="micro",
+    layers=(1, 3),
+    num_experts=4,
+    gate_mass=((0.5, 0.25, 0.125, 0.125), (0.0625, 0.4375, 0.25, 0.25)),
+    selection=((0.75, 0.5, 0.5, 0.25), (0.25, 0.75, 0.5, 0.5)),
+    coselection=(
+        (
+            (0.0, 0.5, 0.25, 0.0),
+            (0.5, 0.0, 0.0, 0.0),
+            (0.25, 0.0, 0.0, 0.25),
+            (0.0, 0.0, 0.25, 0.0),
+        ),
+        (
+            (0.0, 0.0, 0.25, 0.0),
+            (0.0, 0.0, 0.25, 0.5),
+            (0.25, 0.25, 0.0, 0.0),
+            (0.0, 0.5, 0.0, 0.0),
+        ),
+    ),
+    tokens=16,
+    prompts=4,
+)
+TRUNK_BYTES = 4 << 20
+EXPERT_BYTES = 1 << 20
+BUDGET_A = 8 << 20  # KEY_A, the host: 4 MiB left for experts after the trunk
+BUDGET_B = 6 << 20
+PLAN = plan_experts(
+    "tiny-moe",
+    NodeId(KEY_A),
+    [PeerOffer(NodeId(KEY_A), BUDGET_A - TRUNK_BYTES), PeerOffer(NodeId(KEY_B), BUDGET_B)],
+    ExpertDemand(
+        RANKINGS.layers,
+        RANKINGS.num_experts,
+        EXPERT_BYTES,
+        RANKINGS.gate_mass,
+        RANKINGS.coselection,
+        RANKINGS.digest(),
+    ),
+)
 
 ALIVE = Claim("alive", KEY_A, 1700000000000, KEY_A, [Address("192.0.2.7", 7300)], SIG)
 SUSPECT = Claim("suspect", KEY_A, 1700000000000, KEY_B, [], SIG)
@@ -62,9 +126,24 @@ STATE = PeerState(
     role="host",
     addresses=[Address("192.0.2.7", 7300)],
     hardware=Hardware(16, 64 << 30, 40 << 30, [Gpu("NVIDIA H100", 80 << 30, 79 << 30)]),
-    models_on_disk=[ModelInfo("tiny-moe", "qwen3_moe", 12582912, 3145728, 8)],
+    models_on_disk=[
+        ModelInfo(
+            "tiny-moe",
+            "qwen3_moe",
+            12582912,
+            3145728,
+            4,
+            trunk_bytes=TRUNK_BYTES,
+            expert_budget=BUDGET_A,
+            rankings=RANKINGS.digest(),
+            expert_plan=PLAN.fingerprint,
+        )
+    ],
     models_served=["tiny-moe"],
-    expert_shards=[ExpertShard("tiny-moe", 0, [0, 1, 5])],
+    expert_shards=[
+        ExpertShard("tiny-moe", layer, list(experts))
+        for layer, experts in PLAN.experts_of(NodeId(KEY_A)).items()
+    ],
     load=Load(2, 41.5),
 )
 
@@ -107,6 +186,18 @@ EXAMPLES = [
     GenerateChunk(
         text="", token_ids=[1], finish_reason="stop", prompt_tokens=18, completion_tokens=4
     ),
+    ExpertCall(
+        model="tiny-moe",
+        layer=3,
+        experts=[2, 0],
+        counts=[2, 1],
+        rows=bf16([[1.0, -0.5, 0.25, 2.0], [0.0, 1.5, -1.0, 0.125], [3.0, 0.5, -2.0, 1.0]]),
+    ),
+    ExpertOutput(
+        outputs=bf16([[0.5, 0.0, -0.25, 1.0], [-1.0, 0.75, 0.5, 0.0], [0.25, 0.25, -0.5, 2.0]])
+    ),
+    RankingsRequest(model="tiny-moe", digest=RANKINGS.digest()),
+    RankingsData(data=RANKINGS.to_bytes()),
 ]
 
 OUT = Path(__file__).resolve().parent.parent / "proto" / "vectors"

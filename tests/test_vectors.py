@@ -33,3 +33,36 @@ def test_vector_decodes_and_encodes_exactly(path):
     built = from_plain(type(decoded), record["fields"])
     encoded = b"".join(bytes(part) for part in frame_parts(REGISTRY.encode(built)))
     assert encoded.hex() == record["frame"]
+
+
+def test_expert_plan_example_matches_the_spec():
+    """PROTOCOL.md's plan example: the rankings of the RankingsData vector, the offers it
+    lists, give the plan the PeerState vector follows and the shards it publishes."""
+    from mesh_node.identity import NodeId
+    from mesh_node.placement.expert_plan import ExpertDemand, PeerOffer, plan_experts
+    from mesh_node.placement.rankings import ExpertRankings
+
+    vectors = {json.loads(p.read_text())["name"]: json.loads(p.read_text()) for p in VECTORS}
+    rankings = ExpertRankings.from_bytes(bytes.fromhex(vectors["RankingsData"]["fields"]["data"]))
+    assert rankings.digest() == vectors["RankingsRequest"]["fields"]["digest"]
+    state = vectors["PeerState"]["fields"]
+    (info,) = state["models_on_disk"]
+    assert info["rankings"] == rankings.digest()
+    host, other = NodeId(bytes(range(32))), NodeId(bytes(range(32, 64)))
+    assert bytes.fromhex(state["node"]) == host.key
+    demand = ExpertDemand(
+        rankings.layers,
+        rankings.num_experts,
+        1 << 20,
+        rankings.gate_mass,
+        rankings.coselection,
+        rankings.digest(),
+    )
+    host_budget = info["expert_budget"] - info["trunk_bytes"]
+    offers = [PeerOffer(host, host_budget), PeerOffer(other, 6 << 20)]
+    plan = plan_experts(info["name"], host, offers, demand)
+    assert plan.fingerprint == info["expert_plan"] == "072555d129a584d3"
+    assert {s["layer"]: tuple(s["experts"]) for s in state["expert_shards"]} == dict(
+        plan.experts_of(host)
+    )
+    assert dict(plan.experts_of(other)) == {1: (0, 1, 2), 3: (0, 1, 2)}

@@ -309,10 +309,10 @@ class Registry:
 def to_plain(value: Any) -> Any:
     """A message (or any schema value) as JSON-compatible data: bytes become hex strings,
     tensors become {dtype, shape, data: hex}, structs become objects."""
+    if isinstance(value, Tensor):  # before the dataclass case: a Tensor is a dataclass too
+        return {"dtype": value.dtype, "shape": list(value.shape), "data": value.data.hex()}
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {f.name: to_plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    if isinstance(value, Tensor):
-        return {"dtype": value.dtype, "shape": list(value.shape), "data": value.data.hex()}
     if isinstance(value, bytes):
         return value.hex()
     if isinstance(value, list):
