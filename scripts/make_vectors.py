@@ -197,7 +197,7 @@ EXAMPLES = [
         outputs=bf16([[0.5, 0.0, -0.25, 1.0], [-1.0, 0.75, 0.5, 0.0], [0.25, 0.25, -0.5, 2.0]])
     ),
     RankingsRequest(model="tiny-moe", digest=RANKINGS.digest()),
-    RankingsData(data=RANKINGS.to_bytes()),
+    RankingsData.of(RANKINGS.to_bytes()),
 ]
 
 OUT = Path(__file__).resolve().parent.parent / "proto" / "vectors"

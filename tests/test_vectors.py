@@ -43,7 +43,9 @@ def test_expert_plan_example_matches_the_spec():
     from mesh_node.placement.rankings import ExpertRankings
 
     vectors = {json.loads(p.read_text())["name"]: json.loads(p.read_text()) for p in VECTORS}
-    rankings = ExpertRankings.from_bytes(bytes.fromhex(vectors["RankingsData"]["fields"]["data"]))
+    rankings = ExpertRankings.from_bytes(
+        bytes.fromhex(vectors["RankingsData"]["fields"]["document"]["data"])
+    )
     assert rankings.digest() == vectors["RankingsRequest"]["fields"]["digest"]
     state = vectors["PeerState"]["fields"]
     (info,) = state["models_on_disk"]

@@ -79,6 +79,29 @@ log = logging.getLogger("mesh_node.experts")
 UNIFORM = "uniform"  # the rankings digest meaning "no rankings: every expert alike"
 
 
+MAX_CALL_BYTES = 32 << 20  # rows per ExpertCall (the frame's blob limit is 64 MiB)
+
+
+def split_call(
+    experts: list[int], counts: list[int], max_rows: int
+) -> list[tuple[list[int], list[int]]]:
+    """(experts, counts) cut into pieces of at most `max_rows` rows, in order (an expert's
+    rows may be split between two pieces: each row is computed on its own)."""
+    pieces: list[tuple[list[int], list[int]]] = [([], [])]
+    room = max_rows
+    for expert, count in zip(experts, counts, strict=True):
+        while count:
+            if not room:
+                pieces.append(([], []))
+                room = max_rows
+            take = min(count, room)
+            pieces[-1][0].append(expert)
+            pieces[-1][1].append(take)
+            count -= take
+            room -= take
+    return pieces
+
+
 class PeerGone(Exception):
     """The peer left, was suspected, or could not be reached during an expert call."""
 
@@ -358,7 +381,7 @@ class ExpertParallel:
             reply = await conn.request(RankingsRequest(model, digest), timeout=30.0)
             if not isinstance(reply, RankingsData):
                 raise PeerGone(f"host answered {type(reply).__name__}")
-            rankings = rankings_mod.ExpertRankings.from_bytes(reply.data)
+            rankings = rankings_mod.ExpertRankings.from_bytes(reply.data())
             if rankings.digest() != digest:
                 raise PeerGone("the rankings received do not match their digest")
             self.rankings[digest] = rankings
@@ -375,7 +398,7 @@ class ExpertParallel:
         rankings = self.rankings.get(request.digest)
         if rankings is None:
             raise RequestFailed(ErrorCode.NOT_FOUND, f"no rankings {request.digest} here")
-        return RankingsData(rankings.to_bytes())
+        return RankingsData.of(rankings.to_bytes())
 
     async def choose_rankings(self, model: str, analysis: str = "micro") -> str:
         """On the host: the rankings the mesh will plan with (see module doc); publishes the
@@ -594,7 +617,20 @@ class ExpertParallel:
         )
         if conn is None:
             raise PeerGone(f"{peer.short} unreachable")
-        call = ExpertCall(model, layer, experts, counts, Tensor.from_torch(rows.contiguous()))
+        row_bytes = rows.shape[1] * rows.element_size()
+        pieces = split_call(experts, counts, max(1, MAX_CALL_BYTES // row_bytes))
+        outputs = []
+        start = 0
+        for piece_experts, piece_counts in pieces:  # one piece, except for huge prefills
+            end = start + sum(piece_counts)
+            call = ExpertCall(
+                model, layer, piece_experts, piece_counts, Tensor.from_torch(rows[start:end])
+            )
+            outputs.append(await self._request(conn, peer, call, rows[start:end]))
+            start = end
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+
+    async def _request(self, conn, peer: NodeId, call: ExpertCall, rows: torch.Tensor):
         request = asyncio.ensure_future(
             conn.request(call, timeout=self.config.dispatch.call_timeout)
         )

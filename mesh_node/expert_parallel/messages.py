@@ -37,7 +37,20 @@ class RankingsRequest:
 
 @dataclass(frozen=True, slots=True)
 class RankingsData:
-    data: bytes  # ExpertRankings.to_bytes() (msgpack; see PROTOCOL.md)
+    """The rankings document (ExpertRankings.to_bytes(), msgpack; see PROTOCOL.md) as a U8
+    tensor [n], so that it travels in the frame's blob: a large model's rankings (co-selection
+    tables included) exceed the 1 MiB body limit."""
+
+    document: Tensor
+
+    @classmethod
+    def of(cls, data: bytes) -> RankingsData:
+        return cls(Tensor("U8", (len(data),), memoryview(data)))
+
+    def data(self) -> bytes:
+        if self.document.dtype != "U8" or len(self.document.shape) != 1:
+            raise ValueError("a rankings document is a one-dimensional U8 tensor")
+        return bytes(self.document.data)
 
 
 EXPERT_MESSAGES: dict[int, type] = {

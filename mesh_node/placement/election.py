@@ -2,7 +2,7 @@
 
 A node is eligible to host a model when it is live (alive or suspect: a suspicion alone does
 not move a model), is not a client, has the model on disk, and has room for it: free memory
-(the larger of free RAM and the freest GPU's free VRAM) at least `headroom` times the
+(the freest GPU's free VRAM on a node with GPUs, else free RAM) at least `headroom` times the
 model's bytes, counting the copy a current host already holds as free.
 
 A model split across the mesh (expert parallelism) is hosted by one node (`max_hosts=1`),

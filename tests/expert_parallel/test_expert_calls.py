@@ -1,0 +1,80 @@
+"""Expert calls in isolation: how big calls are cut, and what a peer refuses."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from mesh_node.engine.catalog import BUILTIN_DIR
+from mesh_node.engine.loading import load_expert_banks
+from mesh_node.expert_parallel.coordinator import split_call
+from mesh_node.expert_parallel.messages import ExpertCall, RankingsData
+from mesh_node.expert_parallel.service import ExpertService
+from mesh_node.transport.connection import Handlers
+from mesh_node.transport.errors import ErrorCode, RequestFailed
+from mesh_node.transport.tensors import Tensor
+
+
+@given(
+    st.lists(st.tuples(st.integers(0, 63), st.integers(0, 50)), max_size=12),
+    st.integers(1, 40),
+)
+def test_split_call_keeps_every_row_in_order_within_the_limit(groups, max_rows):
+    experts = [e for e, _ in groups]
+    counts = [c for _, c in groups]
+    pieces = split_call(experts, counts, max_rows)
+    assert all(sum(c) <= max_rows for _, c in pieces)
+    flat = [e for es, cs in pieces for e, c in zip(es, cs, strict=True) for _ in range(c)]
+    assert flat == [e for e, c in groups for _ in range(c)]
+    assert len(pieces) == max(1, -(-sum(counts) // max_rows))
+
+
+@pytest.fixture(scope="module")
+def service():
+    held = ExpertService(Handlers())
+    held.replace("builtin", load_expert_banks(BUILTIN_DIR, {0: [1, 2], 3: [7]}, device="cpu"))
+    yield held
+    held.close()
+
+
+def call(layer=0, experts=(1,), counts=(2,), rows=None, model="builtin"):
+    rows = torch.zeros(sum(counts), 128) if rows is None else rows
+    return ExpertCall(model, layer, list(experts), list(counts), Tensor.from_torch(rows))
+
+
+@pytest.mark.parametrize(
+    ("bad", "code", "words"),
+    [
+        (call(model="other"), ErrorCode.NOT_FOUND, "no experts of model"),
+        (call(experts=(3,)), ErrorCode.NOT_FOUND, "not held"),
+        (call(layer=1), ErrorCode.NOT_FOUND, "not held"),
+        (
+            call(experts=(1, 2), counts=(1,), rows=torch.zeros(1, 128)),
+            ErrorCode.BAD_REQUEST,
+            "pair",
+        ),
+        (call(rows=torch.zeros(3, 128)), ErrorCode.BAD_REQUEST, "rows must be"),
+        (call(rows=torch.zeros(2, 64)), ErrorCode.BAD_REQUEST, "rows must be"),
+        (call(rows=torch.zeros(2, 128, dtype=torch.bfloat16)), ErrorCode.BAD_REQUEST, "--dtype"),
+    ],
+)
+def test_a_peer_refuses_calls_it_cannot_answer_with_a_clear_reason(service, bad, code, words):
+    with pytest.raises(RequestFailed) as caught:
+        service.check(bad)
+    assert caught.value.code == code and words in caught.value.message
+
+
+def test_a_good_call_computes_what_the_bank_computes(service):
+    rows = torch.randn(3, 128)
+    bank, got = service.check(call(experts=(1, 2), counts=(2, 1), rows=rows))
+    assert torch.equal(got, rows)
+    assert bank.expert_ids == (1, 2)
+
+
+def test_a_rankings_document_travels_as_bytes_in_a_u8_tensor():
+    data = bytes(range(256)) * 5000  # larger than a frame body may be
+    assert RankingsData.of(data).data() == data
+    with pytest.raises(ValueError, match="U8"):
+        RankingsData(Tensor.from_torch(torch.zeros(2))).data()
