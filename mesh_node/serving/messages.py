@@ -29,6 +29,7 @@ class Generate:
     top_k: int = 0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -232,6 +232,7 @@ def _sampling(fields: _Fields, max_tokens_limit: int) -> SamplingParams:
         top_k=top_k or 0,
         seed=seed,
         stop=_stop(fields.get("stop")),
+        ignore_eos=bool(fields.boolean("ignore_eos")),
     )
 
 

@@ -51,6 +51,7 @@ def to_wire(request: CompletionRequest) -> Generate:
         top_k=s.top_k,
         seed=s.seed,
         stop=list(s.stop),
+        ignore_eos=s.ignore_eos,
     )
 
 
@@ -63,6 +64,7 @@ def from_wire(message: Generate) -> CompletionRequest:
         top_k=message.top_k,
         seed=message.seed,
         stop=tuple(message.stop),
+        ignore_eos=message.ignore_eos,
     )
     messages = (
         tuple(ChatMessage(t.role, t.content) for t in message.messages)

@@ -218,3 +218,15 @@ def test_any_bytes_decode_or_are_a_bad_request(raw):
     except BadRequest:
         return
     assert isinstance(body, dict)
+
+
+def test_ignore_eos_extension_is_a_boolean_passed_to_sampling():
+    body = {"model": "m", "prompt": "x", "ignore_eos": True}
+    assert parse_completion(body).completion.sampling.ignore_eos is True
+    assert parse_completion({"model": "m", "prompt": "x"}).completion.sampling.ignore_eos is False
+    try:
+        parse_completion({**body, "ignore_eos": "yes"})
+    except BadRequest as exc:
+        assert exc.param == "ignore_eos"
+    else:
+        raise AssertionError("a non-boolean ignore_eos must be refused")
