@@ -1,5 +1,15 @@
 """Splitting a MoE model over nodes: what each mode costs. One subcommand per claim.
 
+    python benchmarks/moe_split.py speed [--models builtin olmoe] [--tokens 48] [--requests 5]
+
+`speed`: decode tokens/s through the OpenAI API of node processes on loopback: one node holding
+every expert, then two and three nodes in expert-parallel mode (`--moe-split`, each offering
+memory for about 1/n of the experts plus the hot replicas), for the built-in model and the
+random-weight OLMoE-like model of benchmarks/engine.py. Beside each: remote expert calls per
+token (from the host's dispatch counters) and the latency floor they impose (calls per token x
+the small-message round trip between two node processes, measured in the same run).
+Target: three-node expert-parallel decode at least 50% of the single-node rate.
+
     python benchmarks/moe_split.py quality [--model FOLDER] [--per-skill 50] [--shards 2 3 4]
                                            [--random-seeds 3] [--core-fraction 0.25]
 
@@ -21,14 +31,18 @@ rest dealt in a seeded random order; averaged over `--random-seeds` seeds), and 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import platform
 import random
+import statistics
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+import openai  # noqa: E402
 
 from mesh_node.engine import builtin_skills  # noqa: E402
 from mesh_node.engine.catalog import resolve_model  # noqa: E402
@@ -123,6 +137,191 @@ def quality(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- speed -------------------------------------------------------------------------------------
+
+
+async def _status(node) -> dict:
+    import aiohttp
+
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"{node.console_url}/api/status") as response,
+    ):
+        return await response.json()
+
+
+async def _served(nodes, model: str, split: bool, timeout: float = 900.0):
+    """The host, once it serves `model` and (split) every node holds its part of the plan."""
+    async with asyncio.timeout(timeout):
+        while True:
+            documents = [await _status(n) for n in nodes]
+            ready = next((e["ready"] for e in documents[0]["hosting"] if e["model"] == model), [])
+            held = True
+            if split:
+                sections = [
+                    next((e for e in d["experts"] if e["model"] == model), {}) for d in documents
+                ]
+                held = all(s.get("agreed") for s in sections) and all(
+                    s.get("held", {}).get(entry["node_id"], 0) == entry["bytes"]
+                    for s in sections
+                    for entry in s.get("nodes", [])
+                )
+            if ready and held:
+                return next(n for n in nodes if str(n.node_id) == ready[0])
+            await asyncio.sleep(0.5)  # polling other processes' status (bounded by timeout)
+
+
+async def _decode_rate(api, model: str, tokens: int, prompt: str) -> float:
+    """Tokens/s between the first and the last streamed token (prefill excluded)."""
+    stream = await api.completions.create(
+        model=model,
+        prompt=prompt,
+        max_tokens=tokens,
+        temperature=0,
+        stream=True,
+        extra_body={"ignore_eos": True},
+    )
+    arrivals = []
+    async for chunk in stream:
+        if chunk.choices and chunk.choices[0].text:
+            arrivals.append(time.perf_counter())
+    return (tokens - 1) / (arrivals[-1] - arrivals[0])
+
+
+async def _round_trip(mesh_id: str, node, samples: int = 300) -> float:
+    """p50 seconds of a small request/response (Ping) between this process and a node."""
+    from mesh_node.transport.messages import Ping
+    from tests.processes.nodes import client_endpoint
+
+    endpoint = client_endpoint(mesh_id)
+    await endpoint.start()
+    try:
+        conn = await endpoint.connect(node.address, expect=node.node_id, timeout=10)
+        times = []
+        for seq in range(samples):
+            started = time.perf_counter()
+            await conn.request(Ping(seq), timeout=5)
+            times.append(time.perf_counter() - started)
+        return statistics.median(times[samples // 10 :])
+    finally:
+        await endpoint.close()
+
+
+def _expert_bytes(folder: Path, dtype: str | None) -> tuple[int, int]:
+    """(bytes of all routed experts, bytes of the trunk) as the nodes will load them."""
+    from mesh_node.engine.checkpoint import Checkpoint
+    from mesh_node.engine.loading import expert_nbytes, resolve_device, resolve_dtype
+
+    args = Checkpoint.open(folder).args
+    torch_dtype = resolve_dtype(dtype, args, resolve_device("cpu"))
+    per_expert = expert_nbytes(args, torch_dtype)
+    counts = args.parameter_count()
+    experts = per_expert * args.moe.num_experts * len(args.sparse_layer_indices)
+    itemsize = per_expert // (3 * args.hidden_size * args.moe.expert_intermediate_size)
+    return experts, counts["trunk"] * itemsize
+
+
+async def _speed_of(folder: Path, name: str, nodes_count: int, args) -> dict:
+    from mesh_node.identity import new_mesh_id
+    from tests.processes.nodes import NodeProcess, stop_all
+
+    mesh_id = new_mesh_id()
+    common = ["--model", str(folder)]
+    if nodes_count > 1:
+        experts, trunk = _expert_bytes(folder, None)
+        share = int(experts / nodes_count * 1.35) + trunk  # ~1/n of the experts, + replicas
+        common += ["--moe-split", "--expert-memory", str(share)]
+    first = await NodeProcess.join(mesh_id, *common)
+    seed = "{}:{}".format(*first.address)
+    nodes = [first] + [
+        await NodeProcess.join(mesh_id, "--peer", seed, *common) for _ in range(nodes_count - 1)
+    ]
+    try:
+        host = await _served(nodes, name, split=nodes_count > 1)
+        api = openai.AsyncOpenAI(base_url=host.api_url, api_key="x", max_retries=0, timeout=600)
+        try:
+            await _decode_rate(api, name, 8, "warm up")
+            before = await _status(host)
+            rates = [
+                await _decode_rate(api, name, args.tokens, f"request {i}")
+                for i in range(args.requests)
+            ]
+            after = await _status(host)
+        finally:
+            await api.close()
+        rtt = await _round_trip(mesh_id, host)
+
+        def calls(document: dict) -> int:
+            section = next((e for e in document["experts"] if e["model"] == name), {})
+            return section.get("dispatch", {}).get("remote_calls", 0)
+
+        tokens = args.requests * args.tokens
+        per_token = (calls(after) - calls(before)) / tokens
+        return {
+            "nodes": nodes_count,
+            "rate": statistics.median(rates),
+            "calls_per_token": per_token,
+            "rtt": rtt,
+            "floor": per_token * rtt,
+        }
+    finally:
+        await stop_all(nodes)
+
+
+def speed(args: argparse.Namespace) -> int:
+    import shutil
+    import tempfile
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from engine import build_olmoe_like
+
+    results: dict[str, list[dict]] = {}
+    for which in args.models:
+        scratch = tempfile.mkdtemp(prefix="moe-split-")
+        try:
+            if which == "builtin":
+                folder, name = Path(resolve_model(None).path), "builtin"
+            else:
+                folder = Path(scratch) / "olmoe-like"
+                started = time.perf_counter()
+                build_olmoe_like(str(folder), args.layers)
+                print(f"built the OLMoE-like checkpoint in {time.perf_counter() - started:.0f}s")
+                name = folder.name  # a --model folder is served under its folder's name
+            rows = []
+            for count in (1, 2, 3):
+                row = asyncio.run(_speed_of(folder, name, count, args))
+                print(
+                    f"{which}: {count} node(s) {row['rate']:.1f} tok/s, "
+                    f"{row['calls_per_token']:.2f} remote calls/token",
+                    flush=True,
+                )
+                rows.append(row)
+            results[which] = rows
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+    print()
+    print(f"decode through the API, {args.tokens}-token answers, median of {args.requests}")
+    print(
+        "| model | nodes | tokens/s | vs 1 node | remote calls/token | round trip | "
+        "latency floor/token | floor share of a token |"
+    )
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    met = True
+    for which, rows in results.items():
+        single = rows[0]["rate"]
+        for row in rows:
+            share = row["floor"] * row["rate"]
+            print(
+                f"| {which} | {row['nodes']} | {row['rate']:.1f} | {row['rate'] / single:.2f} | "
+                f"{row['calls_per_token']:.2f} | {row['rtt'] * 1e3:.2f} ms | "
+                f"{row['floor'] * 1e3:.2f} ms | {share:.0%} |"
+            )
+        met &= rows[-1]["rate"] / single >= 0.5
+    print()
+    print("target (3 nodes >= 50% of 1 node): " + ("met" if met else "MISSED"))
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
@@ -136,6 +335,14 @@ def main() -> int:
     q.add_argument("--random-seeds", type=int, default=3, help="seeds for the random baselines")
     q.add_argument("--calibration", type=int, default=200, help="calibration prompts")
     q.set_defaults(run=quality)
+    s = commands.add_parser("speed", help="expert-parallel decode speed over 1, 2, 3 nodes")
+    s.add_argument(
+        "--models", nargs="+", choices=["builtin", "olmoe"], default=["builtin", "olmoe"]
+    )
+    s.add_argument("--tokens", type=int, default=48, help="tokens per answer")
+    s.add_argument("--requests", type=int, default=5, help="answers per configuration")
+    s.add_argument("--layers", type=int, default=16, help="layers of the OLMoE-like model")
+    s.set_defaults(run=speed)
     args = parser.parse_args()
     return args.run(args)
 
