@@ -6,6 +6,8 @@ import pytest
 
 from mesh_node.console.server import ConsoleServer
 from tests.console.scripted_source import ScriptedSource, make_peer
+from tests.console.split_mesh import split_mesh
+from tests.gateway.mesh import answer, chat
 
 ROWS = "document.querySelectorAll('tr[data-node-id]')"
 
@@ -114,3 +116,119 @@ async def test_page_resyncs_on_status_events_and_reconnects(browser, source):
         assert await page.evaluate(f"!!{row(make_peer(3)['id'])}")
     finally:
         await console.stop()
+
+
+EXPERTS = "document.querySelector('section[data-section=experts]')"
+
+
+async def test_page_shows_the_expert_plan_of_a_split_mesh(browser):
+    """The Experts panel with real data: a 3-node in-process mesh splitting the built-in
+    model; the page of the host shows the plan, its nodes, the grid and the dispatch."""
+    async with split_mesh() as mesh:
+        host = mesh.hosts_of("builtin")[0]
+        await answer(host, chat("builtin", "What is 2 + 2?", max_tokens=4))
+        plan = host.view.status()["experts"][0]
+        page = await browser.new_page(f"{host.console.url}/")
+        block = f"{EXPERTS}?.querySelector('[data-experts-model=\"builtin\"]')"
+        await page.wait_for(f"{block}?.querySelectorAll('tr[data-expert-node]').length === 3")
+        shown = await page.evaluate(
+            f"[...{block}.querySelectorAll('tr[data-expert-node]')].map(r => r.dataset.expertNode)"
+        )
+        assert shown == [n["node_id"] for n in plan["nodes"]]  # in plan order, host first
+        assert (
+            await page.evaluate(f"{block}.querySelector('[data-fingerprint]').textContent")
+            == (plan["fingerprint"])
+        )
+        assert await page.evaluate(f"{block}.querySelector('[data-agreed]').dataset.agreed") == (
+            "true"
+        )
+        text = await page.evaluate(f"{block}.innerText")
+        for fragment in (plan["rankings"], "host", "remote calls", "0 failovers"):
+            assert fragment in text
+        first = plan["nodes"][0]
+        row = await page.evaluate(
+            f"{block}.querySelector('tr[data-expert-node=\"{first['node_id']}\"]').innerText"
+        )
+        assert str(first["count"]) in row and "this plan" in row
+        # the grid: 4 layers x 8 experts, each cell naming its holders, replicas striped
+        cells = await page.evaluate(
+            f"[...{block}.querySelectorAll('td[data-expert]')].map(c => "
+            "[c.parentElement.dataset.layer, c.dataset.expert, c.dataset.holders])"
+        )
+        assert len(cells) == 32
+        for layer, expert, holders in cells:
+            want = [
+                n["node_id"] for n in plan["nodes"] if int(expert) in n["experts"].get(layer, [])
+            ]
+            assert holders.split() == want
+        assert await page.evaluate(f"{block}.querySelectorAll('td.missing').length") == 0
+
+
+async def test_experts_panel_escapes_names_and_collapses_big_grids(browser):
+    """Synthetic sections: a 58-layer x 256-expert plan (one row per layer instead of a
+    cell per expert), a model with an error and no plan, and hostile node names."""
+    evil = make_peer(1, name="<img src=x onerror=window.injected=1>")
+    nodes = [make_peer(0, is_self=True)["id"], evil["id"]]
+    layers = list(range(58))
+    halves = [{str(layer): list(range(i * 128, i * 128 + 128)) for layer in layers} for i in (0, 1)]
+    big = {
+        "model": "<b>big-moe</b>",
+        "error": None,
+        "host": nodes[0],
+        "fingerprint": "0123456789abcdef",
+        "demand_digest": "feedfacefeedface",
+        "layers": layers,
+        "num_experts": 256,
+        "expert_bytes": 1 << 20,
+        "total_bytes": 58 * 256 << 20,
+        "nodes": [
+            {
+                "node_id": node,
+                "short": node[:10],
+                "host": i == 0,
+                "experts": halves[i],
+                "count": 58 * 128,
+                "bytes": 58 * 128 << 20,
+                "budget": 60 * 128 << 20,
+                "budget_share": 0.5,
+                "bytes_share": 0.5,
+            }
+            for i, node in enumerate(nodes)
+        ],
+        "replicas": [],
+        "unreplicated": [[0, 3]],
+        "rankings": "uniform",
+        "held": {nodes[0]: 58 * 128 << 20},
+        "following": {nodes[0]: "0123456789abcdef", evil["id"]: ""},
+        "agreed": False,
+    }
+    broken = {"model": "other-moe", "error": "<script>window.injected=2</script> failed"}
+    source = ScriptedSource(
+        [make_peer(0, is_self=True), evil], extra={"experts": [big, broken], "hosting": []}
+    )
+    async with ConsoleServer(source, "127.0.0.1", 0) as console:
+        page = await browser.new_page(f"{console.url}/")
+        await page.wait_for(f"{EXPERTS}?.querySelectorAll('[data-experts-model]').length === 2")
+        block = f"{EXPERTS}.querySelector('[data-experts-model=\"<b>big-moe</b>\"]')"
+        assert await page.evaluate(f"{block}.querySelector('h3').textContent") == "<b>big-moe</b>"
+        assert await page.evaluate(f"{block}.querySelector('[data-grid]').dataset.grid") == (
+            "per-layer"
+        )
+        assert await page.evaluate(f"{block}.querySelectorAll('tr[data-layer]').length") == 58
+        assert await page.evaluate(f"{block}.querySelectorAll('td[data-expert]').length") == 0
+        agreed = await page.evaluate(f"{block}.querySelector('[data-agreed]').innerText")
+        assert "1 of 2" in agreed and evil["name"] in agreed
+        hot = f"{block}.querySelector('[data-unreplicated]')"
+        assert await page.evaluate(f"{hot}.dataset.unreplicated") == "1"
+        row = await page.evaluate(
+            f"{block}.querySelector('tr[data-expert-node=\"{evil['id']}\"]').innerText"
+        )
+        assert evil["name"] in row and "none yet" in row
+        error = f"{EXPERTS}.querySelector('[data-experts-model=\"other-moe\"] [data-error]')"
+        assert await page.evaluate(f"{error}.textContent") == broken["error"]
+        assert await page.evaluate("window.injected === undefined")
+        assert not await page.evaluate(f"!!{EXPERTS}.querySelector('img, script, b')")
+
+        source.extra["experts"] = []
+        source.emit("status", source.status())
+        await page.wait_for(f"{EXPERTS}.innerText.includes('No split MoE models')")

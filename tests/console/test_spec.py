@@ -26,3 +26,13 @@ def test_every_peer_field_is_specified():
     table = SPEC[SPEC.index("`PEER` (one member") :]
     for field in make_peer(0):
         assert f"| `{field}` |" in table, field
+
+
+def test_every_experts_field_is_specified():
+    part = SPEC[SPEC.index("**`experts`**") : SPEC.index("**Extending.**")]
+    example = json.loads(re.search(r"```\n(\{.*?)```", part, re.S).group(1))["experts"][0]
+    for field in example:
+        assert f"| `{field}` |" in part, field
+    assert set(example["dispatch"]) == {"steps", "remote_calls", "failovers"}
+    for field in example["nodes"][0]:
+        assert f'"{field}"' in part[part.index("`PLAN_NODE` =") :], field

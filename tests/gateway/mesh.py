@@ -28,14 +28,13 @@ class Mesh:
             identity, MeshSecret(self.mesh_id), registry=REGISTRY, handlers=Handlers()
         )
         peers = (self.nodes[0].endpoint.address,) if self.nodes else ()
+        options = {"console_port": None, "api_port": None, **options}  # e.g. console_port=0
         config = NodeConfig(
             mesh_id=self.mesh_id,
             models=tuple(models),
             client=client,
             peers=peers,
             mdns=False,
-            console_port=None,
-            api_port=None,
             **options,
         )
         node = Node(config, endpoint=endpoint)

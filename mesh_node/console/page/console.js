@@ -3,7 +3,7 @@
 // State: the last status document, with its peers kept in a Map by id. The event stream
 // (api/events) starts with a `status` event (whole document), then sends `peer` upserts,
 // `removed` ({id}) and `status` resyncs. Peer events update the nodes table at once; the
-// other sections (models and keys added later, e.g. placements) are derived by the node,
+// other sections (models, hosting, experts, keys added later) are derived by the node,
 // so after peer changes the page re-reads api/status (debounced) for everything but peers.
 //
 // Test hooks: every node row is `tr[data-node-id][data-status]`, <body data-connection>
@@ -25,6 +25,7 @@
     { key: "peers", title: "Nodes", render: renderPeers },
     { key: "models", title: "Models", render: renderModels },
     { key: "hosting", title: "Hosting", render: renderHosting },
+    { key: "experts", title: "Experts", render: renderExperts },
   ];
 
   const state = {
@@ -236,6 +237,216 @@
         el("td", {}, list(h.ready, "loading")),
         el("td", { class: "muted" }, `${(h.eligible || []).length} node(s)`),
         el("td", { class: "muted" }, el("code", {}, h.fingerprint || "")))))));
+  }
+
+  // ---------------------------------------------------------------- experts
+
+  // Expert parallelism: one block per split MoE model (ExpertParallel.status() on the node,
+  // proto/CONSOLE.md "experts"). Node ids come from the plan; names from the peer table;
+  // everything is put in the DOM as text, never as HTML.
+  const GRID_MAX_CELLS = 64 * 48; // a full layers x experts grid up to this size, else per layer
+  const NODE_COLOURS = 8; // .holder-0 ... .holder-7 in console.css, reused round-robin
+
+  const percent = (x) => (typeof x === "number" && isFinite(x) ? `${(x * 100).toFixed(1)}%` : "?");
+  const digest = (value, none) => (value ? el("code", {}, String(value)) : muted(none));
+
+  function holderColour(index) {
+    return `var(--holder-${index % NODE_COLOURS})`;
+  }
+
+  // A swatch with the node's colour, for the legend, the node table and the grid cells.
+  function swatch(index) {
+    return el("span", { class: "swatch", style: `background:${holderColour(index)}` });
+  }
+
+  function agreementCell(plan) {
+    const following = plan.following || {};
+    const ids = Object.keys(following);
+    if (plan.agreed) {
+      return el("span", { class: "agreed", "data-agreed": "true" }, `all ${ids.length} node(s) follow it`);
+    }
+    const behind = ids.filter((id) => following[id] !== plan.fingerprint);
+    return el("span", { class: "disagreed", "data-agreed": "false" },
+      `${ids.length - behind.length} of ${ids.length} node(s) follow it; not yet: `,
+      behind.map(peerLabel));
+  }
+
+  function expertNodesTable(plan, colourOf) {
+    const held = plan.held || {};
+    const following = plan.following || {};
+    const rows = (plan.nodes || []).map((n) => {
+      const have = held[n.node_id];
+      const complete = have === n.bytes;
+      const follows = following[n.node_id];
+      return el("tr", { "data-expert-node": n.node_id },
+        el("td", {}, swatch(colourOf.get(n.node_id)),
+          el("code", { class: "id", title: n.node_id }, n.short || String(n.node_id).slice(0, 10)),
+          " ", peerLabel(n.node_id), n.host ? el("span", { class: "badge" }, "host") : null),
+        el("td", { class: "num" }, String(n.count ?? "?")),
+        el("td", { class: complete ? "num" : "num behind" },
+          typeof have === "number" ? bytes(have) : bytes(0), muted(` / ${bytes(n.bytes)}`)),
+        el("td", { class: "num" }, bytes(n.budget)),
+        el("td", { class: "num" }, percent(n.budget_share), muted(" vs "), percent(n.bytes_share)),
+        el("td", {}, follows === plan.fingerprint ? muted("this plan")
+          : follows ? el("code", { class: "behind" }, follows) : muted("none yet")));
+    });
+    // Nodes that hold or follow something but have no part in this plan (e.g. a stale plan).
+    const planned = new Set((plan.nodes || []).map((n) => n.node_id));
+    for (const id of new Set([...Object.keys(held), ...Object.keys(following)])) {
+      if (planned.has(id)) continue;
+      rows.push(el("tr", { "data-expert-node": id, class: "extra" },
+        el("td", {}, el("code", { class: "id", title: id }, String(id).slice(0, 10)), " ",
+          peerLabel(id), el("span", { class: "badge" }, "not in plan")),
+        el("td", { class: "num" }, muted("0")),
+        el("td", { class: "num behind" }, bytes(held[id] || 0), muted(" / 0 B")),
+        el("td", {}, muted("–")), el("td", {}, muted("–")),
+        el("td", {}, following[id] ? el("code", {}, following[id]) : muted("none yet"))));
+    }
+    return el("table", { class: "expert-nodes" },
+      el("thead", {}, el("tr", {}, el("th", {}, "Node"),
+        ["Experts", "Held / planned", "Budget", "Budget share vs bytes share"]
+          .map((c) => el("th", { class: "num" }, c)),
+        el("th", {}, "Follows"))),
+      el("tbody", {}, rows));
+  }
+
+  // (layer, expert) -> [node ids], from the plan's per-node assignments (host first).
+  function holdersIndex(plan) {
+    const index = new Map();
+    for (const n of plan.nodes || []) {
+      for (const [layer, experts] of Object.entries(n.experts || {})) {
+        for (const expert of experts) {
+          const key = `${layer}/${expert}`;
+          if (!index.has(key)) index.set(key, []);
+          index.get(key).push(n.node_id);
+        }
+      }
+    }
+    return index;
+  }
+
+  function cellBackground(holders, colourOf) {
+    if (holders.length === 1) return `background:${holderColour(colourOf.get(holders[0]))}`;
+    const step = 100 / holders.length;
+    const stops = holders.map((id, i) =>
+      `${holderColour(colourOf.get(id))} ${(i * step).toFixed(2)}% ${((i + 1) * step).toFixed(2)}%`);
+    return `background:linear-gradient(to bottom, ${stops.join(", ")})`;
+  }
+
+  function peerName(id) {
+    const peer = state.peers.get(id);
+    const short = String(id).slice(0, 10);
+    return peer && peer.name ? `${peer.name} (${short})` : short;
+  }
+
+  // Layers x experts: each cell coloured by its holders (stripes when replicated); the
+  // title names them. Too big a grid collapses to one row per layer with counts per node.
+  function expertGrid(plan, colourOf) {
+    const layers = plan.layers || [];
+    const width = plan.num_experts || 0;
+    if (!layers.length || !width) return null;
+    const index = holdersIndex(plan);
+    const hot = new Set((plan.unreplicated || []).map(([l, e]) => `${l}/${e}`));
+    if (layers.length * width > GRID_MAX_CELLS) {
+      const nodes = plan.nodes || [];
+      return el("table", { class: "expert-layers", "data-grid": "per-layer" },
+        el("thead", {}, el("tr", {}, el("th", {}, "Layer"),
+          nodes.map((n) => el("th", { class: "num" }, swatch(colourOf.get(n.node_id)), peerName(n.node_id))),
+          el("th", { class: "num" }, "replicated"), el("th", { class: "num" }, "missing"))),
+        el("tbody", {}, layers.map((layer) => {
+          let replicated = 0;
+          let missing = 0;
+          for (let e = 0; e < width; e++) {
+            const holders = index.get(`${layer}/${e}`) || [];
+            if (holders.length > 1) replicated++;
+            if (!holders.length) missing++;
+          }
+          return el("tr", { "data-layer": layer },
+            el("th", {}, String(layer)),
+            nodes.map((n) => el("td", { class: "num" }, String(((n.experts || {})[String(layer)] || []).length))),
+            el("td", { class: "num" }, String(replicated)),
+            el("td", { class: missing ? "num behind" : "num" }, String(missing)));
+        })));
+    }
+    const experts = [...Array(width).keys()];
+    return el("table", { class: "expert-grid", "data-grid": "cells" },
+      el("thead", {}, el("tr", {}, el("th", {}, "layer \\ expert"),
+        experts.map((e) => el("th", { class: "num" }, String(e))))),
+      el("tbody", {}, layers.map((layer) => el("tr", { "data-layer": layer },
+        el("th", {}, String(layer)),
+        experts.map((e) => {
+          const holders = index.get(`${layer}/${e}`) || [];
+          const classes = ["cell"];
+          if (!holders.length) classes.push("missing");
+          if (hot.has(`${layer}/${e}`)) classes.push("unreplicated");
+          const what = holders.length ? holders.map(peerName).join(", ") : "nobody";
+          return el("td", {
+            class: classes.join(" "),
+            "data-expert": e,
+            "data-holders": holders.join(" "),
+            style: holders.length ? cellBackground(holders, colourOf) : null,
+            title: `layer ${layer}, expert ${e}: ${what}`
+              + (hot.has(`${layer}/${e}`) ? " (hot, short of replicas)" : ""),
+          });
+        })))));
+  }
+
+  function expertModel(plan) {
+    const parts = [el("h3", {}, el("code", {}, plan.model))];
+    if (plan.error) parts.push(el("p", { class: "error", "data-error": "" }, plan.error));
+    if (!plan.fingerprint) {
+      parts.push(el("p", { class: "empty" }, "No expert plan yet."));
+    } else {
+      const colourOf = new Map((plan.nodes || []).map((n, i) => [n.node_id, i]));
+      const dispatch = plan.dispatch;
+      const facts = [
+        ["Plan", el("span", {}, el("code", { "data-fingerprint": "" }, plan.fingerprint), " ", agreementCell(plan))],
+        ["Host", plan.host ? peerLabel(plan.host) : muted("none")],
+        ["Rankings", plan.rankings === "uniform" ? muted("uniform (no rankings yet)") : digest(plan.rankings, "none")],
+        ["Demand", digest(plan.demand_digest, "none")],
+        ["Shape", `${(plan.layers || []).length} layers × ${plan.num_experts ?? "?"} experts · `
+          + `${bytes(plan.expert_bytes)} each · ${bytes(plan.total_bytes)} placed`],
+        ["Replicas", el("span", {},
+          el("span", { "data-replicas": (plan.replicas || []).length },
+            `${(plan.replicas || []).length} expert(s) held twice or more`),
+          " · ",
+          el("span", { "data-unreplicated": (plan.unreplicated || []).length,
+            class: (plan.unreplicated || []).length ? "behind" : null },
+          `${(plan.unreplicated || []).length} hot expert(s) short of replicas`))],
+      ];
+      if (dispatch && typeof dispatch === "object") {
+        facts.push(["Dispatch", el("span", { "data-dispatch": "" },
+          `${dispatch.steps ?? 0} steps · ${dispatch.remote_calls ?? 0} remote calls · `,
+          el("span", { class: dispatch.failovers ? "behind" : null }, `${dispatch.failovers ?? 0} failovers`))]);
+      }
+      parts.push(el("table", { class: "facts" },
+        el("tbody", {}, facts.map(([k, v]) => el("tr", {}, el("th", {}, k), el("td", {}, v))))));
+      parts.push(expertNodesTable(plan, colourOf));
+      const grid = expertGrid(plan, colourOf);
+      if (grid) {
+        parts.push(el("details", { class: "grid", open: "" },
+          el("summary", {}, grid.dataset.grid === "cells"
+            ? "Who holds each expert (stripes: replicas; outlined: hot, short of replicas)"
+            : "Experts per node, layer by layer (too many experts for a cell per expert)"),
+          el("div", { class: "scroll" }, grid)));
+      }
+    }
+    return el("div", { class: "expert-model", "data-experts-model": plan.model }, parts);
+  }
+
+  function renderExperts(body, experts) {
+    if (!Array.isArray(experts) || !experts.length) {
+      body.replaceChildren(el("p", { class: "empty" }, "No split MoE models."));
+      return;
+    }
+    // Keep the open/closed state of each grid across refreshes.
+    const closed = new Set([...body.querySelectorAll("[data-experts-model] > details:not([open])")]
+      .map((d) => d.parentElement.dataset.expertsModel));
+    body.replaceChildren(...experts.map((plan) => {
+      const block = expertModel(plan);
+      if (closed.has(plan.model)) block.querySelector("details")?.removeAttribute("open");
+      return block;
+    }));
   }
 
   // ---------------------------------------------------------------- anything else
