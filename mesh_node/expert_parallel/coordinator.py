@@ -690,6 +690,8 @@ class ExpertParallel:
                     "steps": stats.steps,
                     "remote_calls": stats.remote_calls,
                     "failovers": stats.failovers,
+                    "wait_seconds": round(stats.wait_seconds, 6),
+                    "step_seconds": round(stats.step_seconds, 6),
                 }
             sections.append(section)
         return sections

@@ -84,6 +84,8 @@ class DispatchStats:
     steps: int = 0
     remote_calls: int = 0
     failovers: int = 0
+    wait_seconds: float = 0.0  # time the engine waited for remote answers after its own work
+    step_seconds: float = 0.0  # time in run_grouped with remote calls, all of it
 
 
 class RemoteExperts(nn.Module):
@@ -120,6 +122,7 @@ class RemoteExperts(nn.Module):
                 groups.append((int(expert), start, int(count)))
             start += count
         self._stats.steps += 1
+        started = time.perf_counter()
         failed: set[NodeId] = set()
         deadline = time.monotonic() + self.config.holder_wait
         while groups:
@@ -147,6 +150,7 @@ class RemoteExperts(nn.Module):
                 )
                 _scatter(out, local, outputs)
             groups = orphans
+            waited = time.perf_counter()
             for peer, future in calls.items():
                 try:
                     outputs = future.result(self.config.call_timeout + 5.0)
@@ -163,6 +167,10 @@ class RemoteExperts(nn.Module):
                     groups = groups + by_peer[peer]
                     continue
                 _scatter(out, by_peer[peer], outputs.to(out.device))
+            if calls:
+                now = time.perf_counter()
+                self._stats.wait_seconds += now - waited
+                self._stats.step_seconds += now - started
             if groups and not any(self._holders(g[0], failed) for g in groups):
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or not self._routes.wait_change(version, remaining):
