@@ -5,7 +5,8 @@ gossiped `ModelInfo` carries `expert_budget` (bytes it will hold of that model's
 experts) and `trunk_bytes`. A model is split when any live node offers it so. Then:
 
 * the election (placement.election) picks one host, by the trunk's size, not the model's;
-* the host picks the rankings (cached full run, else cached micro run, else a micro run now
+* the host picks the rankings (cached full run, else cached micro run, else a micro run now,
+  one layer in memory at a time
   when the whole model fits here, else uniform) and publishes their digest; peers fetch the
   rankings from it (`RankingsRequest`) when they do not have them;
 * every node computes the plan (placement.expert_plan) from the same gossiped inputs: the
@@ -34,6 +35,7 @@ import torch
 from mesh_node.blocking import run_blocking
 from mesh_node.engine.catalog import ResolvedModel
 from mesh_node.engine.checkpoint import Checkpoint
+from mesh_node.engine.host_memory import release_free_memory
 from mesh_node.engine.loading import (
     LoadPlan,
     expert_nbytes,
@@ -415,26 +417,28 @@ class ExpertParallel:
         self._kick.set()
         return digest
 
+    def stop_hosting(self, model: str) -> None:
+        """This node no longer hosts `model`: it stops publishing the rankings it chose."""
+        self._publish_model(model, rankings="")
+
     def _find_rankings(self, resolved: ResolvedModel, analysis: str):
         fingerprint = rankings_mod.checkpoint_fingerprint(resolved.path)
         for kind in ("full", "micro"):
             cached = rankings_mod.load_cached(fingerprint, kind)
             if cached is not None:
                 return cached
-        hardware = self.membership.self_state.current.hardware
-        size = sum(
-            i.bytes
-            for i in self.membership.self_state.current.models_on_disk
-            if i.name == resolved.name
-        )
-        if hardware is not None and size * 1.5 > hardware.ram_free:
+        # one layer in memory at a time: a host need not have room for the whole model
+        try:
+            rankings = rankings_mod.analyze(
+                resolved.path, kind=analysis, device="cpu", by_layer=True
+            )
+        except Exception as exc:  # planning goes on without rankings; say why
             log.warning(
-                "no expert rankings cached for %s and it is too large to rank here: planning "
-                "with every expert alike (run `mesh-node moe analyze` where it fits)",
-                resolved.name,
+                "could not rank the experts of %s (%s): every expert alike", resolved.name, exc
             )
             return None
-        rankings = rankings_mod.analyze(resolved.path, kind=analysis, device="cpu")
+        finally:
+            release_free_memory()
         rankings_mod.save(rankings)
         return rankings
 
@@ -529,6 +533,7 @@ class ExpertParallel:
                 )
                 self.service.replace(model, trimmed)
                 self._publish_shards()
+            await run_blocking(release_free_memory, "memory-release")
             log.info(
                 "holding %d experts of %s (%d bytes)",
                 sum(len(v) for v in self.service.held(model).values()),

@@ -141,6 +141,7 @@ class Membership:
         self.config = config or MembershipConfig()
         self.self_state = self_state
         self.seeds = [Address(h, p) for h, p in seeds]
+        self._initial_joins: list[asyncio.Task[Any]] = []
         self.rng = rng or random.Random()
         self.wall_clock = wall_clock
         self._loop = asyncio.get_running_loop()
@@ -195,8 +196,33 @@ class Membership:
             self._reap_loop,
         ):
             self._tasks.append(asyncio.create_task(loop_fn(), name=f"membership{loop_fn.__name__}"))
-        for seed in self.seeds:
-            self._spawn(self.join(seed))
+        self._initial_joins = [self._spawn(self.join(seed)) for seed in self.seeds]
+
+    async def settled(self, timeout: float) -> None:
+        """Until the first joins through the seeds are over and the state of every live peer
+        is known (at most `timeout` s): what a node decides from the mesh's state (elections)
+        should wait for this, or a joiner acts as if it were alone."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        joins = [j for j in self._initial_joins if not j.done()]
+        if joins:
+            await asyncio.wait(joins, timeout=timeout)
+        changed = asyncio.Event()
+
+        def listener(member: Any, what: str) -> None:
+            changed.set()
+
+        self.table.subscribe(listener)
+        try:
+            while any(m.state is None for m in self.table.live_peers()):
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    return
+                changed.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(changed.wait(), remaining)
+        finally:
+            self.table.unsubscribe(listener)
 
     async def leave(self, timeout: float = 1.0) -> None:
         """Tell every live member we are leaving (bounded wait), then stop."""
@@ -227,10 +253,11 @@ class Membership:
             timer.cancel()
         self._suspicions.clear()
 
-    def _spawn(self, coro: Any) -> None:
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         task = asyncio.ensure_future(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+        return task
 
     # ------------------------------------------------------------------ our own claims/state
 

@@ -121,6 +121,10 @@ class PeerTable:
     def subscribe(self, listener: Listener) -> None:
         self._listeners.append(listener)
 
+    def unsubscribe(self, listener: Listener) -> None:
+        if listener in self._listeners:
+            self._listeners.remove(listener)
+
     def _changed(self, member: Member, what: str) -> None:
         if what in (STATUS, REMOVED):
             self._digest = None

@@ -21,6 +21,7 @@ from typing import Any
 from mesh_node.blocking import run_blocking
 from mesh_node.engine import Generator
 from mesh_node.engine.catalog import ResolvedModel, describe_model
+from mesh_node.engine.host_memory import release_free_memory
 from mesh_node.engine.tokenizer import Tokenizer
 from mesh_node.expert_parallel.coordinator import ExpertParallel
 from mesh_node.expert_parallel.independent_shards import IndependentShards
@@ -43,6 +44,7 @@ class HostingConfig:
     load_interval: float = 2.0  # seconds between load reports (when load changed)
     drain_timeout: float = 30.0  # how long an unloading model may finish its requests
     settle: float = 0.2  # re-elect at most this often while the mesh is changing
+    join_settle: float = 3.0  # at most this long, after start, learning the mesh before electing
 
 
 def node_views(table: PeerTable) -> list[NodeView]:
@@ -68,7 +70,10 @@ def node_views(table: PeerTable) -> list[NodeView]:
                 total,
                 free,
                 {m.name: _room_needed(m) for m in state.models_on_disk},
-                frozenset(state.models_served),
+                # a split model's host publishes its rankings before its long load: it counts
+                # as hosting already, or nodes joining meanwhile would elect themselves
+                frozenset(state.models_served)
+                | {m.name for m in state.models_on_disk if m.rankings},
                 state.load.inflight,
             )
         )
@@ -166,6 +171,8 @@ class Hosting:
 
     # ---- elections
     async def _election_loop(self) -> None:
+        # a joiner first learns who is there and what they serve, or it would elect itself
+        await self.membership.settled(timeout=self.config.join_settle)
         while True:
             await self._kick.wait()
             await asyncio.sleep(self.config.settle)
@@ -302,6 +309,9 @@ class Hosting:
                     break
                 await asyncio.sleep(0.1)
             await run_blocking(generator.close, "model-unload")
+            await run_blocking(release_free_memory, "memory-release")
+            if self.experts is not None:
+                self.experts.stop_hosting(model)
             if self.shards is not None:
                 self.shards.forget(model)
         finally:

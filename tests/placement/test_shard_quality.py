@@ -47,7 +47,7 @@ def test_routed_quality_scores_each_prompt_on_its_shard():
 
 
 def test_summary_is_measured_once_then_cached(monkeypatch, tmp_path):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("MESH_NODE_CACHE", str(tmp_path))
     calls = []
 
     def measure(path, num_shards, **kwargs):
