@@ -60,7 +60,7 @@ def test_summary_is_measured_once_then_cached(monkeypatch, tmp_path):
     other = shard_quality_summary(None, 2)
     assert first == again == fake_quality(3) and other.num_shards == 2
     assert calls == [3, 2]
-    files = list((tmp_path / "mesh-node" / "shard-quality").glob("*.json"))
+    files = list((tmp_path / "shard-quality").glob("*.json"))
     assert len(files) == 2
     shard_quality_summary(None, 3, refresh=True)
     assert calls == [3, 2, 3]

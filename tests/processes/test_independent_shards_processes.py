@@ -52,7 +52,7 @@ async def test_two_shard_processes_route_each_session_to_its_shard():
         assert len({s["plan"] for s in sections.values()}) == 1
         for user in ("alice", "bob", "carol"):
             request = CompletionRequest(
-                model="builtin", messages=(ChatMessage("user", PROMPT),), user=user
+                model="builtin", request_id="-", messages=(ChatMessage("user", PROMPT),), user=user
             )
             chosen = shard_for_session(affinity_key(request).hex(), list(sections))
             experts = {int(k): v for k, v in sections[chosen]["experts"].items()}
