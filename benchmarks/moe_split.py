@@ -140,21 +140,11 @@ def quality(args: argparse.Namespace) -> int:
 # ---- speed -------------------------------------------------------------------------------------
 
 
-async def _status(node) -> dict:
-    import aiohttp
-
-    async with (
-        aiohttp.ClientSession() as session,
-        session.get(f"{node.console_url}/api/status") as response,
-    ):
-        return await response.json()
-
-
 async def _served(nodes, model: str, split: bool, timeout: float = 900.0):
     """The host, once it serves `model` and (split) every node holds its part of the plan."""
     async with asyncio.timeout(timeout):
         while True:
-            documents = [await _status(n) for n in nodes]
+            documents = [await n.status() for n in nodes]
             ready = next((e["ready"] for e in documents[0]["hosting"] if e["model"] == model), [])
             held = True
             if split:
@@ -241,12 +231,12 @@ async def _speed_of(folder: Path, name: str, nodes_count: int, args) -> dict:
         api = openai.AsyncOpenAI(base_url=host.api_url, api_key="x", max_retries=0, timeout=600)
         try:
             await _decode_rate(api, name, 8, "warm up")
-            before = await _status(host)
+            before = await host.status()
             rates = [
                 await _decode_rate(api, name, args.tokens, f"request {i}")
                 for i in range(args.requests)
             ]
-            after = await _status(host)
+            after = await host.status()
         finally:
             await api.close()
         rtt = await _round_trip(mesh_id, host)

@@ -9,6 +9,8 @@ import re
 import signal
 import sys
 
+import aiohttp
+
 from mesh_node.identity import NodeId
 
 
@@ -74,6 +76,15 @@ class NodeProcess:
                     self.console_url = m.group(1)
                 if m := re.match(r"api on (\S+)", line):
                     self.api_url = m.group(1)
+
+    async def status(self) -> dict:
+        """The node's console status document (GET /api/status)."""
+
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"{self.console_url}/api/status") as response,
+        ):
+            return await response.json()
 
     @property
     def address(self) -> tuple[str, int]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 
-import aiohttp
 import openai
 import pytest
 
@@ -25,19 +24,11 @@ def slow_moe(tmp_path_factory):
     return build_slow_moe_model(tmp_path_factory.mktemp("models"))
 
 
-async def status(node: NodeProcess) -> dict:
-    async with (
-        aiohttp.ClientSession() as session,
-        session.get(f"{node.console_url}/api/status") as response,
-    ):
-        return await response.json()
-
-
 async def wait_until_served(nodes: list[NodeProcess], model: str, timeout: float = 90):
     """The host, once every node's status shows it ready and the same expert plan."""
     async with asyncio.timeout(timeout):
         while True:
-            documents = [await status(n) for n in nodes]
+            documents = [await n.status() for n in nodes]
             ready = [
                 e["ready"] for d in documents for e in d.get("hosting", []) if e["model"] == model
             ]
@@ -60,7 +51,7 @@ async def wait_until_held(nodes: list[NodeProcess], model: str, timeout: float =
     """Until each node holds exactly its part of the plan (published shards == plan bytes)."""
     async with asyncio.timeout(timeout):
         while True:
-            documents = [await status(n) for n in nodes]
+            documents = [await n.status() for n in nodes]
             sections = [
                 next((e for e in d["experts"] if e["model"] == model), {}) for d in documents
             ]

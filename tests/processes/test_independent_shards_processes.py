@@ -17,7 +17,6 @@ from mesh_node.placement.shards import shard_for_session
 from mesh_node.serving.requests import ChatMessage, CompletionRequest
 from mesh_node.serving.routing import affinity_key
 from tests.processes.nodes import NodeProcess, start_mesh, stop_all
-from tests.processes.test_expert_parallel_processes import status
 
 PROMPT = "Reverse the words: blue green red"
 
@@ -26,7 +25,7 @@ async def shard_sections(nodes: list[NodeProcess], timeout: float = 120) -> dict
     """node id -> its "shards" section, once every node serves its shard of a 2-way split."""
     async with asyncio.timeout(timeout):
         while True:
-            documents = {str(n.node_id): await status(n) for n in nodes}
+            documents = {str(n.node_id): await n.status() for n in nodes}
             sections = {
                 node: next((s for s in d.get("shards", []) if s["model"] == "builtin"), None)
                 for node, d in documents.items()

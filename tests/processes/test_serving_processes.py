@@ -26,19 +26,11 @@ def slow_model(tmp_path_factory):
     return build_slow_model(tmp_path_factory.mktemp("models"))
 
 
-async def hosting_status(node: NodeProcess) -> dict:
-    async with (
-        aiohttp.ClientSession() as session,
-        session.get(f"{node.console_url}/api/status") as response,
-    ):
-        return await response.json()
-
-
 async def wait_for_host(nodes: list[NodeProcess], model: str, timeout: float = 60) -> NodeProcess:
     """The node that is ready to serve `model`, as the first node's status shows it."""
     async with asyncio.timeout(timeout):
         while True:
-            for entry in (await hosting_status(nodes[0])).get("hosting", []):
+            for entry in (await nodes[0].status()).get("hosting", []):
                 if entry["model"] == model and entry["ready"]:
                     ready = entry["ready"][0]
                     return next(n for n in nodes if str(n.node_id) == ready)
