@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mesh_node.engine import cpu_kernels
 from mesh_node.engine.errors import EngineError
 from mesh_node.engine.linear import WeightStack
 
@@ -85,6 +86,18 @@ class ExpertBank(nn.Module):
         gate_up = torch.stack([self.gate_up.dense(j) for j in positions])
         down = torch.stack([self.down.dense(j) for j in positions])
         return ExpertBank(self.layer, ids, gate_up, down, self.gate_up.layout)
+
+    def runs_tokens_whole(self, num_experts: int) -> bool:
+        """True when `run_token` works: native kernels and all `num_experts` experts held, in
+        order (position j is expert j)."""
+        return self.gate_up.layout == "native" and self.expert_ids == tuple(range(num_experts))
+
+    def run_token(
+        self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor
+    ) -> torch.Tensor:
+        """One token's experts in one native call: x [1, H], experts [k] (ids), weights [k]
+        float32 -> sum_j weights[j] * expert_j(x), [1, H] (see `runs_tokens_whole`)."""
+        return cpu_kernels.moe_token(x, self.gate_up.data, self.down.data, experts, weights)
 
     def run_grouped(
         self, rows: torch.Tensor, experts: Sequence[int], counts: Sequence[int]

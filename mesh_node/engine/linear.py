@@ -7,7 +7,10 @@ them computes `x @ W.T (+ bias)`. Layouts, chosen once per (device, dtype):
 - "transposed": `[in, out]` contiguous, `torch.mm`; on CPU in float32 this takes the BLAS path
   that is about a quarter faster for the one-row products of decoding;
 - "mkldnn": oneDNN's blocked layout (what torch's own CPU compiler uses for bfloat16 linears);
-  batch-1 bfloat16 products read the weights at about 1.5x the bandwidth of `F.linear`.
+  batch-1 bfloat16 products read the weights at about 1.5x the bandwidth of `F.linear`;
+- "native": the checkpoint's `[out, in]`, multiplied by our own kernels (`cpu_kernels`) up to
+  `cpu_kernels.MAX_ROWS` rows (decode steps) and by `F.linear` above (prefill); CPU bfloat16
+  where the kernels are available, which also lets a MoE layer run a token's experts in one call.
 
 `nbytes` is the logical size (elements x element size) whatever the layout, which is what the
 engine reports as resident weight bytes; `dense()` gives the `[out, in]` matrix back.
@@ -19,6 +22,8 @@ import functools
 
 import torch
 import torch.nn.functional as F
+
+from mesh_node.engine import cpu_kernels
 
 
 @functools.cache
@@ -41,6 +46,8 @@ def choose_layout(device: torch.device, dtype: torch.dtype) -> str:
         return "plain"
     if dtype == torch.float32:
         return "transposed"
+    if dtype == torch.bfloat16 and cpu_kernels.available():
+        return "native"
     if dtype == torch.bfloat16 and _mkldnn_works(dtype):
         return "mkldnn"
     return "plain"
@@ -61,6 +68,10 @@ class Weight:
             self.data = dense.t().contiguous()
         elif layout == "mkldnn":
             self.data = torch.ops.mkldnn._reorder_linear_weight(dense, 1)
+        elif layout == "native":
+            self.data = dense.contiguous()
+            if bias is not None:
+                self.bias = bias.to(dense.dtype).contiguous()  # the kernel reads it raw
         else:
             self.data = dense
 
@@ -71,6 +82,12 @@ class Weight:
             return torch.matmul(x, self.data).add_(self.bias)
         if self.layout == "mkldnn":
             return torch.ops.mkldnn._linear_pointwise(x, self.data, self.bias, "none", [], "")
+        if (
+            self.layout == "native"
+            and x.dtype == self.dtype
+            and x.numel() <= cpu_kernels.MAX_ROWS * self.shape[1]
+        ):
+            return cpu_kernels.linear(x, self.data, self.bias)
         return F.linear(x, self.data, self.bias)
 
     def dense(self) -> torch.Tensor:
@@ -94,6 +111,8 @@ class WeightStack:
             self.data = dense.transpose(1, 2).contiguous()
         elif layout == "mkldnn":
             self.data = [torch.ops.mkldnn._reorder_linear_weight(w, 1) for w in dense]
+        elif layout == "native":
+            self.data = dense.contiguous()
         else:
             self.data = dense
 
@@ -103,6 +122,12 @@ class WeightStack:
             return torch.matmul(x, self.data[j], out=out) if out is not None else x @ self.data[j]
         if self.layout == "mkldnn":
             y = torch.ops.mkldnn._linear_pointwise(x, self.data[j], None, "none", [], "")
+        elif (
+            self.layout == "native"
+            and x.dtype == self.dtype
+            and x.numel() <= cpu_kernels.MAX_ROWS * self.shape[1]
+        ):
+            y = cpu_kernels.linear(x, self.data[j])
         else:
             y = F.linear(x, self.data[j])
         return y if out is None else out.copy_(y)

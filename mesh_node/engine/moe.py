@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mesh_node.engine.experts import ExpertComputer
+from mesh_node.engine.experts import ExpertBank, ExpertComputer
 from mesh_node.engine.linear import Weight
 
 # (layer, router probabilities [N, E] float32, chosen experts [N, k], gate weights [N, k]) -> None
@@ -163,7 +163,15 @@ class MoELayer(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         weights, chosen = self.route(x)
-        if x.shape[0] == 1:
+        bank = self.experts
+        if (
+            x.shape[0] == 1
+            and isinstance(bank, ExpertBank)
+            and bank.runs_tokens_whole(self.num_experts)
+        ):
+            # one token, all experts here: gate/up, activation, down and weighted sum in one call
+            out = bank.run_token(x, chosen[0], weights[0].float())
+        elif x.shape[0] == 1:
             # one token: its k experts are distinct, so each is one group of one row
             outputs = self.experts.run_grouped(
                 x.expand(self.top_k, -1), chosen[0].tolist(), [1] * self.top_k
