@@ -63,6 +63,14 @@ SIG = bytes(range(64))
 MAC = bytes(range(100, 132))
 
 
+def f32(values) -> Tensor:
+    """An F32 tensor (a list, or a list of rows), little-endian."""
+    rows = values if isinstance(values[0], list) else [values]
+    data = b"".join(struct.pack("<f", v) for row in rows for v in row)
+    shape = (len(rows), len(rows[0])) if isinstance(values[0], list) else (len(values),)
+    return Tensor("F32", shape, memoryview(data))
+
+
 def bf16(rows: list[list[float]]) -> Tensor:
     """A BF16 tensor of exactly representable values (the top half of each float32)."""
     flat = [v for row in rows for v in row]
@@ -191,11 +199,11 @@ EXAMPLES = [
         layer=3,
         experts=[2, 0],
         counts=[2, 1],
-        rows=bf16([[1.0, -0.5, 0.25, 2.0], [0.0, 1.5, -1.0, 0.125], [3.0, 0.5, -2.0, 1.0]]),
+        rows=bf16([[1.0, -0.5, 0.25, 2.0], [0.0, 1.5, -1.0, 0.125]]),
+        token_of=[0, 1, 1],
+        weights=f32([0.5, 0.25, 0.75]),
     ),
-    ExpertOutput(
-        outputs=bf16([[0.5, 0.0, -0.25, 1.0], [-1.0, 0.75, 0.5, 0.0], [0.25, 0.25, -0.5, 2.0]])
-    ),
+    ExpertOutput(outputs=f32([[0.5, 0.0, -0.25, 1.0], [-1.0, 0.75, 0.5, 0.0]])),
     RankingsRequest(model="tiny-moe", digest=RANKINGS.digest()),
     RankingsData.of(RANKINGS.to_bytes()),
 ]

@@ -87,6 +87,22 @@ class ExpertBank(nn.Module):
         down = torch.stack([self.down.dense(j) for j in positions])
         return ExpertBank(self.layer, ids, gate_up, down, self.gate_up.layout)
 
+    def run_weighted(
+        self,
+        rows: torch.Tensor,
+        experts: Sequence[int],
+        counts: Sequence[int],
+        token_of: torch.Tensor,
+        weights: torch.Tensor,
+    ) -> torch.Tensor:
+        """Gate-weighted partial sums: the grouped rows are `rows[token_of]` (token_of [M],
+        M = sum(counts), grouped by expert as in `run_grouped`), weights [M] float32; returns
+        [rows.shape[0], H] float32 where row t = sum of weights[i] * expert_i(rows[t]) over the
+        i with token_of[i] == t (what a peer answers for the tokens it was sent)."""
+        outputs = self.run_grouped(rows.index_select(0, token_of), experts, counts)
+        partial = torch.zeros(rows.shape[0], rows.shape[1], dtype=torch.float32, device=rows.device)
+        return partial.index_add_(0, token_of, outputs.float() * weights.unsqueeze(1))
+
     def runs_tokens_whole(self, num_experts: int) -> bool:
         """True when `run_token` works: native kernels and all `num_experts` experts held, in
         order (position j is expert j)."""

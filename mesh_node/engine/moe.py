@@ -164,7 +164,12 @@ class MoELayer(nn.Module):
         x = x.reshape(-1, shape[-1])
         weights, chosen = self.route(x)
         bank = self.experts
-        if (
+        combined = getattr(bank, "run_combined", None)
+        if combined is not None:
+            # experts held elsewhere (expert parallelism): the computer returns each token's
+            # gate-weighted sum over its k experts, float32
+            out = combined(x, chosen, weights.float())
+        elif (
             x.shape[0] == 1
             and isinstance(bank, ExpertBank)
             and bank.runs_tokens_whole(self.num_experts)

@@ -599,8 +599,8 @@ class ExpertParallel:
                 layer.layer,
                 lambda index=layer.layer: self.service.bank(name, index),
                 routes,
-                lambda peer, index, experts, counts, rows: self._call_peer(
-                    name, peer, index, experts, counts, rows
+                lambda peer, index, experts, counts, rows, token_of, weights: self._call_peer(
+                    name, peer, index, experts, counts, rows, token_of, weights
                 ),
                 loop,
                 stats,
@@ -616,26 +616,51 @@ class ExpertParallel:
         experts: list[int],
         counts: list[int],
         rows: torch.Tensor,
+        token_of: torch.Tensor,
+        weights: torch.Tensor,
     ) -> torch.Tensor:
+        """The peer's weighted partial sums for `rows` (see ExpertCall), [len(rows), H] F32."""
         conn = await connect_member(
             self.endpoint, self.table, peer, timeout=self.config.connect_timeout
         )
         if conn is None:
             raise PeerGone(f"{peer.short} unreachable")
-        row_bytes = rows.shape[1] * rows.element_size()
+        row_bytes = rows.shape[1] * max(rows.element_size(), 4)  # answers are float32
         pieces = split_call(experts, counts, max(1, MAX_CALL_BYTES // row_bytes))
-        outputs = []
-        start = 0
-        for piece_experts, piece_counts in pieces:  # one piece, except for huge prefills
-            end = start + sum(piece_counts)
-            call = ExpertCall(
-                model, layer, piece_experts, piece_counts, Tensor.from_torch(rows[start:end])
+        if len(pieces) == 1:
+            return await self._request(
+                conn, peer, model, layer, experts, counts, rows, token_of, weights
             )
-            outputs.append(await self._request(conn, peer, call, rows[start:end]))
-            start = end
-        return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+        total = torch.zeros(rows.shape[0], rows.shape[1], dtype=torch.float32)
+        at = 0
+        for piece_experts, piece_counts in pieces:  # only for huge prefills
+            n = sum(piece_counts)
+            tokens, inverse = torch.unique(token_of[at : at + n], return_inverse=True)
+            partial = await self._request(
+                conn,
+                peer,
+                model,
+                layer,
+                piece_experts,
+                piece_counts,
+                rows.index_select(0, tokens),
+                inverse,
+                weights[at : at + n],
+            )
+            total.index_add_(0, tokens, partial)
+            at += n
+        return total
 
-    async def _request(self, conn, peer: NodeId, call: ExpertCall, rows: torch.Tensor):
+    async def _request(self, conn, peer, model, layer, experts, counts, rows, token_of, weights):
+        call = ExpertCall(
+            model,
+            layer,
+            list(experts),
+            list(counts),
+            Tensor.from_torch(rows.contiguous()),
+            token_of=token_of.tolist(),
+            weights=Tensor.from_torch(weights.float().contiguous()),
+        )
         request = asyncio.ensure_future(
             conn.request(call, timeout=self.config.dispatch.call_timeout)
         )
@@ -654,7 +679,7 @@ class ExpertParallel:
         if not isinstance(reply, ExpertOutput):
             raise PeerGone(f"{peer.short} answered {type(reply).__name__}")
         outputs = reply.outputs.torch()
-        if tuple(outputs.shape) != tuple(rows.shape) or outputs.dtype != rows.dtype:
+        if tuple(outputs.shape) != tuple(rows.shape) or outputs.dtype != torch.float32:
             raise PeerGone(f"{peer.short} answered {list(outputs.shape)} for {list(rows.shape)}")
         return outputs
 

@@ -10,21 +10,33 @@ from mesh_node.transport.tensors import Tensor
 
 @dataclass(frozen=True, slots=True)
 class ExpertCall:
-    """Compute experts of one MoE layer. `rows [sum(counts), hidden]` are grouped by expert:
-    the first `counts[0]` rows go to `experts[0]`, and so on. Answered by ExpertOutput with the
-    unweighted expert outputs in the same row order. `rows` has the dtype the host runs in,
-    which must be the dtype the peer holds its experts in."""
+    """Compute experts of one MoE layer, in one of two forms.
+
+    Grouped rows (`token_of` and `weights` absent): `rows [sum(counts), hidden]` are grouped by
+    expert: the first `counts[0]` rows go to `experts[0]`, and so on; answered by ExpertOutput
+    with the unweighted expert outputs in the same row order, in the rows' dtype.
+
+    Weighted (what hosts send): `rows [T, hidden]` are the distinct tokens sent to this peer,
+    each once; `token_of [sum(counts)]` lists, grouped by expert as above, which token each
+    (token, expert) pair uses, and `weights` (F32 [sum(counts)]) its gate weight; answered with
+    F32 `[T, hidden]`: for each token, the gate-weighted sum of its experts held here (a
+    partial of the MoE output, which the host adds up).
+
+    `rows` has the dtype the host runs in, which must be the dtype the peer holds its experts
+    in."""
 
     model: str
     layer: int
     experts: list[int]
     counts: list[int]
     rows: Tensor
+    token_of: list[int] | None = None
+    weights: Tensor | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class ExpertOutput:
-    outputs: Tensor  # [sum(counts), hidden], same dtype as the call's rows
+    outputs: Tensor  # grouped: [sum(counts), hidden] in the rows' dtype; weighted: F32 [T, hidden]
 
 
 @dataclass(frozen=True, slots=True)

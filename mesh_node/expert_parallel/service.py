@@ -68,7 +68,7 @@ class ExpertService:
         self._banks.clear()
 
     # ---- serving calls
-    def check(self, call: ExpertCall) -> tuple[ExpertBank, torch.Tensor]:
+    def check(self, call: ExpertCall, grouped: bool = True) -> tuple[ExpertBank, torch.Tensor]:
         """The bank and rows for a call, or RequestFailed saying what is wrong with it."""
         banks = self._banks.get(call.model)
         if banks is None:
@@ -89,10 +89,12 @@ class ExpertService:
             )
         rows = call.rows
         hidden = bank.down.shape[0]  # down is [hidden, intermediate] per expert
-        if len(rows.shape) != 2 or rows.shape[1] != hidden or rows.shape[0] != sum(call.counts):
+        want = sum(call.counts) if grouped else None
+        if len(rows.shape) != 2 or rows.shape[1] != hidden or want not in (None, rows.shape[0]):
             raise RequestFailed(
                 ErrorCode.BAD_REQUEST,
-                f"rows must be [sum(counts)={sum(call.counts)}, {hidden}], got {list(rows.shape)}",
+                f"rows must be [{'sum(counts)=' + str(want) if grouped else 'tokens'}, {hidden}], "
+                f"got {list(rows.shape)}",
             )
         held_dtype = _WIRE_DTYPES.get(bank.dtype)
         if rows.dtype != held_dtype:
@@ -103,15 +105,38 @@ class ExpertService:
             )
         return bank, rows.torch()
 
+    def check_weighted(self, call: ExpertCall) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(token_of, weights) of a weighted call (None for a grouped one), checked."""
+        if call.token_of is None and call.weights is None:
+            return None
+        total = sum(call.counts)
+        tokens = call.rows.shape[0] if len(call.rows.shape) == 2 else 0
+        weights = call.weights
+        if (
+            call.token_of is None
+            or weights is None
+            or len(call.token_of) != total
+            or weights.dtype != "F32"
+            or tuple(weights.shape) != (total,)
+        ):
+            raise RequestFailed(
+                ErrorCode.BAD_REQUEST,
+                f"a weighted call needs token_of and F32 weights, one per grouped row ({total})",
+            )
+        if any(not 0 <= t < tokens for t in call.token_of):
+            raise RequestFailed(ErrorCode.BAD_REQUEST, f"token_of must index the {tokens} rows")
+        return torch.tensor(call.token_of, dtype=torch.long), weights.torch()
+
     async def _serve(self, ctx: RequestContext, call: ExpertCall) -> ExpertOutput:
-        bank, rows = self.check(call)
+        weighted = self.check_weighted(call)
+        bank, rows = self.check(call, grouped=weighted is None)
         if self._pending >= self.max_pending:
             raise RequestFailed(ErrorCode.OVERLOADED, "too many expert calls waiting here")
         self._pending += 1
         try:
             loop = asyncio.get_running_loop()
             outputs = await loop.run_in_executor(
-                self._executor, _compute, bank, rows, call.experts, call.counts
+                self._executor, _compute, bank, rows, call.experts, call.counts, weighted
             )
         finally:
             self._pending -= 1
@@ -120,6 +145,9 @@ class ExpertService:
 
 
 @torch.inference_mode()
-def _compute(bank: ExpertBank, rows: torch.Tensor, experts, counts) -> torch.Tensor:
+def _compute(bank: ExpertBank, rows: torch.Tensor, experts, counts, weighted) -> torch.Tensor:
     rows = rows.to(bank.device) if rows.device != bank.device else rows
-    return bank.run_grouped(rows, experts, counts).contiguous().cpu()
+    if weighted is None:
+        return bank.run_grouped(rows, experts, counts).contiguous().cpu()
+    token_of, weights = (t.to(bank.device) for t in weighted)
+    return bank.run_weighted(rows, experts, counts, token_of, weights).contiguous().cpu()

@@ -78,3 +78,43 @@ def test_a_rankings_document_travels_as_bytes_in_a_u8_tensor():
     assert RankingsData.of(data).data() == data
     with pytest.raises(ValueError, match="U8"):
         RankingsData(Tensor.from_torch(torch.zeros(2))).data()
+
+
+def weighted(token_of, weights, rows, experts=(1, 2), counts=(2, 1)):
+    return ExpertCall(
+        "builtin",
+        0,
+        list(experts),
+        list(counts),
+        Tensor.from_torch(rows),
+        token_of=token_of,
+        weights=None if weights is None else Tensor.from_torch(weights),
+    )
+
+
+@pytest.mark.parametrize(
+    ("token_of", "weights", "words"),
+    [
+        ([0, 1, 0], None, "F32 weights"),
+        ([0, 1], torch.ones(3), "one per grouped row"),
+        ([0, 1, 0], torch.ones(3, dtype=torch.float64), "F32 weights"),
+        ([0, 2, 0], torch.ones(3), "index the 2 rows"),
+    ],
+)
+def test_a_peer_refuses_bad_weighted_calls(service, token_of, weights, words):
+    with pytest.raises(RequestFailed) as caught:
+        service.check_weighted(weighted(token_of, weights, torch.zeros(2, 128)))
+    assert caught.value.code == ErrorCode.BAD_REQUEST and words in caught.value.message
+
+
+def test_a_weighted_call_sums_each_tokens_experts_with_their_gate_weights(service):
+    rows = torch.randn(2, 128)
+    token_of, weights = service.check_weighted(
+        weighted([0, 1, 1], torch.tensor([0.25, 0.5, 0.75]), rows)
+    )
+    bank = service.bank("builtin", 0)
+    partial = bank.run_weighted(rows, [1, 2], [2, 1], token_of, weights)
+    one = bank.run_grouped(rows, [1], [2])  # expert 1 on both tokens
+    two = bank.run_grouped(rows[1:], [2], [1])  # expert 2 on token 1
+    assert torch.allclose(partial[0], 0.25 * one[0])
+    assert torch.allclose(partial[1], 0.5 * one[1] + 0.75 * two[0])

@@ -99,9 +99,9 @@ async def test_remote_experts_give_the_single_node_logits_in_fp32():
     routes.update({(layer, e): (peer,) for layer in range(4) for e in range(1, 8, 2)})
     stats = DispatchStats()
 
-    async def call(node, layer, experts, counts, rows):
+    async def call(node, layer, experts, counts, rows, token_of, weights):
         assert node == peer
-        return far[layer].run_grouped(rows.clone(), experts, counts)
+        return far[layer].run_weighted(rows.clone(), experts, counts, token_of, weights)
 
     for layer in trunk.moe_layers():
         layer.experts = RemoteExperts(
