@@ -23,7 +23,7 @@ from mesh_node.serving.requests import (
     NoHostAvailable,
     Overloaded,
 )
-from mesh_node.transport.connection import Connection, Handlers, RequestContext
+from mesh_node.transport.connection import INITIAL_CREDIT, Connection, Handlers, RequestContext
 from mesh_node.transport.errors import ErrorCode, RemoteError, RequestFailed, TransportError
 
 
@@ -119,7 +119,10 @@ async def stream_from_host(
     """The host's answer as Deltas. Raises BadRequest (the request itself is wrong),
     HostBusy, or HostFailed (anything else: try another host)."""
     try:
-        async with conn.stream(to_wire(request), timeout=item_timeout) as chunks:
+        # the initial credit (64 KiB) is many answers' worth of text: no Credit frame needed
+        async with conn.stream(
+            to_wire(request), timeout=item_timeout, window=INITIAL_CREDIT
+        ) as chunks:
             async for chunk in chunks:
                 if not isinstance(chunk, GenerateChunk):
                     raise HostFailed(f"host answered with {type(chunk).__name__}")
