@@ -1,0 +1,44 @@
+"""Argument types and the checks `mesh-node join` makes before starting anything."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+
+import pytest
+
+from mesh_node.cli.arguments import byte_size
+
+
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [
+        ("1000000", 1_000_000),
+        ("512MiB", 512 << 20),
+        ("4GiB", 4 << 30),
+        ("2.5G", int(2.5 * (1 << 30))),
+        ("6 mib", 6 << 20),
+        ("1GB", 10**9),
+        ("64k", 64 << 10),
+    ],
+)
+def test_sizes_parse_with_binary_and_decimal_units(text, size):
+    assert byte_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["", "12Q", "-1GiB", "0", "GiB", "1.2.3G", "4 GiB extra"])
+def test_bad_sizes_say_what_a_size_looks_like(text):
+    with pytest.raises(argparse.ArgumentTypeError, match="size"):
+        byte_size(text)
+
+
+def test_join_refuses_split_and_shards_together():
+    result = subprocess.run(
+        [sys.executable, "-m", "mesh_node", "join", "x", "--moe-split", "--moe-shards"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert "choose one of --moe-split and --moe-shards" in result.stderr
