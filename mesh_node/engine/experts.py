@@ -103,6 +103,21 @@ class ExpertBank(nn.Module):
         partial = torch.zeros(rows.shape[0], rows.shape[1], dtype=torch.float32, device=rows.device)
         return partial.index_add_(0, token_of, outputs.float() * weights.unsqueeze(1))
 
+    def merged(self, other: ExpertBank) -> ExpertBank:
+        """A new bank of this bank's experts and `other`'s (same layer, no expert in both)."""
+        both = set(self.expert_ids) & set(other.expert_ids)
+        if both or other.layer != self.layer:
+            raise ValueError(f"cannot merge: experts {sorted(both)} in both, or other layers")
+        sources = sorted(
+            [(e, self, j) for j, e in enumerate(self.expert_ids)]
+            + [(e, other, j) for j, e in enumerate(other.expert_ids)]
+        )
+        gate_up = torch.stack([bank.gate_up.dense(j) for _, bank, j in sources])
+        down = torch.stack([bank.down.dense(j) for _, bank, j in sources])
+        return ExpertBank(
+            self.layer, [e for e, _, _ in sources], gate_up, down, self.gate_up.layout
+        )
+
     def runs_tokens_whole(self, num_experts: int) -> bool:
         """True when `run_token` works: native kernels and all `num_experts` experts held, in
         order (position j is expert j)."""

@@ -152,6 +152,8 @@ class ExpertParallel:
         self.stats: dict[str, DispatchStats] = {}
         self._shapes: dict[str, tuple[tuple[int, ...], int, int]] = {}  # layers, E, expert bytes
         self._reconciling: dict[str, asyncio.Task[None]] = {}
+        self._failures: dict[str, int] = {}  # model -> failed loads in a row
+        self._retry_at: dict[str, float] = {}  # model -> monotonic time of the next try
         self._fetching: set[str] = set()
         self._kick = asyncio.Event()
         self._table_changed = asyncio.Event()
@@ -257,7 +259,10 @@ class ExpertParallel:
             await self._kick.wait()
             await asyncio.sleep(0.05)
             self._kick.clear()
-            self.evaluate()
+            try:
+                self.evaluate()
+            except Exception:  # a bug must not stop planning for good: say it, go on
+                log.exception("expert planning failed")
 
     def kick(self) -> None:
         self._kick.set()
@@ -491,28 +496,37 @@ class ExpertParallel:
         want = {layer: e for layer, e in entry.plan.experts_of(self.node_id).items() if e}
         if want == self.service.held(model):
             return
+        retry_at = self._retry_at.get(model, 0.0)
+        if time.monotonic() < retry_at:
+            return  # a failed load is retried after a backoff (a kick is scheduled)
         self._reconciling[model] = self.spawn(self._apply(model, entry.plan, want))
 
     async def _apply(self, model: str, plan: ExpertPlan, want: dict[int, tuple[int, ...]]):
-        held = self.service.held(model)
+        """Load what the plan adds, layer by layer (only the new experts' bytes are read; one
+        layer's copy at a time), publish; then give up what it moved elsewhere once another
+        live node publishes holding it."""
+        path = self.offered[model].path
         try:
-            # load what is new (whole layers whose expert set changed), keep everything held
-            changed = {layer: ids for layer, ids in want.items() if held.get(layer) != ids}
-            union = {
-                layer: tuple(sorted(set(ids) | set(held.get(layer, ()))))
-                for layer, ids in changed.items()
-            }
-            if union:
-                path = self.offered[model].path
+            for layer, ids in sorted(want.items()):
+                old = self.service.bank(model, layer)
+                new = sorted(set(ids) - set(old.expert_ids if old is not None else ()))
+                if not new:
+                    continue
                 fresh = await run_blocking(
-                    lambda: load_expert_banks(path, union, dtype=self.dtype, device=self.device),
+                    lambda layer=layer, new=new: load_expert_banks(
+                        path, {layer: new}, dtype=self.dtype, device=self.device
+                    )[layer],
                     "expert-load",
                 )
-                banks = {layer: self.service.bank(model, layer) for layer in held}  # type: dict[int, ExpertBank | None]
-                banks.update(fresh)
-                self.service.replace(model, {k: v for k, v in banks.items() if v is not None})
-                self._publish_shards()
-            # then give up what the plan moved elsewhere, once its new holders have it
+                merged = (
+                    fresh
+                    if old is None
+                    else await run_blocking(
+                        lambda old=old, fresh=fresh: old.merged(fresh), "expert-merge"
+                    )
+                )
+                self.service.replace_layer(model, layer, merged)
+            self._publish_shards()
             if self.service.held(model) != want:
                 deadline = time.monotonic() + self.config.release_wait
                 while not self._realized(model, plan):
@@ -522,31 +536,56 @@ class ExpertParallel:
                     self._table_changed.clear()
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._table_changed.wait(), remaining)
-                current = {layer: self.service.bank(model, layer) for layer in want}
-                trimmed = await run_blocking(
-                    lambda: {
-                        layer: bank if bank.expert_ids == want[layer] else bank.subset(want[layer])
-                        for layer, bank in current.items()
-                        if bank is not None
-                    },
-                    "expert-trim",
-                )
-                self.service.replace(model, trimmed)
+                elsewhere = self._published_elsewhere(model)
+                for layer, ids in sorted(self.service.held(model).items()):
+                    # drop only experts some other live node holds: never leave one uncovered
+                    keep = sorted(
+                        set(want.get(layer, ())) | {e for e in ids if (layer, e) not in elsewhere}
+                    )
+                    if tuple(keep) == ids:
+                        continue
+                    bank = self.service.bank(model, layer)
+                    trimmed = None
+                    if keep and bank is not None:
+                        trimmed = await run_blocking(
+                            lambda bank=bank, keep=keep: bank.subset(keep), "expert-trim"
+                        )
+                    self.service.replace_layer(model, layer, trimmed)
                 self._publish_shards()
             await run_blocking(release_free_memory, "memory-release")
+            self.errors.pop(model, None)
+            self._failures.pop(model, None)
             log.info(
                 "holding %d experts of %s (%d bytes)",
                 sum(len(v) for v in self.service.held(model).values()),
                 model,
                 self.service.nbytes(model),
             )
-        except Exception as exc:  # reported, retried on the next change
-            log.error("could not load this node's experts of %s: %s", model, exc)
+        except Exception as exc:  # reported; retried after a backoff (1 s, 2 s, ... 60 s)
+            failures = self._failures.get(model, 0) + 1
+            self._failures[model] = failures
+            delay = min(60.0, 2.0 ** (failures - 1))
+            self._retry_at[model] = time.monotonic() + delay
+            asyncio.get_running_loop().call_later(delay, self._kick.set)
+            log.error(
+                "could not load this node's experts of %s (retry in %.0f s): %s", model, delay, exc
+            )
             self.errors[model] = f"loading experts failed: {exc}"
         finally:
             self._kick.set()
             for callback in self._changed:
                 callback()
+
+    def _published_elsewhere(self, model: str) -> set[tuple[int, int]]:
+        """(layer, expert) that some other live node publishes holding."""
+        found: set[tuple[int, int]] = set()
+        for member in self.table:
+            if member.node_id == self.node_id or not member.live or member.state is None:
+                continue
+            for shard in member.state.expert_shards:
+                if shard.model == model:
+                    found.update((shard.layer, e) for e in shard.experts)
+        return found
 
     def _realized(self, model: str, plan: ExpertPlan) -> bool:
         """Every expert's planned holders (other than this node) publish that they hold it."""
@@ -635,7 +674,7 @@ class ExpertParallel:
         at = 0
         for piece_experts, piece_counts in pieces:  # only for huge prefills
             n = sum(piece_counts)
-            tokens, inverse = torch.unique(token_of[at : at + n], return_inverse=True)
+            tokens, inverse = torch.unique(token_of[at : at + n].cpu(), return_inverse=True)
             partial = await self._request(
                 conn,
                 peer,
@@ -643,7 +682,7 @@ class ExpertParallel:
                 layer,
                 piece_experts,
                 piece_counts,
-                rows.index_select(0, tokens),
+                rows.index_select(0, tokens.to(rows.device)),
                 inverse,
                 weights[at : at + n],
             )
@@ -683,14 +722,21 @@ class ExpertParallel:
             raise PeerGone(f"{peer.short} answered {list(outputs.shape)} for {list(rows.shape)}")
         return outputs
 
-    async def wait_covered(self, model: str) -> None:
-        """Until every expert of `model` has a holder (this node or a live peer)."""
+    async def wait_covered(self, model: str, timeout: float) -> None:
+        """Until every expert of `model` has a holder (this node or a live peer); TimeoutError
+        (saying how many are missing) after `timeout` seconds."""
         last_report = time.monotonic()
+        deadline = last_report + timeout
         while True:
             self._update_routes(model)
             missing = self.coverage(model)
             if not missing:
                 return
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"{len(missing)} experts of {model} are held by no node after {timeout:.0f}s"
+                    + (f": {self.errors[model]}" if model in self.errors else "")
+                )
             if time.monotonic() - last_report > 10:
                 log.info("%s: waiting for %d experts to be loaded somewhere", model, len(missing))
                 last_report = time.monotonic()

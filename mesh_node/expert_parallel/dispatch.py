@@ -139,7 +139,8 @@ class RemoteExperts(nn.Module):
         deadline = time.monotonic() + self.config.holder_wait
         while pending:
             version = self._routes.version
-            local, by_peer, orphans = self._assign(pending, failed)
+            bank = self._local()  # once per round: the loop may swap the bank meanwhile
+            local, by_peer, orphans = self._assign(pending, failed, bank)
             calls = {}
             for peer, experts in by_peer.items():
                 tokens, rows, counts, token_of, pair_weights = _request_of(
@@ -154,7 +155,6 @@ class RemoteExperts(nn.Module):
                 )
             self._stats.remote_calls += len(calls)
             if local:
-                bank = self._local()
                 assert bank is not None
                 tokens, rows, counts, token_of, pair_weights = _request_of(
                     x, local, pairs, k, flat_weights
@@ -185,21 +185,23 @@ class RemoteExperts(nn.Module):
                 self._stats.step_seconds += now - started
             if pending and not any(self._holders(e, failed) for e in pending):
                 remaining = deadline - time.monotonic()
-                if remaining <= 0 or not self._routes.wait_change(version, remaining):
+                if remaining <= 0:
                     raise ExpertsUnavailable(
                         f"experts {pending} of layer {self.layer} have no live holder in the "
                         f"mesh (waited {self.config.holder_wait:.0f}s for one)"
                     )
-                failed.clear()  # routes changed: a recovered or new holder may be there
+                # wait for the routes to change, but look again every half second: a holder
+                # that was only suspected for a moment is back without any change to them
+                self._routes.wait_change(version, min(remaining, 0.5))
+                failed.clear()
         return out
 
     def _holders(self, expert: int, failed: set[NodeId]) -> list[NodeId]:
         return [h for h in self._routes.holders(self.layer, expert) if h not in failed]
 
-    def _assign(self, experts: list[int], failed: set[NodeId]):
+    def _assign(self, experts: list[int], failed: set[NodeId], bank: ExpertBank | None):
         """Experts to run here, experts by peer (as few peers as possible), experts with no
         live holder."""
-        bank = self._local()
         local: list[int] = []
         by_peer: dict[NodeId, list[int]] = {}
         orphans: list[int] = []

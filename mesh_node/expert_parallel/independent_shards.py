@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from typing import Any
 
 from mesh_node.blocking import run_blocking
@@ -36,6 +37,8 @@ from mesh_node.placement.shard_quality import shard_quality_summary
 from mesh_node.placement.shards import ShardPlan, plan_shards
 
 log = logging.getLogger("mesh_node.shards")
+
+LOAD_WAIT = 300.0  # how long a shard node waits for the leader's rankings
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,12 +101,13 @@ class IndependentShards:
     async def load(self, resolved: ResolvedModel, config: Any) -> Generator:
         """Loads this node's shard of `resolved` (waits for the leader's rankings)."""
         model = resolved.name
-        nodes = self.participants(model)
-        if nodes and nodes[0] == self.node_id:
-            await self.experts.choose_rankings(model, analysis="full")
-        variant = self.wanted(model)
+        deadline = time.monotonic() + LOAD_WAIT
         rankings = None
         while True:
+            nodes = self.participants(model)
+            if nodes and nodes[0] == self.node_id and self.wanted(model) is None:
+                # the leader (again, if the one before left before publishing) picks them
+                await self.experts.choose_rankings(model, analysis="full")
             variant = self.wanted(model)
             if variant is not None:
                 if variant.rankings == UNIFORM:
@@ -111,8 +115,11 @@ class IndependentShards:
                 rankings = self.experts.rankings_for(model, variant.rankings, nodes[0])
                 if rankings is not None:
                     break
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"no expert rankings for the shards of {model} after {LOAD_WAIT:.0f}s"
+                )
             await self.experts.wait_change(1.0)  # the leader publishes, or the fetch completes
-            nodes = self.participants(model)
         args = Checkpoint.open(resolved.path).args
         assert args.moe is not None
         if rankings is None:

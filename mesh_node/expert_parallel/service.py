@@ -63,6 +63,15 @@ class ExpertService:
         else:
             self._banks.pop(model, None)
 
+    def replace_layer(self, model: str, layer: int, bank: ExpertBank | None) -> None:
+        """Hold `bank` for one layer of `model` (None: none); other layers are unchanged."""
+        banks = dict(self._banks.get(model, {}))
+        if bank is None:
+            banks.pop(layer, None)
+        else:
+            banks[layer] = bank
+        self.replace(model, banks)
+
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
         self._banks.clear()

@@ -45,6 +45,7 @@ class HostingConfig:
     drain_timeout: float = 30.0  # how long an unloading model may finish its requests
     settle: float = 0.2  # re-elect at most this often while the mesh is changing
     join_settle: float = 3.0  # at most this long, after start, learning the mesh before electing
+    cover_timeout: float = 600.0  # a split model's host gives up if its experts are not all held
 
 
 def node_views(table: PeerTable) -> list[NodeView]:
@@ -177,7 +178,10 @@ class Hosting:
             await self._kick.wait()
             await asyncio.sleep(self.config.settle)
             self._kick.clear()
-            self.evaluate()
+            try:
+                self.evaluate()
+            except Exception:  # a bug must not stop elections for good: say it, go on
+                log.exception("host election failed")
 
     def models_in_mesh(self) -> set[str]:
         names: set[str] = set()
@@ -285,16 +289,25 @@ class Hosting:
             model = experts.build_model(resolved, config.max_seq_len, loop)
             return model, Tokenizer(resolved.path, extra_eos_ids=model.args.eos_token_ids)
 
-        generator = await run_blocking(
-            lambda: Generator(
-                loader=loader,
-                max_batch=config.max_batch,
-                max_queue=config.max_queue,
-                max_seq_len=config.max_seq_len,
-            ),
-            "model-load",
-        )
-        await experts.wait_covered(resolved.name)
+        try:
+            generator = await run_blocking(
+                lambda: Generator(
+                    loader=loader,
+                    max_batch=config.max_batch,
+                    max_queue=config.max_queue,
+                    max_seq_len=config.max_seq_len,
+                ),
+                "model-load",
+            )
+        except BaseException:
+            experts.stop_hosting(resolved.name)
+            raise
+        try:
+            await experts.wait_covered(resolved.name, timeout=config.cover_timeout)
+        except BaseException:  # not covered in time (or stopping): give the host role up
+            experts.stop_hosting(resolved.name)
+            await run_blocking(generator.close, "model-unload")
+            raise
         return generator
 
     async def _unload(self, model: str) -> None:

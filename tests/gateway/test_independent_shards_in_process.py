@@ -27,6 +27,8 @@ async def test_three_shard_nodes_each_serve_their_shard_and_sessions_stick(
             len(mesh.hosts_of("builtin")) == 3
             and all(n.shards.loaded("builtin") == n.shards.wanted("builtin") for n in mesh.nodes)
             and all(n.shards.loaded("builtin").count == 3 for n in mesh.nodes)
+            # every node sees all three serving, or it would hash sessions over fewer shards
+            and all(len(n.hosting.status()[0]["ready"]) == 3 for n in mesh.nodes)
         ),
         timeout=90,
     )
