@@ -118,3 +118,21 @@ def test_a_weighted_call_sums_each_tokens_experts_with_their_gate_weights(servic
     two = bank.run_grouped(rows[1:], [2], [1])  # expert 2 on token 1
     assert torch.allclose(partial[0], 0.25 * one[0])
     assert torch.allclose(partial[1], 0.5 * one[1] + 0.75 * two[0])
+
+
+def test_banks_merge_and_subset_keep_each_experts_weights():
+    a = load_expert_banks(BUILTIN_DIR, {2: [5, 1]}, device="cpu")[2]
+    b = load_expert_banks(BUILTIN_DIR, {2: [3]}, device="cpu")[2]
+    whole = load_expert_banks(BUILTIN_DIR, {2: [1, 3, 5]}, device="cpu")[2]
+    merged = a.merged(b)
+    assert merged.expert_ids == (1, 3, 5)
+    rows = torch.randn(3, 128)
+    assert torch.equal(
+        merged.run_grouped(rows, [1, 3, 5], [1, 1, 1]),
+        whole.run_grouped(rows, [1, 3, 5], [1, 1, 1]),
+    )
+    part = merged.subset([5])
+    assert part.expert_ids == (5,) and part.nbytes == whole.nbytes // 3
+    assert torch.equal(part.run_grouped(rows[:1], [5], [1]), whole.run_grouped(rows[:1], [5], [1]))
+    with pytest.raises(ValueError, match="both"):
+        merged.merged(b)
