@@ -239,10 +239,36 @@ class Hosting:
         return wanted is not None and wanted != self.shards.loaded(model)
 
     async def _reload(self, model: str) -> None:
-        log.info("the shards of %s changed: reloading this node's shard", model)
-        await self._unload(model)
-        self._busy.add(model)
-        await self._load(model)
+        """The new shard is loaded while the old one keeps serving, then they are swapped and
+        the old one drains: the model never lacks a ready host here during the change."""
+        assert self.shards is not None
+        log.info("the shards of %s changed: loading this node's new shard", model)
+        try:
+            generator = await self.shards.load(self.offered[model], self.config)
+        except Exception as exc:  # keep serving the old shard; the next change retries
+            log.error("could not load the new shard of %s: %s", model, exc)
+            self._busy.discard(model)
+            return
+        old = self.local.generators.get(model)
+        self.local.generators[model] = generator
+        self._publish_serving()
+        try:
+            if old is not None:
+                await self._drain_and_close(old)
+        finally:
+            self._busy.discard(model)
+        self._kick.set()
+
+    async def _drain_and_close(self, generator: Generator) -> None:
+        """Lets the generator finish its requests (at most drain_timeout), then closes it."""
+        deadline = time.monotonic() + self.config.drain_timeout
+        while time.monotonic() < deadline:
+            stats = generator.stats()
+            if stats.active + stats.queued == 0:
+                break
+            await asyncio.sleep(0.1)  # polling the engine's counters (bounded by the deadline)
+        await run_blocking(generator.close, "model-unload")
+        await run_blocking(release_free_memory, "memory-release")
 
     async def _load(self, model: str) -> None:
         resolved = self.offered[model]
@@ -315,14 +341,7 @@ class Hosting:
             generator = self.local.generators.pop(model)
             log.info("no longer elected for %s: draining, then unloading", model)
             self._publish_serving()  # routers stop sending here
-            deadline = time.monotonic() + self.config.drain_timeout
-            while time.monotonic() < deadline:
-                stats = generator.stats()
-                if stats.active + stats.queued == 0:
-                    break
-                await asyncio.sleep(0.1)
-            await run_blocking(generator.close, "model-unload")
-            await run_blocking(release_free_memory, "memory-release")
+            await self._drain_and_close(generator)
             if self.experts is not None:
                 self.experts.stop_hosting(model)
             if self.shards is not None:
