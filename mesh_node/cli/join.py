@@ -218,8 +218,19 @@ def run(args: argparse.Namespace) -> int:
         asyncio.run(node.run_until_signal(announce=print))
     except EngineError as exc:  # e.g. a --model that cannot be found or fetched
         print(f"mesh-node: {exc}", file=sys.stderr)
-        return 2
+        return _exit_now(2)
     except OSError as exc:
         print(f"mesh-node: {exc}", file=sys.stderr)
-        return 1
-    return 0
+        return _exit_now(1)
+    return _exit_now(0)
+
+
+def _exit_now(code: int) -> int:
+    """The node has stopped cleanly (peers told, connections closed, models unloaded): leave
+    without the interpreter's finalization. torch's native thread pools may still be winding
+    down in background threads then, and tearing the runtime down under them aborts the
+    process now and then ("terminate called without an active exception", exit code -6)."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -191,7 +191,8 @@ async def test_sigterm_of_a_host_fails_over_cleanly():
         host = await wait_for_host(nodes, "builtin")
         host.proc.send_signal(signal.SIGTERM)
         async with asyncio.timeout(10):
-            assert await host.proc.wait() == 0
+            code = await host.proc.wait()
+        assert code == 0, "".join(host.stderr_lines[-25:])
         survivors = [n for n in nodes if n is not host]
         answer = await client(survivors[0]).chat.completions.create(
             model="builtin",
