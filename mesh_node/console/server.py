@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 from aiohttp import web
 
 from mesh_node.console.api import create_app
 from mesh_node.console.source import StatusSource
+from mesh_node.http_site import start_site, stop_site
 
 log = logging.getLogger("mesh_node.console")
 
@@ -54,32 +54,15 @@ class ConsoleServer:
         self.app = create_app(
             self.source, max_event_clients=self.max_event_clients, keepalive=self.keepalive
         )
-        runner = web.AppRunner(
-            self.app,
-            handler_cancellation=True,  # a client that goes away ends its event stream now
-            shutdown_timeout=self.shutdown_timeout,
-            access_log=None,
+        self._runner, self.port = await start_site(
+            self.app, self.host, self.port, self.shutdown_timeout
         )
-        await runner.setup()
-        try:
-            site = web.TCPSite(runner, self.host, self.port)
-            await site.start()
-        except BaseException:
-            await runner.cleanup()
-            raise
-        self._runner = runner
-        self.port = runner.addresses[0][1]
         log.info("console listening on %s", self.url)
 
     async def stop(self) -> None:
         runner, self._runner = self._runner, None
-        if runner is None:
-            return
-        try:
-            async with asyncio.timeout(self.shutdown_timeout + 2.0):
-                await runner.cleanup()
-        except TimeoutError:
-            log.warning("console did not stop within %.1fs", self.shutdown_timeout + 2.0)
+        if runner is not None:
+            await stop_site(runner, self.shutdown_timeout, "the console")
 
     async def __aenter__(self) -> ConsoleServer:
         await self.start()

@@ -576,25 +576,29 @@ class ExpertParallel:
             for callback in self._changed:
                 callback()
 
-    def _published_elsewhere(self, model: str) -> set[tuple[int, int]]:
-        """(layer, expert) that some other live node publishes holding."""
-        found: set[tuple[int, int]] = set()
-        for member in self.table:
-            if member.node_id == self.node_id or not member.live or member.state is None:
-                continue
-            for shard in member.state.expert_shards:
-                if shard.model == model:
-                    found.update((shard.layer, e) for e in shard.experts)
-        return found
-
-    def _realized(self, model: str, plan: ExpertPlan) -> bool:
-        """Every expert's planned holders (other than this node) publish that they hold it."""
+    def _published(self, model: str) -> dict[NodeId, dict[int, set[int]]]:
+        """node -> layer -> experts of `model`, as each live node publishes holding them."""
         published: dict[NodeId, dict[int, set[int]]] = {}
         for member in self.table:
             if member.live and member.state is not None:
                 for shard in member.state.expert_shards:
                     if shard.model == model:
                         published.setdefault(member.node_id, {})[shard.layer] = set(shard.experts)
+        return published
+
+    def _published_elsewhere(self, model: str) -> set[tuple[int, int]]:
+        """(layer, expert) that some other live node publishes holding."""
+        return {
+            (layer, expert)
+            for node, layers in self._published(model).items()
+            if node != self.node_id
+            for layer, experts in layers.items()
+            for expert in experts
+        }
+
+    def _realized(self, model: str, plan: ExpertPlan) -> bool:
+        """Every expert's planned holders (other than this node) publish that they hold it."""
+        published = self._published(model)
         for node, layers in plan.assignments.items():
             if node == self.node_id or not self.participates(node):
                 continue
@@ -618,6 +622,7 @@ class ExpertParallel:
             for layer, ids in sorted(self.service.held(model).items())
         ]
         self.membership.update_state(expert_shards=shards)
+        self._table_changed.set()
 
     # ---- the host's engine
     def build_model(self, resolved: ResolvedModel, max_seq_len: int | None, loop):
@@ -725,22 +730,23 @@ class ExpertParallel:
     async def wait_covered(self, model: str, timeout: float) -> None:
         """Until every expert of `model` has a holder (this node or a live peer); TimeoutError
         (saying how many are missing) after `timeout` seconds."""
-        last_report = time.monotonic()
-        deadline = last_report + timeout
+        deadline = time.monotonic() + timeout
         while True:
+            self._table_changed.clear()  # before looking: a change while we look is not lost
             self._update_routes(model)
             missing = self.coverage(model)
             if not missing:
                 return
-            if time.monotonic() > deadline:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
                 raise TimeoutError(
                     f"{len(missing)} experts of {model} are held by no node after {timeout:.0f}s"
                     + (f": {self.errors[model]}" if model in self.errors else "")
                 )
-            if time.monotonic() - last_report > 10:
+            try:  # peers publish what they load; this node's own loads signal it too
+                await asyncio.wait_for(self._table_changed.wait(), min(remaining, 10.0))
+            except TimeoutError:
                 log.info("%s: waiting for %d experts to be loaded somewhere", model, len(missing))
-                last_report = time.monotonic()
-            await asyncio.sleep(0.1)
 
     # ---- status
     def status(self) -> list[dict[str, Any]]:
@@ -776,13 +782,10 @@ class ExpertParallel:
         """Bytes each live node publishes it holds of `model` (from expert_shards)."""
         shape = self._shapes.get(model)
         per_expert = shape[2] if shape else 0
-        held: dict[str, int] = {}
-        for member in self.table:
-            if member.live and member.state is not None:
-                count = sum(len(s.experts) for s in member.state.expert_shards if s.model == model)
-                if count:
-                    held[str(member.node_id)] = count * per_expert
-        return held
+        return {
+            str(node): per_expert * sum(len(experts) for experts in layers.values())
+            for node, layers in self._published(model).items()
+        }
 
 
 def _with(info: ModelInfo, **changes: Any) -> ModelInfo:

@@ -28,6 +28,7 @@ from typing import Any
 
 from aiohttp import web
 
+from mesh_node.http_site import start_site, stop_site
 from mesh_node.serving.openai_format import (
     DEFAULT_MAX_TOKENS_LIMIT,
     SSE_DONE,
@@ -408,32 +409,16 @@ class ApiServer:
             max_body_bytes=self.max_body_bytes,
             max_tokens_limit=self.max_tokens_limit,
         )
-        runner = web.AppRunner(
-            self.app,
-            handler_cancellation=True,  # a client that goes away cancels its generation now
-            shutdown_timeout=self.shutdown_timeout,
-            access_log=None,
+        # a client that goes away cancels its generation at once (see http_site)
+        self._runner, self.port = await start_site(
+            self.app, self.host, self.port, self.shutdown_timeout
         )
-        await runner.setup()
-        try:
-            site = web.TCPSite(runner, self.host, self.port)
-            await site.start()
-        except BaseException:
-            await runner.cleanup()
-            raise
-        self._runner = runner
-        self.port = runner.addresses[0][1]
         log.info("OpenAI-compatible API listening on %s/v1", self.url)
 
     async def stop(self) -> None:
         runner, self._runner = self._runner, None
-        if runner is None:
-            return
-        try:
-            async with asyncio.timeout(self.shutdown_timeout + 2.0):
-                await runner.cleanup()
-        except TimeoutError:
-            log.warning("the API server did not stop within %.1fs", self.shutdown_timeout + 2.0)
+        if runner is not None:
+            await stop_site(runner, self.shutdown_timeout, "the API server")
 
     async def __aenter__(self) -> ApiServer:
         await self.start()
