@@ -35,7 +35,7 @@ from mesh_node.serving.requests import (
     Overloaded,
 )
 from mesh_node.serving.routing import HostLoad, affinity_key, rank_hosts
-from mesh_node.serving.tunnel import HostBusy, HostFailed, stream_from_host
+from mesh_node.serving.tunnel import HostBusy, HostFailed, HostNotServing, stream_from_host
 from mesh_node.transport.endpoint import Endpoint
 
 log = logging.getLogger("mesh_node.gateway")
@@ -103,12 +103,25 @@ class Gateway:
             return election is not None and bool(election.hosts)
         return False
 
-    async def _choose(self, request: CompletionRequest, exclude: set[NodeId]) -> NodeId:
+    def _state_version(self, node_id: NodeId) -> int | None:
+        member = self.table.get(node_id)
+        return None if member is None else member.state_version
+
+    async def _choose(
+        self,
+        request: CompletionRequest,
+        exclude: set[NodeId],
+        stale: dict[NodeId, int | None] | None = None,
+    ) -> NodeId:
+        """A ready host for the request, not in `exclude`, nor in `stale` (a host that said it
+        does not serve the model) while its gossiped state is the one it had when it said so."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.host_wait
         key = affinity_key(request)
+        stale = stale if stale is not None else {}
         while True:
-            hosts = [h for h in self._ready_hosts(request.model) if h.node_id not in exclude]
+            skip = exclude | {n for n, v in stale.items() if self._state_version(n) == v}
+            hosts = [h for h in self._ready_hosts(request.model) if h.node_id not in skip]
             if hosts and self.hosting is not None and self.hosting.is_sharded(request.model):
                 # independent shards answer differently: a session stays on its shard
                 chosen = shard_for_session(key.hex(), [str(h.node_id) for h in hosts])
@@ -142,8 +155,10 @@ class Gateway:
         delivered: list[int] = []  # token ids the client already has
         failed: set[NodeId] = set()
         busy: set[NodeId] = set()
+        stale: dict[NodeId, int | None] = {}  # said they do not serve it: skipped till they change
+        stale_tries = 0
         while True:
-            host = await self._choose(request, failed | busy)
+            host = await self._choose(request, failed | busy, stale)
             attempt = dataclasses.replace(
                 request, generated_ids=request.generated_ids + tuple(delivered)
             )
@@ -160,6 +175,16 @@ class Gateway:
                 if not [h for h in self._ready_hosts(request.model) if h.node_id not in busy]:
                     raise Overloaded(
                         f"every host of {request.model} is busy; retry later"
+                    ) from None
+            except HostNotServing as exc:
+                # our view of it was stale (it just unloaded, or has not loaded yet): not a
+                # failure of the host; it may be chosen again once its state has changed
+                stale[host] = self._state_version(host)
+                stale_tries += 1
+                log.info("host %s does not serve %s now: %s", host.short, request.model, exc)
+                if stale_tries > 4 * (self.config.max_failovers + 1):
+                    raise GenerationFailed(
+                        f"hosts of {request.model} kept saying they do not serve it; giving up"
                     ) from None
             except HostFailed as exc:
                 failed.add(host)
@@ -184,7 +209,9 @@ class Gateway:
                         yield delta
             except Overloaded as exc:
                 raise HostBusy(exc.message) from None
-            except (ModelNotFound, NoHostAvailable, GenerationFailed) as exc:  # just unloaded
+            except ModelNotFound as exc:  # just unloaded, or not loaded yet
+                raise HostNotServing(exc.message) from None
+            except (NoHostAvailable, GenerationFailed) as exc:  # shutting down
                 raise HostFailed(exc.message) from None
             return
         conn = await connect_member(

@@ -31,6 +31,11 @@ class HostFailed(Exception):
     """The host could not finish this request (gone, unloading, failed): try another."""
 
 
+class HostNotServing(HostFailed):
+    """The host does not serve the model (any more, or not yet): the caller's view of it is
+    stale. Worth trying again once its gossiped state changes."""
+
+
 class HostBusy(Exception):
     """The host is at capacity: try another, or tell the client to retry."""
 
@@ -138,6 +143,8 @@ async def stream_from_host(
             raise BadRequest(exc.message) from None
         if exc.code == ErrorCode.OVERLOADED:
             raise HostBusy(exc.message) from None
+        if exc.code == ErrorCode.NOT_FOUND:
+            raise HostNotServing(exc.message) from None
         raise HostFailed(f"{ErrorCode.describe(exc.code)}: {exc.message}") from None
     except (TransportError, TimeoutError) as exc:
         raise HostFailed(str(exc)) from None

@@ -4,12 +4,14 @@ election, tunneling through a node that does not host, failover mid-answer, conc
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import pytest
 
 from mesh_node.engine import GenerationRequest, Generator
 from mesh_node.engine.builtin_skills import held_out_set
 from mesh_node.engine.sampling import SamplingParams
+from mesh_node.membership.messages import Load
 from mesh_node.serving.requests import CompletionRequest
 from tests.gateway.mesh import answer, chat
 from tests.gateway.slow_model import NAME as SLOW
@@ -26,16 +28,7 @@ async def test_a_node_that_does_not_host_answers_through_the_host(mesh):
         await mesh.add()
     # one host, the same on every node (nodes that joined while the first was loading may
     # briefly elect themselves until they hear it serves), and the status shows it
-    await mesh.wait(
-        lambda: (
-            len(mesh.hosts_of("builtin")) == 1
-            and all(
-                "builtin" in n.hosting.elections
-                and n.hosting.elections["builtin"].hosts == (mesh.hosts_of("builtin")[0].node_id,)
-                for n in mesh.nodes
-            )
-        )
-    )
+    await mesh.wait(lambda: len(mesh.hosts_of("builtin")) == 1 and _agreed(mesh, "builtin"))
     host = mesh.hosts_of("builtin")[0]
     for node in mesh.nodes:
         assert node.hosting.elections["builtin"].hosts == (host.node_id,)
@@ -46,6 +39,36 @@ async def test_a_node_that_does_not_host_answers_through_the_host(mesh):
     assert other.gateway.model_ids() == ["builtin"]
     status = other.view.status()
     assert status["hosting"][0]["hosts"] == [str(host.node_id)]
+
+
+def _agreed(mesh, model: str) -> bool:
+    """Every node elects the one node that runs the model, and sees only it serving it."""
+    host = mesh.hosts_of(model)[0].node_id
+    return all(
+        model in n.hosting.elections
+        and n.hosting.elections[model].hosts == (host,)
+        and [m.node_id for m in n.membership.table if m.state and model in m.state.models_served]
+        == [host]
+        for n in mesh.nodes
+    )
+
+
+async def test_a_host_that_says_it_does_not_serve_is_tried_again_once_its_state_changes(
+    mesh, caplog
+):
+    caplog.set_level(logging.INFO, "mesh_node.gateway")
+    host = await mesh.add()
+    caller = await mesh.add(client=True)
+    await mesh.wait(lambda: len(mesh.hosts_of("builtin")) == 1 and _agreed(mesh, "builtin"))
+    # the caller's view is stale: the host has just dropped the model and not yet said so
+    generator = host.local.generators.pop("builtin")
+    job = asyncio.ensure_future(answer(caller, chat("builtin", "What is 348 + 276?")))
+    await mesh.wait(lambda: "does not serve builtin" in caplog.text)
+    assert not job.done()  # not a failed host: waiting for it to change
+    host.local.generators["builtin"] = generator
+    host.membership.update_state(load=Load(inflight=0, tokens_per_s=0.5))  # a new state version
+    text, _ = await asyncio.wait_for(job, 30)
+    assert text == "624"
 
 
 async def test_a_client_node_never_hosts_but_answers(mesh):
@@ -67,7 +90,7 @@ async def test_the_host_dies_mid_answer_and_the_answer_goes_on_identically(
         ).text
     for _ in range(3):
         await mesh.add(models=[str(slow_model)])
-    await mesh.wait(lambda: len(mesh.hosts_of(SLOW)) == 1)
+    await mesh.wait(lambda: len(mesh.hosts_of(SLOW)) == 1 and _agreed(mesh, SLOW))
     host = mesh.hosts_of(SLOW)[0]
     caller = next(n for n in mesh.nodes if n is not host)
     request = CompletionRequest(
