@@ -5,7 +5,11 @@ plan) as `ExpertBank`s, by model and layer. A host sends one `ExpertCall` per la
 step with the rows routed to this peer's experts; the service checks the call against what
 it holds, computes it on its own worker thread (torch, off the event loop; one computation
 at a time, so concurrent calls queue instead of fighting over the cores) and answers with
-the outputs. At most `max_pending` calls wait; more are answered OVERLOADED.
+the outputs. A decode-sized call (a few rows) runs on that one thread alone: a second
+intra-op thread saves little on it, and its OpenMP team would keep spinning on a core after
+every call, the core the host and the other peers need next (on a machine several nodes
+share, this doubled three-node decode speed). At most `max_pending` calls wait; more are
+answered OVERLOADED.
 
 The host's own experts live here too: its engine reads `bank(model, layer)` directly, so
 the same bytes serve local and remote tokens.
@@ -28,6 +32,8 @@ from mesh_node.transport.tensors import Tensor
 
 log = logging.getLogger("mesh_node.experts")
 
+SMALL_CALL_ROWS = 8  # calls with at most this many rows compute on one thread
+
 _WIRE_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
 
 
@@ -39,6 +45,7 @@ class ExpertService:
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="mesh-experts"
         )
+        self._wide_threads = torch.get_num_threads()  # for calls larger than SMALL_CALL_ROWS
         self.calls_served = 0
         handlers.on_request(ExpertCall, self._serve)
 
@@ -144,8 +151,9 @@ class ExpertService:
         self._pending += 1
         try:
             loop = asyncio.get_running_loop()
+            threads = 1 if rows.shape[0] <= SMALL_CALL_ROWS else self._wide_threads
             outputs = await loop.run_in_executor(
-                self._executor, _compute, bank, rows, call.experts, call.counts, weighted
+                self._executor, _compute, bank, rows, call.experts, call.counts, weighted, threads
             )
         finally:
             self._pending -= 1
@@ -154,7 +162,11 @@ class ExpertService:
 
 
 @torch.inference_mode()
-def _compute(bank: ExpertBank, rows: torch.Tensor, experts, counts, weighted) -> torch.Tensor:
+def _compute(
+    bank: ExpertBank, rows: torch.Tensor, experts, counts, weighted, threads: int
+) -> torch.Tensor:
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)  # intra-op threads of this (the service's) thread
     rows = rows.to(bank.device) if rows.device != bank.device else rows
     if weighted is None:
         return bank.run_grouped(rows, experts, counts).contiguous().cpu()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 import torch
 from hypothesis import given
@@ -11,7 +13,7 @@ from mesh_node.engine.catalog import BUILTIN_DIR
 from mesh_node.engine.loading import load_expert_banks
 from mesh_node.expert_parallel.coordinator import split_call
 from mesh_node.expert_parallel.messages import ExpertCall, RankingsData
-from mesh_node.expert_parallel.service import ExpertService
+from mesh_node.expert_parallel.service import SMALL_CALL_ROWS, ExpertService
 from mesh_node.transport.connection import Handlers
 from mesh_node.transport.errors import ErrorCode, RequestFailed
 from mesh_node.transport.tensors import Tensor
@@ -136,3 +138,19 @@ def test_banks_merge_and_subset_keep_each_experts_weights():
     assert torch.equal(part.run_grouped(rows[:1], [5], [1]), whole.run_grouped(rows[:1], [5], [1]))
     with pytest.raises(ValueError, match="both"):
         merged.merged(b)
+
+
+@pytest.mark.skipif(torch.get_num_threads() < 2, reason="needs more than one intra-op thread")
+async def test_decode_sized_calls_compute_on_one_thread_larger_ones_on_all(service):
+    def threads_after(rows: int) -> int:
+        counts = (rows,)
+        result = asyncio.run_coroutine_threadsafe(
+            service._serve(None, call(experts=(1,), counts=counts)), loop
+        )
+        assert tuple(result.result(30).outputs.shape) == (rows, 128)
+        return service._executor.submit(torch.get_num_threads).result(30)
+
+    loop = asyncio.get_running_loop()
+    small, large = SMALL_CALL_ROWS, SMALL_CALL_ROWS + 1
+    assert await asyncio.to_thread(threads_after, small) == 1  # no OpenMP team left spinning
+    assert await asyncio.to_thread(threads_after, large) == torch.get_num_threads()
