@@ -1,14 +1,16 @@
 """An aiohttp application served on a TCP port: started, and stopped within a bound.
 
-The console and the OpenAI-compatible API are both such sites. A client that goes away
-cancels its handler at once (`handler_cancellation`: an abandoned generation or event
-stream stops); stopping waits at most `shutdown_timeout` (+2 s) for open requests.
+The console and the OpenAI-compatible API are both such sites (`HttpServer` subclasses).
+A client that goes away cancels its handler at once (`handler_cancellation`: an abandoned
+generation or event stream stops); stopping waits at most `shutdown_timeout` (+2 s) for
+open requests.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Self
 
 from aiohttp import web
 
@@ -38,3 +40,49 @@ async def stop_site(runner: web.AppRunner, shutdown_timeout: float, what: str) -
             await runner.cleanup()
     except TimeoutError:
         log.warning("%s did not stop within %.1fs", what, shutdown_timeout + 2.0)
+
+
+class HttpServer:
+    """An app (built by the subclass's `create_app`) served on http://host:port.
+
+    `await start()` binds (port 0 picks a free port; read `port` or `url` afterwards);
+    `await stop()` ends open requests and the listener within `shutdown_timeout` seconds.
+    """
+
+    what = "the HTTP server"  # for errors and log lines
+
+    def __init__(self, host: str, port: int, shutdown_timeout: float):
+        self.host = host
+        self.port = port
+        self.shutdown_timeout = shutdown_timeout
+        self.app: web.Application | None = None
+        self._runner: web.AppRunner | None = None
+
+    @property
+    def url(self) -> str:
+        """The server's root, http://host:port."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    def create_app(self) -> web.Application:
+        raise NotImplementedError
+
+    async def start(self) -> None:
+        if self._runner is not None:
+            raise RuntimeError(f"{self.what} is already started")
+        self.app = self.create_app()
+        self._runner, self.port = await start_site(
+            self.app, self.host, self.port, self.shutdown_timeout
+        )
+
+    async def stop(self) -> None:
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await stop_site(runner, self.shutdown_timeout, self.what)
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()

@@ -8,14 +8,14 @@ from aiohttp import web
 
 from mesh_node.console.api import create_app
 from mesh_node.console.source import StatusSource
-from mesh_node.http_site import start_site, stop_site
+from mesh_node.http_site import HttpServer
 
 log = logging.getLogger("mesh_node.console")
 
 DEFAULT_PORT = 3131
 
 
-class ConsoleServer:
+class ConsoleServer(HttpServer):
     """Serves the status page and API for `source` on http://host:port.
 
     `await start()` binds (port 0 picks a free port; read `port` or `url` afterwards);
@@ -23,6 +23,8 @@ class ConsoleServer:
     within `shutdown_timeout` seconds. The console has no authentication: keep it on
     loopback unless the network is trusted.
     """
+
+    what = "the console server"
 
     def __init__(
         self,
@@ -34,39 +36,16 @@ class ConsoleServer:
         keepalive: float = 15.0,
         shutdown_timeout: float = 5.0,
     ):
+        super().__init__(host, port, shutdown_timeout)
         self.source = source
-        self.host = host
-        self.port = port
         self.max_event_clients = max_event_clients
         self.keepalive = keepalive
-        self.shutdown_timeout = shutdown_timeout
-        self.app: web.Application | None = None
-        self._runner: web.AppRunner | None = None
 
-    @property
-    def url(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
-
-    async def start(self) -> None:
-        if self._runner is not None:
-            raise RuntimeError("the console server is already started")
-        self.app = create_app(
+    def create_app(self) -> web.Application:
+        return create_app(
             self.source, max_event_clients=self.max_event_clients, keepalive=self.keepalive
         )
-        self._runner, self.port = await start_site(
-            self.app, self.host, self.port, self.shutdown_timeout
-        )
+
+    async def start(self) -> None:
+        await super().start()
         log.info("console listening on %s", self.url)
-
-    async def stop(self) -> None:
-        runner, self._runner = self._runner, None
-        if runner is not None:
-            await stop_site(runner, self.shutdown_timeout, "the console")
-
-    async def __aenter__(self) -> ConsoleServer:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.stop()

@@ -28,7 +28,7 @@ from typing import Any
 
 from aiohttp import web
 
-from mesh_node.http_site import start_site, stop_site
+from mesh_node.http_site import HttpServer
 from mesh_node.serving.openai_format import (
     DEFAULT_MAX_TOKENS_LIMIT,
     SSE_DONE,
@@ -358,7 +358,7 @@ async def _cancel_when_client_leaves(request: web.Request, interval: float) -> A
         watcher.cancel()
 
 
-class ApiServer:
+class ApiServer(HttpServer):
     """Serves the OpenAI-compatible API for `backend` on http://host:port/v1.
 
     `await start()` binds (port 0 picks a free port; read `port` or `url` afterwards);
@@ -367,6 +367,8 @@ class ApiServer:
     `Authorization: Bearer <api_key>`; without, the API is open: bind it to loopback or a
     trusted network.
     """
+
+    what = "the API server"
 
     def __init__(
         self,
@@ -379,50 +381,26 @@ class ApiServer:
         max_tokens_limit: int = DEFAULT_MAX_TOKENS_LIMIT,
         shutdown_timeout: float = 5.0,
     ):
+        super().__init__(host, port, shutdown_timeout)
         self.backend = backend
-        self.host = host
-        self.port = port
         self.api_key = api_key
         self.max_body_bytes = max_body_bytes
         self.max_tokens_limit = max_tokens_limit
-        self.shutdown_timeout = shutdown_timeout
-        self.app: web.Application | None = None
-        self._runner: web.AppRunner | None = None
-
-    @property
-    def url(self) -> str:
-        """The server's root, http://host:port."""
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
 
     @property
     def base_url(self) -> str:
         """What an OpenAI client takes as its base URL: `url` + "/v1"."""
         return f"{self.url}/v1"
 
-    async def start(self) -> None:
-        if self._runner is not None:
-            raise RuntimeError("the API server is already started")
-        self.app = create_app(
+    def create_app(self) -> web.Application:
+        # a client that goes away cancels its generation at once (see http_site)
+        return create_app(
             self.backend,
             api_key=self.api_key,
             max_body_bytes=self.max_body_bytes,
             max_tokens_limit=self.max_tokens_limit,
         )
-        # a client that goes away cancels its generation at once (see http_site)
-        self._runner, self.port = await start_site(
-            self.app, self.host, self.port, self.shutdown_timeout
-        )
+
+    async def start(self) -> None:
+        await super().start()
         log.info("OpenAI-compatible API listening on %s/v1", self.url)
-
-    async def stop(self) -> None:
-        runner, self._runner = self._runner, None
-        if runner is not None:
-            await stop_site(runner, self.shutdown_timeout, "the API server")
-
-    async def __aenter__(self) -> ApiServer:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.stop()

@@ -47,6 +47,7 @@ class GatewayConfig:
     item_timeout: float = 120.0  # longest wait for the next token from a host
     connect_timeout: float = 5.0
     max_failovers: int = 3  # hosts that may fail under one request before it gives up
+    max_stale_tries: int = 16  # hosts that may say "not serving it" to one request
     affinity_slack: int = 2
 
 
@@ -111,14 +112,13 @@ class Gateway:
         self,
         request: CompletionRequest,
         exclude: set[NodeId],
-        stale: dict[NodeId, int | None] | None = None,
+        stale: dict[NodeId, int | None],
     ) -> NodeId:
         """A ready host for the request, not in `exclude`, nor in `stale` (a host that said it
         does not serve the model) while its gossiped state is the one it had when it said so."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.host_wait
         key = affinity_key(request)
-        stale = stale if stale is not None else {}
         while True:
             skip = exclude | {n for n, v in stale.items() if self._state_version(n) == v}
             hosts = [h for h in self._ready_hosts(request.model) if h.node_id not in skip]
@@ -182,7 +182,7 @@ class Gateway:
                 stale[host] = self._state_version(host)
                 stale_tries += 1
                 log.info("host %s does not serve %s now: %s", host.short, request.model, exc)
-                if stale_tries > 4 * (self.config.max_failovers + 1):
+                if stale_tries > self.config.max_stale_tries:
                     raise GenerationFailed(
                         f"hosts of {request.model} kept saying they do not serve it; giving up"
                     ) from None

@@ -142,15 +142,11 @@ def test_banks_merge_and_subset_keep_each_experts_weights():
 
 @pytest.mark.skipif(torch.get_num_threads() < 2, reason="needs more than one intra-op thread")
 async def test_decode_sized_calls_compute_on_one_thread_larger_ones_on_all(service):
-    def threads_after(rows: int) -> int:
-        counts = (rows,)
-        result = asyncio.run_coroutine_threadsafe(
-            service._serve(None, call(experts=(1,), counts=counts)), loop
-        )
-        assert tuple(result.result(30).outputs.shape) == (rows, 128)
-        return service._executor.submit(torch.get_num_threads).result(30)
+    async def threads_after(rows: int) -> int:
+        answer = await service._serve(None, call(experts=(1,), counts=(rows,)))
+        assert tuple(answer.outputs.shape) == (rows, 128)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(service._executor, torch.get_num_threads)
 
-    loop = asyncio.get_running_loop()
-    small, large = SMALL_CALL_ROWS, SMALL_CALL_ROWS + 1
-    assert await asyncio.to_thread(threads_after, small) == 1  # no OpenMP team left spinning
-    assert await asyncio.to_thread(threads_after, large) == torch.get_num_threads()
+    assert await threads_after(SMALL_CALL_ROWS) == 1  # no OpenMP team left spinning
+    assert await threads_after(SMALL_CALL_ROWS + 1) == torch.get_num_threads()
