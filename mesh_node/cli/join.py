@@ -74,8 +74,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "--dtype",
         choices=["auto", "float32", "bfloat16", "float16"],
         default="auto",
-        help="weights' precision (default: %(default)s: bfloat16 on CPU for models over 100M "
-        "parameters, the checkpoint's on GPU, float32 for tiny models)",
+        help="weights' precision (default: %(default)s: float32 for tiny models on any device; "
+        "over 100M parameters bfloat16 on CPU and the checkpoint's half type on GPU)",
     )
     parser.add_argument(
         "--moe-split",

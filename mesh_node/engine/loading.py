@@ -7,8 +7,10 @@ transformers v5 saves them). For a subset of experts only those experts' bytes a
 a fused tensor).
 
 Devices and dtypes: `device="auto"` picks CUDA (ROCm builds of torch also report as CUDA) when
-present, else CPU. `dtype=None` picks bfloat16 for models that are not tiny and float32 for tiny
-ones on CPU (fp16 matmul is very slow on CPUs), and the checkpoint's half type on GPU.
+present, else CPU. `dtype=None` picks float32 for tiny models on every device (they cost nothing in
+it, and CPU and GPU nodes then pick the same greedy tokens, which failover replay relies on); for
+larger ones bfloat16 on CPU (fp16 matmul is very slow on CPUs) and the checkpoint's half type on
+GPU.
 """
 
 from __future__ import annotations
@@ -122,10 +124,10 @@ def resolve_dtype(
             raise ValueError(
                 f"unknown dtype {dtype!r}: use auto, {', '.join(sorted(DTYPE_NAMES))}"
             ) from None
-    if device.type == "cuda":
-        return torch.float16 if args.checkpoint_dtype == "float16" else torch.bfloat16
     if args.parameter_count()["total"] < TINY_MODEL_PARAMETERS:
         return torch.float32
+    if device.type == "cuda":
+        return torch.float16 if args.checkpoint_dtype == "float16" else torch.bfloat16
     return torch.bfloat16
 
 

@@ -9,6 +9,8 @@ import torch
 
 from tests.engine.reference_checkpoints import VARIANTS, build_reference
 
+# the engine's tests run on every device torch sees: CI has only the CPU, a GPU machine adds CUDA
+DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
 MOE_VARIANTS = [name for name, (kind, _) in VARIANTS.items() if kind.endswith(("moe", "mixtral"))]
 
 

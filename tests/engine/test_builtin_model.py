@@ -10,13 +10,15 @@ from mesh_node.engine import builtin_skills
 from mesh_node.engine.catalog import BUILTIN_DIR
 from mesh_node.engine.generator import GenerationRequest, Generator
 from mesh_node.engine.sampling import SamplingParams
+from tests.engine.conftest import DEVICES
 
 PER_SKILL = 20
 
 
-@pytest.fixture(scope="module")
-def generator():
-    with Generator.from_pretrained(None, device="cpu", max_batch=16, max_queue=80) as gen:
+@pytest.fixture(scope="module", params=DEVICES)
+def generator(request):
+    """The model as a node loads it on each device: its default dtype there."""
+    with Generator.from_pretrained(None, device=request.param, max_batch=16, max_queue=80) as gen:
         yield gen
 
 

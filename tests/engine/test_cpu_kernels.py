@@ -164,7 +164,9 @@ from mesh_node.engine.linear import choose_layout
 assert cpu_kernels._library.cache_info().currsize == 0  # nothing built or loaded at import
 layout = choose_layout(torch.device("cpu"), torch.bfloat16)
 if len(sys.argv) > 1:  # decode logits of a bf16 model, saved for the parent to compare
-    model = mesh_node.engine.loading.load_model(sys.argv[1], dtype=torch.bfloat16, max_seq_len=64)
+    model = mesh_node.engine.loading.load_model(
+        sys.argv[1], dtype=torch.bfloat16, device="cpu", max_seq_len=64
+    )
     torch.save(decode_logits(model), sys.argv[2])
 print(json.dumps({"available": cpu_kernels.available(), "layout": layout}))
 """

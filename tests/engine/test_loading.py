@@ -12,6 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from mesh_node.engine.checkpoint import Checkpoint
+from mesh_node.engine.config import ModelArgs
 from mesh_node.engine.errors import (
     CheckpointError,
     CorruptCheckpointError,
@@ -20,7 +21,7 @@ from mesh_node.engine.errors import (
     UnsupportedArchitectureError,
 )
 from mesh_node.engine.experts import ExpertNotLoadedError
-from mesh_node.engine.loading import LoadPlan, load_model
+from mesh_node.engine.loading import LoadPlan, load_model, resolve_dtype
 from mesh_node.engine.moe import MoELayer
 
 
@@ -306,3 +307,24 @@ def test_expert_usage_by_layer_matches_the_whole_model(references):
     assert torch.equal(streamed.selected, whole.selected)
     assert torch.equal(streamed.coselected, whole.coselected)
     assert torch.allclose(streamed.gate_mass, whole.gate_mass, atol=1e-9)
+
+
+@pytest.mark.parametrize(
+    ("hidden", "saved", "device", "expected"),
+    [
+        (64, "float32", "cpu", torch.float32),
+        (64, "bfloat16", "cuda", torch.float32),  # tiny: float32 everywhere, as on every node
+        (4096, "bfloat16", "cpu", torch.bfloat16),
+        (4096, "float16", "cpu", torch.bfloat16),  # fp16 matmul crawls on CPUs
+        (4096, "float16", "cuda", torch.float16),
+        (4096, "float32", "cuda", torch.bfloat16),
+    ],
+)
+def test_default_dtype_by_size_and_device(references, hidden, saved, device, expected):
+    folder, _ = references.get("llama")
+    config = json.loads((folder / "config.json").read_text())
+    config.update(hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=8)
+    config.update(vocab_size=32000, dtype=saved)
+    args = ModelArgs.from_config(config)
+    assert resolve_dtype(None, args, torch.device(device)) == expected
+    assert resolve_dtype("float32", args, torch.device(device)) == torch.float32

@@ -1,4 +1,5 @@
-"""Our logits and greedy generations against transformers', for every supported architecture."""
+"""Our logits and greedy generations against transformers', for every supported architecture, on
+every device torch sees (the reference always runs on the CPU in float32)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from mesh_node.engine.generator import GenerationRequest, Generator
 from mesh_node.engine.loading import load_model
 from mesh_node.engine.sampling import SamplingParams
 from mesh_node.engine.tokenizer import Tokenizer
-from tests.engine.conftest import MOE_VARIANTS
+from tests.engine.conftest import DEVICES, MOE_VARIANTS
 from tests.engine.reference_checkpoints import VARIANTS, VOCAB_SIZE
 
 TOLERANCE = 1e-4
@@ -23,26 +24,34 @@ def prompts(count: int = 4, seed: int = 7) -> list[list[int]]:
     return [torch.randint(0, VOCAB_SIZE - 4, (n,), generator=generator).tolist() for n in lengths]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize(("name", "fused"), CASES, ids=IDS)
-def test_prefill_and_decode_logits_match_transformers(references, name, fused):
+def test_prefill_and_decode_logits_match_transformers(references, name, fused, device):
     folder, reference = references.get(name, fused)
-    model = load_model(folder, dtype=torch.float32, device="cpu", max_seq_len=64)
+    model = load_model(folder, dtype=torch.float32, device=device, max_seq_len=64)
     cache = model.new_cache(slots=2)
     for prompt in prompts():
         ids = torch.tensor([prompt])
         with torch.no_grad():
             expected = reference(input_ids=ids).logits[0]
         # prefill: the whole prompt at once, in slot 1
-        got = model(ids, torch.arange(len(prompt))[None], cache, slot_start=1)[0]
+        positions = torch.arange(len(prompt), device=device)[None]
+        got = model(ids.to(device), positions, cache, slot_start=1)[0].cpu()
         assert torch.allclose(got, expected, atol=TOLERANCE, rtol=0), (got - expected).abs().max()
         # decode: one token at a time through the KV cache, in slot 0
         for position, token in enumerate(prompt):
-            step = model(torch.tensor([[token]]), torch.tensor([[position]]), cache, slot_start=0)
-            assert torch.allclose(step[0, 0], expected[position], atol=TOLERANCE, rtol=0)
+            step = model(
+                torch.tensor([[token]], device=device),
+                torch.tensor([[position]], device=device),
+                cache,
+                slot_start=0,
+            )
+            assert torch.allclose(step[0, 0].cpu(), expected[position], atol=TOLERANCE, rtol=0)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize(("name", "fused"), CASES, ids=IDS)
-def test_greedy_generation_matches_transformers_alone_and_batched(references, name, fused):
+def test_greedy_generation_matches_transformers_alone_and_batched(references, name, fused, device):
     folder, reference = references.get(name, fused)
     reference.generation_config.eos_token_id = None  # 32 tokens whatever comes
     cases = prompts(6)
@@ -51,7 +60,7 @@ def test_greedy_generation_matches_transformers_alone_and_batched(references, na
         out = reference.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False)
         expected.append(out[0, len(prompt) :].tolist())
 
-    model = load_model(folder, dtype=torch.float32, device="cpu", max_seq_len=96)
+    model = load_model(folder, dtype=torch.float32, device=device, max_seq_len=96)
     params = SamplingParams(max_tokens=32, ignore_eos=True)
     with Generator(model, Tokenizer(folder), max_batch=4, prefill_chunk=8) as generator:
         alone = [
@@ -67,17 +76,18 @@ def test_greedy_generation_matches_transformers_alone_and_batched(references, na
     assert [list(x) for x in batched] == expected
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", ["qwen3_moe", "llama"])
-def test_bfloat16_stays_close_to_float32(references, name):
-    """bf16 weights (the CPU default for larger models; float32 KV cache on CPU): logits close to
-    the float32 ones, and batched generation runs through the same paths."""
+def test_bfloat16_stays_close_to_float32(references, name, device):
+    """bf16 weights (the default for larger models on CPU and for all on GPU; float32 KV cache on
+    CPU): logits close to the float32 ones, and batched generation runs through the same paths."""
     folder, _ = references.get(name)
     full = load_model(folder, dtype=torch.float32, device="cpu", max_seq_len=64)
-    half = load_model(folder, dtype=torch.bfloat16, device="cpu", max_seq_len=64)
+    half = load_model(folder, dtype=torch.bfloat16, device=device, max_seq_len=64)
     prompt = torch.tensor([prompts(1)[0]])
     positions = torch.arange(prompt.shape[1])[None]
     expected = full(prompt, positions, full.new_cache(1))
-    got = half(prompt, positions, half.new_cache(1))
+    got = half(prompt.to(device), positions.to(device), half.new_cache(1)).cpu()
     assert got.dtype == torch.float32
     assert (got - expected).abs().max() < 0.1 * expected.abs().max()
     params = SamplingParams(max_tokens=12, ignore_eos=True)

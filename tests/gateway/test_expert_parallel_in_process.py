@@ -18,6 +18,7 @@ from mesh_node.expert_parallel.dispatch import (
     ExpertsUnavailable,
     RemoteExperts,
 )
+from tests.engine.conftest import DEVICES
 from tests.gateway.mesh import answer, chat
 
 SPLIT = ExpertParallelConfig(enabled=True, memory=6 << 20)  # ~16 of the 32 experts fit each
@@ -79,16 +80,19 @@ def replicas_are_distinct(plan) -> bool:
     return True
 
 
-async def test_remote_experts_give_the_single_node_logits_in_fp32():
+@pytest.mark.parametrize("device", DEVICES)
+async def test_remote_experts_give_the_single_node_logits_in_fp32(device):
     """The dispatcher, with half the experts 'remote' (computed by a second bank through the
-    same path a peer uses), gives logits within 1e-3 of the whole model, in float32."""
+    same path a peer uses), gives logits within 1e-3 of the whole model on the CPU, in float32."""
     import asyncio
     import threading
 
     full = load_model(BUILTIN_DIR, device="cpu", dtype="float32")
-    trunk = load_model(BUILTIN_DIR, plan=LoadPlan.trunk(), device="cpu", dtype="float32")
-    near = load_expert_banks(BUILTIN_DIR, {layer: range(0, 8, 2) for layer in range(4)})
-    far = load_expert_banks(BUILTIN_DIR, {layer: range(1, 8, 2) for layer in range(4)})
+    trunk = load_model(BUILTIN_DIR, plan=LoadPlan.trunk(), device=device, dtype="float32")
+    banks = {layer: range(0, 8, 2) for layer in range(4)}
+    near = load_expert_banks(BUILTIN_DIR, banks, device=device, dtype="float32")
+    banks = {layer: range(1, 8, 2) for layer in range(4)}
+    far = load_expert_banks(BUILTIN_DIR, banks, device=device, dtype="float32")
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
@@ -112,7 +116,8 @@ async def test_remote_experts_give_the_single_node_logits_in_fp32():
         positions = torch.arange(ids.shape[1])[None]
         with torch.inference_mode():
             want = full(ids, positions, full.new_cache(1, 16), slot_start=0, kv_len=10)
-            got = trunk(ids, positions, trunk.new_cache(1, 16), slot_start=0, kv_len=10)
+            ids, positions = ids.to(device), positions.to(device)
+            got = trunk(ids, positions, trunk.new_cache(1, 16), slot_start=0, kv_len=10).cpu()
         assert (got - want).abs().max().item() < 1e-3
         assert stats.remote_calls == 4  # one call per layer to the one peer
         # an expert nobody holds: a clear error after the holder wait, not a wrong answer
