@@ -9,6 +9,9 @@ random-weight OLMoE-like model of benchmarks/engine.py. Beside each: remote expe
 token (from the host's dispatch counters) and the latency floor they impose (calls per token x
 the small-message round trip between two node processes, measured in the same run).
 Target: three-node expert-parallel decode at least 50% of the single-node rate.
+`--cores-per-node N` pins node i to cores [iN, (i+1)N) (taskset, N intra-op threads) and this
+process to the cores after them: one N-core machine holding everything versus two or three N-core
+machines, on one machine with enough cores. Without it every process shares every core.
 
     python benchmarks/moe_split.py quality [--model FOLDER] [--per-skill 50] [--shards 2 3 4]
                                            [--random-seeds 3] [--core-fraction 0.25]
@@ -32,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import platform
 import random
 import statistics
@@ -211,20 +215,33 @@ def _expert_bytes(folder: Path, dtype: str | None) -> tuple[int, int]:
     return experts, counts["trunk"] * itemsize
 
 
+def _pinning(index: int, cores: int) -> dict:
+    """NodeProcess.join arguments that give node `index` cores of its own (none when cores=0)."""
+    if not cores:
+        return {}
+    first = index * cores
+    return {
+        "prefix": ("taskset", "-c", f"{first}-{first + cores - 1}"),
+        "env": {"OMP_NUM_THREADS": str(cores)},
+    }
+
+
 async def _speed_of(folder: Path, name: str, nodes_count: int, args) -> dict:
     from mesh_node.identity import new_mesh_id
     from tests.processes.nodes import NodeProcess, stop_all
 
     mesh_id = new_mesh_id()
-    common = ["--model", str(folder)]
+    common = ["--model", str(folder), "--device", "cpu"]
     if nodes_count > 1:
         experts, trunk = _expert_bytes(folder, None)
         share = int(experts / nodes_count * 1.35) + trunk  # ~1/n of the experts, + replicas
         common += ["--moe-split", "--expert-memory", str(share)]
-    first = await NodeProcess.join(mesh_id, *common)
+    cores = args.cores_per_node
+    first = await NodeProcess.join(mesh_id, *common, **_pinning(0, cores))
     seed = "{}:{}".format(*first.address)
     nodes = [first] + [
-        await NodeProcess.join(mesh_id, "--peer", seed, *common) for _ in range(nodes_count - 1)
+        await NodeProcess.join(mesh_id, "--peer", seed, *common, **_pinning(i, cores))
+        for i in range(1, nodes_count)
     ]
     try:
         host = await _served(nodes, name, split=nodes_count > 1)
@@ -265,6 +282,14 @@ def speed(args: argparse.Namespace) -> int:
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from engine import build_olmoe_like
 
+    if args.cores_per_node:
+        available = sorted(os.sched_getaffinity(0))
+        if len(available) < 3 * args.cores_per_node + 1:
+            raise SystemExit(
+                f"--cores-per-node {args.cores_per_node} needs {3 * args.cores_per_node + 1} "
+                f"cores (three nodes and this process); this machine has {len(available)}"
+            )
+        os.sched_setaffinity(0, available[3 * args.cores_per_node :])
     results: dict[str, list[dict]] = {}
     for which in args.models:
         scratch = tempfile.mkdtemp(prefix="moe-split-")
@@ -290,7 +315,15 @@ def speed(args: argparse.Namespace) -> int:
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
     print()
-    print(f"decode through the API, {args.tokens}-token answers, median of {args.requests}")
+    cores = (
+        f"{args.cores_per_node} cores pinned per node"
+        if args.cores_per_node
+        else f"all {os.cpu_count()} cores shared"
+    )
+    print(
+        f"decode through the API, {args.tokens}-token answers, median of {args.requests}; "
+        f"{cores}, {platform.machine()}"
+    )
     print(
         "| model | nodes | tokens/s | vs 1 node | remote calls/token | round trip | "
         "latency floor/token | floor share of a token |"
@@ -332,6 +365,12 @@ def main() -> int:
     s.add_argument("--tokens", type=int, default=48, help="tokens per answer")
     s.add_argument("--requests", type=int, default=5, help="answers per configuration")
     s.add_argument("--layers", type=int, default=16, help="layers of the OLMoE-like model")
+    s.add_argument(
+        "--cores-per-node",
+        type=int,
+        default=0,
+        help="pin each node to this many cores of its own (default 0: all processes share all)",
+    )
     s.set_defaults(run=speed)
     args = parser.parse_args()
     return args.run(args)

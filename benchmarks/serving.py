@@ -77,7 +77,9 @@ async def main(args: argparse.Namespace) -> None:
         client_pin = ("taskset", "-c", str(cores[0])) if pin else ()
         if pin:
             os.sched_setaffinity(0, {cores[0]})
-        host = await NodeProcess.join(mesh_id, "--model", str(model), prefix=host_pin)
+        host = await NodeProcess.join(
+            mesh_id, "--model", str(model), "--device", "cpu", prefix=host_pin
+        )
         seed = "{}:{}".format(*host.address)
         client = await NodeProcess.join(mesh_id, "--client", "--peer", seed, prefix=client_pin)
         nodes = [host, client]
