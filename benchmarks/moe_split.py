@@ -165,13 +165,17 @@ async def _served(nodes, model: str, split: bool, timeout: float = 900.0):
             await asyncio.sleep(0.5)  # polling other processes' status (bounded by timeout)
 
 
-async def _decode_rate(api, model: str, tokens: int, prompt: str) -> float:
-    """Tokens/s between the first and the last streamed token (prefill excluded)."""
+async def _decode_rate(api, model: str, tokens: int, prompt: str, seed: int = 0) -> float:
+    """Tokens/s between the first and the last streamed token (prefill excluded). Sampled
+    (temperature 1, seeded: every configuration decodes the same tokens), as text is: a
+    random-weight model decoding greedily repeats one token, whose experts are then the same
+    at every step, which no real model's traffic looks like."""
     stream = await api.completions.create(
         model=model,
         prompt=prompt,
         max_tokens=tokens,
-        temperature=0,
+        temperature=1.0,
+        seed=seed,
         stream=True,
         extra_body={"ignore_eos": True},
     )
@@ -250,7 +254,7 @@ async def _speed_of(folder: Path, name: str, nodes_count: int, args) -> dict:
             await _decode_rate(api, name, 8, "warm up")
             before = await host.status()
             rates = [
-                await _decode_rate(api, name, args.tokens, f"request {i}")
+                await _decode_rate(api, name, args.tokens, f"request {i}", seed=i)
                 for i in range(args.requests)
             ]
             after = await host.status()
