@@ -79,8 +79,8 @@ def test_greedy_generation_matches_transformers_alone_and_batched(references, na
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", ["qwen3_moe", "llama"])
 def test_bfloat16_stays_close_to_float32(references, name, device):
-    """bf16 weights (the default for larger models on CPU and for all on GPU; float32 KV cache on
-    CPU): logits close to the float32 ones, and batched generation runs through the same paths."""
+    """bf16 weights (the default for larger models; float32 KV cache on CPU): logits close to the
+    float32 ones, and batched generation runs through the same paths."""
     folder, _ = references.get(name)
     full = load_model(folder, dtype=torch.float32, device="cpu", max_seq_len=64)
     half = load_model(folder, dtype=torch.bfloat16, device=device, max_seq_len=64)

@@ -89,10 +89,10 @@ async def test_remote_experts_give_the_single_node_logits_in_fp32(device):
 
     full = load_model(BUILTIN_DIR, device="cpu", dtype="float32")
     trunk = load_model(BUILTIN_DIR, plan=LoadPlan.trunk(), device=device, dtype="float32")
-    banks = {layer: range(0, 8, 2) for layer in range(4)}
-    near = load_expert_banks(BUILTIN_DIR, banks, device=device, dtype="float32")
-    banks = {layer: range(1, 8, 2) for layer in range(4)}
-    far = load_expert_banks(BUILTIN_DIR, banks, device=device, dtype="float32")
+    even = {layer: range(0, 8, 2) for layer in range(4)}
+    odd = {layer: range(1, 8, 2) for layer in range(4)}
+    near = load_expert_banks(BUILTIN_DIR, even, device=device, dtype="float32")
+    far = load_expert_banks(BUILTIN_DIR, odd, device=device, dtype="float32")
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
