@@ -36,6 +36,7 @@ from aioquic.quic.connection import QuicConnection
 from mesh_node.identity import MeshSecret, NodeId, NodeIdentity
 from mesh_node.protocol import MESSAGES
 from mesh_node.transport.connection import Handlers
+from mesh_node.transport.datagram_size import datagram_size
 from mesh_node.transport.messages import Ping, Pong
 from mesh_node.transport.quic import QuicEndpoint, self_signed_certificate
 from mesh_node.transport.schema import Registry
@@ -62,13 +63,15 @@ REGISTRY = Registry({**MESSAGES, 0xF0A0: Payload, 0xF0A1: Received})
 
 
 def quic_config(is_client: bool, identity: NodeIdentity | None = None) -> QuicConfiguration:
-    # the same limits as the mesh-node endpoint, so only framing/RPC differ
+    # the same limits and datagram size as the mesh-node endpoint (both ends on loopback),
+    # so only framing/RPC differ
     config = QuicConfiguration(
         is_client=is_client,
         alpn_protocols=[BARE_ALPN],
         max_stream_data=1 << 20,
         max_data=8 << 20,
         idle_timeout=30.0,
+        max_datagram_size=datagram_size("127.0.0.1"),
     )
     if is_client:
         config.verify_mode = ssl.CERT_NONE

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime
 import ipaddress
 import logging
@@ -18,7 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 from aioquic.asyncio import QuicConnectionProtocol
-from aioquic.asyncio.server import QuicServer, serve
+from aioquic.asyncio.server import QuicServer
 from aioquic.quic import events
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
@@ -29,6 +30,7 @@ from cryptography.x509.oid import NameOID
 
 from mesh_node.identity import MeshSecret, NodeId, NodeIdentity
 from mesh_node.transport.connection import Connection
+from mesh_node.transport.datagram_size import datagram_size
 from mesh_node.transport.endpoint import Address, Endpoint
 from mesh_node.transport.errors import ConnectionLost, ErrorCode
 from mesh_node.transport.handshake import ALPN
@@ -130,6 +132,11 @@ class QuicCarrier(QuicConnectionProtocol):
             return None
         return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
+    @property
+    def datagram_size(self) -> int:
+        """The largest UDP datagram this side sends (see `datagram_size`)."""
+        return self._quic._max_datagram_size
+
     def rtt(self) -> float | None:
         loss = self._quic._loss
         return loss._rtt_smoothed if loss._rtt_initialized else None
@@ -173,6 +180,26 @@ class QuicCarrier(QuicConnectionProtocol):
         self.transmit()
 
 
+class QuicListener(QuicServer):
+    """aioquic's server, giving each new connection the datagram size of its peer's path
+    (aioquic takes it from the configuration, which a server shares between connections)."""
+
+    def __init__(self, *, configuration: QuicConfiguration, **kwargs: Any):
+        super().__init__(configuration=configuration, **kwargs)
+        self._sized: dict[int, QuicConfiguration] = {configuration.max_datagram_size: configuration}
+
+    def datagram_received(self, data: bytes | str, addr: Any) -> None:
+        # long-header packets (the handshake's) are the only ones that can open a connection
+        if data and data[0] & 0x80:  # type: ignore[operator]
+            size = datagram_size(addr[0])
+            config = self._sized.get(size)
+            if config is None:
+                base = next(iter(self._sized.values()))
+                config = self._sized[size] = dataclasses.replace(base, max_datagram_size=size)
+            self._configuration = config
+        super().datagram_received(data, addr)
+
+
 class QuicEndpoint(Endpoint):
     """Endpoint over QUIC: one UDP socket listening, one more per dialed connection."""
 
@@ -189,7 +216,7 @@ class QuicEndpoint(Endpoint):
         super().__init__(identity, mesh, host=host, port=port, **endpoint_args)
         self.idle_timeout = idle_timeout
         self._certificate = self_signed_certificate(identity)
-        self._server: QuicServer | None = None
+        self._server: QuicListener | None = None
         self._client_transports: dict[Connection, asyncio.DatagramTransport] = {}
         self._reapers: set[asyncio.Task[None]] = set()
 
@@ -216,13 +243,15 @@ class QuicEndpoint(Endpoint):
     async def start(self) -> None:
         """Bind the UDP port (0 picks a free one; `self.port` holds the result)."""
         try:
-            self._server = await serve(
-                self.host,
-                self.port,
-                configuration=self._configuration(is_client=False),
-                create_protocol=lambda quic, **kw: QuicCarrier(
-                    quic, make_connection=self.new_connection, **kw
+            configuration = self._configuration(is_client=False)
+            _, self._server = await asyncio.get_running_loop().create_datagram_endpoint(
+                lambda: QuicListener(
+                    configuration=configuration,
+                    create_protocol=lambda quic, **kw: QuicCarrier(
+                        quic, make_connection=self.new_connection, **kw
+                    ),
                 ),
+                local_addr=(self.host, self.port),
             )
         except OSError as exc:
             raise OSError(f"cannot listen on {self.host}:{self.port} (udp): {exc}") from exc
@@ -239,7 +268,9 @@ class QuicEndpoint(Endpoint):
         except OSError as exc:
             raise ConnectionLost(f"cannot resolve {host}: {exc}") from None
         family, _, _, _, addr = infos[0]
-        quic = QuicConnection(configuration=self._configuration(is_client=True))
+        configuration = self._configuration(is_client=True)
+        configuration.max_datagram_size = datagram_size(addr[0])
+        quic = QuicConnection(configuration=configuration)
         bind_host = self.host if family == socket.AF_INET and self.host != "0.0.0.0" else None
         local = (bind_host or ("::" if family == socket.AF_INET6 else "0.0.0.0"), 0)
         try:
