@@ -322,6 +322,7 @@ class Generator:
         self.max_queue = max_queue
         self.prefill_chunk = prefill_chunk
         self.threads = threads
+        self._wanted_threads: int | None = None  # set_decode_threads
         self._cond = threading.Condition()
         self._inbox: collections.deque[_Sequence] = collections.deque()
         self._cancels: set[RequestStream] = set()
@@ -360,6 +361,7 @@ class Generator:
             # costs more in synchronization than it saves. Larger models use every core.
             tiny = model.args.parameter_count()["total"] < TINY_MODEL_PARAMETERS
             self.threads = 1 if tiny and model.device.type == "cpu" else torch.get_num_threads()
+        self._own_threads = self.threads
         torch.set_num_threads(self.threads)  # intra-op threads of this (worker) thread
         self.eos_ids = frozenset(tokenizer.eos_token_ids) | frozenset(model.args.eos_token_ids)
         self.cache = model.new_cache(self.max_batch, self.max_seq_len)
@@ -432,6 +434,18 @@ class Generator:
                 kv_cache_bytes=self.cache.nbytes,
             )
 
+    @property
+    def decode_threads_override(self) -> int | None:
+        """What `set_decode_threads` asked for last (None: the engine's own choice)."""
+        return self._wanted_threads
+
+    def set_decode_threads(self, threads: int | None) -> None:
+        """Intra-op threads for decode steps from the next step on; None: the engine's own
+        choice again (see `threads`). Prefill chunks keep using every thread."""
+        if threads is not None and threads < 1:
+            raise ValueError(f"threads must be at least 1, got {threads}")
+        self._wanted_threads = threads
+
     def close(self, timeout: float | None = 10.0) -> None:
         """Stops the worker; unfinished requests end with GeneratorClosedError."""
         with self._cond:
@@ -502,6 +516,10 @@ class Generator:
             cancels, self._cancels = self._cancels, set()
         if cancels:
             self._apply_cancels(cancels)
+        wanted = self._wanted_threads or self._own_threads
+        if wanted != self.threads:
+            self.threads = wanted
+            torch.set_num_threads(wanted)
         # prefill up to `prefill_chunk` tokens (of one or several joining requests), then one
         # decode step for everyone: short prompts that arrive together start decoding together,
         # and a long prompt delays the running requests by at most one chunk per step

@@ -44,6 +44,7 @@ from mesh_node.engine.loading import (
     resolve_device,
     resolve_dtype,
 )
+from mesh_node.expert_parallel.core_share import on_this_machine
 from mesh_node.expert_parallel.dispatch import (
     DispatchConfig,
     DispatchStats,
@@ -339,6 +340,21 @@ class ExpertParallel:
             plan.bytes_of(self.node_id),
         )
         return True
+
+    def colocated_peers(self, model: str) -> int:
+        """Live nodes of the model's expert plan, other than this one, that run on this
+        machine (they share its cores; see core_share)."""
+        entry = self.plans.get(model)
+        if entry is None:
+            return 0
+        count = 0
+        for offer in entry.inputs[1]:
+            member = self.table.get(offer.node_id)
+            if offer.node_id == self.node_id or member is None or not member.live:
+                continue
+            if any(on_this_machine(address.host) for address in member.addresses):
+                count += 1
+        return count
 
     def participates(self, node: NodeId) -> bool:
         member = self.table.get(node)

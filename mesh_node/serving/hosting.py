@@ -24,6 +24,7 @@ from mesh_node.engine.catalog import ResolvedModel, describe_model
 from mesh_node.engine.host_memory import release_free_memory
 from mesh_node.engine.tokenizer import Tokenizer
 from mesh_node.expert_parallel.coordinator import ExpertParallel
+from mesh_node.expert_parallel.core_share import decode_threads
 from mesh_node.expert_parallel.independent_shards import IndependentShards
 from mesh_node.membership.messages import Load, ModelInfo
 from mesh_node.membership.swim import Membership
@@ -214,6 +215,9 @@ class Hosting:
             elif elected and model in self.local.generators and self._reshard(model):
                 self._busy.add(model)
                 self._spawn(self._reload(model))
+        for model, generator in self.local.generators.items():
+            if self._split(model):
+                self._share_cores(model, generator)
         if changed:
             for callback in self._changed_callbacks:
                 callback()
@@ -334,7 +338,22 @@ class Hosting:
             experts.stop_hosting(resolved.name)
             await run_blocking(generator.close, "model-unload")
             raise
+        self._share_cores(resolved.name, generator)
         return generator
+
+    def _share_cores(self, model: str, generator: Generator) -> None:
+        """A split host's decode threads: fewer when expert peers share this machine."""
+        assert self.experts is not None
+        peers = self.experts.colocated_peers(model)
+        threads = decode_threads(peers, generator.prefill_threads)
+        if threads != generator.decode_threads_override:
+            log.info(
+                "%s: %d expert peer(s) on this machine: decode on %s intra-op thread(s)",
+                model,
+                peers,
+                threads or "the engine's default number of",
+            )
+            generator.set_decode_threads(threads)
 
     async def _unload(self, model: str) -> None:
         try:

@@ -221,3 +221,26 @@ def test_closed_generator_refuses_work(references):
         assert chunks[-1].finish_reason == "length"
     except GeneratorClosedError:
         pass
+
+
+def test_decode_threads_can_be_changed_while_serving(references):
+    folder, _ = references.get("llama")
+    model = load_model(folder, dtype=torch.float32, device="cpu", max_seq_len=64)
+    seen: list[int] = []  # intra-op threads of the worker at each decode step (1 new token)
+    model.register_forward_pre_hook(
+        lambda module, args: seen.append(torch.get_num_threads()) if args[0].shape[1] == 1 else None
+    )
+    request = GenerationRequest(prompt_ids=PROMPT, sampling=SamplingParams(max_tokens=4))
+    with Generator(model, Tokenizer(folder), threads=2) as generator:
+        generator.generate(request)
+        assert set(seen) == {2} and generator.decode_threads_override is None
+        seen.clear()
+        generator.set_decode_threads(1)
+        answer = generator.generate(request)
+        assert set(seen) == {1} and generator.decode_threads_override == 1
+        seen.clear()
+        generator.set_decode_threads(None)  # back to its own choice
+        assert generator.generate(request).text == answer.text
+        assert set(seen) == {2}
+        with pytest.raises(ValueError, match="at least 1"):
+            generator.set_decode_threads(0)

@@ -89,6 +89,8 @@ async def test_three_processes_split_the_builtin_model_and_answer_like_one_node(
         # every node holds a share, none all 32 experts
         counts = [entry["count"] for entry in plan["nodes"]]
         assert len(counts) == 3 and all(0 < c < 32 for c in counts), plan
+        # its two expert peers share this machine's cores: the host's decode takes its share
+        await host.wait_log(r"builtin: 2 expert peer\(s\) on this machine: decode on \d+ intra")
         other = next(n for n in nodes if n is not host)
         api = client(other)
         try:

@@ -1,0 +1,71 @@
+"""How many intra-op threads a split model's host gives its decode steps when its expert peers
+run on the same machine.
+
+A split host waits on the network in every MoE layer. While it waits, its OpenMP team's workers
+spin (libgomp keeps them spinning for a while after each parallel region) and hold cores. When
+the peers computing its experts run on this machine, those are the cores they need: on a
+2-core machine with three nodes, the host's process used 70 ms of CPU per 50 ms token, its
+spinning worker leaving the two peers one core between them. So when expert peers share the
+machine and this process may use all of its cores (nothing pinned it to some, as taskset or a
+cpuset does), each compute process gets an equal share: cores // (1 + co-located peers), at
+least one. Peers on other machines, or a pinned process, leave the engine's own choice.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+
+_LOCAL_CACHE_LIMIT = 1024
+_local: dict[str, bool] = {}
+
+
+def on_this_machine(host: str) -> bool:
+    """Whether `host` (an IP address literal) belongs to this machine: a loopback address, or
+    one an interface here holds (a socket can bind to it). Anything else: False."""
+    known = _local.get(host)
+    if known is not None:
+        return known
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    local = ip.is_loopback
+    if not local and not ip.is_unspecified:
+        family = socket.AF_INET if ip.version == 4 else socket.AF_INET6
+        try:
+            with socket.socket(family, socket.SOCK_DGRAM) as sock:
+                sock.bind((str(ip), 0))
+            local = True
+        except OSError:
+            local = False
+    if len(_local) >= _LOCAL_CACHE_LIMIT:
+        _local.clear()
+    _local[host] = local
+    return local
+
+
+def decode_threads(
+    colocated_peers: int,
+    all_threads: int,
+    *,
+    cpus: int | None = None,
+    allowed: int | None = None,
+) -> int | None:
+    """Threads for the split host's decode steps, or None for the engine's own choice.
+    `all_threads`: what the engine uses for prefill (every core it may use); `cpus` and
+    `allowed` (cores on the machine, cores this process may run on) default to this process's."""
+    if colocated_peers <= 0:
+        return None
+    cpus = cpus or os.cpu_count() or 1
+    if allowed is None:
+        try:
+            allowed = len(os.sched_getaffinity(0))
+        except AttributeError:  # not on Linux
+            allowed = cpus
+    if allowed < cpus:
+        return None  # pinned: whoever pinned the nodes divided the cores already
+    return max(1, min(all_threads, cpus // (1 + colocated_peers)))
