@@ -38,7 +38,7 @@ from mesh_node.protocol import MESSAGES
 from mesh_node.transport.connection import Handlers
 from mesh_node.transport.datagram_size import datagram_size
 from mesh_node.transport.messages import Ping, Pong
-from mesh_node.transport.quic import QuicEndpoint, self_signed_certificate
+from mesh_node.transport.quic import QuicEndpoint, self_signed_certificate, size_socket_buffers
 from mesh_node.transport.schema import Registry
 from mesh_node.transport.tensors import Tensor
 
@@ -149,6 +149,7 @@ async def run_server() -> None:
         port=0,
     )
     await ours.start()
+    size_socket_buffers(bare._transport)  # as the endpoint does
     bare_port = bare._transport.get_extra_info("socket").getsockname()[1]
     print(json.dumps({"bare": bare_port, "ours": ours.port, "id": str(identity.node_id)}))
     sys.stdout.flush()
@@ -165,6 +166,7 @@ async def run_client(args: argparse.Namespace, ports: dict) -> dict[str, float]:
     transport, bare = await loop.create_datagram_endpoint(
         lambda: BareClient(quic), local_addr=("127.0.0.1", 0)
     )
+    size_socket_buffers(transport)
     bare.connect(("127.0.0.1", ports["bare"]))
     await bare.wait_connected()
     endpoint = QuicEndpoint(
@@ -249,10 +251,20 @@ async def run_client(args: argparse.Namespace, ports: dict) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=6, help="interleaved rounds (default 6)")
-    parser.add_argument("--pings", type=int, default=500, help="round trips per round")
+    parser.add_argument(
+        "--pings",
+        type=int,
+        default=500,
+        help=f"round trips per round (default 500; rounds x pings at least {WARM_BLOCK})",
+    )
     parser.add_argument("--payloads", type=int, default=24, help="1 MiB requests per round")
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.rounds < 1 or args.payloads < 1 or args.rounds * args.pings < WARM_BLOCK:
+        parser.error(
+            f"need --rounds and --payloads of at least 1 and rounds x pings of at least "
+            f"{WARM_BLOCK} (one warm block per path)"
+        )
     if args.serve:
         asyncio.run(run_server())
         return

@@ -13,6 +13,7 @@ import socket
 import struct
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -28,9 +29,11 @@ from mesh_node.transport.datagram_size import (
     ipv6_routes,
     reaches_directly,
 )
+from mesh_node.transport.quic import SOCKET_BUFFER
 from mesh_node.transport.tensors import Tensor
 from tests.transport.conftest import Scale, connected, quic_pair
 
+RMEM_MAX = int(Path("/proc/sys/net/core/rmem_max").read_text()) if sys.platform == "linux" else 0
 linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux routes only")
 
 IPV4_TABLE = """\
@@ -115,6 +118,14 @@ async def test_both_sides_of_a_loopback_connection_send_large_datagrams(mesh):
         x = torch.randn(1024, 1024)  # 4 MiB
         reply = await conn.request(Scale(Tensor.from_torch(x), 2.0), timeout=30)
         assert torch.equal(reply.y.torch(), x * 2)
+        # both sockets asked for large buffers (bursts of large datagrams); Linux grants up to
+        # net.core.rmem_max and reports twice what it granted
+        rmem_max = RMEM_MAX
+        for transport in (p.a._client_transports[conn], p.b._server._transport):
+            granted = transport.get_extra_info("socket").getsockopt(
+                socket.SOL_SOCKET, socket.SO_RCVBUF
+            )
+            assert granted >= min(SOCKET_BUFFER, rmem_max)
 
 
 needs_netns = pytest.mark.skipif(
