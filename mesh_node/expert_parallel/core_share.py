@@ -13,9 +13,10 @@ least one. Peers on other machines, or a pinned process, leave the engine's own 
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import socket
+
+from mesh_node.transport.addresses import ip_of
 
 _LOCAL_CACHE_LIMIT = 1024
 _local: dict[str, bool] = {}
@@ -27,12 +28,9 @@ def on_this_machine(host: str) -> bool:
     known = _local.get(host)
     if known is not None:
         return known
-    try:
-        ip = ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
+    ip = ip_of(host)
+    if ip is None:
         return False
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
     local = ip.is_loopback
     if not local and not ip.is_unspecified:
         family = socket.AF_INET if ip.version == 4 else socket.AF_INET6

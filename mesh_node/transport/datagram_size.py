@@ -25,6 +25,8 @@ import struct
 import sys
 from pathlib import Path
 
+from mesh_node.transport.addresses import IPAddress, ip_of
+
 QUIC_MIN = 1200  # RFC 9000: every QUIC path carries datagrams of 1200 bytes
 AIOQUIC_MAX = 16000  # below aioquic's 16384-byte frame length limit, headers included
 
@@ -35,25 +37,18 @@ _IPV6_MTU = 24  # <linux/in6.h>
 _RTF_UP, _RTF_GATEWAY, _RTF_REJECT = 0x1, 0x2, 0x200
 _HEADERS = {4: 20 + 8, 6: 40 + 8}  # IP + UDP header bytes
 
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 # a route: (network, metric, flags)
 Route = tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, int, int]
 
 
 def datagram_size(host: str, *, limit: int = AIOQUIC_MAX) -> int:
     """The datagram size for QUIC packets to `host` (an IP address literal)."""
-    try:
-        ip = ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        return QUIC_MIN
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-        host = str(ip)
-    if not sys.platform.startswith("linux"):
+    ip = ip_of(host)
+    if ip is None or not sys.platform.startswith("linux"):
         return QUIC_MIN
     if not ip.is_loopback and not on_link(ip):
         return QUIC_MIN
-    mtu = path_mtu(host, ip.version)
+    mtu = path_mtu(str(ip), ip.version)
     if mtu is None:
         return QUIC_MIN
     return max(QUIC_MIN, min(limit, mtu - _HEADERS[ip.version]))

@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import dataclasses
 import datetime
-import ipaddress
 import logging
 import socket
 import ssl
@@ -29,6 +28,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.x509.oid import NameOID
 
 from mesh_node.identity import MeshSecret, NodeId, NodeIdentity
+from mesh_node.transport.addresses import normalize_host
 from mesh_node.transport.connection import Connection
 from mesh_node.transport.datagram_size import datagram_size
 from mesh_node.transport.endpoint import Address, Endpoint
@@ -52,17 +52,6 @@ def self_signed_certificate(identity: NodeIdentity) -> x509.Certificate:
         .not_valid_after(now + datetime.timedelta(days=3650))
         .sign(identity.private_key, algorithm=None)
     )
-
-
-def normalize_host(host: str) -> str:
-    """'::ffff:1.2.3.4' -> '1.2.3.4' (aioquic reports IPv4 peers of dual-stack sockets so)."""
-    try:
-        ip = ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        return host
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return str(ip.ipv4_mapped)
-    return host
 
 
 SOCKET_BUFFER = 4 << 20  # bytes asked for each UDP socket's send and receive buffers
@@ -201,6 +190,7 @@ class QuicListener(QuicServer):
 
     def __init__(self, *, configuration: QuicConfiguration, **kwargs: Any):
         super().__init__(configuration=configuration, **kwargs)
+        self._base = configuration
         self._sized: dict[int, QuicConfiguration] = {configuration.max_datagram_size: configuration}
 
     def datagram_received(self, data: bytes | str, addr: Any) -> None:
@@ -211,8 +201,8 @@ class QuicListener(QuicServer):
             size = datagram_size(addr[0])
             config = self._sized.get(size)
             if config is None:
-                base = next(iter(self._sized.values()))
-                config = self._sized[size] = dataclasses.replace(base, max_datagram_size=size)
+                config = dataclasses.replace(self._base, max_datagram_size=size)
+                self._sized[size] = config
             self._configuration = config
         super().datagram_received(data, addr)
 
