@@ -44,7 +44,7 @@ from mesh_node.engine.loading import (
     resolve_device,
     resolve_dtype,
 )
-from mesh_node.expert_parallel.core_share import on_this_machine
+from mesh_node.expert_parallel.core_share import decode_threads, on_this_machine
 from mesh_node.expert_parallel.dispatch import (
     DispatchConfig,
     DispatchStats,
@@ -283,6 +283,7 @@ class ExpertParallel:
                 continue
             changed |= self._plan(model)
             self._update_routes(model)
+            self._share_cores(model)
             if model in self.offered:
                 self._reconcile(model)
         if changed:
@@ -355,6 +356,21 @@ class ExpertParallel:
             if any(on_this_machine(address.host) for address in member.addresses):
                 count += 1
         return count
+
+    def _share_cores(self, model: str) -> None:
+        """Threads for the decode-sized expert calls this node serves: fewer when other
+        nodes of the model's plan share this machine (see core_share)."""
+        nodes = self.colocated_peers(model)
+        threads = decode_threads(nodes, self.service.all_threads) or self.service.all_threads
+        if threads != self.service.call_threads(model):
+            log.info(
+                "%s: %d other node(s) of its expert plan on this machine: "
+                "decode-sized expert calls on %d intra-op thread(s)",
+                model,
+                nodes,
+                threads,
+            )
+            self.service.set_call_threads(model, threads)
 
     def participates(self, node: NodeId) -> bool:
         member = self.table.get(node)

@@ -1,5 +1,6 @@
-"""How many intra-op threads a split model's host gives its decode steps when its expert peers
-run on the same machine.
+"""How many intra-op threads a split model's nodes give their decode-sized work (the host's
+decode steps, a peer's decode-sized expert calls) when other nodes of the split run on the
+same machine.
 
 A split host waits on the network in every MoE layer. While it waits, its OpenMP team's workers
 spin (libgomp keeps them spinning for a while after each parallel region) and hold cores. When
@@ -8,7 +9,11 @@ the peers computing its experts run on this machine, those are the cores they ne
 spinning worker leaving the two peers one core between them. So when expert peers share the
 machine and this process may use all of its cores (nothing pinned it to some, as taskset or a
 cpuset does), each compute process gets an equal share: cores // (1 + co-located peers), at
-least one. Peers on other machines, or a pinned process, leave the engine's own choice.
+least one. Peers on other machines, or a pinned process, leave the engine's own choice. The
+same holds for a peer's decode-sized expert calls: each thread streams one core's worth of
+weights, so on a machine of its own every thread helps (a 5-core node computing 8 OLMoE
+experts on one thread took 3.6 ms, 6.7 GB/s), while beside the host and other peers a
+second thread's spinning team takes the core they need next.
 """
 
 from __future__ import annotations
@@ -53,7 +58,8 @@ def decode_threads(
     cpus: int | None = None,
     allowed: int | None = None,
 ) -> int | None:
-    """Threads for the split host's decode steps, or None for the engine's own choice.
+    """Threads for a split node's decode-sized work, or None for the engine's own choice
+    (all threads), given how many other nodes of the split run on this machine.
     `all_threads`: what the engine uses for prefill (every core it may use); `cpus` and
     `allowed` (cores on the machine, cores this process may run on) default to this process's."""
     if colocated_peers <= 0:

@@ -5,11 +5,12 @@ plan) as `ExpertBank`s, by model and layer. A host sends one `ExpertCall` per la
 step with the rows routed to this peer's experts; the service checks the call against what
 it holds, computes it on its own worker thread (torch, off the event loop; one computation
 at a time, so concurrent calls queue instead of fighting over the cores) and answers with
-the outputs. A decode-sized call (a few rows) runs on that one thread alone: a second
-intra-op thread saves little on it, and its OpenMP team would keep spinning on a core after
-every call, the core the host and the other peers need next (on a machine several nodes
-share, this doubled three-node decode speed). At most `max_pending` calls wait; more are
-answered OVERLOADED.
+the outputs. A decode-sized call (a few rows) runs on the threads its model's share of the
+cores allows (`set_call_threads`, see core_share): when the model's other nodes run on this
+machine, its OpenMP team would otherwise keep spinning on cores the host and the other peers
+need next (on a 2-core machine with three nodes, one thread per call doubled three-node decode
+speed); on a machine of its own, every thread streams the experts' weights. Larger calls use
+every thread. At most `max_pending` calls wait; more are answered OVERLOADED.
 
 The host's own experts live here too: its engine reads `bank(model, layer)` directly, so
 the same bytes serve local and remote tokens.
@@ -32,7 +33,7 @@ from mesh_node.transport.tensors import Tensor
 
 log = logging.getLogger("mesh_node.experts")
 
-SMALL_CALL_ROWS = 8  # calls with at most this many rows compute on one thread
+SMALL_CALL_ROWS = 8  # calls with at most this many rows are decode-sized (set_call_threads)
 
 _WIRE_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
 
@@ -45,7 +46,8 @@ class ExpertService:
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="mesh-experts"
         )
-        self._wide_threads = torch.get_num_threads()  # for calls larger than SMALL_CALL_ROWS
+        self.all_threads = torch.get_num_threads()  # calls larger than SMALL_CALL_ROWS
+        self._call_threads: dict[str, int] = {}  # model -> threads for decode-sized calls
         self.calls_served = 0
         handlers.on_request(ExpertCall, self._serve)
 
@@ -78,6 +80,17 @@ class ExpertService:
         else:
             banks[layer] = bank
         self.replace(model, banks)
+
+    def call_threads(self, model: str) -> int:
+        """Intra-op threads for `model`'s decode-sized calls."""
+        return self._call_threads.get(model, self.all_threads)
+
+    def set_call_threads(self, model: str, threads: int | None) -> None:
+        """Compute `model`'s decode-sized calls on `threads` intra-op threads (None: all)."""
+        if threads is None:
+            self._call_threads.pop(model, None)
+        else:
+            self._call_threads[model] = max(1, threads)
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
@@ -151,7 +164,11 @@ class ExpertService:
         self._pending += 1
         try:
             loop = asyncio.get_running_loop()
-            threads = 1 if rows.shape[0] <= SMALL_CALL_ROWS else self._wide_threads
+            threads = (
+                self.call_threads(call.model)
+                if rows.shape[0] <= SMALL_CALL_ROWS
+                else self.all_threads
+            )
             outputs = await loop.run_in_executor(
                 self._executor, _compute, bank, rows, call.experts, call.counts, weighted, threads
             )

@@ -141,12 +141,21 @@ def test_banks_merge_and_subset_keep_each_experts_weights():
 
 
 @pytest.mark.skipif(torch.get_num_threads() < 2, reason="needs more than one intra-op thread")
-async def test_decode_sized_calls_compute_on_one_thread_larger_ones_on_all(service):
+async def test_decode_sized_calls_compute_on_the_models_share_of_threads(service):
     async def threads_after(rows: int) -> int:
         answer = await service._serve(None, call(experts=(1,), counts=(rows,)))
         assert tuple(answer.outputs.shape) == (rows, 128)
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(service._executor, torch.get_num_threads)
 
-    assert await threads_after(SMALL_CALL_ROWS) == 1  # no OpenMP team left spinning
-    assert await threads_after(SMALL_CALL_ROWS + 1) == torch.get_num_threads()
+    every = torch.get_num_threads()
+    # nothing said (the model's nodes are on other machines): every thread streams weights
+    assert service.call_threads("builtin") == every
+    assert await threads_after(SMALL_CALL_ROWS) == every
+    # its other nodes share this machine: one thread, no OpenMP team left spinning
+    service.set_call_threads("builtin", 1)
+    assert await threads_after(SMALL_CALL_ROWS) == 1
+    assert await threads_after(SMALL_CALL_ROWS + 1) == every  # larger calls: all threads
+    assert service.call_threads("other-model") == every  # per model
+    service.set_call_threads("builtin", None)
+    assert await threads_after(SMALL_CALL_ROWS) == every

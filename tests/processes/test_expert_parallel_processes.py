@@ -91,6 +91,12 @@ async def test_three_processes_split_the_builtin_model_and_answer_like_one_node(
         assert len(counts) == 3 and all(0 < c < 32 for c in counts), plan
         # its two expert peers share this machine's cores: the host's decode takes its share
         await host.wait_log(r"builtin: 2 expert peer\(s\) on this machine: decode on \d+ intra")
+        # and each peer computes its decode-sized calls on its share
+        for peer in (n for n in nodes if n is not host):
+            await peer.wait_log(
+                r"builtin: 2 other node\(s\) of its expert plan on this machine: "
+                r"decode-sized expert calls on \d+ intra-op"
+            )
         other = next(n for n in nodes if n is not host)
         api = client(other)
         try:
