@@ -270,6 +270,9 @@ class Connection:
         self.close_code: int | None = None
         self.close_reason = ""
         self.last_heard = asyncio.get_running_loop().time()  # loop time of the last data in
+        # set when inbound data answered one of our calls (a caller will wake); a carrier
+        # clears it before handing over a datagram's events and reads it after
+        self.answered = False
         self._state = "handshake"
         self._client_hs: ClientHandshake | None = None
         self._server_hs: ServerHandshake | None = None
@@ -705,6 +708,7 @@ class Connection:
     def _frame_received(self, stream: _Stream, message: Any, size: int) -> None:
         kind = stream.kind
         if kind in ("unary", "stream"):
+            self.answered = True
             if stream.done:
                 raise ProtocolError(ErrorCode.UNEXPECTED_MESSAGE, "frame after the answer ended")
             if type(message) is Error:
@@ -735,6 +739,7 @@ class Connection:
 
     def _peer_finished(self, stream: _Stream) -> None:
         if stream.kind in ("unary", "stream"):
+            self.answered = True
             stream.ended = True
             if not stream.done:
                 _deliver(stream, _END)

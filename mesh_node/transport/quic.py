@@ -84,6 +84,7 @@ class QuicCarrier(QuicConnectionProtocol):
         self.is_client = quic.configuration.is_client
         self._remote = remote
         self._in_events = False
+        self._wrote = False  # something was written while events were being processed
         self.connection = make_connection(self)
 
     # ---- Carrier operations
@@ -103,6 +104,7 @@ class QuicCarrier(QuicConnectionProtocol):
 
     def write(self, stream_id: int, data: bytes | memoryview, end: bool = False) -> None:
         self._quic.send_stream_data(stream_id, data, end_stream=end)  # type: ignore[arg-type]
+        self._wrote = True
 
     def flush(self) -> None:
         # inside event processing the protocol transmits right after (answers share the
@@ -166,13 +168,21 @@ class QuicCarrier(QuicConnectionProtocol):
 
     def datagram_received(self, data: bytes | str, addr: Any) -> None:
         self._in_events = True
+        self._wrote = False
+        self.connection.answered = False
         try:
             self._quic.receive_datagram(data, addr, now=self._loop.time())  # type: ignore[arg-type]
             self._process_events()
             self.connection.writable()
         finally:
             self._in_events = False
-        self.transmit()
+        if self.connection.answered and not self._wrote:
+            # this datagram answered a call and nothing new was written: what is left to send
+            # (acknowledgements, the timer to re-arm) waits until the woken callers have run,
+            # so a caller resumes one transmit sooner and what it sends next goes with it
+            self._transmit_soon()
+        else:  # answers written by inline handlers, or data waiting on this acknowledgement
+            self.transmit()
 
     def _handle_timer(self) -> None:
         self._in_events = True

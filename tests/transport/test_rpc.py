@@ -30,6 +30,7 @@ from tests.transport.conftest import (
     Sleep,
     Unhandled,
     connected,
+    quic_pair,
 )
 
 
@@ -268,3 +269,37 @@ async def test_a_handler_may_close_its_own_connection(pair_factory, mesh):
         assert closed == ["bye"]
         with pytest.raises(ConnectionLost):
             await pending
+
+
+async def test_an_answered_caller_resumes_before_the_housekeeping_transmit(mesh):
+    # QUIC: the datagram carrying an answer wakes the caller; what is left to send (the
+    # acknowledgement, the timer) waits until the caller has run, and goes out after it
+    async with quic_pair(mesh) as p:
+        conn = await p.connect()
+        await conn.request(Ping(0), timeout=5)
+        carrier = conn._carrier
+        seen: list[str] = []
+        transmit, received = carrier.transmit, carrier.datagram_received
+
+        def counted_transmit():
+            seen.append("transmit")
+            transmit()
+
+        def counted_datagram(data, addr):
+            seen.append("datagram")
+            received(data, addr)
+            seen.append("datagram handled")
+
+        carrier.transmit, carrier.datagram_received = counted_transmit, counted_datagram
+        try:
+            for i in range(20):
+                seen.clear()
+                assert await conn.request(Ping(i), timeout=5) == Pong(i)
+                seen.append("resumed")
+                # the answer's datagram (the last one) sent nothing while it was handled
+                answer = len(seen) - 1 - seen[::-1].index("datagram")
+                assert seen[answer + 1] == "datagram handled", seen
+                await asyncio.sleep(0)  # the deferred transmit runs once the caller yields
+                assert "transmit" in seen[seen.index("resumed") :], seen
+        finally:
+            carrier.transmit, carrier.datagram_received = transmit, received
