@@ -360,6 +360,9 @@ class ExpertParallel:
     def _share_cores(self, model: str) -> None:
         """Threads for the decode-sized expert calls this node serves: fewer when other
         nodes of the model's plan share this machine (see core_share)."""
+        entry = self.plans.get(model)
+        if entry is None or all(offer.node_id != self.node_id for offer in entry.inputs[1]):
+            return  # not a node of this plan (a client, say): it computes none of its calls
         nodes = self.colocated_peers(model)
         threads = decode_threads(nodes, self.service.all_threads) or self.service.all_threads
         if threads != self.service.call_threads(model):
