@@ -17,6 +17,7 @@ import ssl
 from collections.abc import Callable
 from typing import Any
 
+from aioquic import tls
 from aioquic.asyncio import QuicConnectionProtocol
 from aioquic.asyncio.server import QuicServer
 from aioquic.quic import events
@@ -54,6 +55,8 @@ def self_signed_certificate(identity: NodeIdentity) -> x509.Certificate:
     )
 
 
+ACK_HOLD = 0.020  # see QuicCarrier._hold_ack; below the 25 ms max_ack_delay aioquic announces
+ACK_HOLD_PACKETS = 8  # packets held unacknowledged at most (a writer waits at 256 KiB unacked)
 SOCKET_BUFFER = 4 << 20  # bytes asked for each UDP socket's send and receive buffers
 
 
@@ -85,6 +88,9 @@ class QuicCarrier(QuicConnectionProtocol):
         self._remote = remote
         self._in_events = False
         self._wrote = False  # something was written while events were being processed
+        self._unsent = False  # something was written since the last transmit
+        self._held_ack_at: float | None = None  # aioquic's time for the held acknowledgement
+        self._held_packets = 0  # packets that arrived since it was held
         self.connection = make_connection(self)
 
     # ---- Carrier operations
@@ -105,6 +111,7 @@ class QuicCarrier(QuicConnectionProtocol):
     def write(self, stream_id: int, data: bytes | memoryview, end: bool = False) -> None:
         self._quic.send_stream_data(stream_id, data, end_stream=end)  # type: ignore[arg-type]
         self._wrote = True
+        self._unsent = True
 
     def flush(self) -> None:
         # inside event processing the protocol transmits right after (answers share the
@@ -166,12 +173,70 @@ class QuicCarrier(QuicConnectionProtocol):
                 reason = f"QUIC error 0x{event.error_code:x}: {event.reason_phrase or 'no reason'}"
                 conn.connection_terminated(ErrorCode.LINK_ERROR, reason)
 
+    def transmit(self) -> None:
+        if self._unsent:
+            self._unsent = False
+            self._ack_with_data()
+        super().transmit()
+
+    # ---- acknowledgements: aioquic acknowledges every ack-eliciting packet 1 ms after it
+    # arrives, in a packet of its own unless data happens to leave at that very moment. A
+    # call's request or answer alone then costs a second datagram each way, and waking the
+    # process at the other end for it (a busy expert peer, a host decoding). Here a packet
+    # that arrives alone keeps its acknowledgement for the data that goes back (the answer,
+    # the next request), at most ACK_HOLD; a burst (bulk data) is acknowledged as aioquic does.
+    def _app_space(self) -> Any:
+        return self._quic._spaces.get(tls.Epoch.ONE_RTT)
+
+    def _hold_ack(self, space: Any, ack_before: float | None, largest: int, now: float) -> None:
+        """After a datagram: decide when what it brought gets acknowledged."""
+        held = self._held_ack_at
+        if space.ack_at is None:  # nothing to acknowledge (or sent already)
+            self._held_ack_at = None
+        elif ack_before is None:  # the first packet waiting for an acknowledgement: hold it
+            self._held_ack_at = space.ack_at  # aioquic's time for it
+            self._held_packets = 1
+            space.ack_at = now + ACK_HOLD
+        elif held is not None and space.largest_received_packet > largest:
+            self._held_packets += 1
+            if now < held or self._held_packets >= ACK_HOLD_PACKETS:
+                # another packet within aioquic's delay (a burst, bulk data), or many held:
+                # acknowledged on aioquic's time
+                self.acknowledge()
+
+    def acknowledge(self) -> None:
+        """The peer waits for the acknowledgement of what has arrived (the end of a one-way
+        message): send it on aioquic's time, not held for data going back."""
+        space = self._app_space()
+        held = self._held_ack_at
+        if space is not None and space.ack_at is not None and held is not None:
+            space.ack_at = min(space.ack_at, held)
+        self._held_ack_at = None
+
+    def _ack_with_data(self) -> None:
+        """Data is leaving: a held acknowledgement goes with it once aioquic's time for it has
+        come (sooner would put acknowledgement work on every round trip of a fast exchange)."""
+        space = self._app_space()
+        held = self._held_ack_at
+        if space is not None and space.ack_at is not None and held is not None:
+            now = self._loop.time()
+            if held <= now:
+                space.ack_at = now  # due: written into the data's packet
+                self._held_ack_at = None
+
     def datagram_received(self, data: bytes | str, addr: Any) -> None:
         self._in_events = True
         self._wrote = False
         self.connection.answered = False
         try:
-            self._quic.receive_datagram(data, addr, now=self._loop.time())  # type: ignore[arg-type]
+            now = self._loop.time()
+            space = self._app_space()
+            ack_before, largest = (
+                (None, -1) if space is None else (space.ack_at, space.largest_received_packet)
+            )
+            self._quic.receive_datagram(data, addr, now=now)  # type: ignore[arg-type]
+            if space is not None:
+                self._hold_ack(space, ack_before, largest, now)
             self._process_events()
             self.connection.writable()
         finally:

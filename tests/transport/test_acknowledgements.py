@@ -1,0 +1,125 @@
+"""When a QUIC connection acknowledges what it receives (see QuicCarrier._hold_ack): a packet
+that arrives alone gets its acknowledgement with the data going back; bursts as aioquic does."""
+
+from __future__ import annotations
+
+import asyncio
+
+from mesh_node.transport.quic import ACK_HOLD
+from tests.transport.conftest import Echo, Note, Sleep, quic_pair
+
+
+class Sent:
+    """Records the loop time of every datagram a UDP transport sends."""
+
+    def __init__(self, transport):
+        self.times: list[float] = []
+        self._transport = transport
+        self._sendto = transport.sendto
+        loop = asyncio.get_running_loop()
+
+        def sendto(data, addr=None):
+            self.times.append(loop.time())
+            self._sendto(data, addr)
+
+        transport.sendto = sendto
+
+    def restore(self) -> None:
+        self._transport.sendto = self._sendto
+
+
+async def settled(conn) -> None:
+    """The handshake's last frames and every held acknowledgement have gone."""
+    assert await conn.request(Echo("warm"), timeout=5) == Echo("warm")
+    await asyncio.sleep(ACK_HOLD * 2.5)
+
+
+async def test_calls_answered_later_carry_the_acknowledgements_both_ways(mesh):
+    # aioquic alone: the server acknowledges each request 1 ms after it arrives, in a
+    # datagram of its own, and the client each answer: four datagrams per call. Held for the
+    # data going back, each call takes two, and the last answer's acknowledgement follows
+    # within ACK_HOLD.
+    async with quic_pair(mesh) as p:
+        conn = await p.connect()
+        await settled(conn)
+        server = Sent(p.b._server._transport)
+        client = Sent(conn._carrier._transport)
+        try:
+            calls = 6
+            for _ in range(calls):
+                assert await conn.request(Sleep(0.005), timeout=5) == Echo("slept")
+            assert len(server.times) == calls  # the answers, each with an acknowledgement
+            assert len(client.times) == calls  # the requests, each acknowledging an answer
+            finished = asyncio.get_running_loop().time()
+            await asyncio.sleep(ACK_HOLD * 2.5)
+            # the last answer's acknowledgement, alone once nothing went back within ACK_HOLD
+            assert len(client.times) == calls + 1
+            assert client.times[-1] - finished >= ACK_HOLD * 0.5
+            assert conn._carrier._app_space().ack_at is None
+            assert len(server.times) == calls
+        finally:
+            server.restore()
+            client.restore()
+
+
+async def test_a_burst_is_acknowledged_without_waiting_for_data(mesh):
+    # a one-way message of 26 datagrams: the receiver acknowledges it as aioquic does, about
+    # 1 ms after the first datagram (the sender's congestion window needs the
+    # acknowledgements to go on), not after ACK_HOLD
+    async with quic_pair(mesh) as p:
+        conn = await p.connect()
+        await settled(conn)
+        carrier = p.b.connection_to(p.a.node_id)._carrier
+        arrived: list[float] = []
+        received = carrier.datagram_received
+        loop = asyncio.get_running_loop()
+
+        def timed(data, addr):
+            arrived.append(loop.time())
+            received(data, addr)
+
+        carrier.datagram_received = timed
+        server = Sent(p.b._server._transport)
+        try:
+            await conn.send(Note("x" * 400_000), timeout=5)
+            async with asyncio.timeout(5):
+                await p.service_b.notes.get()
+            assert len(arrived) >= 20 and server.times
+            assert server.times[0] - arrived[0] < ACK_HOLD / 2
+        finally:
+            server.restore()
+            carrier.datagram_received = received
+
+
+async def test_a_one_way_message_is_acknowledged_without_waiting_for_data(mesh):
+    # its sender waits for the acknowledgement (Connection.send): not held
+    async with quic_pair(mesh) as p:
+        conn = await p.connect()
+        await settled(conn)
+        loop = asyncio.get_running_loop()
+        for _ in range(5):
+            started = loop.time()
+            await conn.send(Note("hello"), timeout=5)
+            assert loop.time() - started < ACK_HOLD / 2
+
+
+async def test_a_packet_nothing_answers_is_acknowledged_after_the_hold(mesh):
+    # a request whose answer takes long: its acknowledgement goes alone after ACK_HOLD
+    # (within the 25 ms max_ack_delay the connection announces); the answer follows
+    async with quic_pair(mesh) as p:
+        conn = await p.connect()
+        await settled(conn)
+        server = Sent(p.b._server._transport)
+        try:
+            loop = asyncio.get_running_loop()
+            sent = loop.time()
+            call = asyncio.ensure_future(conn.request(Sleep(ACK_HOLD * 4), timeout=5))
+            async with asyncio.timeout(5):
+                await p.service_b.started.get()
+            await asyncio.sleep(ACK_HOLD * 2)
+            assert len(server.times) == 1  # the acknowledgement, alone, after the hold
+            assert server.times[0] - sent >= ACK_HOLD * 0.9
+            assert await call == Echo("slept")
+            assert len(server.times) == 2
+        finally:
+            server.restore()
