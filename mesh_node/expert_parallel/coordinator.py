@@ -63,6 +63,7 @@ from mesh_node.membership.claims import ALIVE
 from mesh_node.membership.dialing import connect_member
 from mesh_node.membership.messages import ExpertShard, ModelInfo
 from mesh_node.membership.swim import Membership
+from mesh_node.membership.table import REMOVED
 from mesh_node.placement import rankings as rankings_mod
 from mesh_node.placement.expert_plan import (
     ExpertDemand,
@@ -160,6 +161,8 @@ class ExpertParallel:
         self._table_changed = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._changed: list[Callable[[], None]] = []
+        self._calls: dict[NodeId, set[asyncio.Task[Any]]] = {}  # expert calls in flight, by peer
+        self._dropped: set[asyncio.Task[Any]] = set()  # calls cancelled: their peer is gone
         handlers.on_request(RankingsRequest, self._serve_rankings)
 
     @property
@@ -240,6 +243,12 @@ class ExpertParallel:
     def _on_table_change(self, member, what) -> None:
         self._kick.set()
         self._table_changed.set()
+        calls = self._calls.get(member.node_id)
+        if calls and (what == REMOVED or member.status != ALIVE):
+            # suspected, dead or gone: its calls fail over now, not at their timeout
+            for task in calls:
+                self._dropped.add(task)
+                task.cancel()
 
     async def stop(self) -> None:
         for task in list(self._tasks) + list(self._reconciling.values()):
@@ -740,21 +749,26 @@ class ExpertParallel:
             token_of=token_of.tolist(),
             weights=Tensor.from_torch(weights.float().contiguous()),
         )
-        request = asyncio.ensure_future(
-            conn.request(call, timeout=self.config.dispatch.call_timeout)
-        )
+        member = self.table.get(peer)
+        if member is None or member.status != ALIVE:
+            raise PeerGone(f"{peer.short} is {member.status if member else 'gone'}")
+        task = asyncio.current_task()
+        assert task is not None
+        calls = self._calls.setdefault(peer, set())
+        calls.add(task)
         try:
-            while True:
-                done, _ = await asyncio.wait({request}, timeout=0.25)
-                if done:
-                    break
-                member = self.table.get(peer)
-                if member is None or member.status != ALIVE:
-                    raise PeerGone(f"{peer.short} is {member.status if member else 'gone'}")
+            reply = await conn.request(call, timeout=self.config.dispatch.call_timeout)
+        except asyncio.CancelledError:
+            if task not in self._dropped:
+                raise
+            task.uncancel()
+            member = self.table.get(peer)
+            raise PeerGone(f"{peer.short} is {member.status if member else 'gone'}") from None
         finally:
-            if not request.done():
-                request.cancel()
-        reply = request.result()
+            self._dropped.discard(task)
+            calls.discard(task)
+            if not calls and self._calls.get(peer) is calls:
+                del self._calls[peer]
         if not isinstance(reply, ExpertOutput):
             raise PeerGone(f"{peer.short} answered {type(reply).__name__}")
         outputs = reply.outputs.torch()

@@ -130,3 +130,48 @@ async def test_remote_experts_give_the_single_node_logits_in_fp32(device):
         loop.call_soon_threadsafe(loop.stop)
         thread.join(5)
         loop.close()
+
+
+async def test_a_call_to_a_peer_turning_suspect_fails_over_at_once(
+    mesh, single_node_answers, monkeypatch
+):
+    """A peer that stops answering mid-call (its compute is stuck) and that the host's
+    membership then suspects: the call goes to another holder right away, not at the call's
+    30 s timeout, and the answer is the single node's."""
+    import asyncio
+    import threading
+
+    from mesh_node.expert_parallel import service
+
+    for _ in range(3):
+        await mesh.add(experts=SPLIT)
+    await mesh.wait(lambda: len(mesh.hosts_of("builtin")) == 1, timeout=60)
+    host = mesh.hosts_of("builtin")[0]
+    await mesh.wait(lambda: all(n.experts.status()[0].get("agreed") for n in mesh.nodes))
+    stalled = next(n for n in mesh.nodes if n is not host)
+    banks = {id(bank) for bank in stalled.expert_service._banks["builtin"].values()}
+    entered, release = threading.Event(), threading.Event()
+    compute = service._compute
+
+    def stuck_compute(bank, *args):
+        if id(bank) in banks and not release.is_set():
+            entered.set()
+            release.wait(60)
+        return compute(bank, *args)
+
+    monkeypatch.setattr(service, "_compute", stuck_compute)
+    stats = host.experts.stats["builtin"]
+    loop = asyncio.get_running_loop()
+    try:
+        generation = asyncio.ensure_future(answer(host, chat("builtin", PROMPTS[0])))
+        assert await asyncio.to_thread(entered.wait, 30)  # a call waits on the stuck peer
+        before = stats.failovers
+        suspected = loop.time()
+        host.membership._suspect(host.membership.table.get(stalled.node_id))
+        await mesh.wait(lambda: stats.failovers > before, timeout=10)
+        assert loop.time() - suspected < 5
+        release.set()
+        text, _ = await asyncio.wait_for(generation, 60)
+        assert text == single_node_answers[0]
+    finally:
+        release.set()
