@@ -88,9 +88,9 @@ class QuicCarrier(QuicConnectionProtocol):
         self._remote = remote
         self._in_events = False
         self._wrote = False  # something was written while events were being processed
-        self._unsent = False  # something was written since the last transmit
         self._held_ack_at: float | None = None  # aioquic's time for the held acknowledgement
         self._held_packets = 0  # packets that arrived since it was held
+        self._space: Any = None  # aioquic's 1-RTT packet space, once there is one
         self.connection = make_connection(self)
 
     # ---- Carrier operations
@@ -111,7 +111,8 @@ class QuicCarrier(QuicConnectionProtocol):
     def write(self, stream_id: int, data: bytes | memoryview, end: bool = False) -> None:
         self._quic.send_stream_data(stream_id, data, end_stream=end)  # type: ignore[arg-type]
         self._wrote = True
-        self._unsent = True
+        if self._held_ack_at is not None:
+            self._ack_with_data()
 
     def flush(self) -> None:
         # inside event processing the protocol transmits right after (answers share the
@@ -173,12 +174,6 @@ class QuicCarrier(QuicConnectionProtocol):
                 reason = f"QUIC error 0x{event.error_code:x}: {event.reason_phrase or 'no reason'}"
                 conn.connection_terminated(ErrorCode.LINK_ERROR, reason)
 
-    def transmit(self) -> None:
-        if self._unsent:
-            self._unsent = False
-            self._ack_with_data()
-        super().transmit()
-
     # ---- acknowledgements: aioquic acknowledges every ack-eliciting packet 1 ms after it
     # arrives, in a packet of its own unless data happens to leave at that very moment. A
     # call's request or answer alone then costs a second datagram each way, and waking the
@@ -186,7 +181,10 @@ class QuicCarrier(QuicConnectionProtocol):
     # that arrives alone keeps its acknowledgement for the data that goes back (the answer,
     # the next request), at most ACK_HOLD; a burst (bulk data) is acknowledged as aioquic does.
     def _app_space(self) -> Any:
-        return self._quic._spaces.get(tls.Epoch.ONE_RTT)
+        """aioquic's 1-RTT packet space (None until the connection has set its spaces up)."""
+        if self._space is None:
+            self._space = self._quic._spaces.get(tls.Epoch.ONE_RTT)
+        return self._space
 
     def _hold_ack(self, space: Any, ack_before: float | None, largest: int, now: float) -> None:
         """After a datagram: decide when what it brought gets acknowledged."""
@@ -214,8 +212,9 @@ class QuicCarrier(QuicConnectionProtocol):
         self._held_ack_at = None
 
     def _ack_with_data(self) -> None:
-        """Data is leaving: a held acknowledgement goes with it once aioquic's time for it has
-        come (sooner would put acknowledgement work on every round trip of a fast exchange)."""
+        """Data was written: a held acknowledgement goes with it once aioquic's time for it
+        has come (sooner would put acknowledgement work on every round trip of a fast
+        exchange)."""
         space = self._app_space()
         held = self._held_ack_at
         if space is not None and space.ack_at is not None and held is not None:
@@ -230,12 +229,13 @@ class QuicCarrier(QuicConnectionProtocol):
         self.connection.answered = False
         try:
             now = self._loop.time()
-            space = self._app_space()
-            ack_before, largest = (
-                (None, -1) if space is None else (space.ack_at, space.largest_received_packet)
-            )
+            space = self._space or self._app_space()
+            # (cheap for the datagrams of a burst: an acknowledgement pending, none held)
+            ack_before = None if space is None else space.ack_at
+            held = self._held_ack_at is not None
+            largest = space.largest_received_packet if held else 0
             self._quic.receive_datagram(data, addr, now=now)  # type: ignore[arg-type]
-            if space is not None:
+            if space is not None and (ack_before is None or held):
                 self._hold_ack(space, ack_before, largest, now)
             self._process_events()
             self.connection.writable()
