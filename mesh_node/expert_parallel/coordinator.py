@@ -751,7 +751,7 @@ class ExpertParallel:
         )
         member = self.table.get(peer)
         if member is None or member.status != ALIVE:
-            raise PeerGone(f"{peer.short} is {member.status if member else 'gone'}")
+            raise self._gone(peer)
         task = asyncio.current_task()
         assert task is not None
         calls = self._calls.setdefault(peer, set())
@@ -762,8 +762,7 @@ class ExpertParallel:
             if task not in self._dropped:
                 raise
             task.uncancel()
-            member = self.table.get(peer)
-            raise PeerGone(f"{peer.short} is {member.status if member else 'gone'}") from None
+            raise self._gone(peer) from None
         finally:
             self._dropped.discard(task)
             calls.discard(task)
@@ -775,6 +774,10 @@ class ExpertParallel:
         if tuple(outputs.shape) != tuple(rows.shape) or outputs.dtype != torch.float32:
             raise PeerGone(f"{peer.short} answered {list(outputs.shape)} for {list(rows.shape)}")
         return outputs
+
+    def _gone(self, peer: NodeId) -> PeerGone:
+        member = self.table.get(peer)
+        return PeerGone(f"{peer.short} is {member.status if member else 'gone'}")
 
     async def wait_covered(self, model: str, timeout: float) -> None:
         """Until every expert of `model` has a holder (this node or a live peer); TimeoutError

@@ -205,23 +205,20 @@ class QuicCarrier(QuicConnectionProtocol):
     def acknowledge(self) -> None:
         """The peer waits for the acknowledgement of what has arrived (the end of a one-way
         message): send it on aioquic's time, not held for data going back."""
-        space = self._app_space()
-        held = self._held_ack_at
-        if space is not None and space.ack_at is not None and held is not None:
+        held, self._held_ack_at = self._held_ack_at, None
+        space = self._space  # there is one whenever an acknowledgement is held
+        if held is not None and space.ack_at is not None:
             space.ack_at = min(space.ack_at, held)
-        self._held_ack_at = None
 
     def _ack_with_data(self) -> None:
         """Data was written: a held acknowledgement goes with it once aioquic's time for it
         has come (sooner would put acknowledgement work on every round trip of a fast
         exchange)."""
-        space = self._app_space()
-        held = self._held_ack_at
-        if space is not None and space.ack_at is not None and held is not None:
-            now = self._loop.time()
-            if held <= now:
-                space.ack_at = now  # due: written into the data's packet
-                self._held_ack_at = None
+        held, now = self._held_ack_at, self._loop.time()
+        if held is not None and held <= now:
+            self._held_ack_at = None
+            if self._space.ack_at is not None:  # (not sent meanwhile)
+                self._space.ack_at = now  # due: written into the data's packet
 
     def datagram_received(self, data: bytes | str, addr: Any) -> None:
         self._in_events = True

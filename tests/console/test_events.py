@@ -7,17 +7,9 @@ import pytest
 
 from mesh_node.console.events import encode_event
 from mesh_node.console.server import ConsoleServer
+from tests.conditions import until
 from tests.console.scripted_source import ScriptedSource, make_peer
 from tests.console.sse import EventReader
-
-
-async def until(condition, timeout: float = 5.0, what: str = "condition") -> None:
-    """Wait (bounded) until `condition()` is true."""
-    for _ in range(int(timeout / 0.01)):
-        if condition():
-            return
-        await asyncio.sleep(0.01)
-    raise TimeoutError(f"{what} not reached within {timeout}s")
 
 
 def stream_tasks() -> list[asyncio.Task]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 
 from mesh_node.transport.quic import ACK_HOLD
+from tests.conditions import until
 from tests.transport.conftest import Echo, Note, Sleep, quic_pair
 
 
@@ -28,10 +29,11 @@ class Sent:
         self._transport.sendto = self._sendto
 
 
-async def settled(conn) -> None:
+async def settled(p, conn) -> None:
     """The handshake's last frames and every held acknowledgement have gone."""
     assert await conn.request(Echo("warm"), timeout=5) == Echo("warm")
-    await asyncio.sleep(ACK_HOLD * 2.5)
+    carriers = (conn._carrier, p.b.connection_to(p.a.node_id)._carrier)
+    await until(lambda: all(c._app_space().ack_at is None for c in carriers), what="acked")
 
 
 async def test_calls_answered_later_carry_the_acknowledgements_both_ways(mesh):
@@ -41,7 +43,7 @@ async def test_calls_answered_later_carry_the_acknowledgements_both_ways(mesh):
     # within ACK_HOLD.
     async with quic_pair(mesh) as p:
         conn = await p.connect()
-        await settled(conn)
+        await settled(p, conn)
         server = Sent(p.b._server._transport)
         client = Sent(conn._carrier._transport)
         try:
@@ -51,8 +53,8 @@ async def test_calls_answered_later_carry_the_acknowledgements_both_ways(mesh):
             assert len(server.times) == calls  # the answers, each with an acknowledgement
             assert len(client.times) == calls  # the requests, each acknowledging an answer
             finished = asyncio.get_running_loop().time()
-            await asyncio.sleep(ACK_HOLD * 2.5)
             # the last answer's acknowledgement, alone once nothing went back within ACK_HOLD
+            await until(lambda: len(client.times) > calls, what="the last acknowledgement")
             assert len(client.times) == calls + 1
             assert client.times[-1] - finished >= ACK_HOLD * 0.5
             assert conn._carrier._app_space().ack_at is None
@@ -68,7 +70,7 @@ async def test_a_burst_is_acknowledged_without_waiting_for_data(mesh):
     # acknowledgements to go on), not after ACK_HOLD
     async with quic_pair(mesh) as p:
         conn = await p.connect()
-        await settled(conn)
+        await settled(p, conn)
         carrier = p.b.connection_to(p.a.node_id)._carrier
         arrived: list[float] = []
         received = carrier.datagram_received
@@ -95,7 +97,7 @@ async def test_a_one_way_message_is_acknowledged_without_waiting_for_data(mesh):
     # its sender waits for the acknowledgement (Connection.send): not held
     async with quic_pair(mesh) as p:
         conn = await p.connect()
-        await settled(conn)
+        await settled(p, conn)
         loop = asyncio.get_running_loop()
         for _ in range(5):
             started = loop.time()
@@ -108,7 +110,7 @@ async def test_a_packet_nothing_answers_is_acknowledged_after_the_hold(mesh):
     # (within the 25 ms max_ack_delay the connection announces); the answer follows
     async with quic_pair(mesh) as p:
         conn = await p.connect()
-        await settled(conn)
+        await settled(p, conn)
         server = Sent(p.b._server._transport)
         try:
             loop = asyncio.get_running_loop()
@@ -116,8 +118,8 @@ async def test_a_packet_nothing_answers_is_acknowledged_after_the_hold(mesh):
             call = asyncio.ensure_future(conn.request(Sleep(ACK_HOLD * 4), timeout=5))
             async with asyncio.timeout(5):
                 await p.service_b.started.get()
-            await asyncio.sleep(ACK_HOLD * 2)
-            assert len(server.times) == 1  # the acknowledgement, alone, after the hold
+            await until(lambda: server.times, what="the acknowledgement")
+            assert len(server.times) == 1 and not call.done()  # alone, after the hold
             assert server.times[0] - sent >= ACK_HOLD * 0.9
             assert await call == Echo("slept")
             assert len(server.times) == 2
