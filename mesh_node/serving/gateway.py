@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from mesh_node.identity import NodeId
 from mesh_node.membership.claims import ALIVE, SUSPECT
 from mesh_node.membership.dialing import connect_member
-from mesh_node.membership.table import PeerTable
+from mesh_node.membership.table import CONTACT, PeerTable
 from mesh_node.placement.shards import shard_for_session
 from mesh_node.serving.hosting import Hosting
 from mesh_node.serving.local import LocalModels
@@ -72,7 +72,11 @@ class Gateway:
         self.config = config or GatewayConfig()
         self._sent: collections.Counter[NodeId] = collections.Counter()  # in flight, by host
         self._changed = asyncio.Event()
-        table.subscribe(lambda member, what: self._changed.set())
+        table.subscribe(self._on_table_change)
+
+    def _on_table_change(self, member, what: str) -> None:
+        if what != CONTACT:  # (hearing from a peer changes no host's offer)
+            self._changed.set()
 
     # ---- what the mesh offers
     def model_ids(self) -> list[str]:

@@ -28,7 +28,7 @@ from mesh_node.expert_parallel.core_share import decode_threads
 from mesh_node.expert_parallel.independent_shards import IndependentShards
 from mesh_node.membership.messages import Load, ModelInfo
 from mesh_node.membership.swim import Membership
-from mesh_node.membership.table import PeerTable
+from mesh_node.membership.table import CONTACT, PeerTable
 from mesh_node.placement.election import Election, NodeView, elect
 from mesh_node.serving.local import LocalModels
 
@@ -140,10 +140,14 @@ class Hosting:
         if self.shards is not None:
             on_disk = self.shards.describe(on_disk)
         self.membership.update_state(models_on_disk=on_disk, role=self._role())
-        self.membership.table.subscribe(lambda member, what: self._kick.set())
+        self.membership.table.subscribe(self._on_table_change)
         self._spawn(self._election_loop())
         self._spawn(self._load_loop())
         self._kick.set()
+
+    def _on_table_change(self, member, what: str) -> None:
+        if what != CONTACT:  # (hearing from a peer changes no election)
+            self._kick.set()
 
     async def stop(self) -> None:
         for task in list(self._tasks):
