@@ -23,7 +23,7 @@ from mesh_node.expert_parallel.service import ExpertService
 from mesh_node.identity import MeshSecret, NodeId, NodeIdentity, default_home
 from mesh_node.membership.discovery import MdnsDiscovery, local_ipv4_addresses
 from mesh_node.membership.messages import Address
-from mesh_node.membership.state import SelfState, probe_hardware
+from mesh_node.membership.state import SelfState, machine_id, probe_hardware
 from mesh_node.membership.swim import Membership, MembershipConfig
 from mesh_node.membership.view import MeshView
 from mesh_node.protocol import REGISTRY
@@ -139,6 +139,7 @@ class Node:
             role="client" if self.config.client else "worker",
             addresses=addresses,
             hardware=probe_hardware(with_gpus=False),
+            machine=machine_id(),
         )
         self.membership = Membership(
             self.endpoint, self_state, config=self.config.membership, seeds=self.config.peers

@@ -109,10 +109,14 @@ TRUNK_BYTES = 4 << 20
 EXPERT_BYTES = 1 << 20
 BUDGET_A = 8 << 20  # KEY_A, the host: 4 MiB left for experts after the trunk
 BUDGET_B = 6 << 20
+MACHINE_A, MACHINE_B = "3a7bd3e2360a3d29", "c4ca4238a0b92382"  # two machines
 PLAN = plan_experts(
     "tiny-moe",
     NodeId(KEY_A),
-    [PeerOffer(NodeId(KEY_A), BUDGET_A - TRUNK_BYTES), PeerOffer(NodeId(KEY_B), BUDGET_B)],
+    [
+        PeerOffer(NodeId(KEY_A), BUDGET_A - TRUNK_BYTES, MACHINE_A),
+        PeerOffer(NodeId(KEY_B), BUDGET_B, MACHINE_B),
+    ],
     ExpertDemand(
         RANKINGS.layers,
         RANKINGS.num_experts,
@@ -153,6 +157,7 @@ STATE = PeerState(
         for layer, experts in PLAN.experts_of(NodeId(KEY_A)).items()
     ],
     load=Load(2, 41.5),
+    machine=MACHINE_A,
 )
 
 EXAMPLES = [

@@ -61,10 +61,14 @@ def test_expert_plan_example_matches_the_spec():
         rankings.digest(),
     )
     host_budget = info["expert_budget"] - info["trunk_bytes"]
-    offers = [PeerOffer(host, host_budget), PeerOffer(other, 6 << 20)]
+    offers = [
+        PeerOffer(host, host_budget, state["machine"]),
+        PeerOffer(other, 6 << 20, "c4ca4238a0b92382"),
+    ]
     plan = plan_experts(info["name"], host, offers, demand)
-    assert plan.fingerprint == info["expert_plan"] == "072555d129a584d3"
+    assert plan.fingerprint == info["expert_plan"] == "b386eb7c52e0e772"
     assert {s["layer"]: tuple(s["experts"]) for s in state["expert_shards"]} == dict(
         plan.experts_of(host)
     )
-    assert dict(plan.experts_of(other)) == {1: (0, 1, 2), 3: (0, 1, 2)}
+    assert dict(plan.experts_of(other)) == {1: (0, 2, 3), 3: (0, 2, 3)}
+    assert plan.unreplicated == ((3, 1),)

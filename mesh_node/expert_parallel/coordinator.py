@@ -63,7 +63,7 @@ from mesh_node.membership.claims import ALIVE
 from mesh_node.membership.dialing import connect_member
 from mesh_node.membership.messages import ExpertShard, ModelInfo
 from mesh_node.membership.swim import Membership
-from mesh_node.membership.table import REMOVED
+from mesh_node.membership.table import CONTACT, REMOVED
 from mesh_node.placement import rankings as rankings_mod
 from mesh_node.placement.expert_plan import (
     ExpertDemand,
@@ -225,6 +225,11 @@ class ExpertParallel:
         """Some live node offers `model` in expert-parallel mode."""
         return any(i.expert_budget > 0 for _, i in self.offers_of(model))
 
+    def _machine_of(self, node: NodeId) -> str:
+        """The machine label a node gossips ("" when unknown)."""
+        member = self.table.get(node)
+        return member.state.machine if member is not None and member.state is not None else ""
+
     def offers_of(self, model: str) -> list[tuple[NodeId, ModelInfo]]:
         found = []
         for member in self.table:
@@ -241,6 +246,8 @@ class ExpertParallel:
         self._kick.set()
 
     def _on_table_change(self, member, what) -> None:
+        if what == CONTACT:  # heard from a peer: nothing a plan or a route depends on
+            return
         self._kick.set()
         self._table_changed.set()
         calls = self._calls.get(member.node_id)
@@ -313,7 +320,11 @@ class ExpertParallel:
         offers = tuple(
             sorted(
                 (
-                    PeerOffer(node, max(0, i.expert_budget - (trunk if node == host else 0)))
+                    PeerOffer(
+                        node,
+                        max(0, i.expert_budget - (trunk if node == host else 0)),
+                        self._machine_of(node),
+                    )
                     for node, i in infos
                     if i.expert_budget > 0 and self.participates(node)
                 ),
@@ -321,7 +332,11 @@ class ExpertParallel:
             )
         )
         if host not in {o.node_id for o in offers}:
-            offers = tuple(sorted((*offers, PeerOffer(host, 0)), key=lambda o: o.node_id))
+            offers = tuple(
+                sorted(
+                    (*offers, PeerOffer(host, 0, self._machine_of(host))), key=lambda o: o.node_id
+                )
+            )
         current = self.plans.get(model)
         if (
             current is not None

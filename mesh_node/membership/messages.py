@@ -102,6 +102,9 @@ class PeerState:
     models_served: list[str] = field(default_factory=list)
     expert_shards: list[ExpertShard] = field(default_factory=list)
     load: Load = field(default_factory=Load)
+    # the machine (kernel) the node runs on, fixed for the node's life: nodes sharing one
+    # share its memory bandwidth (see placement.expert_plan); "" when unknown
+    machine: str = ""
 
 
 @dataclass(frozen=True, slots=True)

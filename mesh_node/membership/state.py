@@ -6,6 +6,7 @@ so a restarted node's state is always newer than anything it published before.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from dataclasses import fields, replace
@@ -27,6 +28,7 @@ log = logging.getLogger("mesh_node.membership")
 ROLES = ("host", "worker", "client")
 MAX_TEXT = 256
 MAX_NAME = 64
+MAX_MACHINE = 64
 MAX_ADDRESSES = 8
 MAX_MODELS = 256
 MAX_GPUS = 16
@@ -48,6 +50,7 @@ def state_error(state: PeerState | StateDelta) -> str | None:
     checks: list[str | None] = [
         text(getattr(state, "name", None), MAX_NAME, "name"),
         text(getattr(state, "software", None), MAX_TEXT, "software"),
+        text(getattr(state, "machine", None), MAX_MACHINE, "machine"),
     ]
     role = getattr(state, "role", None)
     if role is not None and role not in ROLES:
@@ -95,6 +98,7 @@ class SelfState:
         role: str,
         addresses: list[Address],
         hardware: Hardware | None = None,
+        machine: str = "",
     ):
         self.current = PeerState(
             node=node,
@@ -105,6 +109,7 @@ class SelfState:
             role=role,
             addresses=addresses,
             hardware=hardware,
+            machine=machine,
         )
         problem = state_error(self.current)
         if problem:
@@ -134,6 +139,18 @@ class SelfState:
             if getattr(now, name) != getattr(base, name)
         }
         return StateDelta(node=now.node, base=base.version, version=now.version, **changed)
+
+
+def machine_id(boot_id: str = "/proc/sys/kernel/random/boot_id") -> str:
+    """A label for the machine this process runs on: 16 hex digits hashed from the Linux
+    kernel's boot id, which every process, container and network namespace on one running
+    kernel shares (and so its memory and memory bandwidth). "" where there is none."""
+    try:
+        with open(boot_id, "rb") as f:
+            raw = f.read().strip()
+    except OSError:
+        return ""
+    return hashlib.sha256(b"mesh-node machine\0" + raw).hexdigest()[:16] if raw else ""
 
 
 def probe_hardware(with_gpus: bool = True) -> Hardware:

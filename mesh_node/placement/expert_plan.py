@@ -13,29 +13,40 @@ tie could go either way, so the same inputs give the same plan everywhere):
    copy; if the sum of the capacities is smaller, `PlanError` says how many bytes miss.
 2. Replicas. In each layer the hottest `ceil(replicate_fraction * num_experts)` experts by
    gate mass (ties: lower id) want `min_replicas` copies on distinct peers (fewer when
-   fewer peers have room). Extra copies that do not fit are dropped coldest first (by gate
-   mass across all layers, then layer, then expert); a hot expert left with fewer than
-   `min_replicas` holders is listed in `ExpertPlan.unreplicated`.
+   fewer peers have room). As many extra copies as the spare capacity allows are counted
+   in the targets; which ones get placed is step 4's.
 3. Targets. The N copies to place are split among peers proportionally to their budgets
    (largest-remainder apportionment in exact integers, water-filled under each peer's
-   capacity), then each peer's target is split across layers the same way, layer by
-   layer, so every layer is spread proportionally too: a peer ends within about one
-   expert per layer of `N * budget / sum(budgets)` experts (a little more when replicas,
-   which must sit on distinct peers, push copies onto a peer past its target).
-4. Greedy placement. Layer by layer, experts hottest first, each copy goes to a peer with
-   capacity left that does not hold that expert yet, preferring peers with room left in
-   their target for that layer, then by:
+   capacity), and the first copies (one per expert) the same way. Then, per layer, who
+   holds its first copies (`_first_copy_quotas`). Peers are grouped by the machine they
+   run on (`PeerOffer.machine`). Each layer is split among the machines in proportion to
+   what their peers hold: peers on separate machines compute a token's experts at once,
+   each reading its own memory. Within a machine, its part of a layer goes to one peer
+   where it can: peers sharing a machine share its memory bandwidth, so splitting a layer
+   among them buys nothing, and a layer part held by one peer costs a token at most one
+   call (none on the host). Each peer other than the host takes whole layer parts and its
+   remainder in one part it shares with the host, which takes the rest; when the host is
+   on another machine, or its share cannot cover the shared parts, the machine's peers
+   take runs of layer parts in turn (a run's ends may split a part between two peers).
+4. Greedy placement. First copies layer by layer, experts hottest first, each to a peer
+   with room left in that layer's quota, preferring:
    a. affinity: the co-selection mass between this expert and the experts the peer
-      already holds in this layer (so experts chosen together land together, and a token
-      needs fewer remote peers per layer);
-   b. the host, for the hot experts only (a slight preference: a tie-break after affinity);
-   c. the most room left in the layer target, then in the overall target;
-   d. the lower node id.
-   A replica with no distinct peer left is dropped (and reported, as in step 2).
+      already holds in this layer (where a layer is shared: experts chosen together land
+      together, and a token needs fewer remote peers);
+   b. the host, for the hot experts;
+   c. the most room left in the layer quota, then the lower node id.
+   Then the replicas, hottest first across all layers (by gate mass, then layer, then
+   expert), each on a peer with capacity left that does not hold the expert yet, the one
+   furthest below its target first (then affinity, the host for hot experts, node id). A
+   replica with no such peer is dropped; a hot expert left with fewer than `min_replicas`
+   holders is listed in `ExpertPlan.unreplicated`.
+5. Balance. A replica on a peer above its target moves to a peer below its target that
+   can take it (a peer can be left with room only for replicas of its own layers). A peer
+   ends within a few experts of `N * budget / sum(budgets)`.
 
 `coselection`, when given, is per layer a symmetric E x E matrix of how often two experts
 are chosen for the same token (any scale; the diagonal is ignored). Without it there is no
-affinity and experts are dealt out by room, hot ones to the host first.
+affinity and a shared layer's hot experts go to the host first.
 
 The fingerprint covers model, host, demand digest, expert size and assignments (peers
 holding nothing are left out, so an idle peer joining changes nothing). `to_wire` /
@@ -62,6 +73,7 @@ from mesh_node.identity import NodeId
 SYMMETRY_TOLERANCE = 1e-6  # relative; coselection[i][j] and [j][i] may differ by float noise
 MAX_INDEX = (1 << 32) - 1  # largest layer index / expert id
 MAX_BYTES = (1 << 63) - 1  # largest budget / expert size
+MAX_MACHINE = 64  # characters of a machine label
 
 
 class PlanError(ValueError):
@@ -72,6 +84,7 @@ class PlanError(ValueError):
 class PeerOffer:
     node_id: NodeId
     budget: int  # bytes this peer offers for routed experts (the host's: trunk subtracted)
+    machine: str = ""  # the machine it runs on (PeerState.machine); "": one of its own
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,7 +150,7 @@ class ExpertPlan:
     def fingerprint(self) -> str:
         """16 hex chars over model, host, demand digest, expert size and the assignments
         (nodes holding nothing are left out, so a peer offering nothing changes nothing)."""
-        h = hashlib.sha256(b"expert-plan/1\0")
+        h = hashlib.sha256(b"expert-plan/2\0")
         h.update(self.model.encode() + b"\0")
         h.update(self.host.key)
         h.update(self.demand_digest.encode() + b"\0")
@@ -316,66 +329,84 @@ def plan_experts(
             f"(of {sum(budgets)}); {needed * size - usable} bytes are missing"
         )
 
-    # 2. which hot experts get extra copies, dropping the coldest extras that do not fit
+    # 2. the hot experts, hottest first: each wants `want - 1` extra copies (replicas)
     order = [sorted(range(num_experts), key=lambda e, g=g: (-g[e], e)) for g in gate]
     hot_count = math.ceil(round(replicate_fraction * num_experts, 9))
-    with_room = sum(1 for c in capacity if c > 0)
-    want = min(min_replicas, with_room)
-    extras = [
-        (-gate[li][e], li, e)
-        for li in range(num_layers)
-        for e in order[li][:hot_count]
-        for _ in range(want - 1)
-    ]
-    extras.sort()
-    copies = [[1] * num_experts for _ in range(num_layers)]
-    for _, li, e in extras[: sum(capacity) - needed]:
-        copies[li][e] += 1
+    want = min(min_replicas, sum(1 for c in capacity if c > 0))
+    hot = sorted((-gate[li][e], li, e) for li in range(num_layers) for e in order[li][:hot_count])
+    total = needed + min((want - 1) * len(hot), sum(capacity) - needed)
 
-    # 3. targets: overall, then per layer
-    total = sum(sum(row) for row in copies)
+    # 3. targets: overall, then for the first copy of every expert, per layer: spread over
+    # machines, in whole layer parts within a machine (_first_copy_quotas)
     target = _apportion(total, budgets, capacity)
-    left = list(target)
-    layer_targets = []
-    for li in range(num_layers):
-        quota = _apportion(sum(copies[li]), left, left)
-        left = [a - b for a, b in zip(left, quota, strict=True)]
-        layer_targets.append(quota)
+    machines = _machines(peers)
+    first_copies = _first_copy_quotas(
+        _apportion(needed, target, target),
+        host_index,
+        [machines[n] for n in nodes],
+        num_layers,
+        num_experts,
+    )
 
-    # 4. greedy placement
+    # 4. greedy placement: first copies layer by layer, then replicas hottest first
     slots = list(capacity)
     placed = [0] * len(nodes)
     held: list[list[set[int]]] = [[set() for _ in range(num_layers)] for _ in nodes]
-    unreplicated = []
+    affinity = [np.zeros((len(nodes), num_experts)) for _ in layers] if cosel is not None else None
+
+    def place(li: int, e: int, pool: list[int], room: list[int], replica: bool) -> int:
+        """Put a copy of expert e of layer li on the best node of `pool`: a first copy
+        with the experts chosen with it, a hot one on the host, else where most room is
+        left; a replica where most room is left (then the same)."""
+        near = affinity[li][:, e] if affinity is not None else np.zeros(len(nodes))
+        on_host = e in order[li][:hot_count]
+        p = min(
+            (
+                -room[p] if replica else 0,
+                -float(near[p]),
+                -(on_host and p == host_index),
+                -room[p],
+                p,
+            )
+            for p in pool
+        )[-1]
+        held[p][li].add(e)
+        slots[p] -= 1
+        placed[p] += 1
+        if affinity is not None:
+            affinity[li][p] += cosel[li][e]
+        return p
+
     for li in range(num_layers):
-        room = list(layer_targets[li])
-        affinity = np.zeros((len(nodes), num_experts)) if cosel is not None else None
-        hot = set(order[li][:hot_count])
+        room = first_copies[li]
         for e in order[li]:
-            is_hot = e in hot
-            for _ in range(copies[li][e]):
-                candidates = [p for p in range(len(nodes)) if slots[p] and e not in held[p][li]]
-                if not candidates:
-                    break  # a replica with no distinct peer left: dropped
-                pool = [p for p in candidates if room[p] > 0] or candidates
-                p = min(
-                    (
-                        -(float(affinity[p, e]) if affinity is not None else 0.0),
-                        -(is_hot and p == host_index),
-                        -room[p],
-                        -(target[p] - placed[p]),
-                        p,
-                    )
-                    for p in pool
-                )[-1]
-                held[p][li].add(e)
-                slots[p] -= 1
-                room[p] -= 1
-                placed[p] += 1
-                if affinity is not None:
-                    affinity[p] += cosel[li][e]
-            if is_hot and sum(e in held[p][li] for p in range(len(nodes))) < min_replicas:
-                unreplicated.append((layers[li], e))
+            pool = [p for p in range(len(nodes)) if room[p] > 0]
+            room[place(li, e, pool, room, replica=False)] -= 1
+    unreplicated = []
+    for _, li, e in hot:
+        for _ in range(want - 1):
+            candidates = [p for p in range(len(nodes)) if slots[p] and e not in held[p][li]]
+            if not candidates:
+                break  # no distinct peer with room left: dropped
+            room = [t - n for t, n in zip(target, placed, strict=True)]
+            place(li, e, [p for p in candidates if room[p] > 0] or candidates, room, True)
+        if sum(e in held[p][li] for p in range(len(nodes))) < min_replicas:
+            unreplicated.append((layers[li], e))
+    # 5. a replica whose node is above its target moves to a node below its target (a node
+    # can be left with room only for replicas of the layers it holds itself)
+    for _, li, e in hot:
+        holders = [p for p in range(len(nodes)) if e in held[p][li]]
+        over = [p for p in holders if placed[p] > target[p]]
+        under = [
+            p for p in range(len(nodes)) if placed[p] < target[p] and slots[p] and p not in holders
+        ]
+        if len(holders) > 1 and over and under:
+            src = min(over, key=lambda p: (target[p] - placed[p], p))
+            dst = min(under, key=lambda p: (placed[p] - target[p], p))
+            held[src][li].remove(e)
+            held[dst][li].add(e)
+            placed[src], slots[src] = placed[src] - 1, slots[src] + 1
+            placed[dst], slots[dst] = placed[dst] + 1, slots[dst] - 1
 
     assignments = {
         node: {layers[li]: tuple(sorted(held[p][li])) for li in range(num_layers)}
@@ -389,12 +420,16 @@ def plan_experts(
 def materially_different(
     old_peers: Sequence[PeerOffer], new_peers: Sequence[PeerOffer], tolerance: float = 0.25
 ) -> bool:
-    """True when the set of peers offering memory (budget > 0) changed, or some peer's
-    budget moved by more than `tolerance` of its old value: then recompute the plan."""
+    """True when the set of peers offering memory (budget > 0) changed, some peer's budget
+    moved by more than `tolerance` of its old value, or one of them is on another machine
+    than it was: then recompute the plan."""
     _check_fraction(tolerance, name="tolerance", upper=math.inf)
     old = {n: b for n, b in _normalize_peers(old_peers).items() if b > 0}
     new = {n: b for n, b in _normalize_peers(new_peers).items() if b > 0}
     if old.keys() != new.keys():
+        return True
+    old_machines, new_machines = _machines(old_peers), _machines(new_peers)
+    if any(old_machines[n] != new_machines[n] for n in old):
         return True
     return any(abs(new[n] - old[n]) > tolerance * old[n] for n in old)
 
@@ -489,6 +524,84 @@ def _flat(held: Mapping[int, tuple[int, ...]]) -> list[int]:
     return [e for experts in held.values() for e in experts]
 
 
+def _first_copy_quotas(
+    quota: list[int], host: int, machines: list[str], num_layers: int, num_experts: int
+) -> list[list[int]]:
+    """Per layer, how many of its experts each node holds as first copies, given each node's
+    total (`quota`). Each layer is split among the machines in proportion to what their nodes
+    hold: nodes on separate machines compute a token's experts at once, each reading its own
+    memory. Within a machine, its part of each layer goes to one node where it can
+    (`_layer_quotas`): nodes sharing a machine share its memory bandwidth, so splitting a
+    layer among them would only add calls."""
+    groups: dict[str, list[int]] = {}
+    for p, machine in enumerate(machines):
+        groups.setdefault(machine, []).append(p)
+    keys = sorted(groups, key=lambda m: (host not in groups[m], groups[m][0]))
+    left = [sum(quota[p] for p in groups[m]) for m in keys]
+    parts = []  # per layer, per machine
+    for _ in range(num_layers):
+        share = _apportion(num_experts, left, left)
+        left = [a - b for a, b in zip(left, share, strict=True)]
+        parts.append(share)
+    rows = [[0] * len(quota) for _ in range(num_layers)]
+    for m, key in enumerate(keys):
+        members = groups[key]
+        local = _layer_quotas(
+            [quota[p] for p in members],
+            members.index(host) if host in members else None,
+            [parts[li][m] for li in range(num_layers)],
+        )
+        for li in range(num_layers):
+            for j, p in enumerate(members):
+                rows[li][p] = local[li][j]
+    return rows
+
+
+def _layer_quotas(quota: list[int], host: int | None, sizes: list[int]) -> list[list[int]]:
+    """The nodes of one machine: per layer, how many of the machine's `sizes[layer]` first
+    copies each node holds, given each node's total (`quota`, summing to sum(sizes)). A
+    layer part held by one node costs a token at most one call (none on the host); split
+    between two nodes other than the host, it can cost two. So each node other than the host
+    takes whole layer parts and its remainder in one part it shares with the host, and the
+    host the rest, when the host is on this machine and its quota covers those shared parts;
+    otherwise every node, the host first, takes a run of layers in turn (a run's ends may
+    be split)."""
+    if host is not None:
+        rows = [[0] * len(quota) for _ in sizes]
+        layer = 0
+        for p in (p for p in range(len(quota)) if p != host):
+            left = quota[p]
+            while left and layer < len(sizes):
+                take = min(left, sizes[layer])
+                rows[layer][p] = take
+                rows[layer][host] = sizes[layer] - take
+                left -= take
+                layer += 1
+            if left:
+                break  # out of layers: the host's quota cannot cover the shared parts
+        for rest in range(layer, len(sizes)):
+            rows[rest][host] = sizes[rest]
+        if sum(row[host] for row in rows) == quota[host]:
+            return rows
+    rows = []
+    left = list(quota)
+    fill = [host] if host is not None else []
+    order = iter(p for p in [*fill, *(p for p in range(len(quota)) if p != host)] if left[p])
+    current = next(order, None)
+    for size in sizes:
+        counts = [0] * len(quota)
+        need = size
+        while need and current is not None:
+            take = min(need, left[current])
+            counts[current] += take
+            left[current] -= take
+            need -= take
+            if not left[current]:
+                current = next(order, None)
+        rows.append(counts)
+    return rows
+
+
 def _apportion(total: int, weights: Sequence[int], caps: Sequence[int]) -> list[int]:
     """Split `total` proportionally to `weights`, no share above its cap: shares that
     would exceed their cap are fixed at it and the rest re-split; then largest remainder
@@ -525,9 +638,25 @@ def _normalize_peers(peers: Sequence[PeerOffer]) -> dict[NodeId, int]:
             raise PlanError("peers are PeerOffer(node_id: NodeId, budget: int)")
         if type(peer.budget) is not int or not 0 <= peer.budget <= MAX_BYTES:
             raise PlanError(f"peer {peer.node_id.short}: budget is a non-negative integer")
+        if not isinstance(peer.machine, str) or len(peer.machine) > MAX_MACHINE:
+            raise PlanError(
+                f"peer {peer.node_id.short}: machine is a string of at most {MAX_MACHINE} "
+                "characters"
+            )
         if offers.setdefault(peer.node_id, peer.budget) != peer.budget:
             raise PlanError(f"peer {peer.node_id.short} is offered twice with different budgets")
     return {n: offers[n] for n in sorted(offers)}
+
+
+def _machines(peers: Sequence[PeerOffer]) -> dict[NodeId, str]:
+    """Node -> the key of the machine it runs on ("" gives a node a machine of its own).
+    Call after `_normalize_peers` has checked the offers."""
+    machines: dict[NodeId, str] = {}
+    for peer in peers:
+        key = "m:" + peer.machine if peer.machine else "n:" + peer.node_id.key.hex()
+        if machines.setdefault(peer.node_id, key) != key:
+            raise PlanError(f"peer {peer.node_id.short} is offered twice on different machines")
+    return machines
 
 
 def _check_fraction(value: float, *, name: str = "replicate_fraction", upper=1.0) -> None:

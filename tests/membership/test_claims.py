@@ -152,3 +152,19 @@ def test_digest_reflects_status_and_incarnation():
     assert a.digest() != b.digest()
     b.apply(claim(SUSPECT, 1, speaker=OTHERS[1]))
     assert a.digest() == b.digest()  # who accuses does not matter to the digest
+
+
+def test_the_machine_label_is_the_kernel_boot_id_hashed(tmp_path):
+    from mesh_node.membership.state import machine_id, state_error
+
+    boot = tmp_path / "boot_id"
+    boot.write_text("0b6a3c3e-1d2f-4a5b-9c8d-7e6f5a4b3c2d\n")
+    label = machine_id(str(boot))
+    assert len(label) == 16 and int(label, 16) >= 0
+    assert machine_id(str(boot)) == label  # every process under one kernel: the same
+    assert "0b6a3c3e" not in label
+    boot.write_text("5e1f0d2c-3b4a-4968-8776-655443322110\n")
+    assert machine_id(str(boot)) != label  # another kernel (machine, or a reboot)
+    assert machine_id(str(tmp_path / "absent")) == ""  # not Linux: unknown
+    assert state_error(state(1, machine=label)) is None
+    assert "machine longer than 64" in state_error(state(1, machine="x" * 65))

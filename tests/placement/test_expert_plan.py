@@ -38,8 +38,9 @@ def uniform(layers=(1, 3), experts=8, mass=None, coselection=None, digest="r1"):
     return ExpertDemand(tuple(layers), experts, EB, rows, coselection, digest)
 
 
-def offers(*budgets):
-    return [PeerOffer(IDS[i], b) for i, b in enumerate(budgets)]
+def offers(*budgets, machine=""):
+    """Offers by IDS[0], IDS[1], ...: each on a machine of its own, or all on `machine`."""
+    return [PeerOffer(IDS[i], b, machine) for i, b in enumerate(budgets)]
 
 
 def check_valid(plan, peers, demand, min_replicas=2):
@@ -156,16 +157,19 @@ def test_hot_experts_are_replicated_on_distinct_peers_and_the_host_gets_them_fir
     assert plan_experts(MODEL, IDS[1], peers, demand, replicate_fraction=0).replicated() == []
 
 
-def test_replicas_are_dropped_coldest_first_when_memory_is_short():
+def test_replicas_go_hottest_first_where_a_distinct_peer_has_room():
     mass_1 = [9, 8, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1]
     mass_3 = [1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 7, 6]
     demand = ExpertDemand((1, 3), 16, EB, (tuple(mass_1), tuple(mass_3)))
-    peers = offers(17 * EB, 17 * EB)  # 34 copies: the 32 experts and 2 of the 4 replicas
+    # 34 copies: the 32 experts and 2 of the 4 replicas
+    peers = offers(17 * EB, 17 * EB, machine="box")
     plan = plan_experts(MODEL, IDS[0], peers, demand)
-    assert plan.replicated() == [(1, 0), (1, 1)]
-    assert plan.unreplicated == ((3, 14), (3, 15))
+    # each peer holds one layer and has room for one copy more: (1, 0) goes to the peer not
+    # holding layer 1, which is then full, so (1, 1) finds no room; (3, 14) fits on the host
+    assert plan.replicated() == [(1, 0), (3, 14)]
+    assert plan.unreplicated == ((1, 1), (3, 15))
     check_valid(plan, peers, demand)
-    assert plan.to_dict()["unreplicated"] == [[3, 14], [3, 15]]
+    assert plan.to_dict()["unreplicated"] == [[1, 1], [3, 15]]
 
 
 def test_a_single_peer_holds_everything_once_and_reports_the_missing_replicas():
@@ -199,12 +203,49 @@ def test_bytes_follow_budgets():
     total = sum(plan.bytes_of(p.node_id) for p in peers)
     for p in peers:
         assert abs(plan.bytes_of(p.node_id) - total * p.budget / 1000 / EB) <= EB
-    # and every layer is spread the same way, within one expert
+    # on machines of their own, every layer is spread the same way: its experts within one,
+    # a replica more or less
     for layer in demand.layers:
         per_layer = sum(len(plan.experts_of(p.node_id)[layer]) for p in peers)
         for p in peers:
             share = per_layer * p.budget / (1000 * EB)
-            assert abs(len(plan.experts_of(p.node_id)[layer]) - share) <= 1
+            assert abs(len(plan.experts_of(p.node_id)[layer]) - share) <= 2
+    # on one machine, in whole layers, the same bytes within three experts: a node below its
+    # target can be left holding every hot expert it could take a replica of (the host
+    # holds the hot experts of the layers it shares)
+    shared = offers(100 * EB, 200 * EB, 300 * EB, 400 * EB, machine="box")
+    plan = plan_experts(MODEL, IDS[3], shared, demand)
+    for p in shared:
+        assert abs(plan.bytes_of(p.node_id) - total * p.budget / 1000 / EB) <= 3 * EB
+    assert_layers_are_not_split_between_peers(plan, demand)
+
+
+def assert_layers_are_not_split_between_peers(plan, demand):
+    """Each layer's experts held once are held by one node other than the host at most, and
+    each such node holds all of a layer's experts but in one layer, which it shares with
+    the host: a token calls one peer per layer at most."""
+    shared = {}
+    for layer in demand.layers:
+        single = [e for e in range(demand.num_experts) if len(plan.holders(layer, e)) == 1]
+        owners = {plan.holders(layer, e)[0] for e in single} - {plan.host}
+        assert len(owners) <= 1, (layer, owners)
+        if owners and any(plan.holders(layer, e)[0] == plan.host for e in single):
+            shared.setdefault(owners.pop(), []).append(layer)
+    assert all(len(layers) == 1 for layers in shared.values()), shared
+
+
+def test_nodes_sharing_a_machine_hold_whole_layers():
+    demand = uniform(layers=tuple(range(16)), experts=64, mass=list(range(64)))
+    for budgets in ((384, 384, 384), (200, 300, 700), (500, 120, 120, 120, 300), (1100, 100)):
+        peers = offers(*(b * EB for b in budgets), machine="box")
+        for host in (0, len(budgets) - 1):
+            plan = plan_experts(MODEL, IDS[host], peers, demand)
+            check_valid(plan, peers, demand)
+            assert_layers_are_not_split_between_peers(plan, demand)
+            whole = sum(len(plan.experts_of(IDS[host])[layer]) == 64 for layer in demand.layers)
+            # the host holds its share in whole layers, but for the parts of layers it shares
+            share = 16 * budgets[host] / sum(budgets)
+            assert whole >= math.floor(share) - (len(budgets) - 1)
 
 
 def test_a_peer_whose_share_exceeds_its_whole_experts_is_capped_and_the_rest_move():
@@ -228,6 +269,15 @@ def test_plan_error_when_the_experts_do_not_fit_says_how_many_bytes_are_missing(
 
 def test_plan_error_cases():
     demand = uniform()
+    with pytest.raises(PlanError, match="machine is a string"):
+        plan_experts(MODEL, IDS[0], [PeerOffer(IDS[0], 20 * EB, "x" * 65)], demand)
+    with pytest.raises(PlanError, match="different machines"):
+        plan_experts(
+            MODEL,
+            IDS[0],
+            [PeerOffer(IDS[0], 20 * EB, "a"), PeerOffer(IDS[0], 20 * EB, "b")],
+            demand,
+        )
     peers = offers(20 * EB, 20 * EB)
     with pytest.raises(PlanError, match="not among the peers"):
         plan_experts(MODEL, IDS[5], peers, demand)
@@ -298,7 +348,10 @@ def planning_inputs(draw):
     demand = ExpertDemand(layers, experts, EB, mass, coselection, "d")
     count = draw(st.integers(1, 5))
     budgets = draw(st.lists(st.integers(0, 3 * experts * EB), min_size=count, max_size=count))
-    peers = [PeerOffer(IDS[i], b) for i, b in enumerate(budgets)]
+    machines = draw(st.lists(st.sampled_from(["", "a", "b"]), min_size=count, max_size=count))
+    peers = [
+        PeerOffer(IDS[i], b, m) for i, (b, m) in enumerate(zip(budgets, machines, strict=True))
+    ]
     host = IDS[draw(st.integers(0, count - 1))]
     fraction = draw(st.sampled_from([0.0, 0.125, 0.25, 0.5, 1.0]))
     replicas = draw(st.integers(1, 3))
@@ -342,7 +395,9 @@ def test_bytes_are_proportional_to_budgets_when_memory_is_ample(inputs, units):
     layers = len(demand.layers)
     # ample: every peer could hold every copy, so no cap binds
     copies = layers * demand.num_experts * replicas
-    peers = [PeerOffer(p.node_id, u * copies * EB) for p, u in zip(peers, units, strict=False)]
+    peers = [
+        PeerOffer(p.node_id, u * copies * EB, p.machine) for p, u in zip(peers, units, strict=False)
+    ]
     plan = plan_experts(MODEL, host, peers, demand, replicate_fraction=fraction, min_replicas=2)
     check_valid(plan, peers, demand)
     total = sum(plan.bytes_of(p.node_id) for p in peers)
@@ -457,6 +512,9 @@ def test_materially_different():
     assert materially_different(before, offers(100, 200, 5))  # a peer starts offering
     assert materially_different(before, offers(100))  # a peer left
     assert not materially_different(before, offers(130, 200), tolerance=0.5)
+    # a peer on another machine than it was (or the same, once known)
+    assert materially_different(offers(100, 200), offers(100, 200, machine="box"))
+    assert not materially_different(offers(100, machine="a"), offers(110, machine="a"))
     with pytest.raises(PlanError):
         materially_different(before, offers(100, 200, 0), tolerance=-1)
     with pytest.raises(PlanError):
@@ -500,7 +558,7 @@ def remote_peers_per_token(plan, demand):
 def test_affinity_keeps_experts_chosen_together_on_one_peer():
     demand = paired_demand()
     blind = ExpertDemand(demand.layers, 8, EB, demand.gate_mass, None, "pairs")
-    peers = offers(8 * EB, 8 * EB)
+    peers = offers(8 * EB, 8 * EB)  # two machines: each holds half of every layer
     near = plan_experts(MODEL, IDS[0], peers, demand, replicate_fraction=0)
     far = plan_experts(MODEL, IDS[0], peers, blind, replicate_fraction=0)
     for plan in (near, far):
@@ -508,6 +566,26 @@ def test_affinity_keeps_experts_chosen_together_on_one_peer():
             remote_peers_per_token(plan, demand)
         )
     assert remote_peers_per_token(near, demand) == pytest.approx(0.5)  # optimal: half local
+    assert remote_peers_per_token(far, demand) > remote_peers_per_token(near, demand)
+    for layer in demand.layers:
+        for m in range(4):
+            assert near.holders(layer, 2 * m) == near.holders(layer, 2 * m + 1)
+
+
+def test_affinity_in_a_layer_shared_with_the_host():
+    demand = paired_demand()
+    blind = ExpertDemand(demand.layers, 8, EB, demand.gate_mass, None, "pairs")
+    # one machine: the host holds one layer and half of the other, the peer the other half
+    peers = offers(12 * EB, 4 * EB, machine="box")
+    near = plan_experts(MODEL, IDS[0], peers, demand, replicate_fraction=0)
+    far = plan_experts(MODEL, IDS[0], peers, blind, replicate_fraction=0)
+    for plan in (near, far):
+        assert expected_remote_peers(plan, demand) == pytest.approx(
+            remote_peers_per_token(plan, demand)
+        )
+        assert sorted(len(plan.experts_of(IDS[1])[layer]) for layer in (0, 1)) == [0, 4]
+    # optimal: one layer local, half the pairs of the other
+    assert remote_peers_per_token(near, demand) == pytest.approx(0.25)
     assert remote_peers_per_token(far, demand) > remote_peers_per_token(near, demand)
     for layer in demand.layers:
         for m in range(4):
