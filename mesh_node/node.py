@@ -66,6 +66,7 @@ class NodeConfig:
     hosting: HostingConfig = field(default_factory=HostingConfig)
     gateway: GatewayConfig = field(default_factory=GatewayConfig)
     experts: ExpertParallelConfig = field(default_factory=ExpertParallelConfig)
+    machine: str | None = None  # the machine label gossiped (None: this kernel's, machine_id)
 
 
 class Node:
@@ -139,7 +140,7 @@ class Node:
             role="client" if self.config.client else "worker",
             addresses=addresses,
             hardware=probe_hardware(with_gpus=False),
-            machine=machine_id(),
+            machine=machine_id() if self.config.machine is None else self.config.machine,
         )
         self.membership = Membership(
             self.endpoint, self_state, config=self.config.membership, seeds=self.config.peers

@@ -71,6 +71,25 @@ async def test_three_nodes_split_the_experts_and_answer_like_one(mesh, single_no
     assert set(status["following"].values()) == fingerprints
 
 
+async def test_nodes_on_separate_machines_spread_every_layer(mesh, single_node_answers):
+    """Nodes gossip the machine they run on: three machines hold a share of every layer (they
+    read their experts at once); one machine holds whole layers per node (see the test above,
+    whose nodes all gossip this kernel's label)."""
+    for machine in ("box-a", "box-b", "box-c"):
+        await mesh.add(experts=SPLIT, machine=machine)
+    await mesh.wait(lambda: len(mesh.hosts_of("builtin")) == 1, timeout=60)
+    host = mesh.hosts_of("builtin")[0]
+    plan = host.experts.plans["builtin"].plan
+    for node in mesh.nodes:
+        assert all(0 < len(plan.experts_of(node.node_id)[layer]) < 8 for layer in range(4))
+    text, _ = await answer(mesh.nodes[2], chat("builtin", PROMPTS[0]))
+    assert text == single_node_answers[0]
+    same = mesh.nodes[0].experts
+    same_plan = same.plans["builtin"].plan
+    assert {o.machine for o in same.plans["builtin"].inputs[1]} == {"box-a", "box-b", "box-c"}
+    assert same_plan.fingerprint == plan.fingerprint
+
+
 def replicas_are_distinct(plan) -> bool:
     for layer in range(4):
         for expert in range(8):

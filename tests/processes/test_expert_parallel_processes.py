@@ -89,6 +89,21 @@ async def test_three_processes_split_the_builtin_model_and_answer_like_one_node(
         # every node holds a share, none all 32 experts
         counts = [entry["count"] for entry in plan["nodes"]]
         assert len(counts) == 3 and all(0 < c < 32 for c in counts), plan
+        # they gossip one machine label, so each layer's experts held once are on the host or
+        # one peer (whole layer parts: a token calls one peer per layer at most)
+        holders: dict[tuple[str, int], list[str]] = {}
+        for entry in plan["nodes"]:
+            for layer, experts in entry["experts"].items():
+                for expert in experts:
+                    holders.setdefault((layer, expert), []).append(entry["node_id"])
+        host_id = next(entry["node_id"] for entry in plan["nodes"] if entry["host"])
+        for layer in {layer for layer, _ in holders}:
+            peers = {
+                nodes[0]
+                for (at, _), nodes in holders.items()
+                if at == layer and len(nodes) == 1 and nodes[0] != host_id
+            }
+            assert len(peers) <= 1, (layer, plan)
         # its two expert peers share this machine's cores: the host's decode takes its share
         await host.wait_log(r"builtin: 2 expert peer\(s\) on this machine: decode on \d+ intra")
         # and each peer computes its decode-sized calls on its share
