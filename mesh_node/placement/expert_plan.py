@@ -36,13 +36,15 @@ tie could go either way, so the same inputs give the same plan everywhere):
    b. the host, for the hot experts;
    c. the most room left in the layer quota, then the lower node id.
    Then the replicas, hottest first across all layers (by gate mass, then layer, then
-   expert), each on a peer with capacity left that does not hold the expert yet, the one
-   furthest below its target first (then affinity, the host for hot experts, node id). A
-   replica with no such peer is dropped; a hot expert left with fewer than `min_replicas`
-   holders is listed in `ExpertPlan.unreplicated`.
+   expert), each on a peer with capacity left that does not hold the expert yet: on a
+   machine without a copy where there is one (a machine that fails takes all its peers),
+   below its target where there is one, the one furthest below first (then affinity, the
+   host for hot experts, node id). A replica with no such peer is dropped; a hot expert
+   left with fewer than `min_replicas` holders is listed in `ExpertPlan.unreplicated`.
 5. Balance. A replica on a peer above its target moves to a peer below its target that
-   can take it (a peer can be left with room only for replicas of its own layers). A peer
-   ends within a few experts of `N * budget / sum(budgets)`.
+   can take it without its copies spanning fewer machines (a peer can be left with room
+   only for replicas of its own layers). A peer ends within a few experts of
+   `N * budget / sum(budgets)`.
 
 `coselection`, when given, is per layer a symmetric E x E matrix of how often two experts
 are chosen for the same token (any scale; the diagonal is ignored). Without it there is no
@@ -340,12 +342,9 @@ def plan_experts(
     # machines, in whole layer parts within a machine (_first_copy_quotas)
     target = _apportion(total, budgets, capacity)
     machines = _machines(peers)
+    machine_at = [machines[n] for n in nodes]
     first_copies = _first_copy_quotas(
-        _apportion(needed, target, target),
-        host_index,
-        [machines[n] for n in nodes],
-        num_layers,
-        num_experts,
+        _apportion(needed, target, target), host_index, machine_at, num_layers, num_experts
     )
 
     # 4. greedy placement: first copies layer by layer, then replicas hottest first
@@ -388,20 +387,30 @@ def plan_experts(
             candidates = [p for p in range(len(nodes)) if slots[p] and e not in held[p][li]]
             if not candidates:
                 break  # no distinct peer with room left: dropped
+            # on a machine without a copy where there is one (a machine that fails takes all
+            # its nodes), then below its target where there is one
+            copied = {machine_at[p] for p in range(len(nodes)) if e in held[p][li]}
+            pool = [p for p in candidates if machine_at[p] not in copied] or candidates
             room = [t - n for t, n in zip(target, placed, strict=True)]
-            place(li, e, [p for p in candidates if room[p] > 0] or candidates, room, True)
+            place(li, e, [p for p in pool if room[p] > 0] or pool, room, True)
         if sum(e in held[p][li] for p in range(len(nodes))) < min_replicas:
             unreplicated.append((layers[li], e))
     # 5. a replica whose node is above its target moves to a node below its target (a node
-    # can be left with room only for replicas of the layers it holds itself)
+    # can be left with room only for replicas of the layers it holds itself), where its
+    # copies stay on as many machines
     for _, li, e in hot:
         holders = [p for p in range(len(nodes)) if e in held[p][li]]
         over = [p for p in holders if placed[p] > target[p]]
         under = [
             p for p in range(len(nodes)) if placed[p] < target[p] and slots[p] and p not in holders
         ]
-        if len(holders) > 1 and over and under:
-            src = min(over, key=lambda p: (target[p] - placed[p], p))
+        if len(holders) < 2 or not over or not under:
+            continue
+        src = min(over, key=lambda p: (target[p] - placed[p], p))
+        spread = len({machine_at[p] for p in holders})
+        kept = {machine_at[p] for p in holders if p != src}
+        under = [p for p in under if len(kept | {machine_at[p]}) >= spread]
+        if under:
             dst = min(under, key=lambda p: (placed[p] - target[p], p))
             held[src][li].remove(e)
             held[dst][li].add(e)

@@ -179,6 +179,20 @@ def test_a_single_peer_holds_everything_once_and_reports_the_missing_replicas():
     assert plan.unreplicated == ((1, 0), (3, 0))
 
 
+def test_replicas_go_to_another_machine_where_one_has_room():
+    mass = [9, 1, 1, 1, 1, 1, 1, 1]  # expert 0 hot in both layers
+    demand = uniform(experts=8, mass=mass)
+    peers = [PeerOffer(IDS[0], 7 * EB, "a"), PeerOffer(IDS[1], 7 * EB, "a")]
+    peers.append(PeerOffer(IDS[2], 7 * EB, "b"))
+    machine = {p.node_id: p.machine for p in peers}
+    for host in IDS[:3]:
+        plan = plan_experts(MODEL, host, peers, demand)
+        check_valid(plan, peers, demand)
+        for layer in demand.layers:
+            holders = plan.holders(layer, 0)
+            assert len(holders) == 2 and {machine[h] for h in holders} == {"a", "b"}, holders
+
+
 def test_replicas_go_to_distinct_peers_even_when_one_peer_has_most_memory():
     demand = uniform(experts=4, mass=[4, 3, 2, 1])
     peers = offers(100 * EB, EB)  # the small peer takes one replica at most
