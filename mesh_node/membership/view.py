@@ -58,6 +58,7 @@ class MeshView:
             "software": state.software if state else "",
             "state_version": member.state_version,
             "hardware": to_plain(state.hardware) if state and state.hardware else None,
+            "machine": state.machine if state else "",
             "models_on_disk": to_plain(state.models_on_disk) if state else [],
             "models_served": list(state.models_served) if state else [],
             "expert_shards": to_plain(state.expert_shards) if state else [],

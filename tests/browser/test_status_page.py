@@ -77,6 +77,7 @@ async def test_page_shows_every_field_and_unknown_sections(browser, console, sou
         "127.0.0.1:7300",
         "8 cores",
         "Test GPU 24G",
+        "machine 3a7bd3e2",  # the first two nodes share a machine
         "serving tiny-moe",
         "0 in flight",
     ):

@@ -43,6 +43,7 @@ def make_peer(index: int, *, status: str = "alive", is_self: bool = False, **fie
             if index == 0
             else [],
         },
+        "machine": "3a7bd3e2360a3d29" if index < 2 else f"{index:016x}",
         "models_on_disk": [
             {
                 "name": "tiny-moe",

@@ -121,13 +121,17 @@
       || String(a.id).localeCompare(String(b.id));
   }
 
-  function hardwareCell(hw) {
+  function hardwareCell(hw, machine) {
     if (!hw) return muted("not known yet");
     const lines = [el("div", {}, `${hw.cpu_cores ?? "?"} cores · RAM ${bytes(hw.ram_free)} free of ${bytes(hw.ram_total)}`)];
     for (const gpu of hw.gpus || []) {
       lines.push(el("div", {}, `${gpu.name}: ${bytes(gpu.vram_free)} free of ${bytes(gpu.vram_total)}`));
     }
     if (!(hw.gpus || []).length) lines.push(el("div", { class: "muted" }, "no GPU"));
+    if (machine) {
+      lines.push(el("div", { class: "muted", title: "nodes on one machine share its memory" },
+        `machine ${String(machine).slice(0, 8)}`));
+    }
     return el("div", { class: "lines" }, lines);
   }
 
@@ -164,7 +168,7 @@
           ? el("div", { class: "muted" }, relativeTime(peer.status_since, "for")) : null),
       el("td", {}, peer.role || muted("?")),
       el("td", { class: "lines" }, (peer.addresses || []).map((a) => el("div", {}, el("code", {}, a)))),
-      el("td", {}, hardwareCell(peer.hardware)),
+      el("td", {}, hardwareCell(peer.hardware, peer.machine)),
       el("td", {}, modelsCell(peer)),
       el("td", {}, `${load.inflight ?? 0} in flight`, el("div", { class: "muted" },
         `${(load.tokens_per_s ?? 0).toFixed(1)} tok/s`)),
