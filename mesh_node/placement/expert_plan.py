@@ -17,17 +17,18 @@ tie could go either way, so the same inputs give the same plan everywhere):
    in the targets; which ones get placed is step 4's.
 3. Targets. The N copies to place are split among peers proportionally to their budgets
    (largest-remainder apportionment in exact integers, water-filled under each peer's
-   capacity), and the first copies (one per expert) the same way. Then, per layer, who
-   holds its first copies (`_first_copy_quotas`). Peers are grouped by the machine they
-   run on (`PeerOffer.machine`). Each layer is split among the machines in proportion to
-   what their peers hold: peers on separate machines compute a token's experts at once,
+   capacity), and the first copies (one per expert) in proportion to those targets. Then,
+   per layer, who holds its first copies (`_first_copy_quotas`). Peers are grouped by the
+   machine they run on (`PeerOffer.machine`). Layer by layer, each layer is split among the
+   machines in proportion to the first copies their peers have left to hold (so every
+   layer is spread about alike): peers on separate machines compute a token's experts at once,
    each reading its own memory. Within a machine, its part of a layer goes to one peer
    where it can: peers sharing a machine share its memory bandwidth, so splitting a layer
    among them buys nothing, and a layer part held by one peer costs a token at most one
    call (none on the host). Each peer other than the host takes whole layer parts and its
    remainder in one part it shares with the host, which takes the rest; when the host is
    on another machine, or its share cannot cover the shared parts, the machine's peers
-   take runs of layer parts in turn (a run's ends may split a part between two peers).
+   take runs of layer parts in turn (a part may then be split among several peers).
 4. Greedy placement. First copies layer by layer, experts hottest first, each to a peer
    with room left in that layer's quota, preferring:
    a. affinity: the co-selection mass between this expert and the experts the peer
@@ -43,8 +44,11 @@ tie could go either way, so the same inputs give the same plan everywhere):
    left with fewer than `min_replicas` holders is listed in `ExpertPlan.unreplicated`.
 5. Balance. A replica on a peer above its target moves to a peer below its target that
    can take it without its copies spanning fewer machines (a peer can be left with room
-   only for replicas of its own layers). A peer ends within a few experts of
-   `N * budget / sum(budgets)`.
+   only for replicas of its own layers). A peer usually ends within a few experts of
+   `N * budget / sum(budgets)`, but replicas, which must sit on distinct peers, can fill a
+   peer past its target up to its capacity: with two peers whose hot experts' first copies
+   the host took, every replica goes to the other peer (with two peers of 640 experts'
+   room, 16 layers x 64 experts: 512 and 640 against 576 each).
 
 `coselection`, when given, is per layer a symmetric E x E matrix of how often two experts
 are chosen for the same token (any scale; the diagonal is ignored). Without it there is no
@@ -438,7 +442,8 @@ def materially_different(
     if old.keys() != new.keys():
         return True
     old_machines, new_machines = _machines(old_peers), _machines(new_peers)
-    if any(old_machines[n] != new_machines[n] for n in old):
+    # (peers offering nothing count too: a host offering nothing still groups by machine)
+    if any(old_machines[n] != new_machines[n] for n in old_machines.keys() & new_machines):
         return True
     return any(abs(new[n] - old[n]) > tolerance * old[n] for n in old)
 
@@ -537,11 +542,11 @@ def _first_copy_quotas(
     quota: list[int], host: int, machines: list[str], num_layers: int, num_experts: int
 ) -> list[list[int]]:
     """Per layer, how many of its experts each node holds as first copies, given each node's
-    total (`quota`). Each layer is split among the machines in proportion to what their nodes
-    hold: nodes on separate machines compute a token's experts at once, each reading its own
-    memory. Within a machine, its part of each layer goes to one node where it can
-    (`_layer_quotas`): nodes sharing a machine share its memory bandwidth, so splitting a
-    layer among them would only add calls."""
+    total (`quota`). Layer by layer, each layer is split among the machines in proportion to
+    what their nodes have left to hold: nodes on separate machines compute a token's experts
+    at once, each reading its own memory. Within a machine, its part of each layer goes to
+    one node where it can (`_layer_quotas`): nodes sharing a machine share its memory
+    bandwidth, so splitting a layer among them would only add calls."""
     groups: dict[str, list[int]] = {}
     for p, machine in enumerate(machines):
         groups.setdefault(machine, []).append(p)
@@ -573,8 +578,8 @@ def _layer_quotas(quota: list[int], host: int | None, sizes: list[int]) -> list[
     between two nodes other than the host, it can cost two. So each node other than the host
     takes whole layer parts and its remainder in one part it shares with the host, and the
     host the rest, when the host is on this machine and its quota covers those shared parts;
-    otherwise every node, the host first, takes a run of layers in turn (a run's ends may
-    be split)."""
+    otherwise every node, the host first, takes a run of layers in turn (a layer part may
+    then be split among several nodes)."""
     if host is not None:
         rows = [[0] * len(quota) for _ in sizes]
         layer = 0

@@ -526,8 +526,10 @@ def test_materially_different():
     assert materially_different(before, offers(100, 200, 5))  # a peer starts offering
     assert materially_different(before, offers(100))  # a peer left
     assert not materially_different(before, offers(130, 200), tolerance=0.5)
-    # a peer on another machine than it was (or the same, once known)
+    # a peer on another machine than it was (or the same, once known), one offering nothing
+    # too (a host offering nothing still groups by machine)
     assert materially_different(offers(100, 200), offers(100, 200, machine="box"))
+    assert materially_different(offers(0, 200), [PeerOffer(IDS[0], 0, "x"), *offers(0, 200)[1:]])
     assert not materially_different(offers(100, machine="a"), offers(110, machine="a"))
     with pytest.raises(PlanError):
         materially_different(before, offers(100, 200, 0), tolerance=-1)
