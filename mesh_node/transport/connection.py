@@ -271,9 +271,10 @@ class Connection:
         self.close_code: int | None = None
         self.close_reason = ""
         self.last_heard = asyncio.get_running_loop().time()  # loop time of the last data in
-        # set when inbound data answered one of our calls (a caller will wake); a carrier
-        # clears it before handing over a datagram's events and reads it after
-        self.answered = False
+        # set when inbound data woke a task here: it answered one of our calls (a caller
+        # resumes) or started a request's handler; a carrier clears it before handing over
+        # a datagram's events and reads it after
+        self.woke = False
         self._state = "handshake"
         self._client_hs: ClientHandshake | None = None
         self._server_hs: ServerHandshake | None = None
@@ -709,7 +710,7 @@ class Connection:
     def _frame_received(self, stream: _Stream, message: Any, size: int) -> None:
         kind = stream.kind
         if kind in ("unary", "stream"):
-            self.answered = True
+            self.woke = True
             if stream.done:
                 raise ProtocolError(ErrorCode.UNEXPECTED_MESSAGE, "frame after the answer ended")
             if type(message) is Error:
@@ -742,7 +743,7 @@ class Connection:
         if stream.kind == "oneway-in":
             self._carrier.acknowledge()  # its sender waits for the acknowledgement (send)
         if stream.kind in ("unary", "stream"):
-            self.answered = True
+            self.woke = True
             stream.ended = True
             if not stream.done:
                 _deliver(stream, _END)
@@ -786,6 +787,7 @@ class Connection:
             Handlers.ONEWAY: self._serve_oneway,
         }[kind]
         self._inbound += 1
+        self.woke = True
         stream.task = self._spawn(runner(stream, fn, ctx, message))
         # runs even when the task is cancelled before it started
         stream.task.add_done_callback(lambda _: self._handler_done(stream))

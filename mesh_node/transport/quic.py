@@ -223,7 +223,7 @@ class QuicCarrier(QuicConnectionProtocol):
     def datagram_received(self, data: bytes | str, addr: Any) -> None:
         self._in_events = True
         self._wrote = False
-        self.connection.answered = False
+        self.connection.woke = False
         try:
             now = self._loop.time()
             space = self._space or self._app_space()
@@ -238,10 +238,11 @@ class QuicCarrier(QuicConnectionProtocol):
             self.connection.writable()
         finally:
             self._in_events = False
-        if self.connection.answered and not self._wrote:
-            # this datagram answered a call and nothing new was written: what is left to send
-            # (acknowledgements, the timer to re-arm) waits until the woken callers have run,
-            # so a caller resumes one transmit sooner and what it sends next goes with it
+        if self.connection.woke and not self._wrote:
+            # this datagram answered a call or started a handler, and nothing new was written:
+            # what is left to send (acknowledgements, the timer to re-arm) waits until the
+            # woken tasks have run, so a caller resumes (a handler starts its work, hands it
+            # to a worker thread) one transmit sooner, and what they send goes with it
             self._transmit_soon()
         else:  # answers written by inline handlers, or data waiting on this acknowledgement
             self.transmit()
