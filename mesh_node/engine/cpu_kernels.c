@@ -117,10 +117,12 @@ void mesh_linear_bf16(const bf16 *x, long rows, long n, const bf16 *w, long out,
 /* One token's routed experts, weighted and summed:
  *   out = sum_j weights[j] * down_e (silu(gate_e x) * up_e x),  e = experts[j], j < k
  * gate_up: [E, 2 * inter, hidden] (gate rows first), down: [E, hidden, inter], scratch: k * inter
- * bf16. Two passes over the k experts' weights: gate/up rows into scratch, then down rows. */
+ * bf16. Two passes over the k experts' weights: gate/up rows into scratch, then down rows.
+ * The float32 sums go to out32 when it is given (a partial sum that is added to others before
+ * rounding: an expert peer's answer), else rounded to bf16 into out. */
 void mesh_moe_token_bf16(const bf16 *x, long hidden, long inter, long k, const bf16 *gate_up,
                          const bf16 *down, const int64_t *experts, const float *weights,
-                         bf16 *scratch, bf16 *out, int threads) {
+                         bf16 *scratch, bf16 *out, float *out32, int threads) {
     long inter_blocks = (inter + BLOCK - 1) / BLOCK;
     long hidden_blocks = (hidden + BLOCK - 1) / BLOCK;
 #pragma omp parallel num_threads(threads) if (k * inter * hidden >= PARALLEL_MIN)
@@ -149,7 +151,10 @@ void mesh_moe_token_bf16(const bf16 *x, long hidden, long inter, long k, const b
                 dot_rows(down + experts[j] * hidden * inter, inter, scratch + j * inter, r0, r1, y);
                 for (long r = r0; r < r1; r++) sum[r - r0] += weights[j] * round_bf16(y[r - r0]);
             }
-            for (long r = r0; r < r1; r++) out[r] = to_bf16(sum[r - r0]);
+            if (out32)
+                for (long r = r0; r < r1; r++) out32[r] = sum[r - r0];
+            else
+                for (long r = r0; r < r1; r++) out[r] = to_bf16(sum[r - r0]);
         }
     }
 }
@@ -163,6 +168,6 @@ void mesh_linear_bf16(const bf16 *x, long rows, long n, const bf16 *w, long out,
 
 void mesh_moe_token_bf16(const bf16 *x, long hidden, long inter, long k, const bf16 *gate_up,
                          const bf16 *down, const int64_t *experts, const float *weights,
-                         bf16 *scratch, bf16 *out, int threads) {}
+                         bf16 *scratch, bf16 *out, float *out32, int threads) {}
 
 #endif

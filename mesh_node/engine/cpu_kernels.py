@@ -59,7 +59,7 @@ _SIGNATURES = {  # name: (argument types, result type), as in cpu_kernels.c
     "mesh_kernels_available": ([], _int),
     "mesh_linear_bf16": ([_pointer, _long, _long, _pointer, _long, _pointer, _pointer, _int], None),
     "mesh_moe_token_bf16": (
-        [_pointer, _long, _long, _long, *[_pointer] * 6, _int],
+        [_pointer, _long, _long, _long, *[_pointer] * 7, _int],
         None,
     ),
 }
@@ -204,7 +204,10 @@ def _probe() -> bool:
         outputs.append(F.linear(F.silu(g) * u, down[e]))
     exact = torch.mm(weights[None], torch.cat(outputs).float())
     error = (moe_token(x, gate_up, down, experts, weights).float() - exact).abs().max()
-    return bool(error <= 2**-6 * exact.abs().max())
+    summed = moe_token(x, gate_up, down, experts, weights, float_sum=True)
+    float_error = (summed - exact).abs().max()  # no final rounding: closer still
+    bound = 2**-6 * exact.abs().max()
+    return bool(error <= bound and summed.dtype == torch.float32 and float_error <= bound)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
@@ -231,17 +234,21 @@ def moe_token(
     down: torch.Tensor,
     experts: torch.Tensor,
     weights: torch.Tensor,
+    *,
+    float_sum: bool = False,
 ) -> torch.Tensor:
     """One token's routed experts, weighted and summed: x [1, H] bf16; gate_up [E, 2I, H] and
     down [E, H, I] contiguous bf16 stacks; experts [k] int64 (indices into the stacks);
-    weights [k] float32 (gate weights as the layer multiplies them) -> [1, H] bf16."""
+    weights [k] float32 (gate weights as the layer multiplies them) -> [1, H] bf16, or the
+    float32 sum itself with `float_sum` (a part of a token's experts, added to the rest later)."""
     _, hidden, inter = down.shape
     k = experts.numel()
     x = x.contiguous()
     experts = experts.contiguous()
     weights = weights.contiguous()
     scratch = x.new_empty(k * inter)
-    out = x.new_empty((1, hidden))
+    out = torch.empty((1, hidden), dtype=torch.float32 if float_sum else x.dtype)
+    bf16_out, float_out = (None, out.data_ptr()) if float_sum else (out.data_ptr(), None)
     _library().mesh_moe_token_bf16(
         x.data_ptr(),
         hidden,
@@ -252,7 +259,8 @@ def moe_token(
         experts.data_ptr(),
         weights.data_ptr(),
         scratch.data_ptr(),
-        out.data_ptr(),
+        bf16_out,
+        float_out,
         torch.get_num_threads(),
     )
     return out

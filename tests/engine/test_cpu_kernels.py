@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from mesh_node.engine import cpu_kernels
-from mesh_node.engine.experts import ExpertBank
+from mesh_node.engine.experts import ExpertBank, ExpertNotLoadedError
 from mesh_node.engine.linear import WeightStack, choose_layout
 from mesh_node.engine.loading import load_model
 from mesh_node.engine.moe import MoELayer
@@ -108,6 +108,42 @@ def test_moe_token_matches_the_expert_bank(kernels, hidden, inter, count, k):
         # same roundings as the torch ops; only float32 summation order differs
         error = (got.float() - expected).abs().max()
         assert error <= 2**-7 * expected.abs().max(), error
+
+
+def test_one_token_weighted_call_is_fused_on_a_partial_bank(kernels, monkeypatch):
+    """An expert peer's one-token call (run_weighted, float32 answer) on some of a layer's
+    experts: one fused kernel call, the same values as the per-expert torch path."""
+    hidden, inter = 64, 40
+    ids = [9, 2, 30, 17, 5]
+    gate_up = randn(len(ids), 2 * inter, hidden, seed=3) / 4
+    down = randn(len(ids), hidden, inter, seed=4) / 4
+    native = ExpertBank(1, ids, gate_up, down, "native")
+    plain = ExpertBank(1, ids, gate_up, down, "plain")
+    fused = []
+    real = cpu_kernels.moe_token
+
+    def counted(*args, **kwargs):
+        fused.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cpu_kernels, "moe_token", counted)
+    x = randn(1, hidden, seed=11)
+    for chosen in ([30, 2, 5], [17], [5, 9, 2, 30, 17]):
+        weights = torch.rand(len(chosen), generator=torch.Generator().manual_seed(len(chosen)))
+        token_of = torch.zeros(len(chosen), dtype=torch.long)
+        counts = [1] * len(chosen)
+        got = native.run_weighted(x, chosen, counts, token_of, weights)
+        expected = plain.run_weighted(x, chosen, counts, token_of, weights)
+        assert got.dtype == torch.float32 and got.shape == (1, hidden)
+        assert (got - expected).abs().max() <= 2**-7 * expected.abs().max()
+    assert len(fused) == 3
+    # several tokens, or an expert this bank lacks: the grouped path (which names the expert)
+    rows = randn(2, hidden, seed=12)
+    two = native.run_weighted(rows, [2, 9], [1, 1], torch.tensor([0, 1]), torch.ones(2))
+    assert two.shape == (2, hidden) and len(fused) == 3
+    with pytest.raises(ExpertNotLoadedError, match="expert 4 of layer 1"):
+        native.run_weighted(x, [2, 4], [1, 1], torch.zeros(2, dtype=torch.long), torch.ones(2))
+    assert len(fused) == 3
 
 
 def test_a_partial_bank_keeps_the_grouped_path(kernels):
