@@ -12,8 +12,10 @@ torch rounds); only the order of the summation differs. Results do not depend on
 
 Where they are used: `linear.choose_layout` picks the "native" layout for bfloat16 on CPU when
 `available()`; then `Weight`/`WeightStack` call `linear` for at most MAX_ROWS rows (decode steps,
-small prefill groups of experts) and `F.linear` above, and `MoELayer` runs a single token through
-`moe_token` when its `ExpertBank` holds every expert.
+small prefill groups of experts) and `F.linear` above; `MoELayer` runs a single token through
+`moe_token` when its `ExpertBank` holds every expert, and `ExpertBank.run_weighted` (expert
+parallelism: a peer's answer, the host's own experts) runs one token's experts of a bank holding
+some of a layer's experts through it too, keeping the float32 sum (`float_sum`).
 
 Building: nothing happens at import. The first `available()` call (loading a bf16 CPU model)
 compiles the source with the system C compiler (`$CC` when set, and then only it; else `cc`, else
