@@ -151,6 +151,48 @@ async def test_remote_experts_give_the_single_node_logits_in_fp32(device):
         loop.close()
 
 
+def test_a_token_whose_experts_are_all_here_is_one_local_call(monkeypatch):
+    """run_combined for one token held wholly on the host: no remote call, no dispatch round
+    (no request built); the same sums as the general path (several tokens) gives for it."""
+    import asyncio
+
+    from mesh_node.expert_parallel import dispatch
+
+    built = []
+    request_of = dispatch._request_of
+
+    def counted(*args):
+        built.append(1)
+        return request_of(*args)
+
+    monkeypatch.setattr(dispatch, "_request_of", counted)
+    banks = load_expert_banks(BUILTIN_DIR, {0: range(8)}, device="cpu", dtype="float32")
+    remote_calls = []
+
+    async def call(*args):
+        remote_calls.append(args)
+        raise AssertionError("no expert of these tokens lives elsewhere")
+
+    loop = asyncio.new_event_loop()
+    stats = DispatchStats()
+    try:
+        experts = RemoteExperts(0, lambda: banks[0], ExpertRoutes(), call, loop, stats)
+        generator = torch.Generator().manual_seed(3)
+        x = torch.randn(3, banks[0].down.shape[0], generator=generator)
+        chosen = torch.stack([torch.randperm(8, generator=generator)[:2] for _ in range(3)])
+        weights = torch.rand(3, 2, generator=generator)
+        several = experts.run_combined(x, chosen, weights)
+        assert len(built) == 1  # the general path: one local request for the three tokens
+        for t in range(3):
+            one = experts.run_combined(x[t : t + 1], chosen[t : t + 1], weights[t : t + 1])
+            assert one.dtype == torch.float32 and one.shape == (1, x.shape[1])
+            assert torch.allclose(one[0], several[t], atol=1e-6)
+        assert stats.steps == 4 and stats.remote_calls == 0 and not remote_calls
+        assert len(built) == 1  # a single token took the one local call
+    finally:
+        loop.close()
+
+
 async def test_a_call_to_a_peer_turning_suspect_fails_over_at_once(
     mesh, single_node_answers, monkeypatch
 ):
