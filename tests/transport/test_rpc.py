@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sys
 
 import pytest
 import torch
@@ -301,5 +302,51 @@ async def test_an_answered_caller_resumes_before_the_housekeeping_transmit(mesh)
                 assert seen[answer + 1] == "datagram handled", seen
                 await asyncio.sleep(0)  # the deferred transmit runs once the caller yields
                 assert "transmit" in seen[seen.index("resumed") :], seen
+        finally:
+            carrier.transmit, carrier.datagram_received = transmit, received
+
+
+async def test_a_request_handler_starts_before_the_housekeeping_transmit(mesh):
+    # QUIC: the datagram carrying a request starts its handler (a task); what is left to send
+    # (the acknowledgement, the timer) waits until the handler has taken its first step (an
+    # expert peer hands its work to a worker thread there), and goes out after it
+    async with quic_pair(mesh) as p:
+        conn = await p.connect()
+        assert await conn.request(Echo("warm"), timeout=5) == Echo("warm")
+        server = p.b.connection_to(p.a.node_id)
+        assert server is not None
+        carrier = server._carrier
+        seen: list[str] = []
+        transmit, received = carrier.transmit, carrier.datagram_received
+
+        def counted_transmit():
+            # a timer going off between the datagram and the handler's step transmits on its own
+            frame, timer = sys._getframe(1), False
+            while frame is not None:
+                timer |= frame.f_code.co_name == "_handle_timer"
+                frame = frame.f_back
+            seen.append("timer transmit" if timer else "transmit")
+            transmit()
+
+        def counted_datagram(data, addr):
+            seen.append("datagram")
+            received(data, addr)
+            seen.append("datagram handled")
+
+        async def echo(ctx, msg):
+            seen.append("handler")
+            return Echo(msg.text)
+
+        p.b.handlers._table[Echo] = ("unary", echo)
+        carrier.transmit, carrier.datagram_received = counted_transmit, counted_datagram
+        try:
+            for i in range(20):
+                seen.clear()
+                assert await conn.request(Echo(str(i)), timeout=5) == Echo(str(i))
+                order = [event for event in seen if event != "timer transmit"]
+                started = order.index("handler")
+                # the request's datagram sent nothing while it was handled
+                assert order[started - 2 : started] == ["datagram", "datagram handled"], seen
+                assert "transmit" in order[started:], seen  # the answer, then housekeeping
         finally:
             carrier.transmit, carrier.datagram_received = transmit, received
