@@ -3,6 +3,8 @@ built-in model split three ways answers exactly as one node holding everything."
 
 from __future__ import annotations
 
+from unittest import mock
+
 import pytest
 import torch
 
@@ -158,14 +160,8 @@ def test_a_token_whose_experts_are_all_here_is_one_local_call(monkeypatch):
 
     from mesh_node.expert_parallel import dispatch
 
-    built = []
-    request_of = dispatch._request_of
-
-    def counted(*args):
-        built.append(1)
-        return request_of(*args)
-
-    monkeypatch.setattr(dispatch, "_request_of", counted)
+    built = mock.Mock(wraps=dispatch._request_of)
+    monkeypatch.setattr(dispatch, "_request_of", built)
     banks = load_expert_banks(BUILTIN_DIR, {0: range(8)}, device="cpu", dtype="float32")
     remote_calls = []
 
@@ -182,13 +178,13 @@ def test_a_token_whose_experts_are_all_here_is_one_local_call(monkeypatch):
         chosen = torch.stack([torch.randperm(8, generator=generator)[:2] for _ in range(3)])
         weights = torch.rand(3, 2, generator=generator)
         several = experts.run_combined(x, chosen, weights)
-        assert len(built) == 1  # the general path: one local request for the three tokens
+        assert built.call_count == 1  # the general path: one local request for the three tokens
         for t in range(3):
             one = experts.run_combined(x[t : t + 1], chosen[t : t + 1], weights[t : t + 1])
             assert one.dtype == torch.float32 and one.shape == (1, x.shape[1])
             assert torch.allclose(one[0], several[t], atol=1e-6)
         assert stats.steps == 4 and stats.remote_calls == 0 and not remote_calls
-        assert len(built) == 1  # a single token took the one local call
+        assert built.call_count == 1  # a single token took the one local call
     finally:
         loop.close()
 
