@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Write proto/vectors/: one JSON file per message type with an example message and its
-encoded frame in hex. Run after adding a message type (tests fail until its vector exists):
+encoded frame in hex, and proto/vectors/lanes/datagram.json: one express-lane datagram (keys,
+plaintext, sealed bytes). Run after adding a message type (tests fail until its vector exists):
 
     PYTHONPATH=. python scripts/make_vectors.py
 """
@@ -10,6 +11,8 @@ from __future__ import annotations
 import json
 import struct
 from pathlib import Path
+
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from mesh_node.expert_parallel.messages import (
     ExpertCall,
@@ -41,11 +44,14 @@ from mesh_node.placement.expert_plan import ExpertDemand, PeerOffer, plan_expert
 from mesh_node.placement.rankings import ExpertRankings
 from mesh_node.protocol import REGISTRY
 from mesh_node.serving.messages import ChatTurn, Generate, GenerateChunk
+from mesh_node.transport.express import lane_key_bytes, plaintext, seal
 from mesh_node.transport.frames import frame_parts
 from mesh_node.transport.messages import (
     Auth,
     Credit,
     Error,
+    ExpressLane,
+    ExpressOpen,
     Hello,
     HelloAck,
     Ping,
@@ -174,6 +180,8 @@ EXAMPLES = [
     Welcome(observed_host="192.0.2.7", observed_port=53211),
     Error(code=0x17, message="too many requests in flight"),
     Credit(amount=524288),
+    ExpressOpen(secret=bytes(range(32))),
+    ExpressLane(lane=bytes.fromhex("5a17c0de00c0ffee"), port=41873),
     Ping(seq=42),
     Pong(seq=42),
     Probe(seq=7, state_version=1700000000042, claims=[ALIVE]),
@@ -232,6 +240,29 @@ def main() -> None:
         path = OUT / f"{type_id:04x}-{type(message).__name__}.json"
         path.write_text(json.dumps(record, indent=2) + "\n")
         print(f"wrote {path.relative_to(OUT.parent.parent)}")
+    write_lane_vector()
+
+
+def write_lane_vector() -> None:
+    """A call on an express lane (PROTOCOL.md section 5.1): Ping(42) as call 7, datagram 3."""
+    secret, lane, call, seq = bytes(range(100, 132)), bytes.fromhex("5a17c0de00c0ffee"), 7, 3
+    call_key, answer_key = lane_key_bytes(secret, lane)
+    body = plaintext(REGISTRY, call, Ping(seq=42))
+    record = {
+        "secret": secret.hex(),
+        "lane": lane.hex(),
+        "call_key": call_key.hex(),
+        "answer_key": answer_key.hex(),
+        "call": call,
+        "ping_seq": 42,
+        "seq": seq,
+        "plaintext": body.hex(),
+        "datagram": seal(AESGCM(call_key), lane, seq, body).hex(),
+    }
+    path = OUT / "lanes" / "datagram.json"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"wrote {path.relative_to(OUT.parent.parent)}")
 
 
 if __name__ == "__main__":

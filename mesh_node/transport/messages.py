@@ -63,6 +63,22 @@ class Credit:
 
 
 @dataclass(frozen=True, slots=True)
+class ExpressOpen:
+    """Ask for an express lane (see transport/express.py): `secret` is 32 fresh random bytes
+    from which both sides derive the lane's keys. Answered by ExpressLane."""
+
+    secret: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class ExpressLane:
+    """The lane granted: its 8-byte id and the UDP port of the answerer's lane socket."""
+
+    lane: bytes
+    port: int
+
+
+@dataclass(frozen=True, slots=True)
 class Ping:
     seq: int
 
@@ -79,6 +95,8 @@ TRANSPORT_MESSAGES: dict[int, type] = {
     0x04: Welcome,
     0x05: Error,
     0x06: Credit,
+    0x07: ExpressOpen,
+    0x08: ExpressLane,
     0x10: Ping,
     0x11: Pong,
 }

@@ -1,0 +1,300 @@
+"""Express lanes (transport/express.py): sealed UDP calls between threads, over real sockets on
+loopback, with a relay in between that loses chosen datagrams; lanes granted over real QUIC."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mesh_node.identity import NodeIdentity
+from mesh_node.transport.errors import ErrorCode, ProtocolError, RemoteError, RequestFailed
+from mesh_node.transport.express import (
+    MAX_PLAINTEXT,
+    ExpressClient,
+    ExpressFailed,
+    ExpressServer,
+    lane_key_bytes,
+    plaintext,
+    read_plaintext,
+    seal,
+    unseal,
+)
+from mesh_node.transport.frames import FrameLimits
+from mesh_node.transport.messages import ExpressLane, ExpressOpen, Ping, Pong
+from tests.conditions import until
+from tests.transport.conftest import REGISTRY, Crash, Echo, Fail, Unhandled, quic_pair
+
+VECTOR = Path(__file__).parents[2] / "proto" / "vectors" / "lanes" / "datagram.json"
+PEER = NodeIdentity.generate().node_id
+
+
+class Relay:
+    """A UDP relay between a lane's caller and its server that drops the datagrams `drop`
+    picks: drop(direction, n) with direction "call" or "answer" and n counting from 1."""
+
+    def __init__(self, target: tuple[str, int], drop=lambda direction, n: False):
+        self.target = target
+        self.drop = drop
+        self.counts = {"call": 0, "answer": 0}
+        self.seen: list[bytes] = []  # call datagrams, as sent
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.settimeout(0.05)
+        self.address = self.sock.getsockname()
+        self.caller = None
+        self.running = True
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        while self.running:
+            try:
+                data, source = self.sock.recvfrom(70000)
+            except TimeoutError:
+                continue
+            direction = "answer" if source == self.target else "call"
+            if direction == "call":
+                self.caller = source
+                self.seen.append(data)
+            self.counts[direction] += 1
+            if not self.drop(direction, self.counts[direction]):
+                self.sock.sendto(data, self.target if direction == "call" else self.caller)
+
+    def close(self):
+        self.running = False
+        self.thread.join(timeout=2)
+        self.sock.close()
+
+
+class Lane:
+    """A lane server with test handlers, a client, and (optionally) a relay between them."""
+
+    def __init__(self, drop=None, **client_options):
+        self.handled = 0
+        self.server = ExpressServer(REGISTRY, host="127.0.0.1")
+        self.server.on_call(Ping, self.ping)
+        self.server.on_call(Echo, lambda peer, msg: Echo(msg.text * 2))
+        self.server.on_call(Fail, self.fail)
+        self.server.on_call(Crash, lambda peer, msg: 1 / 0)
+        self.server.start()
+        self.secret = os.urandom(32)
+        self.lane = self.server.open_lane(PEER, "connection", self.secret)
+        target = ("127.0.0.1", self.server.port)
+        self.relay = Relay(target, drop) if drop is not None else None
+        self.client = ExpressClient(REGISTRY, **client_options)
+        address = self.relay.address if self.relay else target
+        self.client.add("peer", address, self.lane, self.secret)
+
+    def ping(self, peer, msg):
+        assert peer == PEER
+        self.handled += 1
+        return Pong(msg.seq)
+
+    def fail(self, peer, msg):
+        raise RequestFailed(ErrorCode(msg.code), "asked to fail")
+
+    def call(self, message, timeout=2.0):
+        call = self.client.call("peer", message)
+        assert call is not None
+        return self.client.result(call, timeout)
+
+    def close(self):
+        self.client.close()
+        if self.relay:
+            self.relay.close()
+        self.server.close()
+
+
+@pytest.fixture
+def lane():
+    made = []
+
+    def make(drop=None, **options):
+        made.append(Lane(drop, **options))
+        return made[-1]
+
+    yield make
+    for each in made:
+        each.close()
+
+
+def test_calls_and_answers_cross_a_lane_one_datagram_each(lane):
+    pair = lane(drop=lambda direction, n: False)
+    for seq in range(50):
+        assert pair.call(Ping(seq)) == Pong(seq)
+    assert pair.handled == 50
+    assert pair.relay.counts == {"call": 50, "answer": 50}
+    assert pair.client.resent == 0 and pair.server.dropped == 0
+
+
+def test_a_lost_call_is_sent_again(lane):
+    pair = lane(drop=lambda direction, n: direction == "call" and n == 1)
+    assert pair.call(Ping(7)) == Pong(7)
+    assert pair.client.resent == 1 and pair.handled == 1
+
+
+def test_a_lost_answer_is_sent_again_without_computing_the_call_again(lane):
+    pair = lane(drop=lambda direction, n: direction == "answer" and n == 1)
+    assert pair.call(Ping(7)) == Pong(7)
+    assert pair.client.resent == 1
+    assert pair.handled == 1  # the copy was answered from the kept answer
+    assert pair.server.answered == 2
+    assert pair.call(Ping(8)) == Pong(8) and pair.handled == 2  # the next call is computed
+
+
+def test_a_peer_that_never_answers_fails_the_call_after_its_attempts(lane):
+    pair = lane(drop=lambda direction, n: True, attempts=3, first_rto=0.02)
+    started = time.monotonic()
+    with pytest.raises(ExpressFailed, match="after 3 datagrams"):
+        pair.call(Ping(1))
+    assert pair.relay.counts["call"] == 3
+    assert time.monotonic() - started < 1.0  # 20 + 40 + 80 ms of waiting
+    # the timeout given to result() bounds the wait too
+    call = pair.client.call("peer", Ping(2))
+    with pytest.raises(ExpressFailed, match="within"):
+        pair.client.result(call, 0.03)
+
+
+def test_a_late_answer_to_an_abandoned_call_is_dropped(lane):
+    gate = threading.Event()
+    pair = lane(attempts=1, first_rto=0.05)
+
+    def slow(peer, msg):
+        gate.wait(2)
+        return Pong(msg.seq)
+
+    pair.server.on_call(Ping, slow)
+    with pytest.raises(ExpressFailed):
+        pair.call(Ping(1))
+    gate.set()
+    pair.server.on_call(Ping, pair.ping)
+    assert pair.call(Ping(2)) == Pong(2)  # the late Pong(1) does not answer this call
+    assert pair.client.dropped >= 1
+
+
+def test_forged_replayed_and_unknown_datagrams_are_dropped_and_the_lane_goes_on(lane):
+    pair = lane(drop=lambda direction, n: False)
+    assert pair.call(Ping(1)) == Pong(1)
+    captured = pair.relay.seen[0]
+    raw = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    raw.bind(("127.0.0.1", 0))
+    raw.settimeout(0.2)
+    target = ("127.0.0.1", pair.server.port)
+    wrong_key, _ = lane_key_bytes(os.urandom(32), pair.lane)
+    forged = [
+        b"garbage",
+        captured,  # a replay: its sequence number was accepted already
+        seal(AESGCM(wrong_key), pair.lane, 99, plaintext(REGISTRY, 5, Ping(5))),
+        os.urandom(8) + captured[8:],  # an unknown lane
+        captured[:-1] + bytes([captured[-1] ^ 1]),  # a flipped bit
+    ]
+    try:
+        for datagram in forged:
+            raw.sendto(datagram, target)
+        with pytest.raises(TimeoutError):
+            raw.recvfrom(70000)  # nothing is answered
+    finally:
+        raw.close()
+    deadline = time.monotonic() + 2
+    while pair.server.dropped < len(forged) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert pair.server.dropped == len(forged)
+    assert pair.handled == 1
+    assert pair.call(Ping(2)) == Pong(2)
+
+
+@pytest.mark.parametrize(
+    ("message", "code"),
+    [
+        (Fail(ErrorCode.NOT_FOUND), ErrorCode.NOT_FOUND),
+        (Unhandled(), ErrorCode.NOT_SUPPORTED),
+        (Crash(), ErrorCode.INTERNAL_ERROR),
+        (Echo("x" * 40000), ErrorCode.FRAME_TOO_LARGE),  # its answer would be 80000 bytes
+    ],
+)
+def test_failures_come_back_as_remote_errors(lane, message, code):
+    pair = lane()
+    with pytest.raises(RemoteError) as caught:
+        pair.call(message)
+    assert caught.value.code == code
+    assert pair.call(Ping(3)) == Pong(3)
+
+
+def test_a_call_too_large_for_one_datagram_is_not_sent(lane):
+    pair = lane()
+    assert pair.client.call("peer", Echo("x" * MAX_PLAINTEXT)) is None
+    assert pair.client.call("nobody", Ping(1)) is None  # no lane to that peer
+
+
+def test_a_lane_datagram_matches_the_protocol_vector():
+    vector = json.loads(VECTOR.read_text())
+    secret, lane = bytes.fromhex(vector["secret"]), bytes.fromhex(vector["lane"])
+    call_key, answer_key = lane_key_bytes(secret, lane)
+    assert (call_key.hex(), answer_key.hex()) == (vector["call_key"], vector["answer_key"])
+    body = plaintext(REGISTRY, vector["call"], Ping(vector["ping_seq"]))
+    assert body.hex() == vector["plaintext"]
+    datagram = seal(AESGCM(call_key), lane, vector["seq"], body)
+    assert datagram.hex() == vector["datagram"]
+    opened = unseal(AESGCM(call_key), bytes.fromhex(vector["datagram"]))
+    assert read_plaintext(REGISTRY, FrameLimits(), opened) == (vector["call"], Ping(42))
+    assert unseal(AESGCM(answer_key), datagram) is None  # the other direction's key
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=200))
+def test_reading_any_plaintext_raises_only_the_protocols_error(data):
+    with contextlib.suppress(ProtocolError):
+        read_plaintext(REGISTRY, FrameLimits(), data)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=200), st.booleans())
+def test_any_datagram_to_a_lane_server_is_dropped_without_an_answer(data, known_lane):
+    server = ExpressServer(REGISTRY, host="127.0.0.1")
+    server.on_call(Ping, lambda peer, msg: Pong(msg.seq))
+    lane = server.open_lane(PEER, "connection", bytes(32))
+    datagram = (lane + data[8:]) if known_lane else data
+    server._datagram(datagram, ("127.0.0.1", 9))  # no socket: an answer would fail loudly
+    assert server.dropped == 1 and server.answered == 0
+
+
+async def test_lanes_are_granted_over_quic_and_close_with_the_connection(mesh):
+    async with quic_pair(mesh) as pair:
+        server = ExpressServer(REGISTRY, host="127.0.0.1")
+        server.on_call(Ping, lambda peer, msg: Pong(msg.seq))
+        server.attach(pair.b)
+        conn = await pair.connect()
+        with pytest.raises(RemoteError) as caught:  # not started: no socket to grant
+            await conn.request(ExpressOpen(os.urandom(32)), timeout=5)
+        assert caught.value.code == ErrorCode.UNAVAILABLE
+        server.start()
+        client = ExpressClient(REGISTRY, attempts=2, first_rto=0.02)
+        try:
+            with pytest.raises(RemoteError) as caught:
+                await conn.request(ExpressOpen(b"short"), timeout=5)
+            assert caught.value.code == ErrorCode.BAD_REQUEST
+            secret = os.urandom(32)
+            grant = await conn.request(ExpressOpen(secret), timeout=5)
+            assert isinstance(grant, ExpressLane) and grant.port == server.port
+            client.add("b", ("127.0.0.1", grant.port), grant.lane, secret)
+            call = client.call("b", Ping(11))
+            assert client.result(call, 2.0) == Pong(11)
+            assert server.lanes == 1
+            conn.close()
+            # the lane closes with the connection that opened it
+            await until(lambda: server.lanes == 0, what="the lane closed")
+            with pytest.raises(ExpressFailed):
+                client.result(client.call("b", Ping(12)), 2.0)
+        finally:
+            client.close()
+            server.close()
