@@ -34,6 +34,7 @@ from mesh_node.serving.local import LocalModels
 from mesh_node.serving.tunnel import TunnelHost
 from mesh_node.transport.connection import Connection, Handlers, RequestContext
 from mesh_node.transport.endpoint import Endpoint
+from mesh_node.transport.express import ExpressServer
 from mesh_node.transport.handshake import SOFTWARE
 from mesh_node.transport.messages import Ping, Pong
 from mesh_node.transport.quic import QuicEndpoint
@@ -99,7 +100,13 @@ class Node:
         self.hosting: Hosting | None = None
         self.gateway: Gateway | None = None
         TunnelHost(self.endpoint.handlers, self.local)
-        self.expert_service = ExpertService(self.endpoint.handlers)
+        # express lanes for expert calls: a QUIC node that holds experts grants them
+        self.lanes: ExpressServer | None = None
+        if isinstance(endpoint, QuicEndpoint) and config.experts.enabled and config.experts.lanes:
+            self.lanes = ExpressServer(REGISTRY, host=config.host)
+            self.lanes.attach(endpoint)
+            self.lanes.on_call(Ping, lambda peer, msg: Pong(msg.seq))  # latency probes
+        self.expert_service = ExpertService(self.endpoint.handlers, lanes=self.lanes)
         self.experts: ExpertParallel | None = None
         self.shards: IndependentShards | None = None
         self.discovery: MdnsDiscovery | None = None
@@ -130,6 +137,11 @@ class Node:
     async def start(self) -> None:
         offered = [] if self.config.client else await self._resolve_models()  # fail fast
         await self.endpoint.start()
+        if self.lanes is not None:
+            try:
+                self.lanes.start()
+            except OSError as exc:  # expert calls all go over QUIC then
+                log.warning("no express lanes: cannot open their UDP socket (%s)", exc)
         addresses = self.advertised_addresses()
         now_ms = int(time.time() * 1000)
         self_state = SelfState(
@@ -265,6 +277,8 @@ class Node:
             await self.hosting.stop()
         if self.experts is not None:
             await self.experts.stop()
+        if self.lanes is not None:
+            self.lanes.close()
         await self.endpoint.close()
 
     async def run_until_signal(self, announce: Callable[[str], None] | None = None) -> None:

@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -49,14 +50,13 @@ from mesh_node.expert_parallel.dispatch import (
     DispatchConfig,
     DispatchStats,
     ExpertRoutes,
+    PeerGone,
     RemoteExperts,
+    partial_sums,
+    weighted_call,
 )
-from mesh_node.expert_parallel.messages import (
-    ExpertCall,
-    ExpertOutput,
-    RankingsData,
-    RankingsRequest,
-)
+from mesh_node.expert_parallel.lanes import ExpertLanes
+from mesh_node.expert_parallel.messages import RankingsData, RankingsRequest
 from mesh_node.expert_parallel.service import ExpertService
 from mesh_node.identity import NodeId
 from mesh_node.membership.claims import ALIVE
@@ -75,8 +75,9 @@ from mesh_node.placement.expert_plan import (
 )
 from mesh_node.transport.connection import Handlers, RequestContext
 from mesh_node.transport.endpoint import Endpoint
-from mesh_node.transport.errors import ErrorCode, RequestFailed
-from mesh_node.transport.tensors import Tensor
+from mesh_node.transport.errors import ErrorCode, RemoteError, RequestFailed, TransportError
+from mesh_node.transport.express import SECRET_SIZE, ExpressClient
+from mesh_node.transport.messages import ExpressLane, ExpressOpen
 
 log = logging.getLogger("mesh_node.experts")
 
@@ -106,16 +107,13 @@ def split_call(
     return pieces
 
 
-class PeerGone(Exception):
-    """The peer left, was suspected, or could not be reached during an expert call."""
-
-
 @dataclass(frozen=True)
 class ExpertParallelConfig:
     enabled: bool = False  # offer this node's MoE models in expert-parallel mode
     shards: bool = False  # offer them in independent-shard mode instead
     memory: int | None = None  # bytes offered per split model (None: 80% of free RAM, shared)
     dispatch: DispatchConfig = field(default_factory=DispatchConfig)
+    lanes: bool = True  # decode-sized calls on express lanes where peers grant them (lanes.py)
     connect_timeout: float = 5.0
     release_wait: float = 30.0  # keep given-up experts until their new holders have them
 
@@ -163,7 +161,9 @@ class ExpertParallel:
         self._changed: list[Callable[[], None]] = []
         self._calls: dict[NodeId, set[asyncio.Task[Any]]] = {}  # expert calls in flight, by peer
         self._dropped: set[asyncio.Task[Any]] = set()  # calls cancelled: their peer is gone
+        self.lanes: dict[str, ExpertLanes] = {}  # hosted model -> its express lanes
         handlers.on_request(RankingsRequest, self._serve_rankings)
+        endpoint.on_disconnected.append(self._connection_closed)
 
     @property
     def node_id(self) -> NodeId:
@@ -263,7 +263,14 @@ class ExpertParallel:
         for task in list(self._tasks) + list(self._reconciling.values()):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        for lanes in self.lanes.values():
+            lanes.close()
+        self.lanes.clear()
         self.service.close()
+
+    def _connection_closed(self, conn) -> None:
+        for lanes in self.lanes.values():
+            lanes.connection_closed(conn)
 
     def spawn(self, coro: Any) -> asyncio.Task[Any]:
         task = asyncio.ensure_future(coro)
@@ -484,6 +491,9 @@ class ExpertParallel:
     def stop_hosting(self, model: str) -> None:
         """This node no longer hosts `model`: it stops publishing the rankings it chose."""
         self._publish_model(model, rankings="")
+        lanes = self.lanes.pop(model, None)
+        if lanes is not None:
+            lanes.close()
 
     def _find_rankings(self, resolved: ResolvedModel, analysis: str):
         fingerprint = rankings_mod.checkpoint_fingerprint(resolved.path)
@@ -697,6 +707,13 @@ class ExpertParallel:
         name = resolved.name
         routes = self.routes.setdefault(name, ExpertRoutes())
         stats = self.stats.setdefault(name, DispatchStats())
+        lanes = None
+        if self.config.lanes:
+            lanes = ExpertLanes(name, ExpressClient(self.endpoint.registry))
+            old = self.lanes.get(name)
+            self.lanes[name] = lanes
+            if old is not None:
+                old.close()
         for layer in model.moe_layers():
             layer.experts = RemoteExperts(
                 layer.layer,
@@ -708,6 +725,7 @@ class ExpertParallel:
                 loop,
                 stats,
                 self.config.dispatch,
+                lanes,
             )
         return model
 
@@ -731,9 +749,13 @@ class ExpertParallel:
         row_bytes = rows.shape[1] * max(rows.element_size(), 4)  # answers are float32
         pieces = split_call(experts, counts, max(1, MAX_CALL_BYTES // row_bytes))
         if len(pieces) == 1:
-            return await self._request(
+            partial = await self._request(
                 conn, peer, model, layer, experts, counts, rows, token_of, weights
             )
+            lanes = self.lanes.get(model)
+            if lanes is not None and lanes.wants(peer):
+                self.spawn(self._open_lane(lanes, peer, conn))
+            return partial
         total = torch.zeros(rows.shape[0], rows.shape[1], dtype=torch.float32)
         at = 0
         for piece_experts, piece_counts in pieces:  # only for huge prefills
@@ -754,16 +776,28 @@ class ExpertParallel:
             at += n
         return total
 
+    async def _open_lane(self, lanes: ExpertLanes, peer: NodeId, conn) -> None:
+        """Ask `peer` for an express lane for `lanes`' model's calls (see lanes.py)."""
+        secret = os.urandom(SECRET_SIZE)
+        try:
+            reply = await conn.request(ExpressOpen(secret), timeout=self.config.connect_timeout)
+            if not isinstance(reply, ExpressLane):
+                raise RemoteError(ErrorCode.UNEXPECTED_MESSAGE, type(reply).__name__)
+            lanes.add(peer, conn, (conn.remote_address[0], reply.port), reply.lane, secret)
+        except RemoteError as exc:
+            # a node without lanes answers NOT_SUPPORTED: ask it no more
+            never = exc.code == ErrorCode.NOT_SUPPORTED
+            lanes.refused(peer, None if never else lanes.retry_after)
+            log.info("no express lane to %s: %s", peer.short, exc)
+        except (TransportError, TimeoutError, OSError, ValueError) as exc:
+            lanes.refused(peer, lanes.retry_after)
+            log.info("no express lane to %s: %s", peer.short, exc)
+        except BaseException:
+            lanes.refused(peer, lanes.retry_after)
+            raise
+
     async def _request(self, conn, peer, model, layer, experts, counts, rows, token_of, weights):
-        call = ExpertCall(
-            model,
-            layer,
-            list(experts),
-            list(counts),
-            Tensor.from_torch(rows.contiguous()),
-            token_of=token_of.tolist(),
-            weights=Tensor.from_torch(weights.float().contiguous()),
-        )
+        call = weighted_call(model, layer, experts, counts, rows, token_of, weights)
         member = self.table.get(peer)
         if member is None or member.status != ALIVE:
             raise self._gone(peer)
@@ -783,12 +817,7 @@ class ExpertParallel:
             calls.discard(task)
             if not calls and self._calls.get(peer) is calls:
                 del self._calls[peer]
-        if not isinstance(reply, ExpertOutput):
-            raise PeerGone(f"{peer.short} answered {type(reply).__name__}")
-        outputs = reply.outputs.torch()
-        if tuple(outputs.shape) != tuple(rows.shape) or outputs.dtype != torch.float32:
-            raise PeerGone(f"{peer.short} answered {list(outputs.shape)} for {list(rows.shape)}")
-        return outputs
+        return partial_sums(reply, rows, peer)
 
     def _gone(self, peer: NodeId) -> PeerGone:
         member = self.table.get(peer)
@@ -842,6 +871,9 @@ class ExpertParallel:
                     "wait_seconds": round(stats.wait_seconds, 6),
                     "step_seconds": round(stats.step_seconds, 6),
                 }
+            lanes = self.lanes.get(model)
+            if lanes is not None and stats is not None:
+                section["dispatch"].update(lanes.status())
             sections.append(section)
         return sections
 

@@ -29,19 +29,50 @@ import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
 from mesh_node.engine.errors import EngineError
 from mesh_node.engine.experts import ExpertBank
+from mesh_node.expert_parallel.messages import ExpertCall, ExpertOutput
 from mesh_node.identity import NodeId
+from mesh_node.transport.express import ExpressFailed
+from mesh_node.transport.tensors import Tensor
 
 log = logging.getLogger("mesh_node.experts")
 
 
 class ExpertsUnavailable(EngineError):
     """Some expert of a layer has no live holder (and none appeared in time)."""
+
+
+class PeerGone(Exception):
+    """The peer left, was suspected, or could not be reached during an expert call."""
+
+
+def weighted_call(model, layer, experts, counts, rows, token_of, weights) -> ExpertCall:
+    """The ExpertCall (weighted form) asking a peer for these rows' partial sums."""
+    return ExpertCall(
+        model,
+        layer,
+        list(experts),
+        list(counts),
+        Tensor.from_torch(rows.contiguous()),
+        token_of=token_of.tolist(),
+        weights=Tensor.from_torch(weights.float().contiguous()),
+    )
+
+
+def partial_sums(reply: object, rows: torch.Tensor, peer: NodeId) -> torch.Tensor:
+    """The F32 [len(rows), H] partial sums a peer answered; PeerGone for any other answer."""
+    if not isinstance(reply, ExpertOutput):
+        raise PeerGone(f"{peer.short} answered {type(reply).__name__}")
+    outputs = reply.outputs.torch()
+    if tuple(outputs.shape) != tuple(rows.shape) or outputs.dtype != torch.float32:
+        raise PeerGone(f"{peer.short} answered {list(outputs.shape)} for {list(rows.shape)}")
+    return outputs
 
 
 @dataclass(frozen=True)
@@ -97,6 +128,22 @@ class DispatchStats:
     step_seconds: float = 0.0  # time in run_grouped with remote calls, all of it
 
 
+class LaneCalls(Protocol):
+    """Express lanes to peers (expert_parallel.lanes): `start` sends a call on the lane to
+    `peer`, None when there is none or the call does not fit one; the handle's `result`
+    raises ExpressFailed when no answer came, and the call then goes over QUIC."""
+
+    def start(
+        self, peer: NodeId, layer: int, experts, counts, rows, token_of, weights
+    ) -> Pending | None: ...
+
+
+class Pending(Protocol):
+    def result(self, timeout: float) -> torch.Tensor: ...
+
+    def cancel(self) -> Any: ...
+
+
 class RemoteExperts(nn.Module):
     """The experts of one MoE layer of the host's model, local and remote. (A module without
     weights, so that it can take an `ExpertBank`'s place in the MoE layer.)"""
@@ -110,6 +157,7 @@ class RemoteExperts(nn.Module):
         loop: asyncio.AbstractEventLoop,
         stats: DispatchStats,
         config: DispatchConfig | None = None,
+        lanes: LaneCalls | None = None,
     ):
         super().__init__()
         self.layer = layer
@@ -119,6 +167,11 @@ class RemoteExperts(nn.Module):
         self._loop = loop
         self._stats = stats
         self.config = config or DispatchConfig()
+        self._lanes = lanes
+
+    def _on_loop(self, args: tuple[Any, ...]) -> Pending:
+        """The call made over QUIC, from the event loop."""
+        return asyncio.run_coroutine_threadsafe(self._call(*args), self._loop)
 
     def run_combined(
         self, x: torch.Tensor, chosen: torch.Tensor, weights: torch.Tensor
@@ -147,18 +200,14 @@ class RemoteExperts(nn.Module):
             version = self._routes.version
             bank = self._local()  # once per round: the loop may swap the bank meanwhile
             local, by_peer, orphans = self._assign(pending, failed, bank)
-            calls = {}
+            calls: dict[NodeId, tuple[torch.Tensor, Pending, tuple[Any, ...]]] = {}
             for peer, experts in by_peer.items():
                 tokens, rows, counts, token_of, pair_weights = _request_of(
                     x, experts, pairs, k, flat_weights
                 )
-                calls[peer] = (
-                    tokens,
-                    asyncio.run_coroutine_threadsafe(
-                        self._call(peer, self.layer, experts, counts, rows, token_of, pair_weights),
-                        self._loop,
-                    ),
-                )
+                args = (peer, self.layer, experts, counts, rows, token_of, pair_weights)
+                lane = self._lanes.start(*args) if self._lanes is not None else None
+                calls[peer] = (tokens, lane or self._on_loop(args), args)
             self._stats.remote_calls += len(calls)
             if local:
                 assert bank is not None
@@ -169,9 +218,13 @@ class RemoteExperts(nn.Module):
                 out.index_add_(0, tokens, partial)
             pending = orphans
             waited = time.perf_counter()
-            for peer, (tokens, future) in calls.items():
+            for peer, (tokens, future, args) in calls.items():
                 try:
-                    partial = future.result(self.config.call_timeout + 5.0)
+                    try:
+                        partial = future.result(self.config.call_timeout + 5.0)
+                    except ExpressFailed:  # no answer on the lane: the same call over QUIC
+                        future = self._on_loop(args)
+                        partial = future.result(self.config.call_timeout + 5.0)
                 except Exception as exc:  # any failure: another holder takes it
                     future.cancel()
                     log.warning(

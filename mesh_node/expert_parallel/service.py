@@ -12,6 +12,10 @@ need next (on a 2-core machine with three nodes, one thread per call doubled thr
 speed); on a machine of its own, every thread streams the experts' weights. Larger calls use
 every thread. At most `max_pending` calls wait; more are answered OVERLOADED.
 
+Calls also come on express lanes (transport/express.py) when the node has a lane server:
+its thread checks and computes them itself, under the same lock as the worker thread's, so
+that still one computation runs at a time.
+
 The host's own experts live here too: its engine reads `bank(model, layer)` directly, so
 the same bytes serve local and remote tokens.
 """
@@ -21,14 +25,18 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import threading
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 
 from mesh_node.engine.experts import ExpertBank
 from mesh_node.expert_parallel.messages import ExpertCall, ExpertOutput
+from mesh_node.identity import NodeId
 from mesh_node.transport.connection import Handlers, RequestContext
 from mesh_node.transport.errors import ErrorCode, RequestFailed
+from mesh_node.transport.express import ExpressServer
 from mesh_node.transport.tensors import Tensor
 
 log = logging.getLogger("mesh_node.experts")
@@ -39,7 +47,9 @@ _WIRE_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F1
 
 
 class ExpertService:
-    def __init__(self, handlers: Handlers, *, max_pending: int = 32):
+    def __init__(
+        self, handlers: Handlers, *, max_pending: int = 32, lanes: ExpressServer | None = None
+    ):
         self._banks: dict[str, dict[int, ExpertBank]] = {}
         self.max_pending = max_pending
         self._pending = 0
@@ -49,7 +59,10 @@ class ExpertService:
         self.all_threads = torch.get_num_threads()  # calls larger than SMALL_CALL_ROWS
         self._call_threads: dict[str, int] = {}  # model -> threads for decode-sized calls
         self.calls_served = 0
+        self._computing = threading.Lock()  # one computation at a time: worker or lane thread
         handlers.on_request(ExpertCall, self._serve)
+        if lanes is not None:
+            lanes.on_call(ExpertCall, self._serve_lane)
 
     # ---- what is held (read from any thread; replaced whole, never mutated in place)
     def bank(self, model: str, layer: int) -> ExpertBank | None:
@@ -156,24 +169,35 @@ class ExpertService:
             raise RequestFailed(ErrorCode.BAD_REQUEST, f"token_of must index the {tokens} rows")
         return torch.tensor(call.token_of, dtype=torch.long), weights.torch()
 
-    async def _serve(self, ctx: RequestContext, call: ExpertCall) -> ExpertOutput:
+    def _prepared(self, call: ExpertCall) -> tuple[Any, ...]:
+        """The checked arguments of `_compute` for a call (RequestFailed when it is wrong)."""
         weighted = self.check_weighted(call)
         bank, rows = self.check(call, grouped=weighted is None)
+        threads = (
+            self.call_threads(call.model) if rows.shape[0] <= SMALL_CALL_ROWS else self.all_threads
+        )
+        return bank, rows, call.experts, call.counts, weighted, threads
+
+    def _computed(self, args: tuple[Any, ...]) -> torch.Tensor:
+        with self._computing:
+            return _compute(*args)
+
+    async def _serve(self, ctx: RequestContext, call: ExpertCall) -> ExpertOutput:
+        args = self._prepared(call)
         if self._pending >= self.max_pending:
             raise RequestFailed(ErrorCode.OVERLOADED, "too many expert calls waiting here")
         self._pending += 1
         try:
             loop = asyncio.get_running_loop()
-            threads = (
-                self.call_threads(call.model)
-                if rows.shape[0] <= SMALL_CALL_ROWS
-                else self.all_threads
-            )
-            outputs = await loop.run_in_executor(
-                self._executor, _compute, bank, rows, call.experts, call.counts, weighted, threads
-            )
+            outputs = await loop.run_in_executor(self._executor, self._computed, args)
         finally:
             self._pending -= 1
+        self.calls_served += 1
+        return ExpertOutput(Tensor.from_torch(outputs))
+
+    def _serve_lane(self, peer: NodeId, call: ExpertCall) -> ExpertOutput:
+        """A call that came on an express lane, on the lane thread."""
+        outputs = self._computed(self._prepared(call))
         self.calls_served += 1
         return ExpertOutput(Tensor.from_torch(outputs))
 

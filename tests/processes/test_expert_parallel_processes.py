@@ -125,6 +125,11 @@ async def test_three_processes_split_the_builtin_model_and_answer_like_one_node(
                 assert answer.choices[0].message.content == want
         finally:
             await api.close()
+        # the decode steps' calls went on express lanes (sealed UDP datagrams), not over QUIC
+        status = await host.status()
+        dispatch = next(e for e in status["experts"] if e["model"] == "builtin")["dispatch"]
+        assert dispatch["lanes"] >= 1 and dispatch["lane_calls"] > 0, dispatch
+        assert dispatch["lane_calls"] <= dispatch["remote_calls"], dispatch
     finally:
         await stop_all(nodes)
 

@@ -1,0 +1,137 @@
+"""The host's express lanes (transport/express.py) to the peers holding its experts.
+
+A decode step's expert call goes on the lane to its peer when there is one and the call fits
+one datagram: the engine thread sends it and reads the answer itself, no event loop between.
+Everything else (prefill-sized calls, peers without a lane) goes over QUIC as before, and so
+does a call the lane did not answer: `RemoteExperts` makes it again over QUIC at once, and
+the lane is dropped. The coordinator opens lanes from the event loop, after a call over QUIC
+to that peer succeeded (`wants`), and not again for `retry_after` seconds after one failed.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import torch
+
+from mesh_node.expert_parallel.dispatch import partial_sums, weighted_call
+from mesh_node.identity import NodeId
+from mesh_node.transport.express import MAX_PLAINTEXT, ExpressCall, ExpressClient, ExpressFailed
+
+ANSWER_SLACK = 4096  # bytes of a lane answer besides its F32 rows (headers, field names)
+
+
+class LaneCall:
+    """One expert call in flight on a lane."""
+
+    def __init__(self, lanes: ExpertLanes, call: ExpressCall, rows: torch.Tensor, peer: NodeId):
+        self._lanes = lanes
+        self._call = call
+        self._rows = rows
+        self._peer = peer
+
+    def result(self, timeout: float) -> torch.Tensor:
+        try:
+            reply = self._lanes.client.result(self._call, timeout)
+        except ExpressFailed:
+            self._lanes.failed(self._peer)
+            raise
+        return partial_sums(reply, self._rows, self._peer)
+
+    def cancel(self) -> bool:
+        self._lanes.client.cancel(self._call)
+        return True
+
+
+class ExpertLanes:
+    """Lanes to the peers of one hosted model. `start` runs on the engine's thread, `add`,
+    `wants` and `connection_closed` on the event loop."""
+
+    def __init__(self, model: str, client: ExpressClient, *, retry_after: float = 30.0):
+        self.model = model
+        self.client = client
+        self.retry_after = retry_after
+        self.calls = 0  # calls sent on lanes
+        self.fallbacks = 0  # calls a lane did not answer (made again over QUIC)
+        self._owners: dict[NodeId, object] = {}  # peer -> the connection that opened its lane
+        self._not_before: dict[NodeId, float] = {}  # peer -> no new lane before this time
+        self._opening: set[NodeId] = set()
+        self._lock = threading.Lock()
+
+    def start(
+        self, peer: NodeId, layer: int, experts, counts, rows, token_of, weights
+    ) -> LaneCall | None:
+        if peer not in self.client or rows.shape[0] * rows.shape[1] * 4 + ANSWER_SLACK > (
+            MAX_PLAINTEXT
+        ):
+            return None
+        call = self.client.call(
+            peer, weighted_call(self.model, layer, experts, counts, rows, token_of, weights)
+        )
+        if call is None:
+            return None
+        self.calls += 1
+        return LaneCall(self, call, rows, peer)
+
+    def failed(self, peer: NodeId) -> None:
+        """A call on the lane to `peer` went unanswered: drop the lane, open none for a while."""
+        self.fallbacks += 1
+        self.client.drop(peer)
+        with self._lock:
+            self._owners.pop(peer, None)
+            self._not_before[peer] = time.monotonic() + self.retry_after
+
+    def wants(self, peer: NodeId) -> bool:
+        """Whether to open a lane to `peer` now (none open, none opening, none failed lately);
+        True marks it opening until `add` or `refused`."""
+        with self._lock:
+            if (
+                peer in self.client
+                or peer in self._opening
+                or time.monotonic() < self._not_before.get(peer, 0.0)
+            ):
+                return False
+            self._opening.add(peer)
+            return True
+
+    def add(
+        self,
+        peer: NodeId,
+        owner: object,
+        address: tuple[str, int],
+        lane: bytes,
+        secret: bytes,
+    ) -> None:
+        self.client.add(peer, address, lane, secret)
+        with self._lock:
+            self._owners[peer] = owner
+            self._opening.discard(peer)
+
+    def refused(self, peer: NodeId, retry_after: float | None = None) -> None:
+        """Opening a lane to `peer` failed: try again after `retry_after` s (None: never)."""
+        with self._lock:
+            self._opening.discard(peer)
+            self._not_before[peer] = (
+                float("inf") if retry_after is None else time.monotonic() + retry_after
+            )
+
+    def connection_closed(self, owner: object) -> None:
+        """A connection closed: the lane it opened is gone on the peer's side too."""
+        with self._lock:
+            peers = [p for p, o in self._owners.items() if o is owner]
+            for peer in peers:
+                del self._owners[peer]
+        for peer in peers:
+            self.client.drop(peer)
+
+    def status(self) -> dict[str, int]:
+        return {
+            "lanes": len(self._owners),
+            "lane_calls": self.calls,
+            "lane_fallbacks": self.fallbacks,
+            "lane_resent": self.client.resent,
+        }
+
+    def close(self) -> None:
+        self.client.close()
