@@ -11,8 +11,10 @@ the partials up. Compared with sending every (token, expert) row both ways this 
 k times fewer bytes, which is what an expert call's time is made of (the QUIC stack costs
 about 0.25 ms per KB round trip here). The math is the single node's: the same expert
 products, the weighted sum in float32; only the order of that sum's terms differs (rounding
-at the 1e-7 level). The calls are started on the event loop first, then the local experts
-run while they are in flight.
+at the 1e-7 level). The calls are started first, then the local experts run while they are
+in flight: a call that fits one datagram goes on the express lane to its peer when there is
+one (lanes.py: the engine thread sends it and reads the answer itself), any other over QUIC
+from the event loop; a lane call that gets no answer is made again over QUIC at once.
 
 A peer that fails (timeout, connection lost, gone from the mesh, refusal) is dropped for the
 rest of the step and its experts go to another holder (a replica) at once. When no live node

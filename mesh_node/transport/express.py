@@ -40,6 +40,7 @@ import os
 import select
 import socket
 import struct
+import sys
 import threading
 import time
 from collections.abc import Callable, Hashable
@@ -71,7 +72,8 @@ TAG_SIZE = 16
 SECRET_SIZE = 32
 MAX_DATAGRAM = 65000  # a lane datagram, header and tag included (IPv4 UDP allows 65507)
 MAX_PLAINTEXT = MAX_DATAGRAM - HEADER.size - TAG_SIZE
-_IP_PMTUDISC_DONT = 0  # <linux/in.h>: never set don't-fragment; IP fragments large datagrams
+_IP_MTU_DISCOVER = 10  # <linux/in.h> (Python's socket module lacks the name)
+_IP_PMTUDISC_DONT = 0  # never set don't-fragment: IP fragments datagrams over the path MTU
 
 
 class ExpressFailed(TransportError):
@@ -133,8 +135,8 @@ def read_plaintext(registry: Registry, limits: FrameLimits, data: bytes) -> tupl
 
 def _udp_socket(family: int) -> socket.socket:
     sock = socket.socket(family, socket.SOCK_DGRAM)
-    if family == socket.AF_INET and hasattr(socket, "IP_MTU_DISCOVER"):
-        sock.setsockopt(socket.IPPROTO_IP, socket.IP_MTU_DISCOVER, _IP_PMTUDISC_DONT)
+    if family == socket.AF_INET and sys.platform.startswith("linux"):
+        sock.setsockopt(socket.IPPROTO_IP, _IP_MTU_DISCOVER, _IP_PMTUDISC_DONT)
     for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
         sock.setsockopt(socket.SOL_SOCKET, option, 1 << 20)
     return sock

@@ -174,7 +174,7 @@ def veth_namespaces():
 async def test_peers_across_a_veth_link_use_its_mtu():
     """Two processes in two network namespaces joined by a veth pair (MTU 1500): both sides of
     the connection send 1472-byte datagrams (1500 - IPv4 - UDP headers), and a 1 MiB payload
-    crosses intact."""
+    crosses intact; an express lane's datagrams, larger than the MTU, cross it fragmented."""
     with veth_namespaces() as (a, b):
         mesh_id = new_mesh_id()
         peer = [sys.executable, "-m", "tests.transport.datagram_peer"]
@@ -192,7 +192,11 @@ async def test_peers_across_a_veth_link_use_its_mtu():
                 )  # fmt: skip
                 out, _ = await dialer.communicate()
                 assert dialer.returncode == 0
-                assert json.loads(out) == {"client_datagram_size": 1472, "echoed": True}
+                assert json.loads(out) == {
+                    "client_datagram_size": 1472,
+                    "echoed": True,
+                    "lane_echoed": True,  # a 16 KB lane answer crossed the 1500-byte link
+                }
                 assert json.loads(await server.stdout.readline()) == {"server_datagram_size": 1472}
         finally:
             server.stdin.close()
