@@ -784,17 +784,13 @@ class ExpertParallel:
             if not isinstance(reply, ExpressLane):
                 raise RemoteError(ErrorCode.UNEXPECTED_MESSAGE, type(reply).__name__)
             lanes.add(peer, conn, (conn.remote_address[0], reply.port), reply.lane, secret)
-        except RemoteError as exc:
+        except BaseException as exc:
             # a node without lanes answers NOT_SUPPORTED: ask it no more
-            never = exc.code == ErrorCode.NOT_SUPPORTED
+            never = isinstance(exc, RemoteError) and exc.code == ErrorCode.NOT_SUPPORTED
             lanes.refused(peer, None if never else lanes.retry_after)
+            if not isinstance(exc, (TransportError, TimeoutError, OSError, ValueError)):
+                raise  # cancelled, or a bug
             log.info("no express lane to %s: %s", peer.short, exc)
-        except (TransportError, TimeoutError, OSError, ValueError) as exc:
-            lanes.refused(peer, lanes.retry_after)
-            log.info("no express lane to %s: %s", peer.short, exc)
-        except BaseException:
-            lanes.refused(peer, lanes.retry_after)
-            raise
 
     async def _request(self, conn, peer, model, layer, experts, counts, rows, token_of, weights):
         call = weighted_call(model, layer, experts, counts, rows, token_of, weights)

@@ -62,9 +62,8 @@ class ExpertLanes:
     def start(
         self, peer: NodeId, layer: int, experts, counts, rows, token_of, weights
     ) -> LaneCall | None:
-        if peer not in self.client or rows.shape[0] * rows.shape[1] * 4 + ANSWER_SLACK > (
-            MAX_PLAINTEXT
-        ):
+        answer_bytes = rows.shape[0] * rows.shape[1] * 4 + ANSWER_SLACK  # F32 partial sums
+        if peer not in self.client or answer_bytes > MAX_PLAINTEXT:
             return None
         call = self.client.call(
             peer, weighted_call(self.model, layer, experts, counts, rows, token_of, weights)

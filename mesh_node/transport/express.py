@@ -112,6 +112,20 @@ def unseal(aead: AESGCM, datagram: bytes) -> bytes | None:
         return None
 
 
+def accept(aead: AESGCM, lane: Any, datagram: bytes) -> bytes | None:
+    """The plaintext of a datagram on `lane` (sealed with `aead`), or None to drop it: too short
+    to hold a call id, not authentic, or not numbered above the last one accepted (`lane.seen`,
+    which it then becomes)."""
+    if len(datagram) < HEADER.size + TAG_SIZE + CALL.size:
+        return None
+    plain = unseal(aead, datagram)
+    seq = HEADER.unpack_from(datagram)[1]
+    if plain is None or seq <= lane.seen:
+        return None
+    lane.seen = seq
+    return plain
+
+
 def _nonce(seq: int) -> bytes:
     return b"\0\0\0\0" + seq.to_bytes(8, "big")
 
@@ -272,20 +286,15 @@ class ExpressServer:
                 log.exception("answering a lane datagram failed")
 
     def _datagram(self, data: bytes, address: Any) -> None:
-        if len(data) < HEADER.size + TAG_SIZE + CALL.size:
-            self.dropped += 1
-            return
         lane_id = data[:8]
         with self._lock:
             lane = self._lanes.get(lane_id)
             if lane is not None:
                 self._lanes.move_to_end(lane_id)
-        plain = None if lane is None else unseal(lane.calls, data)
-        seq = HEADER.unpack_from(data)[1]
-        if lane is None or plain is None or seq <= lane.seen:
+        plain = None if lane is None else accept(lane.calls, lane, data)
+        if lane is None or plain is None:
             self.dropped += 1
             return
-        lane.seen = seq
         call_id = CALL.unpack_from(plain)[0]
         if lane.answered is not None and lane.answered[0] == call_id:
             answer = lane.answered[1]  # a copy of the last call: its answer again
@@ -493,12 +502,11 @@ class ExpressClient:
                 self._datagram(data)
 
     def _datagram(self, data: bytes) -> None:
-        lane = self._by_id.get(data[:8]) if len(data) >= HEADER.size + TAG_SIZE else None
-        plain = None if lane is None else unseal(lane.answers, data)
-        if lane is None or plain is None or HEADER.unpack_from(data)[1] <= lane.seen:
+        lane = self._by_id.get(data[:8])
+        plain = None if lane is None else accept(lane.answers, lane, data)
+        if lane is None or plain is None:
             self.dropped += 1
             return
-        lane.seen = HEADER.unpack_from(data)[1]
         call = self._pending.pop((lane.lane, CALL.unpack_from(plain)[0]), None)
         if call is None:  # an answer to a copy of a call already answered, or abandoned
             self.dropped += 1
