@@ -130,6 +130,7 @@ class ExpertLanes:
             "lane_calls": self.calls,
             "lane_fallbacks": self.fallbacks,
             "lane_resent": self.client.resent,
+            "lane_polled": self.client.polled,
         }
 
     def close(self) -> None:

@@ -28,6 +28,14 @@ on its socket, checks it, computes and sends the answer back; the engine thread 
   larger than the path's MTU are fragmented by IP (the sockets never set don't-fragment).
 
 Each side runs one thread per socket: answers are computed one at a time, in order.
+
+Waiting for an answer, the calling thread first polls its socket (non-blocking reads, no
+sleep) for up to `poll` seconds after the call went out, when the lane's answers usually come
+within that (smoothed call time at most `poll`), and only then sleeps on it. A short call's
+answer is then read the moment it lands: no sleep and wake-up of the thread in between, and
+its caches stay warm. That is CPU the calling thread spends waiting, bounded by `poll` per
+call; lanes whose calls take longer sleep at once, as before. (Three nodes on this 2-core
+machine, decode: +10-20% tokens/s with a 2 ms poll, the built-in and an OLMoE-sized model.)
 """
 
 from __future__ import annotations
@@ -375,9 +383,11 @@ class ExpressClient:
         first_rto: float = 0.1,
         min_rto: float = 0.01,
         max_rto: float = 1.0,
+        poll: float = 0.002,
         limits: FrameLimits | None = None,
     ):
         self.registry = registry
+        self.poll = poll  # seconds to poll for a quick lane's answer before sleeping
         self.attempts = attempts
         self.first_rto = first_rto
         self.min_rto = min_rto
@@ -390,6 +400,7 @@ class ExpressClient:
         self._pending: dict[tuple[bytes, int], ExpressCall] = {}
         self._ids = itertools.count(1)
         self.resent = 0  # datagrams sent again
+        self.polled = 0  # waits that read datagrams while polling, before sleeping
         self.dropped = 0  # datagrams dropped: unknown lane, not authentic, replayed, late
 
     def add(self, key: Hashable, address: tuple[str, int], lane: bytes, secret: bytes) -> None:
@@ -462,13 +473,24 @@ class ExpressClient:
             if now >= deadline:
                 call.error = ExpressFailed(f"no answer on the lane within {timeout:.3g}s")
                 break
-            self._receive(min(call.sent_at + call.rto, deadline) - now)
+            self._receive(
+                min(call.sent_at + call.rto, deadline) - now,
+                min(self.poll_until(call), deadline),
+            )
         self.cancel(call)
         if call.error is not None:
             raise call.error
         if isinstance(call.answer, Error):
             raise RemoteError(call.answer.code, call.answer.message)
         return call.answer
+
+    def poll_until(self, call: ExpressCall) -> float:
+        """Until when (monotonic) to poll for the call's answer before sleeping: `poll` after
+        it was sent when the lane's answers come within `poll` (or none came yet), else 0."""
+        srtt = call.lane.srtt
+        if self.poll > 0 and (srtt is None or srtt <= self.poll):
+            return call.sent_at + self.poll
+        return 0.0
 
     def _send(self, call: ExpressCall) -> None:
         lane = call.lane
@@ -485,13 +507,24 @@ class ExpressClient:
         except OSError as exc:  # e.g. no route: the call cannot go this way
             call.error = ExpressFailed(f"lane datagram not sent: {exc}")
 
-    def _receive(self, wait: float) -> None:
+    def _receive(self, wait: float, poll_until: float = 0.0) -> None:
+        """Read what has arrived: polling until `poll_until` (monotonic) while nothing has,
+        then sleeping at most `wait` seconds for something."""
         sockets = list(self._sockets.values())
         if not sockets:
             time.sleep(max(wait, 0.0))
             return
+        while time.monotonic() < poll_until:
+            if self._read(sockets):
+                self.polled += 1
+                return
         readable, _, _ = select.select(sockets, [], [], max(wait, 0.0))
-        for sock in readable:
+        self._read(readable)
+
+    def _read(self, sockets: list[socket.socket]) -> bool:
+        """Handle every datagram waiting on these (non-blocking) sockets; whether any was."""
+        got = False
+        for sock in sockets:
             while True:
                 try:
                     data = sock.recv(MAX_DATAGRAM + 1)
@@ -499,7 +532,9 @@ class ExpressClient:
                     break
                 except OSError:  # e.g. ICMP port unreachable from an earlier send
                     break
+                got = True
                 self._datagram(data)
+        return got
 
     def _datagram(self, data: bytes) -> None:
         lane = self._by_id.get(data[:8])

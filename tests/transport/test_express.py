@@ -165,6 +165,43 @@ def test_a_peer_that_never_answers_fails_the_call_after_its_attempts(lane):
         pair.client.result(call, 0.03)
 
 
+def test_a_quick_answer_is_read_while_polling_and_without_poll_after_a_sleep(lane):
+    polling = lane(poll=1.0)
+    for seq in range(5):
+        assert polling.call(Ping(seq)) == Pong(seq)
+    assert polling.client.polled == 5  # each answer came before the thread went to sleep
+    sleeping = lane(poll=0.0)
+    for seq in range(5):
+        assert sleeping.call(Ping(seq)) == Pong(seq)
+    assert sleeping.client.polled == 0
+
+
+def test_polling_is_bounded_and_only_for_lanes_whose_answers_come_within_it(lane):
+    pair = lane(poll=0.005)
+    call = pair.client.call("peer", Ping(1))
+    assert call.lane.srtt is None  # nothing known yet: poll, at most `poll` after sending
+    assert pair.client.poll_until(call) == call.sent_at + 0.005
+    call.lane.srtt = 0.004
+    assert pair.client.poll_until(call) == call.sent_at + 0.005
+    call.lane.srtt = 0.02  # slower than the poll: sleep at once
+    assert pair.client.poll_until(call) == 0.0
+    pair.client.result(call, 2.0)
+
+
+def test_a_lane_slower_than_the_poll_waits_asleep(lane):
+    pair = lane(poll=0.01)
+    pair.server.on_call(Echo, lambda peer, msg: (time.sleep(0.04), Echo(msg.text))[1])
+    assert pair.call(Echo("first")) == Echo("first")  # sets the lane's call time: ~40 ms
+    probe = pair.client.call("peer", Ping(0))
+    assert pair.client.poll_until(probe) == 0.0
+    assert pair.client.result(probe, 2.0) == Pong(0)
+    started = time.thread_time()
+    for seq in range(5):
+        assert pair.call(Echo(str(seq))) == Echo(str(seq))
+    # five 40 ms waits: polling them would take >= 50 ms of this thread's CPU, sleeping ~none
+    assert time.thread_time() - started < 0.025
+
+
 def test_a_late_answer_to_an_abandoned_call_is_dropped(lane):
     gate = threading.Event()
     pair = lane(attempts=1, first_rto=0.05)
