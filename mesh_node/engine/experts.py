@@ -31,6 +31,17 @@ class ExpertComputer(Protocol):
 
     layer: int
 
+    def _index(self, expert: int) -> int:
+        """The expert's position in the stacks; ExpertNotLoadedError when it is not here."""
+        j = self._position.get(expert)
+        if j is None:
+            raise ExpertNotLoadedError(
+                f"expert {expert} of layer {self.layer} is not loaded here "
+                f"(this bank holds {len(self.expert_ids)} experts: {list(self.expert_ids)[:16]}"
+                f"{'...' if len(self.expert_ids) > 16 else ''})"
+            )
+        return j
+
     def run_grouped(
         self, rows: torch.Tensor, experts: Sequence[int], counts: Sequence[int]
     ) -> torch.Tensor:
@@ -119,6 +130,19 @@ class ExpertBank(nn.Module):
                     weights.float(),
                     float_sum=True,
                 )
+        if rows.shape[0] == 1 and all(count == 1 for count in counts):
+            # one token (a decode step's call on other layouts): its experts' outputs, each
+            # weighted in float32 and added up in order, as index_add_ would, in fewer ops
+            inter = self.intermediate_size
+            partial = None
+            for expert, weight in zip(experts, weights.tolist(), strict=True):
+                j = self._index(expert)
+                gate_up = self.gate_up.apply(j, rows)
+                term = self.down.apply(j, F.silu(gate_up[:, :inter]) * gate_up[:, inter:])
+                term = term.float() * weight
+                partial = term if partial is None else partial.add_(term)
+            if partial is not None:
+                return partial
         outputs = self.run_grouped(rows.index_select(0, token_of), experts, counts)
         partial = torch.zeros(rows.shape[0], rows.shape[1], dtype=torch.float32, device=rows.device)
         return partial.index_add_(0, token_of, outputs.float() * weights.unsqueeze(1))
@@ -150,6 +174,17 @@ class ExpertBank(nn.Module):
         float32 -> sum_j weights[j] * expert_j(x), [1, H] (see `runs_tokens_whole`)."""
         return cpu_kernels.moe_token(x, self.gate_up.data, self.down.data, experts, weights)
 
+    def _index(self, expert: int) -> int:
+        """The expert's position in the stacks; ExpertNotLoadedError when it is not here."""
+        j = self._position.get(expert)
+        if j is None:
+            raise ExpertNotLoadedError(
+                f"expert {expert} of layer {self.layer} is not loaded here "
+                f"(this bank holds {len(self.expert_ids)} experts: {list(self.expert_ids)[:16]}"
+                f"{'...' if len(self.expert_ids) > 16 else ''})"
+            )
+        return j
+
     def run_grouped(
         self, rows: torch.Tensor, experts: Sequence[int], counts: Sequence[int]
     ) -> torch.Tensor:
@@ -159,13 +194,7 @@ class ExpertBank(nn.Module):
         for expert, count in zip(experts, counts, strict=True):
             if not count:
                 continue
-            j = self._position.get(expert)
-            if j is None:
-                raise ExpertNotLoadedError(
-                    f"expert {expert} of layer {self.layer} is not loaded here "
-                    f"(this bank holds {len(self.expert_ids)} experts: {list(self.expert_ids)[:16]}"
-                    f"{'...' if len(self.expert_ids) > 16 else ''})"
-                )
+            j = self._index(expert)
             end = start + count
             gate_up = self.gate_up.apply(j, rows[start:end])
             hidden = F.silu(gate_up[:, :inter]) * gate_up[:, inter:]

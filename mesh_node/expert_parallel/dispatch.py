@@ -217,7 +217,7 @@ class RemoteExperts(nn.Module):
                     x, local, pairs, k, flat_weights
                 )
                 partial = bank.run_weighted(rows, local, counts, token_of, pair_weights)
-                out.index_add_(0, tokens, partial)
+                _add_rows(out, tokens, partial)
             pending = orphans
             waited = time.perf_counter()
             for peer, (tokens, future, args) in calls.items():
@@ -239,7 +239,7 @@ class RemoteExperts(nn.Module):
                     failed.add(peer)
                     pending = sorted(pending + by_peer[peer])
                     continue
-                out.index_add_(0, tokens.to(out.device), partial.to(out.device))
+                _add_rows(out, tokens.to(out.device), partial.to(out.device))
             if calls:
                 now = time.perf_counter()
                 self._stats.wait_seconds += now - waited
@@ -282,11 +282,22 @@ class RemoteExperts(nn.Module):
         return local, {p: sorted(e) for p, e in by_peer.items()}, orphans
 
 
+def _add_rows(out: torch.Tensor, tokens: torch.Tensor, partial: torch.Tensor) -> None:
+    """out[tokens] += partial (one token: a plain add)."""
+    if out.shape[0] == 1:
+        out.add_(partial)
+    else:
+        out.index_add_(0, tokens, partial)
+
+
 def _request_of(x, experts, pairs, k, flat_weights):
     """For some experts: the distinct tokens they see (ids, rows), counts per expert, and for
     each (token, expert) pair grouped by expert, its token's position among those rows and
     its gate weight."""
     indices = [i for expert in experts for i in pairs[expert]]
+    if x.shape[0] == 1:  # one token (a decode step): each of these experts sees its one row
+        zeros = torch.zeros(len(indices), dtype=torch.long, device=x.device)
+        return zeros[:1], x, [1] * len(indices), zeros, flat_weights[indices]
     token_ids = sorted({i // k for i in indices})
     position = {t: j for j, t in enumerate(token_ids)}
     tokens = torch.tensor(token_ids, dtype=torch.long, device=x.device)

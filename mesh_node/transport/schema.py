@@ -117,6 +117,9 @@ def _compile(annotation: Any, owner: type) -> tuple[Encoder, Decoder]:
         return enc_opt, dec_opt
     if origin is list:
         item_enc, item_dec = _compile(args[0], owner)
+        # a list of scalars that already decoded to their type is kept as it is (no call and
+        # no path string per item); int is exact: bool, its subclass, is not an int here
+        exact = args[0] if args[0] in (int, float, str, bytes, bool) else None
 
         def enc_list(value: Any, blob: _BlobWriter) -> Any:
             return [item_enc(item, blob) for item in value]
@@ -124,6 +127,8 @@ def _compile(annotation: Any, owner: type) -> tuple[Encoder, Decoder]:
         def dec_list(value: Any, blob: memoryview, path: str) -> Any:
             if type(value) is not list:
                 raise _invalid(path, "an array", value)
+            if exact is not None and all(type(item) is exact for item in value):
+                return value
             return [item_dec(item, blob, f"{path}[{i}]") for i, item in enumerate(value)]
 
         return enc_list, dec_list

@@ -10,6 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from mesh_node.engine.catalog import BUILTIN_DIR
+from mesh_node.engine.experts import ExpertNotLoadedError
 from mesh_node.engine.loading import load_expert_banks
 from mesh_node.expert_parallel.coordinator import split_call
 from mesh_node.expert_parallel.messages import ExpertCall, RankingsData
@@ -120,6 +121,23 @@ def test_a_weighted_call_sums_each_tokens_experts_with_their_gate_weights(servic
     two = bank.run_grouped(rows[1:], [2], [1])  # expert 2 on token 1
     assert torch.allclose(partial[0], 0.25 * one[0])
     assert torch.allclose(partial[1], 0.5 * one[1] + 0.75 * two[0])
+
+
+def test_a_one_token_weighted_call_equals_the_grouped_sum_exactly(service):
+    """A decode step's call (one row, each expert once) takes a shorter path on a float32
+    bank: the same products and the same float32 sum, in the same order, bit for bit."""
+    bank = service.bank("builtin", 0)
+    x = torch.randn(1, 128)
+    held = [2, 1]  # the order the host sends them in, not the bank's
+    weights = torch.tensor([0.7, 0.3])
+    token_of = torch.zeros(2, dtype=torch.long)
+    got = bank.run_weighted(x, held, [1, 1], token_of, weights)
+    outputs = bank.run_grouped(x.expand(2, -1), held, [1, 1])
+    expected = torch.zeros(1, 128).index_add_(0, token_of, outputs * weights.unsqueeze(1))
+    assert got.dtype == torch.float32 and torch.equal(got, expected)
+    missing = next(e for e in range(8) if not bank.holds(e))
+    with pytest.raises(ExpertNotLoadedError, match=f"expert {missing} of layer 0"):
+        bank.run_weighted(x, [held[0], missing], [1, 1], token_of[:2], weights[:2])
 
 
 def test_banks_merge_and_subset_keep_each_experts_weights():
