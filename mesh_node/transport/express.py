@@ -34,8 +34,9 @@ sleep) for up to `poll` seconds after the call went out, when the lane's answers
 within that (smoothed call time at most `poll`), and only then sleeps on it. A short call's
 answer is then read the moment it lands: no sleep and wake-up of the thread in between, and
 its caches stay warm. That is CPU the calling thread spends waiting, bounded by `poll` per
-call; lanes whose calls take longer sleep at once, as before. (Three nodes on this 2-core
-machine, decode: +10-20% tokens/s with a 2 ms poll, the built-in and an OLMoE-sized model.)
+call; lanes whose calls take longer sleep at once, as before. (Three nodes sharing a 2-core
+machine, a 2 ms poll against none: decode +22% tokens/s for the built-in model, +11% for an
+OLMoE-sized one; benchmarks/RESULTS.md.)
 """
 
 from __future__ import annotations
