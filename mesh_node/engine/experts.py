@@ -31,17 +31,6 @@ class ExpertComputer(Protocol):
 
     layer: int
 
-    def _index(self, expert: int) -> int:
-        """The expert's position in the stacks; ExpertNotLoadedError when it is not here."""
-        j = self._position.get(expert)
-        if j is None:
-            raise ExpertNotLoadedError(
-                f"expert {expert} of layer {self.layer} is not loaded here "
-                f"(this bank holds {len(self.expert_ids)} experts: {list(self.expert_ids)[:16]}"
-                f"{'...' if len(self.expert_ids) > 16 else ''})"
-            )
-        return j
-
     def run_grouped(
         self, rows: torch.Tensor, experts: Sequence[int], counts: Sequence[int]
     ) -> torch.Tensor:
