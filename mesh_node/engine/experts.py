@@ -103,12 +103,8 @@ class ExpertBank(nn.Module):
         One token on native kernels (a decode step's call) takes one fused kernel call
         (`cpu_kernels.moe_token`, float32 sum) instead of a few torch ops per expert: the same
         roundings, ~170 us less per call here (one thread, 8 of 64 OLMoE-sized experts)."""
-        if (
-            rows.shape[0] == 1
-            and self.gate_up.layout == "native"
-            and rows.dtype == self.gate_up.dtype
-            and all(count == 1 for count in counts)
-        ):
+        one_token = rows.shape[0] == 1 and bool(counts) and all(count == 1 for count in counts)
+        if one_token and self.gate_up.layout == "native" and rows.dtype == self.gate_up.dtype:
             positions = [self._position.get(expert) for expert in experts]
             if None not in positions:
                 return cpu_kernels.moe_token(
@@ -119,19 +115,17 @@ class ExpertBank(nn.Module):
                     weights.float(),
                     float_sum=True,
                 )
-        if rows.shape[0] == 1 and all(count == 1 for count in counts):
+        if one_token:
             # one token (a decode step's call on other layouts): its experts' outputs, each
             # weighted in float32 and added up in order, as index_add_ would, in fewer ops
-            inter = self.intermediate_size
-            partial = None
-            for expert, weight in zip(experts, weights.tolist(), strict=True):
-                j = self._index(expert)
-                gate_up = self.gate_up.apply(j, rows)
-                term = self.down.apply(j, F.silu(gate_up[:, :inter]) * gate_up[:, inter:])
-                term = term.float() * weight
-                partial = term if partial is None else partial.add_(term)
-            if partial is not None:
-                return partial
+            terms = (
+                self._expert(self._index(expert), rows).float() * weight
+                for expert, weight in zip(experts, weights.tolist(), strict=True)
+            )
+            partial = next(terms)
+            for term in terms:
+                partial.add_(term)
+            return partial
         outputs = self.run_grouped(rows.index_select(0, token_of), experts, counts)
         partial = torch.zeros(rows.shape[0], rows.shape[1], dtype=torch.float32, device=rows.device)
         return partial.index_add_(0, token_of, outputs.float() * weights.unsqueeze(1))
@@ -174,20 +168,22 @@ class ExpertBank(nn.Module):
             )
         return j
 
+    def _expert(self, j: int, rows: torch.Tensor) -> torch.Tensor:
+        """The expert at stack position j on these rows: gate/up, SiLU gate, down."""
+        gate_up = self.gate_up.apply(j, rows)
+        inter = self.intermediate_size
+        return self.down.apply(j, F.silu(gate_up[:, :inter]) * gate_up[:, inter:])
+
     def run_grouped(
         self, rows: torch.Tensor, experts: Sequence[int], counts: Sequence[int]
     ) -> torch.Tensor:
         pieces = []
         start = 0
-        inter = self.intermediate_size
         for expert, count in zip(experts, counts, strict=True):
             if not count:
                 continue
-            j = self._index(expert)
             end = start + count
-            gate_up = self.gate_up.apply(j, rows[start:end])
-            hidden = F.silu(gate_up[:, :inter]) * gate_up[:, inter:]
-            pieces.append(self.down.apply(j, hidden))
+            pieces.append(self._expert(self._index(expert), rows[start:end]))
             start = end
         if not pieces:
             return rows.new_empty(rows.shape)
