@@ -297,7 +297,12 @@ def _request_of(x, experts, pairs, k, flat_weights):
     indices = [i for expert in experts for i in pairs[expert]]
     if x.shape[0] == 1:  # one token (a decode step): each of these experts sees its one row
         zeros = torch.zeros(len(indices), dtype=torch.long, device=x.device)
-        return zeros[:1], x, [1] * len(indices), zeros, flat_weights[indices]
+        first = indices[0]
+        if indices == list(range(first, first + len(indices))):  # in order: a view, no gather
+            pair_weights = flat_weights[first : first + len(indices)]
+        else:
+            pair_weights = flat_weights[indices]
+        return zeros[:1], x, [1] * len(indices), zeros, pair_weights
     token_ids = sorted({i // k for i in indices})
     position = {t: j for j, t in enumerate(token_ids)}
     tokens = torch.tensor(token_ids, dtype=torch.long, device=x.device)

@@ -167,6 +167,8 @@ class ExpertService:
             )
         if any(not 0 <= t < tokens for t in call.token_of):
             raise RequestFailed(ErrorCode.BAD_REQUEST, f"token_of must index the {tokens} rows")
+        if tokens == 1:  # one row (a decode step's call): every pair uses it
+            return torch.zeros(total, dtype=torch.long), weights.torch()
         return torch.tensor(call.token_of, dtype=torch.long), weights.torch()
 
     def _prepared(self, call: ExpertCall) -> tuple[Any, ...]:

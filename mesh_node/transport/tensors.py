@@ -29,6 +29,7 @@ DTYPES: dict[str, tuple[int, str | None, str]] = {
 MAX_RANK = 8
 _NUMPY_TO_WIRE = {np_name: wire for wire, (_, np_name, _) in DTYPES.items() if np_name}
 _TORCH_TO_WIRE = {torch_name: wire for wire, (_, _, torch_name) in DTYPES.items()}
+_TORCH_DTYPE_TO_WIRE: dict[Any, str] = {}  # torch dtype object -> wire name, filled on use
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,15 +42,16 @@ class Tensor:
 
     def __post_init__(self) -> None:
         check_spec(self.dtype, self.shape)
-        if self.data.nbytes != self.nbytes:
+        needed = DTYPES[self.dtype][0] * math.prod(self.shape)
+        if self.data.nbytes != needed:
             raise ValueError(
                 f"tensor data has {self.data.nbytes} bytes, dtype {self.dtype} shape "
-                f"{list(self.shape)} needs {self.nbytes}"
+                f"{list(self.shape)} needs {needed}"
             )
 
     @property
     def nbytes(self) -> int:
-        return DTYPES[self.dtype][0] * math.prod(self.shape)
+        return self.data.nbytes  # checked against dtype and shape on construction
 
     @classmethod
     def from_numpy(cls, array: Any) -> Tensor:
@@ -64,15 +66,21 @@ class Tensor:
     @classmethod
     def from_torch(cls, tensor: Any) -> Tensor:
         """Wrap a CPU torch tensor (made contiguous, moved to CPU if needed)."""
-        name = str(tensor.dtype).removeprefix("torch.")
-        wire = _TORCH_TO_WIRE.get(name)
+        wire = _TORCH_DTYPE_TO_WIRE.get(tensor.dtype)
         if wire is None:
-            raise ValueError(f"torch dtype {tensor.dtype} has no wire dtype")
-        tensor = tensor.detach()
-        if tensor.device.type != "cpu":
+            wire = _TORCH_TO_WIRE.get(str(tensor.dtype).removeprefix("torch."))
+            if wire is None:
+                raise ValueError(f"torch dtype {tensor.dtype} has no wire dtype")
+            _TORCH_DTYPE_TO_WIRE[tensor.dtype] = wire
+        if tensor.requires_grad:
+            tensor = tensor.detach()
+        if not tensor.is_cpu:
             tensor = tensor.cpu()
-        tensor = tensor.contiguous()
+        if not tensor.is_contiguous():
+            tensor = tensor.contiguous()
         shape = tuple(tensor.shape)
+        if DTYPES[wire][1] is not None and tensor.numel():  # numpy has the dtype: view it
+            return cls(wire, shape, memoryview(tensor.numpy()).cast("B"))
         raw = tensor.reshape(-1).view(_byte_view_dtype(tensor))
         return cls(wire, shape, memoryview(raw.numpy()).cast("B"))
 

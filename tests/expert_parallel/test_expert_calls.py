@@ -13,6 +13,7 @@ from mesh_node.engine.catalog import BUILTIN_DIR
 from mesh_node.engine.experts import ExpertNotLoadedError
 from mesh_node.engine.loading import load_expert_banks
 from mesh_node.expert_parallel.coordinator import split_call
+from mesh_node.expert_parallel.dispatch import _request_of
 from mesh_node.expert_parallel.messages import ExpertCall, RankingsData
 from mesh_node.expert_parallel.service import SMALL_CALL_ROWS, ExpertService
 from mesh_node.transport.connection import Handlers
@@ -121,6 +122,31 @@ def test_a_weighted_call_sums_each_tokens_experts_with_their_gate_weights(servic
     two = bank.run_grouped(rows[1:], [2], [1])  # expert 2 on token 1
     assert torch.allclose(partial[0], 0.25 * one[0])
     assert torch.allclose(partial[1], 0.5 * one[1] + 0.75 * two[0])
+
+
+def test_a_one_row_weighted_call_reads_every_pair_as_that_row(service):
+    token_of, weights = service.check_weighted(
+        weighted([0, 0], torch.tensor([0.25, 0.75]), torch.randn(1, 128), counts=(1, 1))
+    )
+    assert token_of.dtype == torch.long and token_of.tolist() == [0, 0]
+    assert weights.tolist() == [0.25, 0.75]
+
+
+@pytest.mark.parametrize(
+    ("chosen", "experts", "expected"),
+    [
+        ([5, 2], [2, 5], [0.75, 0.25]),  # grouped by expert: the second choice's weight first
+        ([2, 5], [2, 5], [0.25, 0.75]),  # already in order: a view of the gate weights
+        ([2, 5], [5], [0.75]),
+    ],
+)
+def test_a_one_token_request_pairs_each_expert_with_its_own_gate_weight(chosen, experts, expected):
+    x = torch.randn(1, 128)
+    flat_weights = torch.tensor([0.25, 0.75])
+    pairs = {expert: [i] for i, expert in enumerate(chosen)}
+    tokens, rows, counts, token_of, pair_weights = _request_of(x, experts, pairs, 2, flat_weights)
+    assert tokens.tolist() == [0] and rows is x and counts == [1] * len(experts)
+    assert token_of.tolist() == [0] * len(experts) and pair_weights.tolist() == expected
 
 
 def test_a_one_token_weighted_call_equals_the_grouped_sum_exactly(service):

@@ -140,6 +140,28 @@ def test_tensors_are_aligned_and_several_fit_in_one_blob():
     assert torch.equal(msg.y.torch(), a) and torch.equal(msg.extra[1].torch(), b)
 
 
+@pytest.mark.parametrize(
+    "x",
+    [
+        torch.tensor(3.5),  # a scalar
+        torch.tensor([True, False, True]),
+        torch.arange(6, dtype=torch.int8).reshape(2, 3),
+        torch.randn(2, 3).half(),
+        torch.randn(2, 2).to(torch.bfloat16),  # no numpy dtype: wrapped as bytes
+        torch.randn(3, 4).t(),  # not contiguous: copied
+        torch.arange(10.0)[3:7],  # a view into a larger storage: its own bytes only
+        torch.randn(2, requires_grad=True),
+        torch.zeros(0, 3),
+    ],
+    ids=["scalar", "bool", "int8", "f16", "bf16", "transposed", "view", "grad", "empty"],
+)
+def test_from_torch_wraps_the_tensors_bytes_with_dtype_and_shape(x):
+    wrapped = Tensor.from_torch(x)
+    assert wrapped.shape == tuple(x.shape) and wrapped.nbytes == x.numel() * x.element_size()
+    back = wrapped.torch()
+    assert back.dtype == x.dtype and torch.equal(back, x.detach())
+
+
 def test_tensor_data_must_match_its_header():
     with pytest.raises(ValueError, match="needs"):
         Tensor("F32", (2, 2), memoryview(bytes(12)))
