@@ -46,6 +46,9 @@ async def test_three_nodes_split_the_experts_and_answer_like_one(mesh, single_no
         await mesh.add(experts=SPLIT)
     await mesh.wait(lambda: len(mesh.hosts_of("builtin")) == 1, timeout=60)
     host = mesh.hosts_of("builtin")[0]
+    # a node loads its part of a new plan after computing it (and drops what an earlier plan,
+    # made before the third node joined, gave it): wait until all follow one plan and hold it
+    await mesh.wait(lambda: holding_one_plan(mesh.nodes, "builtin"), timeout=60)
     # each node holds a share of the experts; together they hold all 4 x 8, the hottest twice
     held = {n.node_id: n.expert_service.held("builtin") for n in mesh.nodes}
     assert all(0 < sum(len(e) for e in h.values()) < 32 for h in held.values())
@@ -90,6 +93,19 @@ async def test_nodes_on_separate_machines_spread_every_layer(mesh, single_node_a
     same_plan = same.plans["builtin"].plan
     assert {o.machine for o in same.plans["builtin"].inputs[1]} == {"box-a", "box-b", "box-c"}
     assert same_plan.fingerprint == plan.fingerprint
+
+
+def holding_one_plan(nodes, model: str) -> bool:
+    """Every node has computed the same plan for `model` and holds exactly its part of it."""
+    plans = [n.experts.plans.get(model) for n in nodes]
+    if any(p is None for p in plans):
+        return False
+    if len({p.plan.fingerprint for p in plans}) != 1:
+        return False
+    return all(
+        n.expert_service.nbytes(model) == p.plan.bytes_of(n.node_id)
+        for n, p in zip(nodes, plans, strict=True)
+    )
 
 
 def replicas_are_distinct(plan) -> bool:
