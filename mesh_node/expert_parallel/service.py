@@ -180,9 +180,12 @@ class ExpertService:
         )
         return bank, rows, call.experts, call.counts, weighted, threads
 
-    def _computed(self, args: tuple[Any, ...]) -> torch.Tensor:
+    def _answer(self, args: tuple[Any, ...]) -> ExpertOutput:
+        """Compute a checked call (one at a time: worker or lane thread) and wrap its outputs."""
         with self._computing:
-            return _compute(*args)
+            outputs = _compute(*args)
+        self.calls_served += 1
+        return ExpertOutput(Tensor.from_torch(outputs))
 
     async def _serve(self, ctx: RequestContext, call: ExpertCall) -> ExpertOutput:
         args = self._prepared(call)
@@ -191,17 +194,13 @@ class ExpertService:
         self._pending += 1
         try:
             loop = asyncio.get_running_loop()
-            outputs = await loop.run_in_executor(self._executor, self._computed, args)
+            return await loop.run_in_executor(self._executor, self._answer, args)
         finally:
             self._pending -= 1
-        self.calls_served += 1
-        return ExpertOutput(Tensor.from_torch(outputs))
 
     def _serve_lane(self, peer: NodeId, call: ExpertCall) -> ExpertOutput:
         """A call that came on an express lane, on the lane thread."""
-        outputs = self._computed(self._prepared(call))
-        self.calls_served += 1
-        return ExpertOutput(Tensor.from_torch(outputs))
+        return self._answer(self._prepared(call))
 
 
 @torch.inference_mode()
