@@ -9,8 +9,10 @@ the outputs. A decode-sized call (a few rows) runs on the threads its model's sh
 cores allows (`set_call_threads`, see core_share): when the model's other nodes run on this
 machine, its OpenMP team would otherwise keep spinning on cores the host and the other peers
 need next (on a 2-core machine with three nodes, one thread per call doubled three-node decode
-speed); on a machine of its own, every thread streams the experts' weights. Larger calls use
-every thread. At most `max_pending` calls wait; more are answered OVERLOADED.
+speed); on a machine of its own, every thread streams the experts' weights. Within that share,
+it wakes only threads that have enough weights to stream (`threads_for_weights`): small experts
+compute on one thread. Larger calls use every thread. At most `max_pending` calls wait; more
+are answered OVERLOADED.
 
 Calls also come on express lanes (transport/express.py) when the node has a lane server:
 its thread checks and computes them itself, under the same lock as the worker thread's, so
@@ -32,6 +34,7 @@ from typing import Any
 import torch
 
 from mesh_node.engine.experts import ExpertBank
+from mesh_node.expert_parallel.core_share import BYTES_PER_THREAD, threads_for_weights
 from mesh_node.expert_parallel.messages import ExpertCall, ExpertOutput
 from mesh_node.identity import NodeId
 from mesh_node.transport.connection import Handlers, RequestContext
@@ -58,6 +61,7 @@ class ExpertService:
         )
         self.all_threads = torch.get_num_threads()  # calls larger than SMALL_CALL_ROWS
         self._call_threads: dict[str, int] = {}  # model -> threads for decode-sized calls
+        self.bytes_per_thread = BYTES_PER_THREAD  # a decode-sized call's weights per thread
         self.calls_served = 0
         self._computing = threading.Lock()  # one computation at a time: worker or lane thread
         handlers.on_request(ExpertCall, self._serve)
@@ -175,9 +179,12 @@ class ExpertService:
         """The checked arguments of `_compute` for a call (RequestFailed when it is wrong)."""
         weighted = self.check_weighted(call)
         bank, rows = self.check(call, grouped=weighted is None)
-        threads = (
-            self.call_threads(call.model) if rows.shape[0] <= SMALL_CALL_ROWS else self.all_threads
-        )
+        if rows.shape[0] <= SMALL_CALL_ROWS:  # decode-sized: threads that have weights to stream
+            weights = bank.nbytes // max(1, len(bank.expert_ids)) * len(call.experts)
+            limit = self.call_threads(call.model)
+            threads = threads_for_weights(weights, limit, self.bytes_per_thread)
+        else:
+            threads = self.all_threads
         return bank, rows, call.experts, call.counts, weighted, threads
 
     def _answer(self, args: tuple[Any, ...]) -> ExpertOutput:

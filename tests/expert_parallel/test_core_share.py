@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import os
 
-from mesh_node.expert_parallel.core_share import decode_threads, on_this_machine
+import pytest
+
+from mesh_node.expert_parallel.core_share import (
+    BYTES_PER_THREAD,
+    decode_threads,
+    on_this_machine,
+    threads_for_weights,
+)
 
 
 def test_decode_threads_split_an_unpinned_machine_between_its_compute_processes():
@@ -17,6 +24,19 @@ def test_decode_threads_split_an_unpinned_machine_between_its_compute_processes(
     assert decode_threads(1, 4, cpus=16, allowed=16) == 4
     # pinned to some cores (taskset, cpusets): whoever pinned divided the cores already
     assert decode_threads(2, 5, cpus=16, allowed=5) is None
+
+
+def test_a_decode_sized_call_wakes_only_threads_with_weights_to_stream():
+    mib = 1 << 20
+    assert threads_for_weights(0, 8) == 1  # never zero
+    assert threads_for_weights(800_000, 8) == 1  # two built-in experts: one thread
+    assert threads_for_weights(BYTES_PER_THREAD, 8) == 1
+    assert threads_for_weights(BYTES_PER_THREAD + 1, 8) == 2
+    assert threads_for_weights(12_582_912, 8) == 6  # one OLMoE expert in bf16
+    assert threads_for_weights(8 * 12_582_912, 5) == 5  # never more than allowed
+    assert threads_for_weights(10 * mib, 8, per_thread=mib) == 8
+    with pytest.raises(ValueError, match="per_thread"):
+        threads_for_weights(mib, 8, per_thread=0)
 
 
 def test_decode_threads_default_to_this_process():

@@ -193,6 +193,10 @@ async def test_decode_sized_calls_compute_on_the_models_share_of_threads(service
         return await loop.run_in_executor(service._executor, torch.get_num_threads)
 
     every = torch.get_num_threads()
+    # a built-in expert (0.4 MB) is too little to stream for a second thread to be worth waking
+    assert await threads_after(SMALL_CALL_ROWS) == 1
+    assert await threads_after(SMALL_CALL_ROWS + 1) == every  # larger calls: all threads
+    service.bytes_per_thread = 1  # from here on, as if every expert were large
     # nothing said (the model's nodes are on other machines): every thread streams weights
     assert service.call_threads("builtin") == every
     assert await threads_after(SMALL_CALL_ROWS) == every
