@@ -1,6 +1,7 @@
 """Splitting a MoE model over nodes: what each mode costs. One subcommand per claim.
 
     python benchmarks/moe_split.py speed [--models builtin olmoe] [--tokens 48] [--requests 5]
+                                         [--layers 16] [--cores-per-node N]
 
 `speed`: decode tokens/s through the OpenAI API of node processes on loopback: one node holding
 every expert, then two and three nodes in expert-parallel mode (`--moe-split`, each offering
@@ -23,6 +24,7 @@ every process shares every core.
 
     python benchmarks/moe_split.py quality [--model FOLDER] [--per-skill 50] [--shards 2 3 4]
                                            [--random-seeds 3] [--core-fraction 0.25]
+                                           [--calibration 200]
 
 `quality`: independent-shard mode (each shard: trunk + a core of the hottest experts + its own
 experts, router restricted to them) on the built-in model, against the full model, in one run.
@@ -405,7 +407,8 @@ def speed(args: argparse.Namespace) -> int:
         else f"all {os.cpu_count()} cores shared"
     )
     print(
-        f"decode through the API, {args.tokens}-token answers, median of {args.requests}; "
+        f"decode through the API, {args.tokens}-token answers, median of {args.requests} per "
+        f"split configuration (of {3 * args.requests} for the one node, beside them); "
         f"{cores}, {platform.machine()}"
     )
     print(
@@ -438,17 +441,33 @@ def main() -> int:
     q = commands.add_parser("quality", help="independent-shard mode vs the full model")
     q.add_argument("--model", default=None, help="model folder (default: the built-in model)")
     q.add_argument("--per-skill", type=int, default=50, help="held-out prompts per skill")
-    q.add_argument("--shards", type=int, nargs="+", default=[2, 3, 4])
-    q.add_argument("--core-fraction", type=float, default=0.25)
+    q.add_argument(
+        "--shards", type=int, nargs="+", default=[2, 3, 4], help="shard counts to compare"
+    )
+    q.add_argument(
+        "--core-fraction",
+        type=float,
+        default=0.25,
+        help="share of each layer's experts every shard holds (the hottest)",
+    )
     q.add_argument("--random-seeds", type=int, default=3, help="seeds for the random baselines")
     q.add_argument("--calibration", type=int, default=200, help="calibration prompts")
     q.set_defaults(run=quality)
     s = commands.add_parser("speed", help="expert-parallel decode speed over 1, 2, 3 nodes")
     s.add_argument(
-        "--models", nargs="+", choices=["builtin", "olmoe"], default=["builtin", "olmoe"]
+        "--models",
+        nargs="+",
+        choices=["builtin", "olmoe"],
+        default=["builtin", "olmoe"],
+        help="models to measure (default: both)",
     )
     s.add_argument("--tokens", type=int, default=48, help="tokens per answer")
-    s.add_argument("--requests", type=int, default=5, help="answers per configuration")
+    s.add_argument(
+        "--requests",
+        type=int,
+        default=5,
+        help="answers per split configuration (the one node answers as many beside each)",
+    )
     s.add_argument("--layers", type=int, default=16, help="layers of the OLMoE-like model")
     s.add_argument(
         "--cores-per-node",

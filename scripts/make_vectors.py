@@ -8,6 +8,7 @@ plaintext, sealed bytes). Run after adding a message type (tests fail until its 
 
 from __future__ import annotations
 
+import argparse
 import json
 import struct
 from pathlib import Path
@@ -225,6 +226,9 @@ OUT = Path(__file__).resolve().parent.parent / "proto" / "vectors"
 
 
 def main() -> None:
+    argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    ).parse_args()  # no options: --help explains, anything else is refused
     OUT.mkdir(parents=True, exist_ok=True)
     for old in OUT.glob("*.json"):
         old.unlink()

@@ -32,7 +32,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "--cache-dir",
         default=None,
         metavar="DIR",
-        help="Hugging Face cache to scan (default: HF_HUB_CACHE or ~/.cache/huggingface/hub)",
+        help="Hugging Face cache to scan (default: the hub cache: HF_HUB_CACHE, else "
+        "$HF_HOME/hub, else ~/.cache/huggingface/hub)",
     )
     parser.add_argument(
         "--no-hf-cache",
