@@ -76,7 +76,7 @@ from mesh_node.placement.expert_plan import (
 from mesh_node.transport.connection import Handlers, RequestContext
 from mesh_node.transport.endpoint import Endpoint
 from mesh_node.transport.errors import ErrorCode, RemoteError, RequestFailed, TransportError
-from mesh_node.transport.express import SECRET_SIZE, ExpressClient
+from mesh_node.transport.express import SECRET_SIZE, ExpressClient, probe_lane
 from mesh_node.transport.messages import ExpressLane, ExpressOpen
 
 log = logging.getLogger("mesh_node.experts")
@@ -783,7 +783,18 @@ class ExpertParallel:
             reply = await conn.request(ExpressOpen(secret), timeout=self.config.connect_timeout)
             if not isinstance(reply, ExpressLane):
                 raise RemoteError(ErrorCode.UNEXPECTED_MESSAGE, type(reply).__name__)
-            lanes.add(peer, conn, (conn.remote_address[0], reply.port), reply.lane, secret)
+            address = (conn.remote_address[0], reply.port)
+            # one Ping first, off the engine's thread: a lane whose port a firewall blocks is
+            # never used (its first call would stall a decode step until it gave up)
+            start = await asyncio.to_thread(
+                probe_lane,
+                self.endpoint.registry,
+                address,
+                reply.lane,
+                secret,
+                min(self.config.connect_timeout, 2.0),
+            )
+            lanes.add(peer, conn, address, reply.lane, secret, start)
         except BaseException as exc:
             # a node without lanes answers NOT_SUPPORTED: ask it no more
             never = isinstance(exc, RemoteError) and exc.code == ErrorCode.NOT_SUPPORTED

@@ -203,43 +203,49 @@ class RemoteExperts(nn.Module):
             bank = self._local()  # once per round: the loop may swap the bank meanwhile
             local, by_peer, orphans = self._assign(pending, failed, bank)
             calls: dict[NodeId, tuple[torch.Tensor, Pending, tuple[Any, ...]]] = {}
-            for peer, experts in by_peer.items():
-                tokens, rows, counts, token_of, pair_weights = _request_of(
-                    x, experts, pairs, k, flat_weights
-                )
-                args = (peer, self.layer, experts, counts, rows, token_of, pair_weights)
-                lane = self._lanes.start(*args) if self._lanes is not None else None
-                calls[peer] = (tokens, lane or self._on_loop(args), args)
-            self._stats.remote_calls += len(calls)
-            if local:
-                assert bank is not None
-                tokens, rows, counts, token_of, pair_weights = _request_of(
-                    x, local, pairs, k, flat_weights
-                )
-                partial = bank.run_weighted(rows, local, counts, token_of, pair_weights)
-                _add_rows(out, tokens, partial)
-            pending = orphans
-            waited = time.perf_counter()
-            for peer, (tokens, future, args) in calls.items():
-                try:
-                    try:
-                        partial = future.result(self.config.call_timeout + 5.0)
-                    except ExpressFailed:  # no answer on the lane: the same call over QUIC
-                        future = self._on_loop(args)
-                        partial = future.result(self.config.call_timeout + 5.0)
-                except Exception as exc:  # any failure: another holder takes it
-                    future.cancel()
-                    log.warning(
-                        "expert call to %s for layer %d failed (%s): trying another holder",
-                        peer.short,
-                        self.layer,
-                        exc or type(exc).__name__,
+            try:
+                for peer, experts in by_peer.items():
+                    tokens, rows, counts, token_of, pair_weights = _request_of(
+                        x, experts, pairs, k, flat_weights
                     )
-                    self._stats.failovers += 1
-                    failed.add(peer)
-                    pending = sorted(pending + by_peer[peer])
-                    continue
-                _add_rows(out, tokens.to(out.device), partial.to(out.device))
+                    args = (peer, self.layer, experts, counts, rows, token_of, pair_weights)
+                    lane = self._lanes.start(*args) if self._lanes is not None else None
+                    calls[peer] = (tokens, lane or self._on_loop(args), args)
+                self._stats.remote_calls += len(calls)
+                if local:
+                    assert bank is not None
+                    tokens, rows, counts, token_of, pair_weights = _request_of(
+                        x, local, pairs, k, flat_weights
+                    )
+                    partial = bank.run_weighted(rows, local, counts, token_of, pair_weights)
+                    _add_rows(out, tokens, partial)
+                pending = orphans
+                waited = time.perf_counter()
+                for peer, (tokens, future, args) in calls.items():
+                    try:
+                        try:
+                            partial = future.result(self.config.call_timeout + 5.0)
+                        except ExpressFailed:  # no answer on the lane: the same call over QUIC
+                            future = self._on_loop(args)
+                            calls[peer] = (tokens, future, args)
+                            partial = future.result(self.config.call_timeout + 5.0)
+                    except Exception as exc:  # any failure: another holder takes it
+                        future.cancel()
+                        log.warning(
+                            "expert call to %s for layer %d failed (%s): trying another holder",
+                            peer.short,
+                            self.layer,
+                            exc or type(exc).__name__,
+                        )
+                        self._stats.failovers += 1
+                        failed.add(peer)
+                        pending = sorted(pending + by_peer[peer])
+                        continue
+                    _add_rows(out, tokens.to(out.device), partial.to(out.device))
+            except BaseException:  # nothing left behind: every call of this round ends here
+                for _, future, _ in calls.values():
+                    future.cancel()
+                raise
             if calls:
                 now = time.perf_counter()
                 self._stats.wait_seconds += now - waited

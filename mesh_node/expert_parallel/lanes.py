@@ -5,7 +5,9 @@ one datagram: the engine thread sends it and reads the answer itself, no event l
 Everything else (prefill-sized calls, peers without a lane) goes over QUIC as before, and so
 does a call the lane did not answer: `RemoteExperts` makes it again over QUIC at once, and
 the lane is dropped. The coordinator opens lanes from the event loop, after a call over QUIC
-to that peer succeeded (`wants`), and not again for `retry_after` seconds after one failed.
+to that peer succeeded (`wants`), and not again for `retry_after` seconds after one failed. A
+new lane carries one Ping first (`probe_lane`, in a worker thread): one that does not answer,
+say a firewall blocks its port, is never used.
 """
 
 from __future__ import annotations
@@ -17,7 +19,13 @@ import torch
 
 from mesh_node.expert_parallel.dispatch import partial_sums, weighted_call
 from mesh_node.identity import NodeId
-from mesh_node.transport.express import MAX_PLAINTEXT, ExpressCall, ExpressClient, ExpressFailed
+from mesh_node.transport.express import (
+    MAX_PLAINTEXT,
+    ExpressCall,
+    ExpressClient,
+    ExpressFailed,
+    LaneState,
+)
 
 ANSWER_SLACK = 4096  # bytes of a lane answer besides its F32 rows (headers, field names)
 
@@ -35,7 +43,7 @@ class LaneCall:
         try:
             reply = self._lanes.client.result(self._call, timeout)
         except ExpressFailed:
-            self._lanes.failed(self._peer)
+            self._lanes.failed(self._peer, self._call.lane.lane)
             raise
         return partial_sums(reply, self._rows, self._peer)
 
@@ -73,10 +81,13 @@ class ExpertLanes:
         self.calls += 1
         return LaneCall(self, call, rows, peer)
 
-    def failed(self, peer: NodeId) -> None:
-        """A call on the lane to `peer` went unanswered: drop the lane, open none for a while."""
+    def failed(self, peer: NodeId, lane_id: bytes | None = None) -> None:
+        """A call on the lane to `peer` (`lane_id`: on that lane) went unanswered: drop the
+        lane, open none for a while. A lane opened since the call was made stays."""
         self.fallbacks += 1
-        self.client.drop(peer)
+        if lane_id is not None and self.client.lane_id(peer) not in (None, lane_id):
+            return  # the call's lane is gone already; a newer one took its place
+        self.client.drop(peer, lane_id)
         with self._lock:
             self._owners.pop(peer, None)
             self._not_before[peer] = time.monotonic() + self.retry_after
@@ -101,8 +112,9 @@ class ExpertLanes:
         address: tuple[str, int],
         lane: bytes,
         secret: bytes,
+        start: LaneState | None = None,
     ) -> None:
-        self.client.add(peer, address, lane, secret)
+        self.client.add(peer, address, lane, secret, start)
         with self._lock:
             self._owners[peer] = owner
             self._opening.discard(peer)

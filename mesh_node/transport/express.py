@@ -12,7 +12,8 @@ on its socket, checks it, computes and sends the answer back; the engine thread 
   grants `ExpressLane` (an 8-byte lane id it picks and its lane socket's UDP port). Both
   derive two AES-256-GCM keys: HKDF-SHA256(secret, salt = lane id, info = "express call" /
   "express answer"). The lane belongs to the node authenticated on that connection and
-  closes with it.
+  closes with it. The caller sends one Ping on a new lane first (`probe_lane`) and uses the
+  lane only once that is answered; the lane's numbering goes on from there.
 * A datagram is `lane (8) | seq u64be (8) | AES-256-GCM(key, nonce = 4 zero bytes | seq,
   aad = lane | seq)(call u32be | frame)`, the frame as on a stream (one message: a request
   one way; its answer or an `Error` the other). Each direction numbers its datagrams 1, 2, ...;
@@ -20,9 +21,10 @@ on its socket, checks it, computes and sends the answer back; the engine thread 
   silently, anything else or anything that does not authenticate.
 * Calls must be idempotent. The caller sends a call again (a new datagram, same call id) when
   no answer came within its retransmission timeout (4 x the lane's smoothed call time, at
-  least `min_rto`), doubling it each time, `attempts` datagrams in all; then it gives up
-  (`ExpressFailed`) and goes back to QUIC. The answerer keeps the last answer of each lane
-  and sends it again for a copy of that call instead of computing it again.
+  least `min_rto`), doubling it each time; after `attempts` datagrams, and no sooner than
+  `min_wait` seconds (a busy answerer is late, not gone), it gives up (`ExpressFailed`) and
+  goes back to QUIC. The answerer keeps the last answer of each lane and sends it again for
+  a copy of that call (same call id, same plaintext) instead of computing it again.
 * One datagram per call and per answer, at most `MAX_DATAGRAM` bytes: bigger calls go over
   QUIC, and an answer that would not fit is answered `Error{FRAME_TOO_LARGE}`. Datagrams
   larger than the path's MTU are fragmented by IP (the sockets never set don't-fragment).
@@ -42,6 +44,7 @@ OLMoE-sized one; benchmarks/RESULTS.md.)
 from __future__ import annotations
 
 import collections
+import contextlib
 import ipaddress
 import itertools
 import logging
@@ -70,7 +73,7 @@ from mesh_node.transport.errors import (
     TransportError,
 )
 from mesh_node.transport.frames import FrameLimits, frame_parts, single_frame
-from mesh_node.transport.messages import Error, ExpressLane, ExpressOpen
+from mesh_node.transport.messages import Error, ExpressLane, ExpressOpen, Ping
 from mesh_node.transport.schema import Registry
 
 log = logging.getLogger("mesh_node.transport.express")
@@ -81,6 +84,7 @@ TAG_SIZE = 16
 SECRET_SIZE = 32
 MAX_DATAGRAM = 65000  # a lane datagram, header and tag included (IPv4 UDP allows 65507)
 MAX_PLAINTEXT = MAX_DATAGRAM - HEADER.size - TAG_SIZE
+READS_PER_WAKE = 64  # datagrams a waiting caller reads from one socket before looking up
 _IP_MTU_DISCOVER = 10  # <linux/in.h> (Python's socket module lacks the name)
 _IP_PMTUDISC_DONT = 0  # never set don't-fragment: IP fragments datagrams over the path MTU
 
@@ -187,7 +191,8 @@ class _ServedLane:
     answers: AESGCM
     seen: int = 0  # last sequence number accepted
     sent: int = 0
-    answered: tuple[int, bytes] | None = None  # (call id, answer plaintext) of the last call
+    # (call id, hash of the call's plaintext, answer plaintext) of the last call
+    answered: tuple[int, int, bytes] | None = None
 
 
 class ExpressServer:
@@ -299,18 +304,20 @@ class ExpressServer:
         lane_id = data[:8]
         with self._lock:
             lane = self._lanes.get(lane_id)
-            if lane is not None:
-                self._lanes.move_to_end(lane_id)
         plain = None if lane is None else accept(lane.calls, lane, data)
         if lane is None or plain is None:
             self.dropped += 1
             return
+        with self._lock:  # recently used: only a datagram that authenticates says so
+            if lane_id in self._lanes:
+                self._lanes.move_to_end(lane_id)
         call_id = CALL.unpack_from(plain)[0]
-        if lane.answered is not None and lane.answered[0] == call_id:
-            answer = lane.answered[1]  # a copy of the last call: its answer again
+        digest = hash(plain)
+        if lane.answered is not None and lane.answered[:2] == (call_id, digest):
+            answer = lane.answered[2]  # a copy of the last call: its answer again
         else:
             answer = self._answer(lane.peer, call_id, plain)
-            lane.answered = (call_id, answer)
+            lane.answered = (call_id, digest, answer)
         lane.sent += 1
         self.answered += 1
         assert self._sock is not None
@@ -356,6 +363,41 @@ class _CallingLane:
     srtt: float | None = None  # smoothed time from a call to its answer
 
 
+@dataclass(frozen=True)
+class LaneState:
+    """Where a lane's numbering stands: a caller that takes the lane over goes on from here,
+    so that no sequence number is ever sealed twice under its keys."""
+
+    sent: int = 0
+    seen: int = 0
+    srtt: float | None = None
+
+
+def probe_lane(
+    registry: Registry,
+    address: tuple[str, int],
+    lane: bytes,
+    secret: bytes,
+    timeout: float = 2.0,
+) -> LaneState:
+    """Send one Ping on a newly granted lane, from a socket of its own, and wait for the answer
+    (blocking; any authentic answer will do: a Pong, or an Error from an answerer that serves
+    no Ping on lanes). Returns where the lane's numbering stands, for `ExpressClient.add`;
+    ExpressFailed when no answer came (a firewall in the way, or an address family the
+    answerer does not listen on): then the lane is not worth using."""
+    probe = ExpressClient(registry)
+    try:
+        probe.add("probe", address, lane, secret)
+        call = probe.call("probe", Ping(0))
+        assert call is not None  # a Ping always fits one datagram
+        with contextlib.suppress(RemoteError):  # an answer all the same: the lane works
+            probe.result(call, timeout)
+        state = probe._lanes["probe"]
+        return LaneState(state.sent, state.seen, state.srtt)
+    finally:
+        probe.close()
+
+
 @dataclass(eq=False)
 class ExpressCall:
     """A call in flight on a lane (`ExpressClient.call`); `ExpressClient.result` waits for it."""
@@ -382,6 +424,7 @@ class ExpressClient:
         registry: Registry,
         *,
         attempts: int = 4,
+        min_wait: float = 0.5,
         first_rto: float = 0.1,
         min_rto: float = 0.01,
         max_rto: float = 1.0,
@@ -391,6 +434,7 @@ class ExpressClient:
         self.registry = registry
         self.poll = poll  # seconds to poll for a quick lane's answer before sleeping
         self.attempts = attempts
+        self.min_wait = min_wait  # a call gives up no sooner (a busy answerer is not a lost one)
         self.first_rto = first_rto
         self.min_rto = min_rto
         self.max_rto = max_rto
@@ -405,7 +449,20 @@ class ExpressClient:
         self.polled = 0  # waits that read datagrams while polling, before sleeping
         self.dropped = 0  # datagrams dropped: unknown lane, not authentic, replayed, late
 
-    def add(self, key: Hashable, address: tuple[str, int], lane: bytes, secret: bytes) -> None:
+    def add(
+        self,
+        key: Hashable,
+        address: tuple[str, int],
+        lane: bytes,
+        secret: bytes,
+        start: LaneState | None = None,
+    ) -> None:
+        """A lane to `key` at `address`, its numbering going on from `start` (a probe's, see
+        `probe_lane`); ValueError for a port outside 1-65535 or a lane id not 8 bytes long."""
+        if not isinstance(address[1], int) or not 0 < address[1] < 65536:
+            raise ValueError(f"a lane port must be 1-65535, got {address[1]!r:.20}")
+        if len(lane) != 8:
+            raise ValueError(f"a lane id is 8 bytes, got {len(lane)}")
         family, host = _family_of(address[0])
         calls, answers = lane_keys(secret, lane)
         with self._lock:
@@ -417,17 +474,29 @@ class ExpressClient:
             old = self._lanes.get(key)
             if old is not None:
                 self._by_id.pop(old.lane, None)
-            self._lanes[key] = _CallingLane(lane, (host, address[1]), family, calls, answers)
+            state = start or LaneState()
+            self._lanes[key] = _CallingLane(
+                lane, (host, address[1]), family, calls, answers, state.sent, state.seen, state.srtt
+            )
             self._by_id[lane] = self._lanes[key]
 
-    def drop(self, key: Hashable) -> None:
+    def drop(self, key: Hashable, lane_id: bytes | None = None) -> None:
+        """Forget the lane to `key`; with `lane_id`, only if it is still that lane (not one
+        opened since)."""
         with self._lock:
-            lane = self._lanes.pop(key, None)
-            if lane is not None:
-                self._by_id.pop(lane.lane, None)
+            lane = self._lanes.get(key)
+            if lane is None or (lane_id is not None and lane.lane != lane_id):
+                return
+            del self._lanes[key]
+            self._by_id.pop(lane.lane, None)
 
     def __contains__(self, key: Hashable) -> bool:
         return key in self._lanes
+
+    def lane_id(self, key: Hashable) -> bytes | None:
+        """The id of the lane to `key` now, None when there is none."""
+        lane = self._lanes.get(key)
+        return None if lane is None else lane.lane
 
     def close(self) -> None:
         with self._lock:
@@ -449,8 +518,9 @@ class ExpressClient:
             return None
         rto = self.first_rto if lane.srtt is None else 4 * lane.srtt
         call = ExpressCall(key, lane, call_id, plain, min(max(rto, self.min_rto), self.max_rto))
-        self._pending[(lane.lane, call_id)] = call
-        self._send(call)
+        self._send(call)  # before it is pending: only this thread reads the answers
+        if call.error is None:
+            self._pending[(lane.lane, call_id)] = call
         return call
 
     def cancel(self, call: ExpressCall) -> None:
@@ -458,12 +528,12 @@ class ExpressClient:
 
     def result(self, call: ExpressCall, timeout: float) -> Any:
         """The answer; RemoteError when the peer answered an Error, ExpressFailed when none came
-        (after every attempt, or `timeout` seconds)."""
+        (after every attempt and at least `min_wait` seconds, or `timeout` seconds)."""
         deadline = time.monotonic() + timeout
         while call.answer is None and call.error is None:
             now = time.monotonic()
             if now >= call.sent_at + call.rto:
-                if call.attempts >= self.attempts:
+                if call.attempts >= self.attempts and now - call.first_sent >= self.min_wait:
                     call.error = ExpressFailed(
                         f"no answer on the lane after {call.attempts} datagrams"
                     )
@@ -506,7 +576,7 @@ class ExpressClient:
             if sock is None:
                 raise OSError("the lane sockets are closed")
             sock.sendto(seal(lane.calls, lane.lane, lane.sent, call.plain), lane.address)
-        except OSError as exc:  # e.g. no route: the call cannot go this way
+        except (OSError, OverflowError, ValueError) as exc:  # e.g. no route: not this way
             call.error = ExpressFailed(f"lane datagram not sent: {exc}")
 
     def _receive(self, wait: float, poll_until: float = 0.0) -> None:
@@ -520,14 +590,18 @@ class ExpressClient:
             if self._read(sockets):
                 self.polled += 1
                 return
-        readable, _, _ = select.select(sockets, [], [], max(wait, 0.0))
-        self._read(readable)
+        poller = select.poll()
+        for sock in sockets:
+            poller.register(sock, select.POLLIN)
+        if poller.poll(max(wait, 0.0) * 1000.0):
+            self._read(sockets)
 
     def _read(self, sockets: list[socket.socket]) -> bool:
-        """Handle every datagram waiting on these (non-blocking) sockets; whether any was."""
+        """Handle the datagrams waiting on these (non-blocking) sockets, at most
+        READS_PER_WAKE from each; whether there was any."""
         got = False
         for sock in sockets:
-            while True:
+            for _ in range(READS_PER_WAKE):  # bounded: a flood cannot hold the caller
                 try:
                     data = sock.recv(MAX_DATAGRAM + 1)
                 except (BlockingIOError, InterruptedError):

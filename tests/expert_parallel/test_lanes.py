@@ -6,12 +6,16 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import threading
+from types import SimpleNamespace
 
+import pytest
 import torch
 
 from mesh_node.engine.catalog import BUILTIN_DIR
 from mesh_node.engine.loading import LoadPlan, load_expert_banks, load_model
+from mesh_node.expert_parallel.coordinator import ExpertParallel
 from mesh_node.expert_parallel.dispatch import DispatchStats, ExpertRoutes, RemoteExperts
 from mesh_node.expert_parallel.lanes import ExpertLanes
 from mesh_node.expert_parallel.service import ExpertService
@@ -19,6 +23,7 @@ from mesh_node.identity import NodeIdentity
 from mesh_node.protocol import REGISTRY
 from mesh_node.transport.connection import Handlers
 from mesh_node.transport.express import ExpressClient, ExpressServer
+from mesh_node.transport.messages import ExpressLane, ExpressOpen, Ping, Pong
 
 
 def test_calls_go_on_the_lane_and_over_quic_when_it_stops_answering():
@@ -79,3 +84,117 @@ def test_calls_go_on_the_lane_and_over_quic_when_it_stops_answering():
         loop.call_soon_threadsafe(loop.stop)
         thread.join(5)
         loop.close()
+
+
+class _Started:
+    """A call handle that records what became of it."""
+
+    def __init__(self):
+        self.cancelled = False
+
+    def result(self, timeout):
+        raise AssertionError("not waited for: the step failed before")
+
+    def cancel(self):
+        self.cancelled = True
+        return True
+
+
+class _Lanes:
+    def __init__(self):
+        self.started: list[_Started] = []
+
+    def start(self, peer, layer, experts, counts, rows, token_of, weights):
+        self.started.append(_Started())
+        return self.started[-1]
+
+
+class _FailingBank:
+    """The host's own experts of a layer, failing while the remote calls are in flight."""
+
+    def holds(self, expert):
+        return expert == 2
+
+    def run_weighted(self, *args):
+        raise RuntimeError("the host's own experts failed")
+
+
+def test_a_step_that_fails_leaves_no_call_it_started_behind():
+    peer = NodeIdentity.generate().node_id
+    routes = ExpertRoutes()
+    routes.update({(0, 1): (peer,)})
+    lanes = _Lanes()
+    loop = asyncio.new_event_loop()  # never run: no call may go over "QUIC" here
+    try:
+        experts = RemoteExperts(0, _FailingBank, routes, None, loop, DispatchStats(), lanes=lanes)
+        x, chosen, weights = torch.randn(1, 128), torch.tensor([[1, 2]]), torch.rand(1, 2)
+        with pytest.raises(RuntimeError, match="own experts failed"):
+            experts.run_combined(x, chosen, weights)
+    finally:
+        loop.close()
+    assert len(lanes.started) == 1 and lanes.started[0].cancelled
+
+
+def test_a_late_failure_on_an_old_lane_keeps_the_lane_opened_since():
+    peer = NodeIdentity.generate().node_id
+    lanes = ExpertLanes("builtin", ExpressClient(REGISTRY))
+    try:
+        lanes.add(peer, "old connection", ("127.0.0.1", 9), b"old-lane", os.urandom(32))
+        lanes.add(peer, "new connection", ("127.0.0.1", 9), b"new-lane", os.urandom(32))
+        lanes.failed(peer, b"old-lane")  # a call made on the old lane went unanswered
+        assert lanes.client.lane_id(peer) == b"new-lane" and not lanes.wants(peer)
+        lanes.failed(peer, b"new-lane")
+        assert peer not in lanes.client and not lanes.wants(peer)  # dropped, none for a while
+    finally:
+        lanes.client.close()
+
+
+class _Granting:
+    """A connection on which the peer grants a lane: grant(secret) -> (lane id, port)."""
+
+    def __init__(self, grant):
+        self.remote_address = ("127.0.0.1", 7300)
+        self._grant = grant
+
+    async def request(self, message, timeout):
+        assert isinstance(message, ExpressOpen)
+        return ExpressLane(*self._grant(message.secret))
+
+
+async def test_a_granted_lane_is_used_only_once_it_answered_a_probe():
+    owner = SimpleNamespace(
+        config=SimpleNamespace(connect_timeout=0.3), endpoint=SimpleNamespace(registry=REGISTRY)
+    )
+    peer = NodeIdentity.generate().node_id
+    # a lane whose port answers nothing (a firewall drops it): never used, asked again later
+    silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    silent.bind(("127.0.0.1", 0))
+    lanes = ExpertLanes("builtin", ExpressClient(REGISTRY), retry_after=30.0)
+    try:
+        assert lanes.wants(peer)
+        conn = _Granting(lambda secret: (b"12345678", silent.getsockname()[1]))
+        await ExpertParallel._open_lane(owner, lanes, peer, conn)
+        assert peer not in lanes.client and not lanes.wants(peer)
+    finally:
+        silent.close()
+        lanes.client.close()
+    # a lane that answers: used, its numbering going on from the probe's Ping
+    server = ExpressServer(REGISTRY, host="127.0.0.1")
+    server.on_call(Ping, lambda node, msg: Pong(msg.seq))
+    server.start()
+    lanes = ExpertLanes("builtin", ExpressClient(REGISTRY))
+    try:
+        assert lanes.wants(peer)
+        granted = []
+
+        def grant(secret):
+            granted.append(server.open_lane(peer, "connection", secret))
+            return granted[-1], server.port
+
+        await ExpertParallel._open_lane(owner, lanes, peer, _Granting(grant))
+        assert lanes.client.lane_id(peer) == granted[0]
+        call = lanes.client.call(peer, Ping(5))
+        assert lanes.client.result(call, 2.0) == Pong(5) and call.lane.sent == 2
+    finally:
+        lanes.client.close()
+        server.close()

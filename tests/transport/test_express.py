@@ -20,11 +20,13 @@ from mesh_node.identity import NodeIdentity
 from mesh_node.transport.errors import ErrorCode, ProtocolError, RemoteError, RequestFailed
 from mesh_node.transport.express import (
     MAX_PLAINTEXT,
+    READS_PER_WAKE,
     ExpressClient,
     ExpressFailed,
     ExpressServer,
     lane_key_bytes,
     plaintext,
+    probe_lane,
     read_plaintext,
     seal,
     unseal,
@@ -81,6 +83,7 @@ class Lane:
 
     def __init__(self, drop=None, **client_options):
         self.handled = 0
+        self.delay = 0.0  # seconds each Ping keeps the server busy
         self.server = ExpressServer(REGISTRY, host="127.0.0.1")
         self.server.on_call(Ping, self.ping)
         self.server.on_call(Echo, lambda peer, msg: Echo(msg.text * 2))
@@ -98,6 +101,7 @@ class Lane:
     def ping(self, peer, msg):
         assert peer == PEER
         self.handled += 1
+        time.sleep(self.delay)
         return Pong(msg.seq)
 
     def fail(self, peer, msg):
@@ -153,7 +157,7 @@ def test_a_lost_answer_is_sent_again_without_computing_the_call_again(lane):
 
 
 def test_a_peer_that_never_answers_fails_the_call_after_its_attempts(lane):
-    pair = lane(drop=lambda direction, n: True, attempts=3, first_rto=0.02)
+    pair = lane(drop=lambda direction, n: True, attempts=3, first_rto=0.02, min_wait=0.0)
     started = time.monotonic()
     with pytest.raises(ExpressFailed, match="after 3 datagrams"):
         pair.call(Ping(1))
@@ -163,6 +167,115 @@ def test_a_peer_that_never_answers_fails_the_call_after_its_attempts(lane):
     call = pair.client.call("peer", Ping(2))
     with pytest.raises(ExpressFailed, match="within"):
         pair.client.result(call, 0.03)
+    # and a call gives up no sooner than min_wait, however many datagrams that takes
+    slow = lane(drop=lambda direction, n: True, attempts=3, first_rto=0.02, min_wait=0.3)
+    started = time.monotonic()
+    with pytest.raises(ExpressFailed, match="no answer on the lane after"):
+        slow.call(Ping(3))
+    assert time.monotonic() - started >= 0.3
+    assert slow.relay.counts["call"] >= 3
+
+
+def test_a_busy_answerer_is_waited_for_and_computes_the_call_once(lane):
+    def busy(min_wait):
+        pair = lane(first_rto=0.005, min_rto=0.005, attempts=4, min_wait=min_wait)
+        assert pair.call(Ping(0)) == Pong(0)  # a quick lane: its next timeouts are short
+        pair.delay = 0.25  # then the server is busy (say, another host's prefill)
+        return pair
+
+    patient = busy(0.5)
+    assert patient.call(Ping(1)) == Pong(1)  # copies came meanwhile, answered from the kept one
+    assert patient.handled == 2 and patient.server.answered > 2
+    hasty = busy(0.0)  # giving up after 4 short timeouts takes the busy one for lost
+    with pytest.raises(ExpressFailed):
+        hasty.call(Ping(1))
+
+
+def test_a_copy_is_the_same_call_id_with_the_same_plaintext(lane):
+    pair = lane()
+    call_key, answer_key = (AESGCM(k) for k in lane_key_bytes(pair.secret, pair.lane))
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.settimeout(2.0)
+    try:
+        for seq, message in enumerate([Ping(1), Ping(1), Ping(2)], start=1):
+            datagram = seal(call_key, pair.lane, seq, plaintext(REGISTRY, 5, message))
+            sock.sendto(datagram, ("127.0.0.1", pair.server.port))
+            answer = unseal(answer_key, sock.recv(70000))
+            assert read_plaintext(REGISTRY, FrameLimits(), answer) == (5, Pong(message.seq))
+    finally:
+        sock.close()
+    assert pair.handled == 2  # the copy of Ping(1) was not run again; Ping(2) with its id was
+
+
+def test_a_lane_to_a_port_outside_the_range_is_refused():
+    client = ExpressClient(REGISTRY)
+    try:
+        for port in (0, 70000, -1):
+            with pytest.raises(ValueError, match="1-65535"):
+                client.add("peer", ("127.0.0.1", port), b"12345678", os.urandom(32))
+        with pytest.raises(ValueError, match="8 bytes"):
+            client.add("peer", ("127.0.0.1", 9), b"1234", os.urandom(32))
+        assert "peer" not in client
+    finally:
+        client.close()
+
+
+def test_a_datagram_that_cannot_be_sent_fails_its_call_and_leaves_nothing_pending(lane):
+    pair = lane()
+    pair.client._lanes["peer"].address = ("127.0.0.1", 70000)  # as if a bad port got through
+    call = pair.client.call("peer", Ping(1))
+    with pytest.raises(ExpressFailed, match="not sent"):
+        pair.client.result(call, 1.0)
+    assert not pair.client._pending
+
+
+def test_dropping_a_lane_by_id_keeps_a_newer_one():
+    client = ExpressClient(REGISTRY)
+    try:
+        client.add("peer", ("127.0.0.1", 9), b"old-lane", os.urandom(32))
+        client.add("peer", ("127.0.0.1", 9), b"new-lane", os.urandom(32))
+        client.drop("peer", b"old-lane")  # a late failure on the old lane
+        assert client.lane_id("peer") == b"new-lane"
+        client.drop("peer", b"new-lane")
+        assert client.lane_id("peer") is None and "peer" not in client
+    finally:
+        client.close()
+
+
+def test_a_flood_of_datagrams_is_read_in_bounded_batches(lane):
+    pair = lane()
+    pair.call(Ping(0))  # the client's socket exists and is bound
+    (sock,) = pair.client._sockets.values()
+    junk = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        for _ in range(READS_PER_WAKE + 10):
+            junk.sendto(b"x" * 40, sock.getsockname())
+        until_dropped = pair.client.dropped + READS_PER_WAKE
+        time.sleep(0.1)
+        assert pair.client._read([sock])
+        assert pair.client.dropped == until_dropped  # one batch, the rest left for later
+        assert pair.client._read([sock]) and not pair.client._read([sock])
+    finally:
+        junk.close()
+
+
+def test_a_lane_socket_with_a_descriptor_above_1024_is_waited_on(lane):
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 1200:
+        pytest.skip(f"needs 1200 file descriptors, the limit is {soft}")
+    held = []
+    try:
+        while not held or held[-1] < 1100:  # push the next descriptors above select()'s 1024
+            held.append(os.open(os.devnull, os.O_RDONLY))
+        pair = lane(poll=0.0)  # no polling: every answer is waited for asleep
+        pair.delay = 0.01
+        assert pair.call(Ping(1)) == Pong(1)
+        assert max(s.fileno() for s in pair.client._sockets.values()) >= 1024
+    finally:
+        for fd in held:
+            os.close(fd)
 
 
 def test_a_quick_answer_is_read_while_polling_and_without_poll_after_a_sleep(lane):
@@ -335,3 +448,44 @@ async def test_lanes_are_granted_over_quic_and_close_with_the_connection(mesh):
         finally:
             client.close()
             server.close()
+
+
+def test_a_new_lane_is_probed_and_its_numbering_goes_on_from_the_probe(lane):
+    pair = lane()
+    address = ("127.0.0.1", pair.server.port)
+    start = probe_lane(REGISTRY, address, pair.lane, pair.secret, timeout=2.0)
+    assert start.sent == 1 and start.seen == 1 and start.srtt is not None
+    assert pair.handled == 1  # the probe's Ping
+    client = ExpressClient(REGISTRY)
+    try:
+        client.add("peer", address, pair.lane, pair.secret, start)
+        call = client.call("peer", Ping(7))
+        assert client.result(call, 2.0) == Pong(7)  # seq 2: above what the server saw
+        assert call.lane.sent == 2 and pair.server.dropped == 0
+        assert call.rto < 0.1  # timed from the probe's round trip, not the first guess
+    finally:
+        client.close()
+
+
+def test_a_lane_that_does_not_answer_fails_its_probe():
+    silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # bound, never answers
+    silent.bind(("127.0.0.1", 0))
+    try:
+        started = time.monotonic()
+        with pytest.raises(ExpressFailed):
+            probe_lane(REGISTRY, silent.getsockname(), b"12345678", os.urandom(32), timeout=0.3)
+        assert time.monotonic() - started < 2.0
+    finally:
+        silent.close()
+
+
+def test_an_error_answer_passes_the_probe(lane):
+    server = ExpressServer(REGISTRY, host="127.0.0.1")  # serves no Ping: answers NOT_SUPPORTED
+    server.start()
+    try:
+        secret = os.urandom(32)
+        granted = server.open_lane(PEER, "connection", secret)
+        start = probe_lane(REGISTRY, ("127.0.0.1", server.port), granted, secret)
+        assert start.sent == 1 and start.seen == 1
+    finally:
+        server.close()
