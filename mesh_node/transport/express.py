@@ -205,11 +205,13 @@ class ExpressServer:
         *,
         host: str = "0.0.0.0",
         max_lanes: int = 256,
+        max_lanes_per_owner: int = 16,
         limits: FrameLimits | None = None,
     ):
         self.registry = registry
         self.host = host
         self.max_lanes = max_lanes
+        self.max_lanes_per_owner = max_lanes_per_owner  # per connection: one cannot evict all
         self.limits = limits or FrameLimits()
         self._handlers: dict[type, LaneHandler] = {}
         self._lanes: collections.OrderedDict[bytes, _ServedLane] = collections.OrderedDict()
@@ -266,6 +268,9 @@ class ExpressServer:
         calls, answers = lane_keys(secret, lane)
         with self._lock:
             self._lanes[lane] = _ServedLane(peer, owner, calls, answers)
+            owned = [k for k, v in self._lanes.items() if v.owner is owner]  # oldest use first
+            for old in owned[: max(0, len(owned) - self.max_lanes_per_owner)]:
+                del self._lanes[old]  # the connection's own least recently used goes
             while len(self._lanes) > self.max_lanes:  # the least recently used goes
                 self._lanes.popitem(last=False)
         return lane

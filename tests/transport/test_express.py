@@ -489,3 +489,14 @@ def test_an_error_answer_passes_the_probe(lane):
         assert start.sent == 1 and start.seen == 1
     finally:
         server.close()
+
+
+def test_one_connection_cannot_push_out_the_lanes_of_others():
+    server = ExpressServer(REGISTRY, host="127.0.0.1", max_lanes=32, max_lanes_per_owner=4)
+    try:
+        other = server.open_lane(PEER, "another connection", os.urandom(32))
+        greedy = [server.open_lane(PEER, "greedy connection", os.urandom(32)) for _ in range(40)]
+        assert server.lanes == 5  # the other's lane, and the greedy one's 4 newest
+        assert set(server._lanes) == {other, *greedy[-4:]}
+    finally:
+        server.close()
