@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 from dataclasses import fields, replace
 from typing import Any
@@ -22,6 +23,7 @@ from mesh_node.membership.messages import (
     PeerState,
     StateDelta,
 )
+from mesh_node.transport.addresses import host_error
 
 log = logging.getLogger("mesh_node.membership")
 
@@ -37,6 +39,14 @@ MAX_EXPERTS_PER_SHARD = 1024
 _DELTA_FIELDS = tuple(
     f.name for f in fields(StateDelta) if f.name not in ("node", "base", "version")
 )
+
+
+def _number_error(value: float, what: str) -> str | None:
+    """Why a count or size is not a finite number of at least 0 (NaN would break the JSON of
+    /api/status on every node), or None."""
+    if not math.isfinite(value) or value < 0:
+        return f"{what} must be a finite number >= 0, got {value!r:.30}"
+    return None
 
 
 def state_error(state: PeerState | StateDelta) -> str | None:
@@ -60,7 +70,23 @@ def state_error(state: PeerState | StateDelta) -> str | None:
         if len(addresses) > MAX_ADDRESSES:
             checks.append(f"more than {MAX_ADDRESSES} addresses")
         checks += [text(a.host, MAX_TEXT, "address") for a in addresses]
+        checks += [host_error(a.host) for a in addresses]
+        checks += [
+            f"address port {a.port} out of range" for a in addresses if not 0 < a.port < 65536
+        ]
+    load = getattr(state, "load", None)
+    if load is not None:
+        checks += [_number_error(load.inflight, "load.inflight")]
+        checks += [_number_error(load.tokens_per_s, "load.tokens_per_s")]
     hardware = state.hardware
+    if hardware is not None:
+        checks += [
+            _number_error(getattr(hardware, name), f"hardware.{name}")
+            for name in ("cpu_cores", "ram_total", "ram_free")
+        ]
+        for gpu in hardware.gpus:
+            checks += [_number_error(gpu.vram_total, "GPU memory")]
+            checks += [_number_error(gpu.vram_free, "GPU memory")]
     if hardware is not None and len(hardware.gpus) > MAX_GPUS:
         checks.append(f"more than {MAX_GPUS} GPUs")
     if hardware is not None:

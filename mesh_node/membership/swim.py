@@ -57,6 +57,7 @@ from mesh_node.membership.messages import (
 )
 from mesh_node.membership.state import SelfState, state_error
 from mesh_node.membership.table import STATUS, Member, PeerTable
+from mesh_node.transport.addresses import host_error
 from mesh_node.transport.connection import Connection, RequestContext
 from mesh_node.transport.endpoint import Endpoint
 from mesh_node.transport.errors import ErrorCode, RequestFailed, TransportError
@@ -517,7 +518,11 @@ class Membership:
     async def _on_probe_request(self, ctx: RequestContext, request: ProbeRequest) -> ProbeResult:
         self._check_claim_count(request.claims)
         self.accept_claims(request.claims, ctx.peer.short)
-        if len(request.target) != 32 or len(request.addresses) > 8:
+        if (
+            len(request.target) != 32
+            or len(request.addresses) > 8
+            or any(host_error(a.host) or not 0 < a.port < 65536 for a in request.addresses)
+        ):
             raise RequestFailed(ErrorCode.BAD_REQUEST, "bad probe target")
         target = NodeId(request.target)
         timeout = self.config.probe_timeout * (1 + self.health)
@@ -649,7 +654,7 @@ class Membership:
             if claims:
                 sends.append(self._send_to(target, Gossip(claims), self.config.gossip_interval * 5))
         if sends:
-            await asyncio.gather(*sends)
+            await asyncio.gather(*sends, return_exceptions=True)  # one bad target stops none
 
     async def _gossip_loop(self) -> None:
         """Idle until there is news, then push a round every gossip interval until sent."""
@@ -697,8 +702,12 @@ class Membership:
             if not members:
                 continue
             member = self.rng.choice(members)
-            with contextlib.suppress(TransportError, TimeoutError, OSError):
+            try:
                 await self.sync_with(member.addresses[0], member.node_id)
+            except (TransportError, TimeoutError, OSError):
+                pass
+            except Exception:  # a bug must not stop anti-entropy for good
+                log.exception("sync with %s failed unexpectedly", member.node_id.short)
 
     async def _reconnect_loop(self) -> None:
         """While alone, retry the seeds; and now and then try a dead member: after a
@@ -712,8 +721,12 @@ class Membership:
             dead = [m for m in self.table.peers(DEAD) if m.addresses]
             if dead:
                 member = self.rng.choice(dead)
-                with contextlib.suppress(TransportError, TimeoutError, OSError):
+                try:
                     await self.sync_with(member.addresses[0], member.node_id, push=True)
+                except (TransportError, TimeoutError, OSError):
+                    pass
+                except Exception:  # a bug must not stop the reconnecting for good
+                    log.exception("sync with %s failed unexpectedly", member.node_id.short)
 
     async def _lag_loop(self) -> None:
         """Lifeguard-style self-awareness: a late wake-up means our event loop is loaded."""

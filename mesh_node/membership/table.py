@@ -19,6 +19,8 @@ from mesh_node.membership.messages import Address, Claim, PeerState, StateDelta
 
 log = logging.getLogger("mesh_node.membership")
 
+MAX_ACCUSERS = 32  # confirmations kept per suspicion (Lifeguard needs a few)
+
 TOMBSTONES = (DEAD, LEFT)
 
 # what changed about a member, for listeners
@@ -125,6 +127,12 @@ class PeerTable:
         if listener in self._listeners:
             self._listeners.remove(listener)
 
+    def _is_live_member(self, key: bytes) -> bool:
+        """Whether the node with this key is a member not known to be gone: only such nodes'
+        suspicions count as confirmations (keys nobody met could be made up by the dozen)."""
+        member = self._members.get(NodeId(key))
+        return member is not None and member.status in (ALIVE, SUSPECT)
+
     def _changed(self, member: Member, what: str) -> None:
         if what in (STATUS, REMOVED):
             self._digest = None
@@ -166,12 +174,16 @@ class PeerTable:
             and member.status == SUSPECT
             and claim.incarnation == member.incarnation
         ):
-            if claim.speaker not in member.accusers:
+            if (
+                claim.speaker not in member.accusers
+                and len(member.accusers) < MAX_ACCUSERS
+                and self._is_live_member(claim.speaker)
+            ):
                 member.accusers.add(claim.speaker)  # one more independent confirmation
                 news = True
         elif outranks(claim.kind, claim.incarnation, member.status, member.incarnation):
-            if member.status != claim.kind:
-                member.status_since = now
+            if member.status != claim.kind or claim.kind == SUSPECT:
+                member.status_since = now  # a suspicion of a new incarnation starts afresh
             member.status, member.incarnation = claim.kind, claim.incarnation
             member.status_claim = claim
             member.accusers = {claim.speaker} if claim.kind == SUSPECT else set()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -25,3 +26,17 @@ def normalize_host(host: str) -> str:
     if isinstance(ip, ipaddress.IPv4Address) and ":" in host:
         return str(ip)
     return host
+
+
+_LABEL = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)")
+
+
+def host_error(host: str) -> str | None:
+    """Why `host` is neither an IP address literal nor a host name that could resolve (dot-
+    separated labels of 1-63 letters, digits, '-' or '_', 253 characters in all), or None."""
+    if ip_of(host) is not None:
+        return None
+    name = host[:-1] if host.endswith(".") else host
+    if 0 < len(name) <= 253 and all(_LABEL.fullmatch(label) for label in name.split(".")):
+        return None
+    return f"not an IP address or host name: {host!r:.80}"

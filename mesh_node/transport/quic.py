@@ -346,7 +346,7 @@ class QuicEndpoint(Endpoint):
         loop = asyncio.get_running_loop()
         try:
             infos = await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
-        except OSError as exc:
+        except (OSError, ValueError) as exc:  # ValueError: e.g. a label over 63 characters
             raise ConnectionLost(f"cannot resolve {host}: {exc}") from None
         family, _, _, _, addr = infos[0]
         configuration = self._configuration(is_client=True)

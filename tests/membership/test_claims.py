@@ -109,8 +109,7 @@ def state(version, **extra):
         name="n",
         software="s",
         role="worker",
-        addresses=ADDR,
-        **extra,
+        **{"addresses": ADDR, **extra},
     )
 
 
@@ -168,3 +167,59 @@ def test_the_machine_label_is_the_kernel_boot_id_hashed(tmp_path):
     assert machine_id(str(tmp_path / "absent")) == ""  # not Linux: unknown
     assert state_error(state(1, machine=label)) is None
     assert "machine longer than 64" in state_error(state(1, machine="x" * 65))
+
+
+def test_a_claim_with_a_host_that_could_never_resolve_is_refused():
+    from dataclasses import replace
+
+    from mesh_node.transport.addresses import host_error
+
+    for good in ("10.0.0.1", "::1", "fe80::1%eth0", "node-1", "gpu-box.lan.", "a_b.example"):
+        assert host_error(good) is None, good
+        assert shape_error(replace(claim(ALIVE, 1), addresses=[Address(good, 7300)])) is None
+    for bad in ("x" * 64 + ".example", "", "two words", "a..b", "-lead.example", "é.example"):
+        assert host_error(bad), bad
+        assert "out of range" in shape_error(replace(claim(ALIVE, 1), addresses=[Address(bad, 1)]))
+
+
+def test_only_live_members_confirm_a_suspicion_and_at_most_a_few_dozen():
+    from mesh_node.membership.table import MAX_ACCUSERS
+
+    table = PeerTable(OTHERS[2].node_id, lambda: 0.0)
+    table.apply(claim(ALIVE, 1))
+    for other in OTHERS[:2]:  # two members the table knows
+        table.apply(make_claim(other, TAG, ALIVE, other.node_id, 1, ADDR))
+    table.apply(claim(SUSPECT, 1, speaker=OTHERS[0]))
+    strangers = [NodeIdentity.generate() for _ in range(5)]  # keys nobody met
+    for stranger in strangers:
+        assert table.apply(claim(SUSPECT, 1, speaker=stranger)) is None
+    assert table.apply(claim(SUSPECT, 1, speaker=OTHERS[1])) is not None
+    assert table.get(SUBJECT.node_id).accusers == {OTHERS[0].node_id.key, OTHERS[1].node_id.key}
+    assert MAX_ACCUSERS >= 3  # Lifeguard's confirmations fit
+
+
+def test_a_suspicion_of_a_newer_incarnation_starts_its_clock_afresh():
+    now = [0.0]
+    table = PeerTable(OTHERS[2].node_id, lambda: now[0])
+    table.apply(claim(ALIVE, 1))
+    now[0] = 1.0
+    table.apply(claim(SUSPECT, 1))
+    assert table.get(SUBJECT.node_id).status_since == 1.0
+    now[0] = 4.0
+    table.apply(claim(SUSPECT, 2))  # ran ahead of the refutation alive(2)
+    assert table.get(SUBJECT.node_id).status_since == 4.0
+
+
+def test_state_numbers_must_be_finite_and_not_negative():
+    from mesh_node.membership.messages import Load
+    from mesh_node.membership.state import state_error
+
+    assert state_error(state(1, load=Load(inflight=2, tokens_per_s=12.5))) is None
+    for load in (
+        Load(tokens_per_s=float("nan")),
+        Load(tokens_per_s=float("inf")),
+        Load(inflight=-1),
+    ):
+        assert "finite number >= 0" in state_error(state(1, load=load))
+    assert "host name" in state_error(state(1, addresses=[Address("x" * 64 + ".example", 1)]))
+    assert "out of range" in state_error(state(1, addresses=[Address("10.0.0.1", 70000)]))

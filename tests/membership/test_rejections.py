@@ -17,6 +17,7 @@ from mesh_node.membership.messages import (
     Gossip,
     ModelInfo,
     Probe,
+    ProbeRequest,
     StateDelta,
     StateRequest,
 )
@@ -222,3 +223,20 @@ def test_oversized_gossip_and_state_are_refused(caplog):
         await endpoint.close()
 
     simulate(check, config=MembershipConfig())
+
+
+def test_an_indirect_probe_of_addresses_that_could_never_be_dialed_is_refused():
+    async def check(mesh):
+        victim, target = mesh.nodes[0], mesh.nodes[1]
+        _, endpoint = await liar(mesh)
+        conn = await endpoint.connect(victim.address)
+        for bad in (Address("x" * 64 + ".example", 7300), Address("10.0.0.1", 70000)):
+            with pytest.raises(RemoteError) as refused:
+                await conn.request(ProbeRequest(target.node_id.key, [bad]), timeout=5)
+            assert refused.value.code == ErrorCode.BAD_REQUEST
+        addresses = list(target.membership.self_state.current.addresses)
+        good = ProbeRequest(target.node_id.key, addresses)
+        assert (await conn.request(good, timeout=5)).ok
+        await endpoint.close()
+
+    simulate(check)

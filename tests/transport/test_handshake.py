@@ -233,3 +233,13 @@ async def test_dial_to_nowhere_times_out(mesh):
     async with quic_pair(mesh) as p:
         with pytest.raises(ConnectionLost):
             await p.a.connect(("127.0.0.1", 9), timeout=0.5)
+
+
+async def test_dialing_a_host_that_could_never_resolve_fails_as_a_lost_connection(mesh):
+    endpoint = make_quic(mesh, Service())
+    await endpoint.start()
+    try:  # a label over 63 characters: refused before any lookup leaves the machine
+        with pytest.raises(ConnectionLost, match="cannot resolve"):
+            await endpoint.connect(("x" * 64 + ".example", 7300), timeout=5)
+    finally:
+        await endpoint.close()
