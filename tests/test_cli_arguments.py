@@ -42,3 +42,18 @@ def test_join_refuses_split_and_shards_together():
     )
     assert result.returncode == 2
     assert "choose one of --moe-split and --moe-shards" in result.stderr
+
+
+@pytest.mark.parametrize("how", ["flag", "environment"])
+def test_join_refuses_an_empty_api_key(how):
+    args = [sys.executable, "-m", "mesh_node", "join", "x"]
+    env = None
+    if how == "flag":
+        args += ["--api-key", ""]
+    else:
+        import os
+
+        env = {**os.environ, "MESH_NODE_API_KEY": ""}  # e.g. ${KEY} with KEY unset
+    result = subprocess.run(args, capture_output=True, text=True, timeout=60, env=env)
+    assert result.returncode == 2
+    assert "the API key is empty" in result.stderr

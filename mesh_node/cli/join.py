@@ -140,7 +140,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         metavar="KEY",
         default=os.environ.get("MESH_NODE_API_KEY"),
         help="require `Authorization: Bearer KEY` on every API request (default: "
-        "$MESH_NODE_API_KEY if set, else no key)",
+        "$MESH_NODE_API_KEY if set, else no key; an empty key is refused)",
     )
     parser.add_argument("--no-api", action="store_true", help="do not serve the API")
     parser.add_argument(
@@ -191,6 +191,14 @@ def run(args: argparse.Namespace) -> int:
     if args.moe_split and args.moe_shards:
         print("mesh-node: choose one of --moe-split and --moe-shards", file=sys.stderr)
         return 2
+    if args.api_key is not None and not args.api_key.strip():
+        # e.g. MESH_NODE_API_KEY=${KEY} with KEY unset: an open API is not what was asked for
+        print(
+            "mesh-node: the API key is empty (--api-key or MESH_NODE_API_KEY): give a key, "
+            "or leave both unset for an API without one",
+            file=sys.stderr,
+        )
+        return 2
     logging.basicConfig(
         level=args.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -223,7 +231,7 @@ def run(args: argparse.Namespace) -> int:
             console_port=None if args.no_console else args.console_port,
             api_host=args.api_host,
             api_port=None if args.no_api else args.api_port,
-            api_key=args.api_key or None,
+            api_key=args.api_key,
         )
         node = Node(config)
     except IdentityError as exc:

@@ -597,7 +597,7 @@ class Generator:
             if not prompt:
                 raise InvalidRequestError("the prompt is empty")
             total = len(prompt) + len(generated)
-            if total >= self.max_seq_len:
+            if total > self.max_seq_len:  # max_seq_len tokens fit the cache: one more comes
                 raise InvalidRequestError(
                     f"the prompt ({len(prompt)} tokens"
                     + (f" + {len(generated)} already generated" if generated else "")

@@ -15,6 +15,9 @@ import torch
 _MIX = 0x9E3779B97F4A7C15  # golden-ratio constant: spreads (seed, index) over 64 bits
 
 
+MIN_TEMPERATURE = 1e-5  # below this a sampled answer is the argmax one anyway
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How to pick tokens and when to stop.
@@ -47,7 +50,9 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0 or self.top_k == 1
+        """Argmax decoding: temperature 0 (or below MIN_TEMPERATURE, where dividing the logits
+        by it would overflow float32), or top_k 1."""
+        return self.temperature < MIN_TEMPERATURE or self.top_k == 1
 
 
 def token_seed(seed: int, index: int) -> int:

@@ -239,7 +239,8 @@ class OpenAIApi:
             raise Unauthorized(
                 "missing API key: send it as the header 'Authorization: Bearer <key>'"
             )
-        if not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
+        given = token.strip().encode("utf-8", "surrogateescape")  # any header bytes
+        if not hmac.compare_digest(given, self.api_key.encode()):
             raise Unauthorized("invalid API key")
 
 

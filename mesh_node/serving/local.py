@@ -6,6 +6,7 @@ import contextlib
 from collections.abc import AsyncIterator
 
 from mesh_node.engine import (
+    EngineError,
     GenerationRequest,
     Generator,
     GeneratorClosedError,
@@ -88,3 +89,5 @@ async def _deltas(stream: RequestStream) -> AsyncIterator[Delta]:
         raise BadRequest(str(exc)) from None
     except (GeneratorClosedError, OverloadedError) as exc:
         raise GenerationFailed(f"generation stopped: {exc}") from None
+    except EngineError as exc:  # e.g. out of memory in a step: another host may manage
+        raise GenerationFailed(f"generation failed: {exc}") from None

@@ -40,6 +40,9 @@ class ParsedRequest:
     include_usage: bool = False  # stream_options.include_usage: a final usage chunk
 
 
+TOP_K_LIMIT = 2**31 - 1  # larger than any vocabulary: 0 and this both mean "all tokens"
+
+
 def new_request_id(prefix: str) -> str:
     """`chatcmpl-…` / `cmpl-…`: 24 random hex digits, unique per request."""
     return f"{prefix}{secrets.token_hex(12)}"
@@ -57,6 +60,10 @@ def decode_body(raw: bytes) -> dict[str, Any]:
         raise BadRequest(f"the request body is not valid JSON: {exc}") from None
     if not isinstance(body, dict):
         raise BadRequest(f"the request body must be a JSON object, not {_json_type(body)}")
+    try:  # JSON may escape lone surrogates ("\ud800"), which no text may hold
+        json.dumps(body, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadRequest("the request body holds invalid Unicode (a lone surrogate)") from None
     return body
 
 
@@ -217,7 +224,7 @@ def _sampling(fields: _Fields, max_tokens_limit: int) -> SamplingParams:
         max_tokens = max_completion
     temperature = fields.number("temperature", 0.0, 2.0)
     top_p = fields.number("top_p", 0.0, 1.0, low_open=True)
-    top_k = fields.integer("top_k", 0)
+    top_k = fields.integer("top_k", 0, TOP_K_LIMIT)
     seed = fields.integer("seed", *_SEED_RANGE)
     if temperature is None:
         temperature = OPENAI_DEFAULT_TEMPERATURE

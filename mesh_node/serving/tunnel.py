@@ -141,6 +141,10 @@ async def stream_from_host(
     except RemoteError as exc:
         if exc.code == ErrorCode.BAD_REQUEST:
             raise BadRequest(exc.message) from None
+        if exc.code == ErrorCode.FRAME_TOO_LARGE:  # any host would refuse it: not a failure
+            raise BadRequest(
+                f"the request is too large to pass to the host ({exc.message}): shorten it"
+            ) from None
         if exc.code == ErrorCode.OVERLOADED:
             raise HostBusy(exc.message) from None
         if exc.code == ErrorCode.NOT_FOUND:

@@ -3,6 +3,7 @@ and the node keeps serving after each."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import openai
@@ -309,3 +310,19 @@ async def test_head_and_get_with_a_body(http, server):
     async with http.get(server.url + "/v1/models", data=b"junk") as response:
         assert response.status == 200
     await assert_still_serving(http, server)
+
+
+async def test_an_api_key_header_that_is_not_text_is_refused(local_models):
+    async with ApiServer(local_models, port=0, api_key="sekret") as server:
+        host, port = server.url.removeprefix("http://").rsplit(":", 1)
+        reader, writer = await asyncio.open_connection(host, int(port))
+        try:
+            writer.write(
+                b"GET /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \xff\xfe\r\n"
+                b"Connection: close\r\n\r\n"
+            )
+            await writer.drain()
+            status = await asyncio.wait_for(reader.readline(), 10)
+        finally:
+            writer.close()
+        assert status.split()[1] == b"401"

@@ -230,3 +230,30 @@ def test_ignore_eos_extension_is_a_boolean_passed_to_sampling():
         assert exc.param == "ignore_eos"
     else:
         raise AssertionError("a non-boolean ignore_eos must be refused")
+
+
+def test_text_with_a_lone_surrogate_is_a_bad_request():
+    for raw in (
+        b'{"model": "m", "messages": [{"role": "user", "content": "hi \\ud800"}]}',
+        b'{"model": "m", "prompt": "x", "user": "\\udc80"}',
+    ):
+        try:
+            decode_body(raw)
+        except BadRequest as exc:
+            assert "lone surrogate" in exc.message
+        else:
+            raise AssertionError(f"accepted {raw!r}")
+    assert decode_body(b'{"content": "\\ud83d\\ude00"}') == {"content": "\U0001f600"}  # a pair
+
+
+def test_top_k_is_bounded():
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    for top_k in (2**64, 10**30, -1):
+        try:
+            parse_chat_completion({**body, "top_k": top_k}, request_id="r", max_tokens_limit=10)
+        except BadRequest as exc:
+            assert exc.param == "top_k"
+        else:
+            raise AssertionError(f"top_k={top_k} accepted")
+    parsed = parse_chat_completion({**body, "top_k": 40}, request_id="r", max_tokens_limit=10)
+    assert parsed.completion.sampling.top_k == 40
