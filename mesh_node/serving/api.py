@@ -50,6 +50,7 @@ from mesh_node.serving.requests import (
     Delta,
     GenerationFailed,
     ModelNotFound,
+    Overloaded,
     ServingError,
     Unauthorized,
 )
@@ -59,6 +60,8 @@ log = logging.getLogger("mesh_node.serving.api")
 DEFAULT_PORT = 9337
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
 DEFAULT_DISCONNECT_POLL = 0.1  # seconds between checks that a client is still connected
+DEFAULT_BODY_TIMEOUT = 30.0  # seconds a client may take to send its request body
+DEFAULT_MAX_IN_FLIGHT = 256  # completions in progress at once; more are answered 429
 
 _SSE_HEADERS = {
     "Content-Type": "text/event-stream; charset=utf-8",
@@ -69,6 +72,10 @@ _SSE_HEADERS = {
 
 class RequestTooLarge(ServingError):
     status, type, code = 413, "invalid_request_error", "request_too_large"
+
+
+class RequestTimeout(ServingError):
+    status, type, code = 408, "invalid_request_error", "request_timeout"
 
 
 class UnknownRoute(ServingError):
@@ -98,6 +105,8 @@ class OpenAIApi:
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
         max_tokens_limit: int = DEFAULT_MAX_TOKENS_LIMIT,
         disconnect_poll: float = DEFAULT_DISCONNECT_POLL,
+        body_timeout: float = DEFAULT_BODY_TIMEOUT,
+        max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
     ):
         if api_key == "":
             raise ValueError("api_key must be a non-empty string, or None for no authentication")
@@ -106,6 +115,9 @@ class OpenAIApi:
         self.max_body_bytes = max_body_bytes
         self.max_tokens_limit = max_tokens_limit
         self.disconnect_poll = disconnect_poll
+        self.body_timeout = body_timeout
+        self.max_in_flight = max_in_flight
+        self.in_flight = 0  # completions being read, generated or streamed now
         self.created = int(time.time())  # the `created` of every model: when we started
 
     # -- models -------------------------------------------------------------------------------
@@ -128,6 +140,24 @@ class OpenAIApi:
         return await self._complete(request, parse_completion, "cmpl-", CompletionFormat)
 
     async def _complete(
+        self,
+        request: web.Request,
+        parse: Callable[..., ParsedRequest],
+        id_prefix: str,
+        format_class: type[ResponseFormat],
+    ) -> web.StreamResponse:
+        if self.in_flight >= self.max_in_flight:
+            raise Overloaded(
+                f"{self.in_flight} requests are in progress on this node (at most "
+                f"{self.max_in_flight}): try again shortly"
+            )
+        self.in_flight += 1
+        try:
+            return await self._complete_one(request, parse, id_prefix, format_class)
+        finally:
+            self.in_flight -= 1
+
+    async def _complete_one(
         self,
         request: web.Request,
         parse: Callable[..., ParsedRequest],
@@ -222,7 +252,12 @@ class OpenAIApi:
         if request.content_length is not None and request.content_length > limit:
             raise too_large
         try:
-            return await request.read()
+            async with asyncio.timeout(self.body_timeout):
+                return await request.read()
+        except TimeoutError:
+            raise RequestTimeout(
+                f"the request body did not arrive within {self.body_timeout:g} s"
+            ) from None
         except web.HTTPRequestEntityTooLarge:
             raise too_large from None
         except ConnectionError as exc:
@@ -254,6 +289,8 @@ def create_app(
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     max_tokens_limit: int = DEFAULT_MAX_TOKENS_LIMIT,
     disconnect_poll: float = DEFAULT_DISCONNECT_POLL,
+    body_timeout: float = DEFAULT_BODY_TIMEOUT,
+    max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
 ) -> web.Application:
     """The API app over `backend`. Run it with `ApiServer` (or any aiohttp runner)."""
     api = OpenAIApi(
@@ -262,6 +299,8 @@ def create_app(
         max_body_bytes=max_body_bytes,
         max_tokens_limit=max_tokens_limit,
         disconnect_poll=disconnect_poll,
+        body_timeout=body_timeout,
+        max_in_flight=max_in_flight,
     )
     app = web.Application(middlewares=[_openai_errors], client_max_size=max_body_bytes)
     app[API_KEY] = api
@@ -381,12 +420,16 @@ class ApiServer(HttpServer):
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
         max_tokens_limit: int = DEFAULT_MAX_TOKENS_LIMIT,
         shutdown_timeout: float = 5.0,
+        body_timeout: float = DEFAULT_BODY_TIMEOUT,
+        max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
     ):
         super().__init__(host, port, shutdown_timeout)
         self.backend = backend
         self.api_key = api_key
         self.max_body_bytes = max_body_bytes
         self.max_tokens_limit = max_tokens_limit
+        self.body_timeout = body_timeout
+        self.max_in_flight = max_in_flight
 
     @property
     def base_url(self) -> str:
@@ -400,6 +443,8 @@ class ApiServer(HttpServer):
             api_key=self.api_key,
             max_body_bytes=self.max_body_bytes,
             max_tokens_limit=self.max_tokens_limit,
+            body_timeout=self.body_timeout,
+            max_in_flight=self.max_in_flight,
         )
 
     async def start(self) -> None:

@@ -10,6 +10,7 @@ import openai
 import pytest
 
 from mesh_node.serving.api import ApiServer
+from tests.conditions import until
 from tests.serving.backends import CRASH_ON_OPEN, OVERLOADED, ScriptedBackend
 from tests.serving.conftest import MODEL
 
@@ -326,3 +327,38 @@ async def test_an_api_key_header_that_is_not_text_is_refused(local_models):
         finally:
             writer.close()
         assert status.split()[1] == b"401"
+
+
+async def test_a_body_that_does_not_arrive_in_time_is_answered_408(local_models):
+    async with ApiServer(local_models, port=0, body_timeout=0.3) as server:
+        host, port = server.url.removeprefix("http://").rsplit(":", 1)
+        reader, writer = await asyncio.open_connection(host, int(port))
+        try:  # headers promise 100 bytes; one comes
+            writer.write(
+                b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{"
+            )
+            await writer.drain()
+            status = await asyncio.wait_for(reader.readline(), 10)
+        finally:
+            writer.close()
+        assert status.split()[1] == b"408"
+
+
+async def test_completions_beyond_the_in_flight_limit_are_answered_429(http):
+    backend = ScriptedBackend()
+    async with ApiServer(backend, port=0, max_in_flight=2) as server:
+        body = {"model": "stall-before", "messages": [{"role": "user", "content": "hi"}]}
+        held = [asyncio.ensure_future(http.post(server.url + CHAT, json=body)) for _ in range(2)]
+        try:
+            await backend.wait_active()
+            await until(lambda: backend.active == 2, what="both requests held")
+            async with http.post(server.url + CHAT, json={**body, "model": "echo"}) as refused:
+                assert refused.status == 429
+                assert_error(await refused.json(), "rate_limit_error")
+        finally:
+            for request in held:
+                request.cancel()
+        await backend.wait_idle(timeout=5.0)
+        async with http.post(server.url + CHAT, json={**body, "model": "echo"}) as answered:
+            assert answered.status == 200  # the slots came back
