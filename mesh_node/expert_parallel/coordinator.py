@@ -70,6 +70,7 @@ from mesh_node.placement.expert_plan import (
     ExpertPlan,
     PeerOffer,
     PlanError,
+    fits,
     materially_different,
     plan_experts,
 )
@@ -350,6 +351,7 @@ class ExpertParallel:
             and current.inputs[0] == host
             and current.inputs[2] == digest
             and not materially_different(current.inputs[1], offers)
+            and fits(current.plan, offers)
         ):
             return False
         try:

@@ -448,6 +448,13 @@ def materially_different(
     return any(abs(new[n] - old[n]) > tolerance * old[n] for n in old)
 
 
+def fits(plan: ExpertPlan, offers: Sequence[PeerOffer]) -> bool:
+    """Whether every node offering memory still has room for its part of `plan` (an older plan
+    kept within `materially_different`'s tolerance may not: a node restarted with less free
+    memory offers less than it is given)."""
+    return all(plan.bytes_of(offer.node_id) <= offer.budget for offer in offers)
+
+
 def expected_remote_peers(plan: ExpertPlan, demand: ExpertDemand) -> float:
     """Expected number of distinct non-host peers a token contacts per MoE layer (mean over
     the layers). An approximation, good for comparing plans:

@@ -24,6 +24,7 @@ from mesh_node.placement.expert_plan import (
     PlanError,
     demand_digest,
     expected_remote_peers,
+    fits,
     materially_different,
     plan_experts,
 )
@@ -516,6 +517,23 @@ def test_garbage_wire_plans_raise_plan_error(value):
 
 
 # --- membership changes --------------------------------------------------------------------
+
+
+def test_a_kept_plan_must_still_fit_every_offer():
+    demand = uniform()
+    before = offers(8 * EB, 8 * EB, 8 * EB)  # tight: the plan uses most of each offer
+    plan = plan_experts(MODEL, IDS[0], before, demand)
+    assert fits(plan, before)
+    biggest = max(IDS[:3], key=plan.bytes_of)
+    smaller = [
+        PeerOffer(o.node_id, plan.bytes_of(o.node_id) - EB, o.machine)
+        if o.node_id == biggest
+        else o
+        for o in before
+    ]
+    assert not materially_different(before, smaller)  # within the tolerance...
+    assert not fits(plan, smaller)  # ...but that node has no room for its part any more
+    check_valid(plan_experts(MODEL, IDS[0], smaller, demand), smaller, demand)
 
 
 def test_materially_different():
