@@ -85,9 +85,8 @@ class ExpertLanes:
         """A call on the lane to `peer` (`lane_id`: on that lane) went unanswered: drop the
         lane, open none for a while. A lane opened since the call was made stays."""
         self.fallbacks += 1
-        if lane_id is not None and self.client.lane_id(peer) not in (None, lane_id):
+        if not self.client.drop(peer, lane_id):
             return  # the call's lane is gone already; a newer one took its place
-        self.client.drop(peer, lane_id)
         with self._lock:
             self._owners.pop(peer, None)
             self._not_before[peer] = time.monotonic() + self.retry_after

@@ -18,7 +18,7 @@ import msgpack
 
 from mesh_node.identity import NodeId, NodeIdentity
 from mesh_node.membership.messages import Address, Claim
-from mesh_node.transport.addresses import host_error
+from mesh_node.transport.addresses import address_error
 
 ALIVE, SUSPECT, DEAD, LEFT = "alive", "suspect", "dead", "left"
 KINDS = (ALIVE, SUSPECT, DEAD, LEFT)
@@ -74,11 +74,7 @@ def shape_error(claim: Claim) -> str | None:
     elif claim.addresses:
         return f"a {claim.kind} claim carries no addresses"
     for address in claim.addresses:
-        if (
-            not 0 < len(address.host) <= MAX_HOST
-            or host_error(address.host)
-            or not 0 < address.port < 65536
-        ):
+        if not 0 < len(address.host) <= MAX_HOST or address_error(address.host, address.port):
             return "claim address out of range"
     return None
 

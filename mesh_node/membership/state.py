@@ -23,7 +23,7 @@ from mesh_node.membership.messages import (
     PeerState,
     StateDelta,
 )
-from mesh_node.transport.addresses import host_error
+from mesh_node.transport.addresses import address_error
 
 log = logging.getLogger("mesh_node.membership")
 
@@ -70,10 +70,7 @@ def state_error(state: PeerState | StateDelta) -> str | None:
         if len(addresses) > MAX_ADDRESSES:
             checks.append(f"more than {MAX_ADDRESSES} addresses")
         checks += [text(a.host, MAX_TEXT, "address") for a in addresses]
-        checks += [host_error(a.host) for a in addresses]
-        checks += [
-            f"address port {a.port} out of range" for a in addresses if not 0 < a.port < 65536
-        ]
+        checks += [address_error(a.host, a.port) for a in addresses]
     load = getattr(state, "load", None)
     if load is not None:
         checks += [_number_error(load.inflight, "load.inflight")]

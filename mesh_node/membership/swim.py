@@ -57,7 +57,7 @@ from mesh_node.membership.messages import (
 )
 from mesh_node.membership.state import SelfState, state_error
 from mesh_node.membership.table import STATUS, Member, PeerTable
-from mesh_node.transport.addresses import host_error
+from mesh_node.transport.addresses import address_error
 from mesh_node.transport.connection import Connection, RequestContext
 from mesh_node.transport.endpoint import Endpoint
 from mesh_node.transport.errors import ErrorCode, RequestFailed, TransportError
@@ -521,7 +521,7 @@ class Membership:
         if (
             len(request.target) != 32
             or len(request.addresses) > 8
-            or any(host_error(a.host) or not 0 < a.port < 65536 for a in request.addresses)
+            or any(address_error(a.host, a.port) for a in request.addresses)
         ):
             raise RequestFailed(ErrorCode.BAD_REQUEST, "bad probe target")
         target = NodeId(request.target)
@@ -701,13 +701,17 @@ class Membership:
             members = [m for m in self.table.peers(ALIVE) if m.addresses]
             if not members:
                 continue
-            member = self.rng.choice(members)
-            try:
-                await self.sync_with(member.addresses[0], member.node_id)
-            except (TransportError, TimeoutError, OSError):
-                pass
-            except Exception:  # a bug must not stop anti-entropy for good
-                log.exception("sync with %s failed unexpectedly", member.node_id.short)
+            await self._try_sync(self.rng.choice(members))
+
+    async def _try_sync(self, member: Member, push: bool = False) -> None:
+        """One background sync with `member`: an unreachable one is no news, and a bug is
+        logged, never allowed to end the loop that asked."""
+        try:
+            await self.sync_with(member.addresses[0], member.node_id, push=push)
+        except (TransportError, TimeoutError, OSError):
+            pass
+        except Exception:
+            log.exception("sync with %s failed unexpectedly", member.node_id.short)
 
     async def _reconnect_loop(self) -> None:
         """While alone, retry the seeds; and now and then try a dead member: after a
@@ -720,13 +724,7 @@ class Membership:
                         break
             dead = [m for m in self.table.peers(DEAD) if m.addresses]
             if dead:
-                member = self.rng.choice(dead)
-                try:
-                    await self.sync_with(member.addresses[0], member.node_id, push=True)
-                except (TransportError, TimeoutError, OSError):
-                    pass
-                except Exception:  # a bug must not stop the reconnecting for good
-                    log.exception("sync with %s failed unexpectedly", member.node_id.short)
+                await self._try_sync(self.rng.choice(dead), push=True)
 
     async def _lag_loop(self) -> None:
         """Lifeguard-style self-awareness: a late wake-up means our event loop is loaded."""

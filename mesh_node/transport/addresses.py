@@ -40,3 +40,11 @@ def host_error(host: str) -> str | None:
     if 0 < len(name) <= 253 and all(_LABEL.fullmatch(label) for label in name.split(".")):
         return None
     return f"not an IP address or host name: {host!r:.80}"
+
+
+def address_error(host: str, port: int) -> str | None:
+    """Why (host, port) could never be dialed (see `host_error`; a port outside 1-65535),
+    or None."""
+    if not isinstance(port, int) or not 0 < port < 65536:
+        return f"port {port!r:.20} out of range (1-65535)"
+    return host_error(host)

@@ -485,15 +485,18 @@ class ExpressClient:
             )
             self._by_id[lane] = self._lanes[key]
 
-    def drop(self, key: Hashable, lane_id: bytes | None = None) -> None:
-        """Forget the lane to `key`; with `lane_id`, only if it is still that lane (not one
-        opened since)."""
+    def drop(self, key: Hashable, lane_id: bytes | None = None) -> bool:
+        """Forget the lane to `key`; with `lane_id`, only if it is still that lane. False when
+        a lane opened since stays, True when `key` has no lane now."""
         with self._lock:
             lane = self._lanes.get(key)
-            if lane is None or (lane_id is not None and lane.lane != lane_id):
-                return
+            if lane is None:
+                return True
+            if lane_id is not None and lane.lane != lane_id:
+                return False
             del self._lanes[key]
             self._by_id.pop(lane.lane, None)
+            return True
 
     def __contains__(self, key: Hashable) -> bool:
         return key in self._lanes
