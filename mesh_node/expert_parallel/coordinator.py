@@ -296,7 +296,8 @@ class ExpertParallel:
         """Until the peer table changes or fetched rankings arrive (at most `timeout` s)."""
         self._table_changed.clear()
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._table_changed.wait(), timeout)
+            async with asyncio.timeout(timeout):  # not wait_for: see wait_covered
+                await self._table_changed.wait()
 
     # ---- plans
     def evaluate(self) -> None:
@@ -606,7 +607,8 @@ class ExpertParallel:
                         break
                     self._table_changed.clear()
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._table_changed.wait(), remaining)
+                        async with asyncio.timeout(remaining):  # not wait_for: see wait_covered
+                            await self._table_changed.wait()
                 elsewhere = self._published_elsewhere(model)
                 for layer, ids in sorted(self.service.held(model).items()):
                     # drop only experts some other live node holds: never leave one uncovered
@@ -848,8 +850,13 @@ class ExpertParallel:
                     f"{len(missing)} experts of {model} are held by no node after {timeout:.0f}s"
                     + (f": {self.errors[model]}" if model in self.errors else "")
                 )
-            try:  # peers publish what they load; this node's own loads signal it too
-                await asyncio.wait_for(self._table_changed.wait(), min(remaining, 10.0))
+            # peers publish what they load; this node's own loads signal it too. Not
+            # asyncio.wait_for: on Python 3.11 it returns the event's result when a cancellation
+            # comes at the moment the event is set, swallowing the cancellation, and this loop
+            # then ran on until its deadline with the node's stop() waiting on it
+            try:
+                async with asyncio.timeout(min(remaining, 10.0)):
+                    await self._table_changed.wait()
             except TimeoutError:
                 log.info("%s: waiting for %d experts to be loaded somewhere", model, len(missing))
 

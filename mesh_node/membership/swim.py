@@ -221,7 +221,8 @@ class Membership:
                     return
                 changed.clear()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(changed.wait(), remaining)
+                    async with asyncio.timeout(remaining):  # wait_for may swallow a cancel
+                        await changed.wait()
         finally:
             self.table.unsubscribe(listener)
 
