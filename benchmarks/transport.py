@@ -38,7 +38,13 @@ from mesh_node.protocol import MESSAGES
 from mesh_node.transport.connection import Handlers
 from mesh_node.transport.datagram_size import datagram_size
 from mesh_node.transport.messages import Ping, Pong
-from mesh_node.transport.quic import QuicEndpoint, self_signed_certificate, size_socket_buffers
+from mesh_node.transport.quic import (
+    CONNECTION_WINDOW,
+    STREAM_WINDOW,
+    QuicEndpoint,
+    self_signed_certificate,
+    size_socket_buffers,
+)
 from mesh_node.transport.schema import Registry
 from mesh_node.transport.tensors import Tensor
 
@@ -68,8 +74,8 @@ def quic_config(is_client: bool, identity: NodeIdentity | None = None) -> QuicCo
     config = QuicConfiguration(
         is_client=is_client,
         alpn_protocols=[BARE_ALPN],
-        max_stream_data=1 << 20,
-        max_data=8 << 20,
+        max_stream_data=STREAM_WINDOW,
+        max_data=CONNECTION_WINDOW,
         idle_timeout=30.0,
         max_datagram_size=datagram_size("127.0.0.1"),
     )

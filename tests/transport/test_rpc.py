@@ -17,6 +17,7 @@ from mesh_node.transport.errors import (
     RemoteError,
     RequestTimeout,
 )
+from mesh_node.transport.frames import frame_size
 from mesh_node.transport.messages import Ping, Pong
 from mesh_node.transport.tensors import Tensor
 from tests.transport.conftest import (
@@ -183,6 +184,20 @@ async def test_tensor_payloads_round_trip(pair_factory, mesh):
         empty = torch.zeros(0, 4)
         reply = await conn.request(Scale(Tensor.from_torch(empty), 1.0), timeout=5)
         assert reply.y.torch().shape == (0, 4)
+
+
+async def test_a_1_mib_tensor_and_its_header_fit_the_stream_window(mesh):
+    # the window a peer grants a stream holds a whole 1 MiB tensor message, frame header
+    # included: with a window of exactly 1 MiB its last bytes waited a round trip for the
+    # receiver's window update
+    async with quic_pair(mesh) as p:
+        conn = await p.connect()
+        message = Scale(Tensor.from_torch(torch.ones(1 << 18)), 3.0)  # 1 MiB of float32
+        size = frame_size(conn._registry.encode(message))
+        assert size > 1 << 20
+        assert conn._carrier._quic._remote_max_stream_data_bidi_remote >= size
+        reply = await conn.request(message, timeout=20)
+        assert torch.equal(reply.y.torch(), torch.full((1 << 18,), 3.0))
 
 
 async def test_connections_are_reused(pair_factory, mesh):
