@@ -98,6 +98,8 @@ class QuicCarrier(QuicConnectionProtocol):
         self._wrote = False  # something was written while events were being processed
         self._held_ack_at: float | None = None  # aioquic's time for the held acknowledgement
         self._held_packets = 0  # packets that arrived since it was held
+        self._replied = False  # data written since the last packet that asked for an ack
+        self._ack_after = False  # send the held acknowledgement right after the data written
         self._space: Any = None  # aioquic's 1-RTT packet space, once there is one
         self.connection = make_connection(self)
 
@@ -119,8 +121,7 @@ class QuicCarrier(QuicConnectionProtocol):
     def write(self, stream_id: int, data: bytes | memoryview, end: bool = False) -> None:
         self._quic.send_stream_data(stream_id, data, end_stream=end)  # type: ignore[arg-type]
         self._wrote = True
-        if self._held_ack_at is not None:
-            self._ack_with_data()
+        self._ack_with_data()
 
     def flush(self) -> None:
         # inside event processing the protocol transmits right after (answers share the
@@ -185,30 +186,44 @@ class QuicCarrier(QuicConnectionProtocol):
     # ---- acknowledgements: aioquic acknowledges every ack-eliciting packet 1 ms after it
     # arrives, in a packet of its own unless data happens to leave at that very moment. A
     # call's request or answer alone then costs a second datagram each way, and waking the
-    # process at the other end for it (a busy expert peer, a host decoding). Here a packet
-    # that arrives alone keeps its acknowledgement for the data that goes back (the answer,
-    # the next request), at most ACK_HOLD; a burst (bulk data) is acknowledged as aioquic does.
+    # process at the other end for it (a busy expert peer, a host decoding). Here:
+    # * a packet that arrives alone keeps its acknowledgement for the data that goes back (the
+    #   answer, the next request), at most ACK_HOLD or ACK_HOLD_PACKETS packets;
+    # * once aioquic's time for it has come, it goes with that data. In a fast exchange (the
+    #   time came within the last round trip) it leaves in a packet of its own right after
+    #   the data's: each side handles the acknowledgement while the other works on the data
+    #   (inside the data's packet it cost a round trip ~25-40 us, once a millisecond each
+    #   way). Long overdue (a slow call's answer), it goes inside the data's packet;
+    # * a burst (a packet asking for an acknowledgement within aioquic's delay of the held
+    #   one, with nothing sent back in between: bulk data) is acknowledged as aioquic does.
+    # Packets that ask for no acknowledgement (the peer's own acknowledgements) change none
+    # of this: counted as packets of an exchange they made its next call look like a burst,
+    # and its acknowledgement went on a timer, landing inside a later call's round trip
+    # (most of the transport benchmark's slowest 2% of round trips).
     def _app_space(self) -> Any:
         """aioquic's 1-RTT packet space (None until the connection has set its spaces up)."""
         if self._space is None:
             self._space = self._quic._spaces.get(tls.Epoch.ONE_RTT)
         return self._space
 
-    def _hold_ack(self, space: Any, ack_before: float | None, largest: int, now: float) -> None:
-        """After a datagram: decide when what it brought gets acknowledged."""
-        held = self._held_ack_at
-        if space.ack_at is None:  # nothing to acknowledge (or sent already)
-            self._held_ack_at = None
-        elif ack_before is None:  # the first packet waiting for an acknowledgement: hold it
-            self._held_ack_at = space.ack_at  # aioquic's time for it
-            self._held_packets = 1
-            space.ack_at = now + ACK_HOLD
-        elif held is not None and space.largest_received_packet > largest:
-            self._held_packets += 1
-            if now < held or self._held_packets >= ACK_HOLD_PACKETS:
-                # another packet within aioquic's delay (a burst, bulk data), or many held:
-                # acknowledged on aioquic's time
-                self.acknowledge()
+    def _hold(self, space: Any, now: float) -> None:
+        """The first packet waiting for an acknowledgement (aioquic just set its time)."""
+        self._held_ack_at = space.ack_at  # aioquic's time for it
+        self._held_packets = 1
+        self._replied = False
+        space.ack_at = now + ACK_HOLD
+
+    def _held_more(self, space: Any, ack_before: float | None, now: float) -> None:
+        """A datagram arrived while an acknowledgement is held (`space.ack_at` was cleared
+        for it: aioquic set it again if the datagram asks for an acknowledgement)."""
+        asked, space.ack_at = space.ack_at is not None, ack_before
+        if not asked:
+            return
+        self._held_packets += 1
+        burst = now < self._held_ack_at and not self._replied
+        self._replied = False
+        if burst or self._held_packets >= ACK_HOLD_PACKETS:
+            self.acknowledge()
 
     def acknowledge(self) -> None:
         """The peer waits for the acknowledgement of what has arrived (the end of a one-way
@@ -221,12 +236,32 @@ class QuicCarrier(QuicConnectionProtocol):
     def _ack_with_data(self) -> None:
         """Data was written: a held acknowledgement goes with it once aioquic's time for it
         has come (sooner would put acknowledgement work on every round trip of a fast
-        exchange)."""
-        held, now = self._held_ack_at, self._loop.time()
-        if held is not None and held <= now:
+        exchange): right after the data's packet when that time came within the last round
+        trip (a fast exchange), inside it when long before (a slow call's answer: one
+        datagram, not two)."""
+        self._replied = True
+        held = self._held_ack_at
+        if held is None:
+            return
+        now = self._loop.time()
+        if held <= now:
             self._held_ack_at = None
-            if self._space.ack_at is not None:  # (not sent meanwhile)
-                self._space.ack_at = now  # due: written into the data's packet
+            rtt = self.rtt()
+            if rtt is not None and now - held < rtt:
+                self._ack_after = True
+            elif self._space.ack_at is not None:  # (not sent meanwhile)
+                self._space.ack_at = now
+
+    def transmit(self) -> None:
+        super().transmit()
+        if self._ack_after:
+            self._ack_after = False
+            space = self._space
+            if space.ack_at is not None:  # (not sent meanwhile)
+                space.ack_at = self._loop.time()
+                # alone, unless paced data is waiting: then in that data's next packet
+                if self._quic._pacing_at is None:
+                    super().transmit()
 
     def datagram_received(self, data: bytes | str, addr: Any) -> None:
         self._in_events = True
@@ -238,10 +273,16 @@ class QuicCarrier(QuicConnectionProtocol):
             # (cheap for the datagrams of a burst: an acknowledgement pending, none held)
             ack_before = None if space is None else space.ack_at
             held = self._held_ack_at is not None
-            largest = space.largest_received_packet if held else 0
+            if held:
+                if ack_before is None:  # it went meanwhile (aioquic's timer, a probe)
+                    self._held_ack_at, held = None, False
+                else:
+                    space.ack_at = None
             self._quic.receive_datagram(data, addr, now=now)  # type: ignore[arg-type]
-            if space is not None and (ack_before is None or held):
-                self._hold_ack(space, ack_before, largest, now)
+            if held:
+                self._held_more(space, ack_before, now)
+            elif space is not None and ack_before is None and space.ack_at is not None:
+                self._hold(space, now)
             self._process_events()
             self.connection.writable()
         finally:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
+from mesh_node.transport.messages import Ping, Pong
 from mesh_node.transport.quic import ACK_HOLD
 from tests.conditions import until
 from tests.transport.conftest import Echo, Note, Sleep, quic_pair
@@ -125,3 +126,48 @@ async def test_a_packet_nothing_answers_is_acknowledged_after_the_hold(mesh):
             assert len(server.times) == 2
         finally:
             server.restore()
+
+
+async def test_a_fast_exchange_sends_no_acknowledgement_on_a_timer(mesh):
+    # calls answered at once, one after another: each side's acknowledgements go with the
+    # data it sends (right after it, once aioquic's 1 ms has passed). The peer's own
+    # acknowledgements ask for none and do not make the next call look like a burst; counted
+    # as one, about every millisecond each side sent its acknowledgement alone on a timer, in
+    # the middle of some call's round trip.
+    async with quic_pair(mesh) as p:
+        conn = await p.connect()
+        await settled(p, conn)
+        carriers = (conn._carrier, p.b.connection_to(p.a.node_id)._carrier)
+        on_timer = [0]
+        patched = []
+        for carrier in carriers:
+            handle_timer, sendto = carrier._handle_timer, carrier._transport.sendto
+            in_timer = [False]
+
+            def timed(handle_timer=handle_timer, in_timer=in_timer):
+                in_timer[0] = True
+                try:
+                    handle_timer()
+                finally:
+                    in_timer[0] = False
+
+            def counted(data, addr=None, sendto=sendto, in_timer=in_timer):
+                on_timer[0] += in_timer[0]
+                sendto(data, addr)
+
+            carrier._handle_timer = timed
+            carrier._transport.sendto = counted
+            patched.append(carrier)
+        try:
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            calls = 300
+            for i in range(calls):
+                assert await conn.request(Ping(i), timeout=5) == Pong(i)
+            lasted = loop.time() - started
+            assert lasted > 0.02  # long enough for dozens of held acknowledgements to fall due
+            assert on_timer[0] <= calls // 30
+        finally:
+            for carrier in patched:
+                del carrier._handle_timer
+                del carrier._transport.sendto
