@@ -56,6 +56,7 @@ def self_signed_certificate(identity: NodeIdentity) -> x509.Certificate:
 
 
 ACK_HOLD = 0.020  # see QuicCarrier._hold_ack; below the 25 ms max_ack_delay aioquic announces
+BURST_GAP = 0.001  # packets closer than this (aioquic's acknowledgement delay), none between
 ACK_HOLD_PACKETS = 8  # packets held unacknowledged at most (a writer waits at 256 KiB unacked)
 SOCKET_BUFFER = 4 << 20  # bytes asked for each UDP socket's send and receive buffers
 # QUIC flow control: how much a peer may send ahead of what we have read, per stream and over
@@ -99,6 +100,9 @@ class QuicCarrier(QuicConnectionProtocol):
         self._held_ack_at: float | None = None  # aioquic's time for the held acknowledgement
         self._held_packets = 0  # packets that arrived since it was held
         self._replied = False  # data written since the last packet that asked for an ack
+        self._last_asked = 0.0  # when that packet arrived (loop time)
+        self._last_wrote = 0.0  # when data was last written (loop time)
+        self._quick = False  # that packet came within BURST_GAP of the data written before it
         self._ack_after = False  # send the held acknowledgement right after the data written
         self._space: Any = None  # aioquic's 1-RTT packet space, once there is one
         self.connection = make_connection(self)
@@ -127,7 +131,7 @@ class QuicCarrier(QuicConnectionProtocol):
         # inside event processing the protocol transmits right after (answers share the
         # acknowledgement's packet); elsewhere send now rather than on the next loop turn
         if not self._in_events:
-            self.transmit()
+            self._transmit_written()
 
     def reset(self, stream_id: int, code: int) -> None:
         self._quic.reset_stream(stream_id, code)
@@ -189,13 +193,15 @@ class QuicCarrier(QuicConnectionProtocol):
     # process at the other end for it (a busy expert peer, a host decoding). Here:
     # * a packet that arrives alone keeps its acknowledgement for the data that goes back (the
     #   answer, the next request), at most ACK_HOLD or ACK_HOLD_PACKETS packets;
-    # * once aioquic's time for it has come, it goes with that data. In a fast exchange (the
-    #   time came within the last round trip) it leaves in a packet of its own right after
-    #   the data's: each side handles the acknowledgement while the other works on the data
+    # * once aioquic's time for it has come, it goes with that data. In a fast exchange (each
+    #   side answering within BURST_GAP) it leaves in a packet of its own right after the
+    #   data's: each side handles the acknowledgement while the other works on the data
     #   (inside the data's packet it cost a round trip ~25-40 us, once a millisecond each
-    #   way). Long overdue (a slow call's answer), it goes inside the data's packet;
-    # * a burst (a packet asking for an acknowledgement within aioquic's delay of the held
-    #   one, with nothing sent back in between: bulk data) is acknowledged as aioquic does.
+    #   way). In a slow one (a call taking milliseconds) it goes inside the data's packet;
+    # * a burst (a packet asking for an acknowledgement within BURST_GAP of the one before,
+    #   with nothing sent back in between: bulk data) is acknowledged as aioquic does. (Timed
+    #   from the held packet instead, a burst that began after a call's held acknowledgement
+    #   was due went unacknowledged for ACK_HOLD_PACKETS packets.)
     # Packets that ask for no acknowledgement (the peer's own acknowledgements) change none
     # of this: counted as packets of an exchange they made its next call look like a burst,
     # and its acknowledgement went on a timer, landing inside a later call's round trip
@@ -211,6 +217,7 @@ class QuicCarrier(QuicConnectionProtocol):
         self._held_ack_at = space.ack_at  # aioquic's time for it
         self._held_packets = 1
         self._replied = False
+        self._asked(now)
         space.ack_at = now + ACK_HOLD
 
     def _held_more(self, space: Any, ack_before: float | None, now: float) -> None:
@@ -220,10 +227,15 @@ class QuicCarrier(QuicConnectionProtocol):
         if not asked:
             return
         self._held_packets += 1
-        burst = now < self._held_ack_at and not self._replied
+        burst = now - self._last_asked < BURST_GAP and not self._replied
         self._replied = False
+        self._asked(now)
         if burst or self._held_packets >= ACK_HOLD_PACKETS:
             self.acknowledge()
+
+    def _asked(self, now: float) -> None:
+        self._last_asked = now
+        self._quick = now - self._last_wrote < BURST_GAP
 
     def acknowledge(self) -> None:
         """The peer waits for the acknowledgement of what has arrived (the end of a one-way
@@ -236,24 +248,22 @@ class QuicCarrier(QuicConnectionProtocol):
     def _ack_with_data(self) -> None:
         """Data was written: a held acknowledgement goes with it once aioquic's time for it
         has come (sooner would put acknowledgement work on every round trip of a fast
-        exchange): right after the data's packet when that time came within the last round
-        trip (a fast exchange), inside it when long before (a slow call's answer: one
-        datagram, not two)."""
+        exchange): right after the data's packet in a fast exchange (the packet this data
+        answers came within BURST_GAP of our data before it, and this data within BURST_GAP
+        of that packet), inside it otherwise (a slow call: one datagram, not two)."""
         self._replied = True
+        now = self._last_wrote = self._loop.time()
         held = self._held_ack_at
-        if held is None:
-            return
-        now = self._loop.time()
-        if held <= now:
+        if held is not None and held <= now:
             self._held_ack_at = None
-            rtt = self.rtt()
-            if rtt is not None and now - held < rtt:
+            if self._quick and now - self._last_asked < BURST_GAP:
                 self._ack_after = True
             elif self._space.ack_at is not None:  # (not sent meanwhile)
                 self._space.ack_at = now
 
-    def transmit(self) -> None:
-        super().transmit()
+    def _transmit_written(self) -> None:
+        """Send what was written, and then the acknowledgement that follows it."""
+        self.transmit()
         if self._ack_after:
             self._ack_after = False
             space = self._space
@@ -261,7 +271,7 @@ class QuicCarrier(QuicConnectionProtocol):
                 space.ack_at = self._loop.time()
                 # alone, unless paced data is waiting: then in that data's next packet
                 if self._quic._pacing_at is None:
-                    super().transmit()
+                    self.transmit()
 
     def datagram_received(self, data: bytes | str, addr: Any) -> None:
         self._in_events = True
@@ -294,7 +304,7 @@ class QuicCarrier(QuicConnectionProtocol):
             # to a worker thread) one transmit sooner, and what they send goes with it
             self._transmit_soon()
         else:  # answers written by inline handlers, or data waiting on this acknowledgement
-            self.transmit()
+            self._transmit_written()
 
     def _handle_timer(self) -> None:
         self._in_events = True

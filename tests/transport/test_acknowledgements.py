@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import asyncio
 
+import torch
+
 from mesh_node.transport.messages import Ping, Pong
 from mesh_node.transport.quic import ACK_HOLD
+from mesh_node.transport.tensors import Tensor
 from tests.conditions import until
-from tests.transport.conftest import Echo, Note, Sleep, quic_pair
+from tests.transport.conftest import Echo, Note, Scale, Sleep, quic_pair
 
 
 class Sent:
@@ -171,3 +174,42 @@ async def test_a_fast_exchange_sends_no_acknowledgement_on_a_timer(mesh):
             for carrier in patched:
                 del carrier._handle_timer
                 del carrier._transport.sendto
+
+
+async def test_a_burst_after_a_pause_in_an_exchange_is_acknowledged_at_once(mesh):
+    # a call leaves the server's acknowledgement held; a 400 KB request some milliseconds
+    # later is a burst from its second packet (timed from the held packet instead, it was
+    # taken for part of the exchange and acknowledged only after ACK_HOLD_PACKETS packets)
+    async with quic_pair(mesh) as p:
+        conn = await p.connect()
+        await settled(p, conn)
+        carrier = p.b.connection_to(p.a.node_id)._carrier
+        assert await conn.request(Echo("call"), timeout=5) == Echo("call")
+        await asyncio.sleep(0.005)
+        assert carrier._held_ack_at is not None  # due, and still held for data going back
+        arrived: list[int] = []
+        received = carrier.datagram_received
+
+        def counted(data, addr):
+            arrived.append(len(data))
+            received(data, addr)
+
+        carrier.datagram_received = counted
+        server = Sent(p.b._server._transport)
+        server_sends_at: list[int] = []
+        sendto = p.b._server._transport.sendto
+
+        def noted(data, addr=None):
+            server_sends_at.append(len(arrived))
+            sendto(data, addr)
+
+        p.b._server._transport.sendto = noted
+        try:
+            x = torch.ones(100_000)  # 400 KB: a burst of datagrams
+            reply = await conn.request(Scale(Tensor.from_torch(x), 2.0), timeout=10)
+            assert torch.equal(reply.y.torch(), x * 2)
+            assert len(arrived) >= 10
+            assert server_sends_at[0] <= 3  # the first acknowledgement: after packet 2
+        finally:
+            carrier.datagram_received = received
+            server.restore()
