@@ -55,16 +55,17 @@ def self_signed_certificate(identity: NodeIdentity) -> x509.Certificate:
     )
 
 
-ACK_HOLD = 0.020  # see QuicCarrier._hold_ack; below the 25 ms max_ack_delay aioquic announces
+ACK_HOLD = 0.020  # see QuicCarrier (acknowledgements); below the 25 ms max_ack_delay announced
 BURST_GAP = 0.001  # packets closer than this (aioquic's acknowledgement delay), none between
-ACK_HOLD_PACKETS = 8  # packets held unacknowledged at most (a writer waits at 256 KiB unacked)
+ACK_HOLD_PACKETS = 8  # packets held at most; then due at once (a writer waits at 256 KiB unacked)
 SOCKET_BUFFER = 4 << 20  # bytes asked for each UDP socket's send and receive buffers
-# QUIC flow control: how much a peer may send ahead of what we have read, per stream and over
-# the whole connection (so at most CONNECTION_WINDOW bytes buffered per connection). The stream
-# window is above the largest tensor payloads the mesh sends in one message plus their frame
-# header: with a window of exactly 1 MiB, a 1 MiB tensor's last header-sized bytes waited
-# for the receiver's window update, late in the transfer (benchmarks/transport.py, 1 MiB
-# throughput against bare aioquic with the same windows: 0.91-0.92 -> 0.93-0.94).
+# QUIC flow control: the windows a connection starts with, per stream and over the whole
+# connection (aioquic raises them as data arrives, so they pace a sender rather than bound what
+# is buffered; the frame limits and stream credit do that). The stream window is above the
+# largest tensor payloads the mesh sends in one message plus their frame header: with a window
+# of exactly 1 MiB, a 1 MiB tensor's last header-sized bytes waited for the receiver's window
+# update, late in the transfer (benchmarks/transport.py, 1 MiB throughput against bare aioquic
+# with the same windows: 0.91-0.92 -> 0.93-0.94).
 STREAM_WINDOW = 4 << 20
 CONNECTION_WINDOW = 8 << 20
 
@@ -217,6 +218,7 @@ class QuicCarrier(QuicConnectionProtocol):
         self._held_ack_at = space.ack_at  # aioquic's time for it
         self._held_packets = 1
         self._replied = False
+        self._ack_after = False  # (any earlier one went: nothing was held)
         self._asked(now)
         space.ack_at = now + ACK_HOLD
 
@@ -230,8 +232,13 @@ class QuicCarrier(QuicConnectionProtocol):
         burst = now - self._last_asked < BURST_GAP and not self._replied
         self._replied = False
         self._asked(now)
-        if burst or self._held_packets >= ACK_HOLD_PACKETS:
+        if burst:
             self.acknowledge()
+        elif self._held_packets >= ACK_HOLD_PACKETS:
+            # many held in an exchange (calls faster than aioquic's 1 ms): due now, with the
+            # data going back (within BURST_GAP, else alone), not on aioquic's timer
+            self._held_ack_at = now
+            space.ack_at = min(space.ack_at, now + BURST_GAP)
 
     def _asked(self, now: float) -> None:
         self._last_asked = now
@@ -288,10 +295,12 @@ class QuicCarrier(QuicConnectionProtocol):
                     self._held_ack_at, held = None, False
                 else:
                     space.ack_at = None
-            self._quic.receive_datagram(data, addr, now=now)  # type: ignore[arg-type]
-            if held:
-                self._held_more(space, ack_before, now)
-            elif space is not None and ack_before is None and space.ack_at is not None:
+            try:
+                self._quic.receive_datagram(data, addr, now=now)  # type: ignore[arg-type]
+            finally:  # (the hold's time is put back whatever happens)
+                if held:
+                    self._held_more(space, ack_before, now)
+            if not held and space is not None and ack_before is None and space.ack_at is not None:
                 self._hold(space, now)
             self._process_events()
             self.connection.writable()

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 import torch
 
+from mesh_node.transport import quic
 from mesh_node.transport.messages import Ping, Pong
 from mesh_node.transport.quic import ACK_HOLD
 from mesh_node.transport.tensors import Tensor
@@ -131,36 +133,51 @@ async def test_a_packet_nothing_answers_is_acknowledged_after_the_hold(mesh):
             server.restore()
 
 
-async def test_a_fast_exchange_sends_no_acknowledgement_on_a_timer(mesh):
-    # calls answered at once, one after another: each side's acknowledgements go with the
-    # data it sends (right after it, once aioquic's 1 ms has passed). The peer's own
-    # acknowledgements ask for none and do not make the next call look like a burst; counted
-    # as one, about every millisecond each side sent its acknowledgement alone on a timer, in
-    # the middle of some call's round trip.
+@pytest.mark.parametrize("cap", [None, 2], ids=["default-cap", "cap-2"])
+async def test_a_fast_exchange_sends_acknowledgements_after_data_not_on_a_timer(
+    mesh, monkeypatch, cap
+):
+    # calls answered at once, one after another: each side's acknowledgement, once due, leaves
+    # in a datagram of its own right after the data it sends. The peer's own acknowledgements
+    # ask for none and do not make the next call look like a burst; counted as one, about
+    # every millisecond each side sent its acknowledgement alone on a timer, in the middle of
+    # some call's round trip. With a cap of 2 held packets (calls faster than aioquic's 1 ms
+    # reach the cap first), the capped acknowledgement goes with the data too.
+    if cap is not None:
+        monkeypatch.setattr(quic, "ACK_HOLD_PACKETS", cap)
     async with quic_pair(mesh) as p:
         conn = await p.connect()
         await settled(p, conn)
         carriers = (conn._carrier, p.b.connection_to(p.a.node_id)._carrier)
-        on_timer = [0]
-        patched = []
+        on_timer, after_data = [0], [0]
         for carrier in carriers:
-            handle_timer, sendto = carrier._handle_timer, carrier._transport.sendto
-            in_timer = [False]
+            handle_timer = carrier._handle_timer
+            sendto = carrier._transport.sendto
+            received = carrier.datagram_received
+            state = {"in_timer": False, "sent_last": False}
 
-            def timed(handle_timer=handle_timer, in_timer=in_timer):
-                in_timer[0] = True
+            def timed(handle_timer=handle_timer, state=state):
+                state["in_timer"] = True
                 try:
                     handle_timer()
                 finally:
-                    in_timer[0] = False
+                    state["in_timer"] = False
 
-            def counted(data, addr=None, sendto=sendto, in_timer=in_timer):
-                on_timer[0] += in_timer[0]
+            def counted(data, addr=None, sendto=sendto, state=state):
+                if state["in_timer"]:
+                    on_timer[0] += 1
+                elif state["sent_last"]:  # a second datagram with none received between
+                    after_data[0] += 1
+                state["sent_last"] = True
                 sendto(data, addr)
+
+            def noted(data, addr, received=received, state=state):
+                state["sent_last"] = False
+                received(data, addr)
 
             carrier._handle_timer = timed
             carrier._transport.sendto = counted
-            patched.append(carrier)
+            carrier.datagram_received = noted
         try:
             loop = asyncio.get_running_loop()
             started = loop.time()
@@ -170,10 +187,12 @@ async def test_a_fast_exchange_sends_no_acknowledgement_on_a_timer(mesh):
             lasted = loop.time() - started
             assert lasted > 0.02  # long enough for dozens of held acknowledgements to fall due
             assert on_timer[0] <= calls // 30
+            assert after_data[0] >= lasted / 0.004  # ~1 a millisecond on each side
         finally:
-            for carrier in patched:
+            for carrier in carriers:
                 del carrier._handle_timer
                 del carrier._transport.sendto
+                del carrier.datagram_received
 
 
 async def test_a_burst_after_a_pause_in_an_exchange_is_acknowledged_at_once(mesh):
