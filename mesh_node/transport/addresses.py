@@ -42,9 +42,13 @@ def host_error(host: str) -> str | None:
     return f"not an IP address or host name: {host!r:.80}"
 
 
-def address_error(host: str, port: int) -> str | None:
-    """Why (host, port) could never be dialed (see `host_error`; a port outside 1-65535),
-    or None."""
+def port_error(port: object) -> str | None:
+    """Why `port` is not a UDP/TCP port one can send to (an int in 1-65535), or None."""
     if not isinstance(port, int) or not 0 < port < 65536:
         return f"port {port!r:.20} out of range (1-65535)"
-    return host_error(host)
+    return None
+
+
+def address_error(host: str, port: int) -> str | None:
+    """Why (host, port) could never be dialed (see `host_error`, `port_error`), or None."""
+    return port_error(port) or host_error(host)

@@ -65,6 +65,7 @@ from cryptography.hazmat.primitives.hashes import SHA256
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from mesh_node.identity import NodeId
+from mesh_node.transport.addresses import port_error
 from mesh_node.transport.errors import (
     ErrorCode,
     ProtocolError,
@@ -464,8 +465,9 @@ class ExpressClient:
     ) -> None:
         """A lane to `key` at `address`, its numbering going on from `start` (a probe's, see
         `probe_lane`); ValueError for a port outside 1-65535 or a lane id not 8 bytes long."""
-        if not isinstance(address[1], int) or not 0 < address[1] < 65536:
-            raise ValueError(f"a lane port must be 1-65535, got {address[1]!r:.20}")
+        problem = port_error(address[1])
+        if problem is not None:
+            raise ValueError(f"a lane's {problem}")
         if len(lane) != 8:
             raise ValueError(f"a lane id is 8 bytes, got {len(lane)}")
         family, host = _family_of(address[0])

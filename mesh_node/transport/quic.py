@@ -100,8 +100,7 @@ class QuicCarrier(QuicConnectionProtocol):
         self._wrote = False  # something was written while events were being processed
         self._held_ack_at: float | None = None  # aioquic's time for the held acknowledgement
         self._held_packets = 0  # packets that arrived since it was held
-        self._replied = False  # data written since the last packet that asked for an ack
-        self._last_asked = 0.0  # when that packet arrived (loop time)
+        self._last_asked = 0.0  # when the last packet that asked for an ack arrived (loop time)
         self._last_wrote = 0.0  # when data was last written (loop time)
         self._quick = False  # that packet came within BURST_GAP of the data written before it
         self._ack_after = False  # send the held acknowledgement right after the data written
@@ -217,7 +216,6 @@ class QuicCarrier(QuicConnectionProtocol):
         """The first packet waiting for an acknowledgement (aioquic just set its time)."""
         self._held_ack_at = space.ack_at  # aioquic's time for it
         self._held_packets = 1
-        self._replied = False
         self._ack_after = False  # (any earlier one went: nothing was held)
         self._asked(now)
         space.ack_at = now + ACK_HOLD
@@ -229,8 +227,8 @@ class QuicCarrier(QuicConnectionProtocol):
         if not asked:
             return
         self._held_packets += 1
-        burst = now - self._last_asked < BURST_GAP and not self._replied
-        self._replied = False
+        replied = self._last_wrote > self._last_asked  # data went back since the last one
+        burst = now - self._last_asked < BURST_GAP and not replied
         self._asked(now)
         if burst:
             self.acknowledge()
@@ -258,7 +256,6 @@ class QuicCarrier(QuicConnectionProtocol):
         exchange): right after the data's packet in a fast exchange (the packet this data
         answers came within BURST_GAP of our data before it, and this data within BURST_GAP
         of that packet), inside it otherwise (a slow call: one datagram, not two)."""
-        self._replied = True
         now = self._last_wrote = self._loop.time()
         held = self._held_ack_at
         if held is not None and held <= now:
