@@ -5,7 +5,7 @@
 
 A server process runs both a bare aioquic echo server (raw bytes on a stream, answer on
 FIN) and a mesh-node endpoint. The client measures, alternating between the two every 20
-round trips and every payload, with a 5 ms pause at each switch (SETTLE):
+round trips and every payload, with a 5 ms pause before each payload (SETTLE):
   * small round trip: bare 8-byte echo vs `request(Ping)` -> `Pong`  (p50, p99)
   * 1 MiB payload throughput: bare 1 MiB stream + 8-byte answer vs `request()` carrying a
     1 MiB tensor + small answer (MB/s)
@@ -51,14 +51,14 @@ from mesh_node.transport.tensors import Tensor
 PAYLOAD = 1 << 20
 WARM_BLOCK = 500  # round trips per side before switching, "warm" mode
 MIXED_BLOCK = 20  # same, "mixed" mode
-# A pause before each block of one side's samples (each 1 MiB payload is a block of one):
-# what the other side left pending, bare aioquic's acknowledgements delayed by 1 ms, goes out
-# in the pause instead of inside this side's first timings. (Without it, a payload of ours
-# that came after a bare one took 0.05-0.22 ms longer, median, than one after ours: the bare
-# connection's delayed acknowledgements landed in it.) Shorter than the 20 ms for which ours
-# holds an acknowledgement for the data going back, so that goes with ours's next request,
-# in ours's timings, as it does in use. 25 ms pauses made the first round trip after them
-# slower on both sides, and the mixed p99 with it: waking from a longer sleep costs more.
+# A pause before each 1 MiB payload: what the side before it left pending, bare aioquic's
+# acknowledgements delayed by 1 ms, goes out in the pause instead of inside the payload's
+# ~3 ms timing. (Without it, a payload of ours that came after a bare one took 0.05-0.22 ms
+# longer, median, than one after ours: the bare connection's delayed acknowledgements landed
+# in it.) Shorter than the 20 ms for which ours holds an acknowledgement for the data going
+# back, so that one goes with ours's next request, in ours's timings, as it does in use.
+# Round trips get no pause: the first one after it, on either side, was then slower than
+# any the mixed mode measures without it (a process waking from a sleep), and set the p99s.
 SETTLE = 0.005
 MESH_ID = "benchmark-mesh-id-not-secret-0001"
 BARE_ALPN = "bench-bare"
@@ -237,7 +237,6 @@ async def run_client(args: argparse.Namespace, ports: dict) -> dict[str, float]:
         for b in range(args.rounds * args.pings // block):
             order = ("bare", "ours") if b % 2 == 0 else ("ours", "bare")
             for who in order:
-                await asyncio.sleep(SETTLE)
                 for i in range(block):
                     taken = await (bare_rtt() if who == "bare" else ours_rtt(i))
                     rtt[(mode, who)].append(taken)
