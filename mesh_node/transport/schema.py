@@ -31,6 +31,16 @@ _packers = threading.local()  # one msgpack.Packer per thread (a Packer is not s
 _unpack = functools.partial(msgpack.unpackb, raw=False, use_list=True, strict_map_key=False)
 
 
+def _pack(value: Any) -> bytes:
+    """msgpack bytes of `value`, with this thread's Packer (`msgpack.packb` builds a new one
+    each call: 0.45 us for a small message here, against 0.09 to reuse one)."""
+    try:
+        packer = _packers.packer
+    except AttributeError:
+        packer = _packers.packer = msgpack.Packer(use_bin_type=True)
+    return packer.pack(value)
+
+
 class _BlobWriter:
     """Collects tensor bytes for one frame, aligned, without copying them."""
 
@@ -285,8 +295,8 @@ class Registry:
         except KeyError:
             raise TypeError(f"{type(message).__name__} is not a registered message type") from None
         if codec.plain:  # scalars only: the fields go as they are
-            fields = {name: getattr(message, name) for name in codec.names}
-            return Encoded(_pack([type_id, fields]), _NO_PARTS, 0)
+            body = _pack([type_id, {name: getattr(message, name) for name in codec.names}])
+            return Encoded(body, _NO_PARTS, 0)
         blob = _BlobWriter()
         body = _pack([type_id, codec.encode_fields(message, blob)])
         return Encoded(body, blob.parts, blob.size)
@@ -310,16 +320,6 @@ class Registry:
                 ErrorCode.UNKNOWN_MESSAGE_TYPE, f"unknown message type 0x{type_id:x}"
             )
         return codec.decode_fields(fields, blob)
-
-
-def _pack(value: Any) -> bytes:
-    """msgpack bytes of `value`, with this thread's Packer (`msgpack.packb` builds a new one
-    each call: 0.45 us for a small message here, against 0.09 to reuse one)."""
-    try:
-        packer = _packers.packer
-    except AttributeError:
-        packer = _packers.packer = msgpack.Packer(use_bin_type=True)
-    return packer.pack(value)
 
 
 def to_plain(value: Any) -> Any:
