@@ -11,7 +11,9 @@ experts) and `trunk_bytes`. A model is split when any live node offers it so. Th
   rankings from it (`RankingsRequest`) when they do not have them;
 * every node computes the plan (placement.expert_plan) from the same gossiped inputs: the
   host, the live participants and their budgets (the host's minus the trunk), the rankings.
-  It is recomputed only when these change materially;
+  Budgets count rounded (`planned_budget`), and the plan is recomputed whenever these
+  inputs change: a budget that moves a little usually moves nothing, and a node computing
+  the plan for the first time gets the plan the others computed before;
 * each participant loads its experts (only their bytes are read), keeps the ones it is
   giving up until their new holders have them, and publishes what it holds
   (`expert_shards`); hosts route by what is published, so a plan change never sends a call
@@ -70,9 +72,8 @@ from mesh_node.placement.expert_plan import (
     ExpertPlan,
     PeerOffer,
     PlanError,
-    fits,
-    materially_different,
     plan_experts,
+    planned_budget,
 )
 from mesh_node.transport.connection import Handlers, RequestContext
 from mesh_node.transport.endpoint import Endpoint
@@ -331,7 +332,7 @@ class ExpertParallel:
                 (
                     PeerOffer(
                         node,
-                        max(0, i.expert_budget - (trunk if node == host else 0)),
+                        planned_budget(max(0, i.expert_budget - (trunk if node == host else 0))),
                         self._machine_of(node),
                     )
                     for node, i in infos
@@ -347,14 +348,8 @@ class ExpertParallel:
                 )
             )
         current = self.plans.get(model)
-        if (
-            current is not None
-            and current.inputs[0] == host
-            and current.inputs[2] == digest
-            and not materially_different(current.inputs[1], offers)
-            and fits(current.plan, offers)
-        ):
-            return False
+        if current is not None and current.inputs == (host, offers, digest):
+            return False  # (the offers are rounded: a budget that moved a little moves nothing)
         try:
             plan = plan_experts(model, host, offers, demand)
         except PlanError as exc:

@@ -58,7 +58,8 @@ The fingerprint covers model, host, demand digest, expert size and assignments (
 holding nothing are left out, so an idle peer joining changes nothing). `to_wire` /
 `from_wire` carry the plan as plain types; `from_wire` re-checks every invariant.
 `expected_remote_peers` estimates the distinct non-host peers a token contacts per MoE
-layer for a plan; `materially_different` says when a new membership warrants a new plan.
+layer for a plan; `planned_budget` rounds an offer to what plans count (callers pass offers
+rounded so, and recompute the plan whenever the rounded offers change).
 """
 
 from __future__ import annotations
@@ -80,6 +81,7 @@ SYMMETRY_TOLERANCE = 1e-6  # relative; coselection[i][j] and [j][i] may differ b
 MAX_INDEX = (1 << 32) - 1  # largest layer index / expert id
 MAX_BYTES = (1 << 63) - 1  # largest budget / expert size
 MAX_MACHINE = 64  # characters of a machine label
+BUDGET_BITS = 5  # significant bits of a budget that plans count (`planned_budget`)
 
 
 class PlanError(ValueError):
@@ -430,29 +432,19 @@ def plan_experts(
     )
 
 
-def materially_different(
-    old_peers: Sequence[PeerOffer], new_peers: Sequence[PeerOffer], tolerance: float = 0.25
-) -> bool:
-    """True when the set of peers offering memory (budget > 0) changed, some peer's budget
-    moved by more than `tolerance` of its old value, or one of them is on another machine
-    than it was: then recompute the plan."""
-    _check_fraction(tolerance, name="tolerance", upper=math.inf)
-    old = {n: b for n, b in _normalize_peers(old_peers).items() if b > 0}
-    new = {n: b for n, b in _normalize_peers(new_peers).items() if b > 0}
-    if old.keys() != new.keys():
-        return True
-    old_machines, new_machines = _machines(old_peers), _machines(new_peers)
-    # (peers offering nothing count too: a host offering nothing still groups by machine)
-    if any(old_machines[n] != new_machines[n] for n in old_machines.keys() & new_machines):
-        return True
-    return any(abs(new[n] - old[n]) > tolerance * old[n] for n in old)
+def planned_budget(budget: int) -> int:
+    """What a plan counts of an offer: `budget` rounded down to its BUDGET_BITS highest
+    significant bits (at most 1/16 less; 0 and small budgets stay as they are).
 
-
-def fits(plan: ExpertPlan, offers: Sequence[PeerOffer]) -> bool:
-    """Whether every node offering memory still has room for its part of `plan` (an older plan
-    kept within `materially_different`'s tolerance may not: a node restarted with less free
-    memory offers less than it is given)."""
-    return all(plan.bytes_of(offer.node_id) <= offer.budget for offer in offers)
+    Nodes recompute the plan whenever these rounded offers change, so the plan is a function
+    of the gossip as it is now: a node that computes it for the first time gets the plan the
+    others computed earlier. An offer that moves a little (a node back from a restart with a
+    little more or less free memory) usually rounds to the same value, and then nothing moves;
+    the rounded offer never exceeds the real one, so every node has room for its part."""
+    if type(budget) is not int or budget < 0:
+        raise PlanError(f"a budget is a non-negative integer, got {budget!r}")
+    drop = max(0, budget.bit_length() - BUDGET_BITS)
+    return budget >> drop << drop
 
 
 def expected_remote_peers(plan: ExpertPlan, demand: ExpertDemand) -> float:
@@ -680,9 +672,9 @@ def _machines(peers: Sequence[PeerOffer]) -> dict[NodeId, str]:
     return machines
 
 
-def _check_fraction(value: float, *, name: str = "replicate_fraction", upper=1.0) -> None:
-    if type(value) not in (int, float) or not (0.0 <= value <= upper):  # NaN fails too
-        raise PlanError(f"{name} is a number from 0 to {upper}")
+def _check_fraction(value: float) -> None:
+    if type(value) not in (int, float) or not (0.0 <= value <= 1.0):  # NaN fails too
+        raise PlanError("replicate_fraction is a number from 0 to 1")
 
 
 def _check_demand(

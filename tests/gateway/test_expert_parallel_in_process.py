@@ -95,6 +95,23 @@ async def test_nodes_on_separate_machines_spread_every_layer(mesh, single_node_a
     assert same_plan.fingerprint == plan.fingerprint
 
 
+async def test_a_node_planning_afresh_agrees_with_nodes_that_planned_before(mesh):
+    """The plan is a function of the gossip as it is now, not of what a node saw before: after
+    a participant's budget moves a little (as when it comes back at once from a restart with
+    a little more free memory), a node that computes the plan for the first time follows the
+    same plan as the nodes that computed theirs earlier."""
+    for _ in range(3):
+        await mesh.add(experts=SPLIT)
+    await mesh.wait(lambda: holding_one_plan(mesh.nodes, "builtin"), timeout=60)
+    before = mesh.nodes[0].experts.plans["builtin"].plan
+    moved = mesh.nodes[2]
+    moved.experts._publish_model("builtin", expert_budget=SPLIT.memory * 6 // 5)  # +20%
+    late = await mesh.add(experts=ExpertParallelConfig(enabled=False))  # plans, holds nothing
+    await mesh.wait(lambda: holding_one_plan(mesh.nodes, "builtin"), timeout=60)
+    plan = late.experts.plans["builtin"].plan
+    assert plan.budgets[moved.node_id] > before.budgets[moved.node_id]  # planned on the new offer
+
+
 def holding_one_plan(nodes, model: str) -> bool:
     """Every node has computed the same plan for `model` and holds exactly its part of it."""
     plans = [n.experts.plans.get(model) for n in nodes]

@@ -18,15 +18,15 @@ from hypothesis import strategies as st
 
 from mesh_node.identity import NodeId
 from mesh_node.placement.expert_plan import (
+    MAX_BYTES,
     ExpertDemand,
     ExpertPlan,
     PeerOffer,
     PlanError,
     demand_digest,
     expected_remote_peers,
-    fits,
-    materially_different,
     plan_experts,
+    planned_budget,
 )
 
 IDS = [NodeId(hashlib.sha256(bytes([i])).digest()) for i in range(8)]  # not in id order
@@ -519,40 +519,23 @@ def test_garbage_wire_plans_raise_plan_error(value):
 # --- membership changes --------------------------------------------------------------------
 
 
-def test_a_kept_plan_must_still_fit_every_offer():
-    demand = uniform()
-    before = offers(8 * EB, 8 * EB, 8 * EB)  # tight: the plan uses most of each offer
-    plan = plan_experts(MODEL, IDS[0], before, demand)
-    assert fits(plan, before)
-    biggest = max(IDS[:3], key=plan.bytes_of)
-    smaller = [
-        PeerOffer(o.node_id, plan.bytes_of(o.node_id) - EB, o.machine)
-        if o.node_id == biggest
-        else o
-        for o in before
-    ]
-    assert not materially_different(before, smaller)  # within the tolerance...
-    assert not fits(plan, smaller)  # ...but that node has no room for its part any more
-    check_valid(plan_experts(MODEL, IDS[0], smaller, demand), smaller, demand)
+def test_planned_budgets_are_rounded_down_to_five_significant_bits():
+    assert [planned_budget(b) for b in (0, 1, 31, 32, 33, 63, 64, 65, 100)] == [
+        0, 1, 31, 32, 32, 62, 64, 64, 100,
+    ]  # fmt: skip
+    assert planned_budget(10 << 30) == 10 << 30  # round sizes (--expert-memory 10G) stay
+    assert planned_budget((6 << 20) * 6 // 5) == 7 << 20  # 7.2 MiB counts as 7 MiB
+    for bad in (-1, 1.5, True, "8"):
+        with pytest.raises(PlanError):
+            planned_budget(bad)
 
 
-def test_materially_different():
-    before = offers(100, 200, 0)
-    assert not materially_different(before, list(reversed(before)))
-    assert not materially_different(before, offers(120, 160))  # +20%, -20%, idle peer gone
-    assert materially_different(before, offers(130, 200, 0))  # +30%
-    assert materially_different(before, offers(100, 200, 5))  # a peer starts offering
-    assert materially_different(before, offers(100))  # a peer left
-    assert not materially_different(before, offers(130, 200), tolerance=0.5)
-    # a peer on another machine than it was (or the same, once known), one offering nothing
-    # too (a host offering nothing still groups by machine)
-    assert materially_different(offers(100, 200), offers(100, 200, machine="box"))
-    assert materially_different(offers(0, 200), [PeerOffer(IDS[0], 0, "x"), *offers(0, 200)[1:]])
-    assert not materially_different(offers(100, machine="a"), offers(110, machine="a"))
-    with pytest.raises(PlanError):
-        materially_different(before, offers(100, 200, 0), tolerance=-1)
-    with pytest.raises(PlanError):
-        materially_different(before, [*before, PeerOffer(IDS[0], 7)])
+@given(st.integers(min_value=0, max_value=MAX_BYTES))
+def test_a_planned_budget_is_at_most_a_sixteenth_below_the_offer(budget):
+    planned = planned_budget(budget)
+    assert planned <= budget and 16 * (budget - planned) < max(budget, 1)
+    assert planned_budget(planned) == planned  # a rounded offer is its own rounding
+    assert planned_budget(budget + 1) >= planned  # more memory never plans less
 
 
 # --- affinity ------------------------------------------------------------------------------
