@@ -570,8 +570,8 @@ class ExpertParallel:
 
     async def _apply(self, model: str, plan: ExpertPlan, want: dict[int, tuple[int, ...]]):
         """Load what the plan adds, layer by layer (only the new experts' bytes are read; one
-        layer's copy at a time), publish; then give up what it moved elsewhere once another
-        live node publishes holding it."""
+        layer's copy at a time), publish; then give up what it moved elsewhere once a live node
+        the plan gives it to publishes holding it."""
         path = self.offered[model].path
         try:
             for layer, ids in sorted(want.items()):
@@ -604,11 +604,12 @@ class ExpertParallel:
                     with contextlib.suppress(TimeoutError):
                         async with asyncio.timeout(remaining):  # not wait_for: see wait_covered
                             await self._table_changed.wait()
-                elsewhere = self._published_elsewhere(model)
+                # drop only experts that a node the plan gives them to holds already: never
+                # leave one uncovered (another old holder may be dropping it right now)
+                covered = plan.covered(self.node_id, self._published(model))
                 for layer, ids in sorted(self.service.held(model).items()):
-                    # drop only experts some other live node holds: never leave one uncovered
                     keep = sorted(
-                        set(want.get(layer, ())) | {e for e in ids if (layer, e) not in elsewhere}
+                        set(want.get(layer, ())) | {e for e in ids if (layer, e) not in covered}
                     )
                     if tuple(keep) == ids:
                         continue
@@ -653,16 +654,6 @@ class ExpertParallel:
                     if shard.model == model:
                         published.setdefault(member.node_id, {})[shard.layer] = set(shard.experts)
         return published
-
-    def _published_elsewhere(self, model: str) -> set[tuple[int, int]]:
-        """(layer, expert) that some other live node publishes holding."""
-        return {
-            (layer, expert)
-            for node, layers in self._published(model).items()
-            if node != self.node_id
-            for layer, experts in layers.items()
-            for expert in experts
-        }
 
     def _realized(self, model: str, plan: ExpertPlan) -> bool:
         """Every expert's planned holders (other than this node) publish that they hold it."""

@@ -68,7 +68,7 @@ import hashlib
 import itertools
 import math
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from types import MappingProxyType
@@ -149,6 +149,22 @@ class ExpertPlan:
 
     def bytes_of(self, node: NodeId) -> int:
         return self.expert_bytes * sum(len(e) for e in self.experts_of(node).values())
+
+    def covered(
+        self, node: NodeId, published: Mapping[NodeId, Mapping[int, Iterable[int]]]
+    ) -> set[tuple[int, int]]:
+        """(layer, expert) that a node other than `node` both holds in this plan and publishes
+        holding (`published`: node -> layer -> experts): what `node` may give up without
+        leaving an expert uncovered. A node that publishes an expert this plan moves away from
+        it does not count: it may be giving that expert up at the same moment."""
+        return {
+            (layer, expert)
+            for other, layers in published.items()
+            if other != node
+            for layer, experts in layers.items()
+            for expert in experts
+            if other in self._holders.get((layer, expert), ())
+        }
 
     def replicated(self) -> list[tuple[int, int]]:
         """(layer, expert) pairs with at least two holders, sorted."""

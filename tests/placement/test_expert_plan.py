@@ -538,6 +538,21 @@ def test_a_planned_budget_is_at_most_a_sixteenth_below_the_offer(budget):
     assert planned_budget(budget + 1) >= planned  # more memory never plans less
 
 
+def test_an_expert_is_covered_only_by_a_node_the_plan_gives_it_to():
+    """Two old holders of an expert that the plan moves to a third node: neither may drop it
+    because the other still publishes it (both could drop it at once); once the new holder
+    publishes it, both may."""
+    a, b, c = IDS[:3]
+    plan = ExpertPlan(MODEL, a, {a: {1: (1,)}, b: {1: (2,)}, c: {1: (0,)}}, "d", EB)
+    published = {a: {1: {0, 1}}, b: {1: {0, 2}}, c: {1: set()}}  # c is still loading expert 0
+    assert plan.covered(a, published) == {(1, 2)}  # b keeps 2; b's copy of 0 does not count
+    assert plan.covered(b, published) == {(1, 1)}
+    published[c] = {1: {0}}
+    assert plan.covered(a, published) == {(1, 0), (1, 2)}
+    assert plan.covered(b, published) == {(1, 0), (1, 1)}
+    assert plan.covered(c, published) == {(1, 1), (1, 2)}  # what c holds is never its own cover
+
+
 # --- affinity ------------------------------------------------------------------------------
 
 
