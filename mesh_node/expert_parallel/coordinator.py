@@ -349,7 +349,10 @@ class ExpertParallel:
             )
         current = self.plans.get(model)
         if current is not None and current.inputs == (host, offers, digest):
-            return False  # (the offers are rounded: a budget that moved a little moves nothing)
+            # (the offers are rounded: a budget that moved a little moves nothing; inputs that
+            # came back to this plan's after ones that admitted none: that error is gone)
+            self.errors.pop(model, None)
+            return False
         try:
             plan = plan_experts(model, host, offers, demand)
         except PlanError as exc:

@@ -112,6 +112,23 @@ async def test_a_node_planning_afresh_agrees_with_nodes_that_planned_before(mesh
     assert plan.budgets[moved.node_id] > before.budgets[moved.node_id]  # planned on the new offer
 
 
+async def test_offers_that_admit_no_plan_are_reported_until_they_do_again(mesh):
+    """When the offers cannot hold every expert, each node says so and keeps following its
+    last plan; when they come back, the report goes."""
+    for _ in range(3):
+        await mesh.add(experts=SPLIT)
+    await mesh.wait(lambda: holding_one_plan(mesh.nodes, "builtin"), timeout=60)
+    plan = mesh.nodes[0].experts.plans["builtin"].plan
+    before = plan.fingerprint
+    peer = next(n for n in mesh.nodes if n.node_id != plan.host)
+    peer.experts._publish_model("builtin", expert_budget=1)  # room for no expert: too little
+    await mesh.wait(lambda: all("builtin" in n.experts.errors for n in mesh.nodes), timeout=30)
+    assert all(n.experts.plans["builtin"].plan.fingerprint == before for n in mesh.nodes)
+    peer.experts._publish_model("builtin", expert_budget=SPLIT.memory)  # the plan's offers again
+    await mesh.wait(lambda: not any("builtin" in n.experts.errors for n in mesh.nodes), timeout=30)
+    assert all(n.experts.plans["builtin"].plan.fingerprint == before for n in mesh.nodes)
+
+
 def holding_one_plan(nodes, model: str) -> bool:
     """Every node has computed the same plan for `model` and holds exactly its part of it."""
     plans = [n.experts.plans.get(model) for n in nodes]
