@@ -1,9 +1,12 @@
 """Which host takes a request: session affinity first, unless that host is clearly busier.
 
-Affinity: the request's `user`, or else a hash of the start of its prompt (a conversation's
-later turns share it), picks a preferred host by rendezvous hashing (stable as hosts come
-and go: only the requests of a departed host move). The least-loaded host wins instead when
-the preferred one has more than `slack` more requests in flight.
+Affinity: the request's `user`, or else the start of its conversation, picks a preferred host
+by rendezvous hashing (stable as hosts come and go: only the requests of a departed host move).
+The start of a chat is its messages up to and including the first user message: every later
+turn of the conversation repeats them, so all its turns share one key however short that first
+message is (the first 512 characters of the whole conversation changed with every turn until
+they filled up). A raw prompt's start is its first 512 characters. The least-loaded host wins
+instead when the preferred one has more than `slack` more requests in flight.
 """
 
 from __future__ import annotations
@@ -25,10 +28,17 @@ class HostLoad:
 
 
 def affinity_key(request: CompletionRequest) -> bytes:
+    """What places a request: `user\\0<user>`, else `prefix\\0<start>` (see above; the start at
+    most PREFIX_CHARS characters, UTF-8)."""
     if request.user:
         return b"user\x00" + request.user.encode()
     if request.messages is not None:
-        text = "\x00".join(f"{m.role}\x01{m.content}" for m in request.messages)
+        opening = []
+        for message in request.messages:
+            opening.append(f"{message.role}\x01{message.content}")
+            if message.role == "user":
+                break
+        text = "\x00".join(opening)
     else:
         text = request.prompt or ""
     return b"prefix\x00" + text[:PREFIX_CHARS].encode()

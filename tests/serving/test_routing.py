@@ -1,0 +1,60 @@
+"""Which host (or shard) takes a request: affinity keys and the ranking of hosts."""
+
+from __future__ import annotations
+
+import hashlib
+
+from mesh_node.identity import NodeId
+from mesh_node.placement.shards import shard_for_session
+from mesh_node.serving.requests import ChatMessage, CompletionRequest
+from mesh_node.serving.routing import PREFIX_CHARS, HostLoad, affinity_key, rank_hosts
+
+NODES = [NodeId(hashlib.sha256(bytes([i])).digest()) for i in range(6)]
+
+
+def chat(*turns: tuple[str, str], user: str | None = None) -> CompletionRequest:
+    messages = tuple(ChatMessage(role, content) for role, content in turns)
+    return CompletionRequest("m", "r", messages=messages, user=user)
+
+
+def test_every_turn_of_a_conversation_has_one_key_however_short_it_starts():
+    turns = [("system", "Be brief."), ("user", "Capital of France?")]
+    keys = set()
+    for reply, question in [("Paris.", "And Italy?"), ("Rome.", "And Spain?"), ("Madrid.", "Ok")]:
+        keys.add(affinity_key(chat(*turns)))
+        turns += [("assistant", reply), ("user", question)]
+    assert keys == {b"prefix\x00system\x01Be brief.\x00user\x01Capital of France?"}
+    # so every turn goes to one shard, whichever shards there are
+    shards = [str(n) for n in NODES]
+    assert len({shard_for_session(k.hex(), shards) for k in keys}) == 1
+
+
+def test_conversations_that_start_differently_have_different_keys():
+    assert affinity_key(chat(("user", "Hi"))) != affinity_key(chat(("user", "Hello")))
+    assert affinity_key(chat(("system", "A"), ("user", "Hi"))) != affinity_key(chat(("user", "Hi")))
+    # no user message at all: every message counts
+    assert affinity_key(chat(("system", "A"), ("assistant", "B"))) == (
+        b"prefix\x00system\x01A\x00assistant\x01B"
+    )
+
+
+def test_the_user_field_wins_and_long_starts_are_cut():
+    assert affinity_key(chat(("user", "Hi"), user="alice")) == b"user\x00alice"
+    long = "é" * (PREFIX_CHARS + 100)
+    key = affinity_key(chat(("user", long)))
+    assert key == b"prefix\x00" + f"user\x01{long}"[:PREFIX_CHARS].encode()
+    prompt = CompletionRequest("m", "r", prompt="x" * 600)
+    assert affinity_key(prompt) == b"prefix\x00" + b"x" * PREFIX_CHARS
+
+
+def test_hosts_rank_by_affinity_unless_the_preferred_one_is_clearly_busier():
+    key = affinity_key(chat(("user", "Hi")))
+    idle = [HostLoad(n, 0) for n in NODES[:4]]
+    order = rank_hosts(idle, key)
+    assert sorted(order) == sorted(NODES[:4]) and rank_hosts(reversed(idle), key) == order
+    preferred = order[0]
+    busy = [HostLoad(h.node_id, 3 if h.node_id == preferred else 1) for h in idle]
+    assert rank_hosts(busy, key)[0] == preferred  # 2 more in flight: within the slack
+    busier = [HostLoad(h.node_id, 4 if h.node_id == preferred else 1) for h in idle]
+    assert rank_hosts(busier, key)[0] != preferred
+    assert rank_hosts([], key) == []
