@@ -10,8 +10,10 @@ model; the gateway sends each session to one shard by rendezvous hashing (placem
 shard_for_session), so a conversation stays on its shard while shards come and go.
 
 The rankings come from the first shard node (the "leader"): it picks them (cached, else a full
-analysis now) and publishes their digest; the others fetch them from it. When the shard nodes
-change, every shard reloads with the new split.
+analysis now) and publishes their digest; the others fetch them from it, waiting as long as
+that takes. When the leader leaves, the next shard node leads: it picks the rankings (that
+is a reload of its shard). When the shard nodes change, every shard reloads with the new
+split.
 
 This is not exact: each shard is a smaller model. What it costs is measured
 (placement.shard_quality) and logged as a warning once the user opts in, and shown in the
@@ -38,7 +40,7 @@ from mesh_node.placement.shards import ShardPlan, plan_shards
 
 log = logging.getLogger("mesh_node.shards")
 
-LOAD_WAIT = 300.0  # how long a shard node waits for the leader's rankings
+LOAD_WAIT = 300.0  # how often a shard node waiting for the leader's rankings says so
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,19 +96,29 @@ class IndependentShards:
             return None
         return ShardVariant(nodes.index(self.node_id), len(nodes), leader_info.rankings)
 
+    def must_lead(self, model: str) -> bool:
+        """This node is the first shard node of `model` and has published no rankings for it:
+        it leads now (the leader before it left) and must pick them, or no split is wanted."""
+        nodes = self.participants(model)
+        if not nodes or nodes[0] != self.node_id:
+            return False
+        own = next((i for n, i in self.experts.offers_of(model) if n == self.node_id), None)
+        return own is not None and not own.rankings
+
     def loaded(self, model: str) -> ShardVariant | None:
         entry = self.plans.get(model)
         return entry[0] if entry is not None else None
 
     async def load(self, resolved: ResolvedModel, config: Any) -> Generator:
-        """Loads this node's shard of `resolved` (waits for the leader's rankings)."""
+        """Loads this node's shard of `resolved` (waits for the leader's rankings, however long
+        its analysis takes: saying so every LOAD_WAIT seconds; if the leader leaves meanwhile,
+        the next one picks them, this node when it is next)."""
         model = resolved.name
-        deadline = time.monotonic() + LOAD_WAIT
+        warn_at = time.monotonic() + LOAD_WAIT
         rankings = None
         while True:
             nodes = self.participants(model)
-            if nodes and nodes[0] == self.node_id and self.wanted(model) is None:
-                # the leader (again, if the one before left before publishing) picks them
+            if self.must_lead(model):  # the leader, now or since the one before left
                 await self.experts.choose_rankings(model, analysis="full")
             variant = self.wanted(model)
             if variant is not None:
@@ -115,9 +127,12 @@ class IndependentShards:
                 rankings = self.experts.rankings_for(model, variant.rankings, nodes[0])
                 if rankings is not None:
                     break
-            if time.monotonic() > deadline:
-                raise TimeoutError(
-                    f"no expert rankings for the shards of {model} after {LOAD_WAIT:.0f}s"
+            if time.monotonic() > warn_at:
+                warn_at = time.monotonic() + LOAD_WAIT
+                log.warning(
+                    "%s: still waiting for the expert rankings of the shards' leader %s",
+                    model,
+                    nodes[0].short if nodes else "(none yet)",
                 )
             await self.experts.wait_change(1.0)  # the leader publishes, or the fetch completes
         args = Checkpoint.open(resolved.path).args

@@ -239,12 +239,15 @@ class Hosting:
         return Election(model, nodes, nodes)
 
     def _reshard(self, model: str) -> bool:
-        """The shard nodes changed since this node loaded its shard: load the new split."""
+        """The shard nodes changed since this node loaded its shard, or this node leads them
+        now without having picked the rankings (the leader left): load the new split."""
         if not self.is_sharded(model):
             return False
         assert self.shards is not None
         wanted = self.shards.wanted(model)
-        return wanted is not None and wanted != self.shards.loaded(model)
+        if wanted is None:
+            return self.shards.must_lead(model)
+        return wanted != self.shards.loaded(model)
 
     async def _reload(self, model: str) -> None:
         """The new shard is loaded while the old one keeps serving, then they are swapped and

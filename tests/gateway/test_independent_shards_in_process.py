@@ -67,3 +67,34 @@ async def test_three_shard_nodes_each_serve_their_shard_and_sessions_stick(
     )
     quality = mesh.nodes[0].shards.status()[0]["quality"]
     assert "3 shards" in quality and "exact-match" in quality
+
+
+async def test_when_the_leader_leaves_the_next_node_leads_and_the_shards_split_again(
+    mesh, tmp_path, monkeypatch
+):
+    """The first shard node picks the rankings; when it leaves, the next one picks them (it
+    never had to), and the two left load a split in two."""
+    monkeypatch.setenv("MESH_NODE_CACHE", str(tmp_path))
+    for _ in range(3):
+        await mesh.add(experts=SHARDS)
+
+    def split_in(count: int) -> bool:
+        return all(
+            (loaded := n.shards.loaded("builtin")) is not None
+            and loaded == n.shards.wanted("builtin")
+            and loaded.count == count
+            for n in mesh.nodes
+        )
+
+    def measured(count: int) -> bool:  # (a measurement left running would outlive the test)
+        return all(f"{count} shards" in n.shards.status()[0]["quality"] for n in mesh.nodes)
+
+    await mesh.wait(lambda: split_in(3) and measured(3), timeout=120)
+    leader = next(n for n in mesh.nodes if n.node_id == n.shards.participants("builtin")[0])
+    mesh.nodes.remove(leader)
+    await leader.stop()
+    await mesh.wait(lambda: split_in(2) and measured(2), timeout=120)
+    new_leader = min(mesh.nodes, key=lambda n: n.node_id)
+    assert new_leader.shards.loaded("builtin").index == 0
+    text, _ = await answer(mesh.nodes[1], chat("builtin", "What is 348 + 276?"))
+    assert text
