@@ -85,7 +85,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         help="expert parallelism: offer this node's Mixture-of-Experts models split across the "
         "mesh, each node holding a share of the experts in proportion to its memory (exact: "
         "same output as one node holding everything). A model is split when any node offers "
-        "it so; start every node of the mesh with the same --dtype",
+        "it so; start every node of the mesh with the same --dtype (named, when GPUs and CPUs "
+        "mix: auto picks by device)",
     )
     parser.add_argument(
         "--moe-shards",

@@ -147,7 +147,9 @@ class ExpertService:
             raise RequestFailed(
                 ErrorCode.BAD_REQUEST,
                 f"rows are {rows.dtype} but this node holds the experts in {held_dtype}: "
-                "start every node of the mesh with the same --dtype",
+                "start every node of the mesh with the same --dtype (without one each node "
+                "picks by its device: a GPU keeps a float16 checkpoint's float16, a CPU runs "
+                "bfloat16)",
             )
         return bank, rows.torch()
 
