@@ -150,6 +150,7 @@ class ExpertParallel:
         self.rankings: dict[str, Any] = {}  # digest -> ExpertRankings
         self.plans: dict[str, _ModelPlan] = {}
         self.errors: dict[str, str] = {}
+        self._unplanned: set[str] = set()  # models whose error says no plan fits the inputs
         self.routes: dict[str, ExpertRoutes] = {}
         self.stats: dict[str, DispatchStats] = {}
         self._shapes: dict[str, tuple[tuple[int, ...], int, int]] = {}  # layers, E, expert bytes
@@ -351,7 +352,9 @@ class ExpertParallel:
         if current is not None and current.inputs == (host, offers, digest):
             # (the offers are rounded: a budget that moved a little moves nothing; inputs that
             # came back to this plan's after ones that admitted none: that error is gone)
-            self.errors.pop(model, None)
+            if model in self._unplanned:
+                self._unplanned.discard(model)
+                self.errors.pop(model, None)
             return False
         try:
             plan = plan_experts(model, host, offers, demand)
@@ -359,8 +362,10 @@ class ExpertParallel:
             if self.errors.get(model) != str(exc):
                 log.error("cannot place the experts of %s: %s", model, exc)
             self.errors[model] = str(exc)
+            self._unplanned.add(model)
             return True
         self.errors.pop(model, None)
+        self._unplanned.discard(model)
         self.plans[model] = _ModelPlan((host, offers, digest), plan)
         self._publish_model(model, expert_plan=plan.fingerprint)
         mine = plan.experts_of(self.node_id)
@@ -608,8 +613,11 @@ class ExpertParallel:
                         async with asyncio.timeout(remaining):  # not wait_for: see wait_covered
                             await self._table_changed.wait()
                 # drop only experts that a node the plan gives them to holds already: never
-                # leave one uncovered (another old holder may be dropping it right now)
-                covered = plan.covered(self.node_id, self._published(model))
+                # leave one uncovered (another old holder may be dropping it right now); and
+                # nothing when a newer plan came meanwhile (the next reconcile follows that one)
+                current = self.plans.get(model)
+                newer = current is None or current.plan.fingerprint != plan.fingerprint
+                covered = set() if newer else plan.covered(self.node_id, self._published(model))
                 for layer, ids in sorted(self.service.held(model).items()):
                     keep = sorted(
                         set(want.get(layer, ())) | {e for e in ids if (layer, e) not in covered}
@@ -626,6 +634,7 @@ class ExpertParallel:
                 self._publish_shards()
             await run_blocking(release_free_memory, "memory-release")
             self.errors.pop(model, None)
+            self._unplanned.discard(model)
             self._failures.pop(model, None)
             log.info(
                 "holding %d experts of %s (%d bytes)",
@@ -643,6 +652,7 @@ class ExpertParallel:
                 "could not load this node's experts of %s (retry in %.0f s): %s", model, delay, exc
             )
             self.errors[model] = f"loading experts failed: {exc}"
+            self._unplanned.discard(model)
         finally:
             self._kick.set()
             for callback in self._changed:

@@ -3,6 +3,7 @@ built-in model split three ways answers exactly as one node holding everything."
 
 from __future__ import annotations
 
+import asyncio
 from unittest import mock
 
 import pytest
@@ -127,6 +128,28 @@ async def test_offers_that_admit_no_plan_are_reported_until_they_do_again(mesh):
     peer.experts._publish_model("builtin", expert_budget=SPLIT.memory)  # the plan's offers again
     await mesh.wait(lambda: not any("builtin" in n.experts.errors for n in mesh.nodes), timeout=30)
     assert all(n.experts.plans["builtin"].plan.fingerprint == before for n in mesh.nodes)
+
+
+async def test_a_failed_expert_load_stays_reported(mesh, monkeypatch):
+    """A node that cannot load its experts says why until a load succeeds (planning again on
+    the same inputs does not clear it)."""
+
+    def fail(*args, **kwargs):
+        raise OSError("disk on fire")
+
+    monkeypatch.setattr("mesh_node.expert_parallel.coordinator.load_expert_banks", fail)
+    for _ in range(3):
+        await mesh.add(experts=SPLIT)
+    node = mesh.nodes[1]
+
+    def reported() -> bool:
+        return "disk on fire" in node.experts.errors.get("builtin", "")
+
+    await mesh.wait(reported, timeout=60)
+    for _ in range(10):  # the loop plans again (same inputs) many times meanwhile
+        await asyncio.sleep(0.1)
+        assert reported()
+    assert "disk on fire" in node.experts.status()[0]["error"]
 
 
 def holding_one_plan(nodes, model: str) -> bool:
