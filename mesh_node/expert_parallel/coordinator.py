@@ -5,10 +5,10 @@ gossiped `ModelInfo` carries `expert_budget` (bytes it will hold of that model's
 experts) and `trunk_bytes`. A model is split when any live node offers it so. Then:
 
 * the election (placement.election) picks one host, by the trunk's size, not the model's;
-* the host picks the rankings (cached full run, else cached micro run, else a micro run now,
-  one layer in memory at a time
-  when the whole model fits here, else uniform) and publishes their digest; peers fetch the
-  rankings from it (`RankingsRequest`) when they do not have them;
+* the host picks the rankings (full before micro: ones fetched from an earlier host, else
+  cached here; else a micro run now, one layer in memory at a time when the whole model fits
+  here, else uniform) and publishes their digest; peers fetch the rankings from it
+  (`RankingsRequest`) when they do not have them;
 * every node computes the plan (placement.expert_plan) from the same gossiped inputs: the
   host, the live participants and their budgets (the host's minus the trunk), the rankings.
   Budgets count rounded (`planned_budget`), and the plan is recomputed whenever these
@@ -502,9 +502,14 @@ class ExpertParallel:
             lanes.close()
 
     def _find_rankings(self, resolved: ResolvedModel, analysis: str):
+        """Rankings of this checkpoint: full before micro, each the ones the mesh shared with
+        this node (fetched from a host or leader that has left since) before the cache here;
+        else an analysis now (None when it fails)."""
         fingerprint = rankings_mod.checkpoint_fingerprint(resolved.path)
+        shared = [r for r in list(self.rankings.values()) if r.fingerprint == fingerprint]
         for kind in ("full", "micro"):
-            cached = rankings_mod.load_cached(fingerprint, kind)
+            cached = next((r for r in shared if r.kind == kind), None)
+            cached = cached or rankings_mod.load_cached(fingerprint, kind)
             if cached is not None:
                 return cached
         # one layer in memory at a time: a host need not have room for the whole model

@@ -40,7 +40,7 @@ from mesh_node.placement.shards import ShardPlan, plan_shards
 
 log = logging.getLogger("mesh_node.shards")
 
-LOAD_WAIT = 300.0  # how often a shard node waiting for the leader's rankings says so
+LOAD_WAIT = 300.0  # a shard node waiting for the leader's rankings says so this often (s)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,14 +110,18 @@ class IndependentShards:
         return entry[0] if entry is not None else None
 
     async def load(self, resolved: ResolvedModel, config: Any) -> Generator:
-        """Loads this node's shard of `resolved` (waits for the leader's rankings, however long
-        its analysis takes: saying so every LOAD_WAIT seconds; if the leader leaves meanwhile,
-        the next one picks them, this node when it is next)."""
+        """Loads this node's shard of `resolved`. Waits for the leader's rankings however long
+        its analysis takes (saying so every LOAD_WAIT seconds; if the leader leaves meanwhile,
+        the next one picks them, this node when it is next); once they are published, fetching
+        them may take LOAD_WAIT seconds (TimeoutError after: the leader is out of reach)."""
         model = resolved.name
         warn_at = time.monotonic() + LOAD_WAIT
+        fetching: tuple[str, float] | None = None  # (digest, since when) being fetched
         rankings = None
         while True:
             nodes = self.participants(model)
+            if self.node_id not in nodes:
+                raise RuntimeError(f"this node is not a shard node of {model}")
             if self.must_lead(model):  # the leader, now or since the one before left
                 await self.experts.choose_rankings(model, analysis="full")
             variant = self.wanted(model)
@@ -127,12 +131,19 @@ class IndependentShards:
                 rankings = self.experts.rankings_for(model, variant.rankings, nodes[0])
                 if rankings is not None:
                     break
+                if fetching is None or fetching[0] != variant.rankings:
+                    fetching = (variant.rankings, time.monotonic())
+                elif time.monotonic() - fetching[1] > LOAD_WAIT:  # published, not fetchable
+                    raise TimeoutError(
+                        f"could not fetch the expert rankings {variant.rankings} of {model} "
+                        f"from the shards' leader {nodes[0].short} in {LOAD_WAIT:.0f}s"
+                    )
             if time.monotonic() > warn_at:
                 warn_at = time.monotonic() + LOAD_WAIT
                 log.warning(
                     "%s: still waiting for the expert rankings of the shards' leader %s",
                     model,
-                    nodes[0].short if nodes else "(none yet)",
+                    nodes[0].short,
                 )
             await self.experts.wait_change(1.0)  # the leader publishes, or the fetch completes
         args = Checkpoint.open(resolved.path).args

@@ -9,6 +9,7 @@ from mesh_node.engine.catalog import BUILTIN_DIR
 from mesh_node.engine.loading import LoadPlan
 from mesh_node.engine.sampling import SamplingParams
 from mesh_node.expert_parallel.coordinator import ExpertParallelConfig
+from mesh_node.placement import rankings as rankings_mod
 from mesh_node.placement.shards import shard_for_session
 from mesh_node.serving.routing import affinity_key
 from tests.gateway.mesh import answer, chat
@@ -73,8 +74,17 @@ async def test_when_the_leader_leaves_the_next_node_leads_and_the_shards_split_a
     mesh, tmp_path, monkeypatch
 ):
     """The first shard node picks the rankings; when it leaves, the next one picks them (it
-    never had to), and the two left load a split in two."""
+    never had to: the ones it fetched from the leader, with no analysis of its own), and the
+    two left load a split in two."""
     monkeypatch.setenv("MESH_NODE_CACHE", str(tmp_path))
+    # no rankings cache on disk: what a node knows, it was told by the mesh or measured
+    monkeypatch.setattr(rankings_mod, "load_cached", lambda *args, **kwargs: None)
+    monkeypatch.setattr(rankings_mod, "save", lambda *args, **kwargs: None)
+    analyses = []
+    analyze = rankings_mod.analyze
+    monkeypatch.setattr(
+        rankings_mod, "analyze", lambda *a, **k: analyses.append(a) or analyze(*a, **k)
+    )
     for _ in range(3):
         await mesh.add(experts=SHARDS)
 
@@ -91,10 +101,13 @@ async def test_when_the_leader_leaves_the_next_node_leads_and_the_shards_split_a
 
     await mesh.wait(lambda: split_in(3) and measured(3), timeout=120)
     leader = next(n for n in mesh.nodes if n.node_id == n.shards.participants("builtin")[0])
+    analyses.clear()
     mesh.nodes.remove(leader)
     await leader.stop()
     await mesh.wait(lambda: split_in(2) and measured(2), timeout=120)
     new_leader = min(mesh.nodes, key=lambda n: n.node_id)
     assert new_leader.shards.loaded("builtin").index == 0
+    assert not analyses  # the next leader had the rankings from the one before
+    assert len({n.shards.loaded("builtin").rankings for n in mesh.nodes}) == 1
     text, _ = await answer(mesh.nodes[1], chat("builtin", "What is 348 + 276?"))
     assert text
