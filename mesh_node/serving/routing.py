@@ -2,11 +2,11 @@
 
 Affinity: the request's `user`, or else the start of its conversation, picks a preferred host
 by rendezvous hashing (stable as hosts come and go: only the requests of a departed host move).
-The start of a chat is its messages up to and including the first user message: every later
-turn of the conversation repeats them, so all its turns share one key however short that first
-message is (the first 512 characters of the whole conversation changed with every turn until
-they filled up). A raw prompt's start is its first 512 characters. The least-loaded host wins
-instead when the preferred one has more than `slack` more requests in flight.
+The start of a chat is its messages up to and including the first user message, all of it
+(hashed): every later turn of the conversation repeats them, so all its turns share one key
+however short that first message is, and conversations that share only a long system prompt
+still differ. A raw prompt's start is its first 512 characters (code points). The least-loaded
+host wins instead when the preferred one has more than `slack` more requests in flight.
 """
 
 from __future__ import annotations
@@ -28,20 +28,23 @@ class HostLoad:
 
 
 def affinity_key(request: CompletionRequest) -> bytes:
-    """What places a request: `user\\0<user>`, else `prefix\\0<start>` (see above; the start at
-    most PREFIX_CHARS characters, UTF-8)."""
+    """What places a request (UTF-8, lone surrogates kept as they are): `user\\0<user>`; else
+    for chat `chat\\0<sha256 of its opening>`; else `prefix\\0<the prompt's first
+    PREFIX_CHARS characters>`."""
     if request.user:
-        return b"user\x00" + request.user.encode()
+        return b"user\x00" + _utf8(request.user)
     if request.messages is not None:
         opening = []
         for message in request.messages:
             opening.append(f"{message.role}\x01{message.content}")
             if message.role == "user":
                 break
-        text = "\x00".join(opening)
-    else:
-        text = request.prompt or ""
-    return b"prefix\x00" + text[:PREFIX_CHARS].encode()
+        return b"chat\x00" + hashlib.sha256(_utf8("\x00".join(opening))).digest()
+    return b"prefix\x00" + _utf8((request.prompt or "")[:PREFIX_CHARS])
+
+
+def _utf8(text: str) -> bytes:
+    return text.encode("utf-8", "surrogatepass")  # JSON may carry a lone surrogate
 
 
 def _score(key: bytes, node_id: NodeId) -> bytes:

@@ -23,7 +23,8 @@ def test_every_turn_of_a_conversation_has_one_key_however_short_it_starts():
     for reply, question in [("Paris.", "And Italy?"), ("Rome.", "And Spain?"), ("Madrid.", "Ok")]:
         keys.add(affinity_key(chat(*turns)))
         turns += [("assistant", reply), ("user", question)]
-    assert keys == {b"prefix\x00system\x01Be brief.\x00user\x01Capital of France?"}
+    opening = b"system\x01Be brief.\x00user\x01Capital of France?"
+    assert keys == {b"chat\x00" + hashlib.sha256(opening).digest()}
     # so every turn goes to one shard, whichever shards there are
     shards = [str(n) for n in NODES]
     assert len({shard_for_session(k.hex(), shards) for k in keys}) == 1
@@ -34,17 +35,21 @@ def test_conversations_that_start_differently_have_different_keys():
     assert affinity_key(chat(("system", "A"), ("user", "Hi"))) != affinity_key(chat(("user", "Hi")))
     # no user message at all: every message counts
     assert affinity_key(chat(("system", "A"), ("assistant", "B"))) == (
-        b"prefix\x00system\x01A\x00assistant\x01B"
+        b"chat\x00" + hashlib.sha256(b"system\x01A\x00assistant\x01B").digest()
     )
+    # a long system prompt shared by every conversation: their first questions still count
+    system = ("system", "You are a helpful assistant. " * 40)
+    assert affinity_key(chat(system, ("user", "Hi"))) != affinity_key(chat(system, ("user", "Yo")))
 
 
-def test_the_user_field_wins_and_long_starts_are_cut():
+def test_the_user_field_wins_and_long_prompts_are_cut_to_code_points():
     assert affinity_key(chat(("user", "Hi"), user="alice")) == b"user\x00alice"
-    long = "é" * (PREFIX_CHARS + 100)
-    key = affinity_key(chat(("user", long)))
-    assert key == b"prefix\x00" + f"user\x01{long}"[:PREFIX_CHARS].encode()
-    prompt = CompletionRequest("m", "r", prompt="x" * 600)
-    assert affinity_key(prompt) == b"prefix\x00" + b"x" * PREFIX_CHARS
+    prompt = CompletionRequest("m", "r", prompt="é" * (PREFIX_CHARS + 100))
+    assert affinity_key(prompt) == b"prefix\x00" + ("é" * PREFIX_CHARS).encode()
+    # a lone surrogate (JSON allows "\ud800") is a key like any other text
+    odd = CompletionRequest("m", "r", prompt="a\ud800b", user=None)
+    assert affinity_key(odd) == b"prefix\x00a\xed\xa0\x80b"
+    assert affinity_key(chat(("user", "\ud800"))) != affinity_key(chat(("user", "\ud801")))
 
 
 def test_hosts_rank_by_affinity_unless_the_preferred_one_is_clearly_busier():
