@@ -91,7 +91,7 @@ class IndependentShards:
         nodes = self.participants(model)
         if self.node_id not in nodes:
             return None
-        leader_info = next((i for n, i in self.experts.offers_of(model) if n == nodes[0]), None)
+        leader_info = self._info_of(model, nodes[0])
         if leader_info is None or not leader_info.rankings:
             return None
         return ShardVariant(nodes.index(self.node_id), len(nodes), leader_info.rankings)
@@ -102,8 +102,11 @@ class IndependentShards:
         nodes = self.participants(model)
         if not nodes or nodes[0] != self.node_id:
             return False
-        own = next((i for n, i in self.experts.offers_of(model) if n == self.node_id), None)
+        own = self._info_of(model, self.node_id)
         return own is not None and not own.rankings
+
+    def _info_of(self, model: str, node: NodeId) -> ModelInfo | None:
+        return next((i for n, i in self.experts.offers_of(model) if n == node), None)
 
     def loaded(self, model: str) -> ShardVariant | None:
         entry = self.plans.get(model)
