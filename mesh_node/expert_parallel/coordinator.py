@@ -484,7 +484,10 @@ class ExpertParallel:
         digest in this node's ModelInfo and returns it. `analysis`: the kind of run to make
         when none is cached."""
         resolved = self.offered[model]
-        rankings = await run_blocking(lambda: self._find_rankings(resolved, analysis), "rankings")
+        known = list(self.rankings.values())  # (read here, on the loop, not in the worker)
+        rankings = await run_blocking(
+            lambda: self._find_rankings(resolved, analysis, known), "rankings"
+        )
         digest = UNIFORM
         if rankings is not None:
             digest = rankings.digest()
@@ -501,12 +504,12 @@ class ExpertParallel:
         if lanes is not None:
             lanes.close()
 
-    def _find_rankings(self, resolved: ResolvedModel, analysis: str):
+    def _find_rankings(self, resolved: ResolvedModel, analysis: str, known: list[Any]):
         """Rankings of this checkpoint: full before micro, each the ones the mesh shared with
-        this node (fetched from a host or leader that has left since) before the cache here;
-        else an analysis now (None when it fails)."""
+        this node (`known`: fetched from a host or leader that has left since) before the
+        cache here; else an analysis now (None when it fails)."""
         fingerprint = rankings_mod.checkpoint_fingerprint(resolved.path)
-        shared = [r for r in list(self.rankings.values()) if r.fingerprint == fingerprint]
+        shared = [r for r in known if r.fingerprint == fingerprint]
         for kind in ("full", "micro"):
             cached = next((r for r in shared if r.kind == kind), None)
             cached = cached or rankings_mod.load_cached(fingerprint, kind)
@@ -620,10 +623,10 @@ class ExpertParallel:
                 # drop only experts that a node the plan gives them to holds already: never
                 # leave one uncovered (another old holder may be dropping it right now); and
                 # nothing when a newer plan came meanwhile (the next reconcile follows that one)
-                current = self.plans.get(model)
-                newer = current is None or current.plan.fingerprint != plan.fingerprint
-                covered = set() if newer else plan.covered(self.node_id, self._published(model))
+                covered = plan.covered(self.node_id, self._published(model))
                 for layer, ids in sorted(self.service.held(model).items()):
+                    if self._superseded(model, plan):
+                        break
                     keep = sorted(
                         set(want.get(layer, ())) | {e for e in ids if (layer, e) not in covered}
                     )
@@ -635,6 +638,8 @@ class ExpertParallel:
                         trimmed = await run_blocking(
                             lambda bank=bank, keep=keep: bank.subset(keep), "expert-trim"
                         )
+                    if self._superseded(model, plan):  # (while this layer was trimmed)
+                        break
                     self.service.replace_layer(model, layer, trimmed)
                 self._publish_shards()
             await run_blocking(release_free_memory, "memory-release")
@@ -662,6 +667,11 @@ class ExpertParallel:
             self._kick.set()
             for callback in self._changed:
                 callback()
+
+    def _superseded(self, model: str, plan: ExpertPlan) -> bool:
+        """A newer plan than `plan` came (the reconcile after this one follows it)."""
+        current = self.plans.get(model)
+        return current is None or current.plan.fingerprint != plan.fingerprint
 
     def _published(self, model: str) -> dict[NodeId, dict[int, set[int]]]:
         """node -> layer -> experts of `model`, as each live node publishes holding them."""

@@ -40,7 +40,8 @@ from mesh_node.placement.shards import ShardPlan, plan_shards
 
 log = logging.getLogger("mesh_node.shards")
 
-LOAD_WAIT = 300.0  # a shard node waiting for the leader's rankings says so this often (s)
+LOAD_WAIT = 300.0  # s: how often a shard node waiting for the leader's rankings says so, and
+# how long it tries to fetch a published digest before giving up
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,7 +120,7 @@ class IndependentShards:
         them may take LOAD_WAIT seconds (TimeoutError after: the leader is out of reach)."""
         model = resolved.name
         warn_at = time.monotonic() + LOAD_WAIT
-        fetching: tuple[str, float] | None = None  # (digest, since when) being fetched
+        fetching: tuple[tuple[str, NodeId], float] | None = None  # (digest, from), since
         rankings = None
         while True:
             nodes = self.participants(model)
@@ -128,14 +129,17 @@ class IndependentShards:
             if self.must_lead(model):  # the leader, now or since the one before left
                 await self.experts.choose_rankings(model, analysis="full")
             variant = self.wanted(model)
-            if variant is not None:
+            if variant is None:
+                fetching = None  # (a new leader analysing: its digest's fetch starts afresh)
+            else:
                 if variant.rankings == UNIFORM:
                     break
                 rankings = self.experts.rankings_for(model, variant.rankings, nodes[0])
                 if rankings is not None:
                     break
-                if fetching is None or fetching[0] != variant.rankings:
-                    fetching = (variant.rankings, time.monotonic())
+                source = (variant.rankings, nodes[0])
+                if fetching is None or fetching[0] != source:
+                    fetching = (source, time.monotonic())
                 elif time.monotonic() - fetching[1] > LOAD_WAIT:  # published, not fetchable
                     raise TimeoutError(
                         f"could not fetch the expert rankings {variant.rankings} of {model} "
