@@ -198,15 +198,21 @@ class IndependentShards:
             return
         self._measuring.add(key)
 
+        def current() -> bool:  # still `count` shards (not split again while measuring)
+            loaded = self.loaded(resolved.name)
+            return loaded is not None and loaded.count == count
+
         async def measure() -> None:
             try:
                 quality = await run_blocking(
                     lambda: shard_quality_summary(str(resolved.path), count), "shard-quality"
                 )
-                self.quality[resolved.name] = quality.describe()
-                log.warning("%s: %s", resolved.name, quality.describe())
+                if current():
+                    self.quality[resolved.name] = quality.describe()
+                    log.warning("%s: %s", resolved.name, quality.describe())
             except Exception as exc:  # the mode works without the figure; say why it is missing
-                self.quality[resolved.name] = f"quality not measured: {exc}"
+                if current():
+                    self.quality[resolved.name] = f"quality not measured: {exc}"
                 log.warning(
                     "%s: could not measure the shard mode's quality: %s", resolved.name, exc
                 )

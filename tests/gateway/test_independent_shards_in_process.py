@@ -8,10 +8,13 @@ from mesh_node.engine import GenerationRequest, Generator
 from mesh_node.engine.catalog import BUILTIN_DIR
 from mesh_node.engine.loading import LoadPlan
 from mesh_node.engine.sampling import SamplingParams
-from mesh_node.expert_parallel.coordinator import ExpertParallelConfig
+from mesh_node.expert_parallel import independent_shards
+from mesh_node.expert_parallel.coordinator import ExpertParallel, ExpertParallelConfig
+from mesh_node.identity import NodeIdentity
 from mesh_node.placement import rankings as rankings_mod
 from mesh_node.placement.shards import shard_for_session
 from mesh_node.serving.routing import affinity_key
+from mesh_node.transport.errors import ErrorCode, RequestFailed
 from tests.gateway.mesh import answer, chat
 
 SHARDS = ExpertParallelConfig(shards=True)
@@ -111,3 +114,45 @@ async def test_when_the_leader_leaves_the_next_node_leads_and_the_shards_split_a
     assert len({n.shards.loaded("builtin").rankings for n in mesh.nodes}) == 1
     text, _ = await answer(mesh.nodes[1], chat("builtin", "What is 348 + 276?"))
     assert text
+
+
+async def test_a_shard_node_that_cannot_fetch_published_rankings_gives_up(
+    mesh, tmp_path, monkeypatch
+):
+    """Rankings published but out of reach (here the leader refuses to send them): the other
+    node stops waiting after LOAD_WAIT, withdraws the model and says why, and the leader is
+    left serving a split of one (the whole model)."""
+    monkeypatch.setenv("MESH_NODE_CACHE", str(tmp_path))
+    monkeypatch.setattr(independent_shards, "LOAD_WAIT", 1.0)
+
+    def refuse(self, ctx, request):
+        raise RequestFailed(ErrorCode.UNAVAILABLE, "not sending rankings today")
+
+    monkeypatch.setattr(ExpertParallel, "_serve_rankings", refuse)
+    leader = await mesh.add(experts=SHARDS)
+    await mesh.wait(lambda: leader.shards.loaded("builtin") is not None, timeout=60)
+    generate = NodeIdentity.generate
+
+    def after_the_leader() -> NodeIdentity:  # so that the node joining does not lead
+        while True:
+            identity = generate()
+            if identity.node_id > leader.node_id:
+                return identity
+
+    monkeypatch.setattr(NodeIdentity, "generate", staticmethod(after_the_leader))
+    other = await mesh.add(experts=SHARDS)
+    await mesh.wait(lambda: "builtin" in other.hosting.failed, timeout=60)
+    assert "could not fetch the expert rankings" in other.hosting.failed["builtin"]
+
+    def alone() -> bool:
+        loaded = leader.shards.loaded("builtin")
+        return (
+            loaded is not None and loaded.count == 1 and loaded == leader.shards.wanted("builtin")
+        )
+
+    await mesh.wait(alone, timeout=60)
+    assert leader.shards.status()[0]["quality"].startswith("one shard")
+    # (a measurement of the split in two may still run: it must not outlive the test, and
+    # when it ends it must not overwrite what the one shard's status says)
+    await mesh.wait(lambda: not leader.shards._measuring, timeout=120)
+    assert leader.shards.status()[0]["quality"].startswith("one shard")
