@@ -149,8 +149,8 @@ class ExpertParallel:
         self.offered: dict[str, ResolvedModel] = {}
         self.rankings: dict[str, Any] = {}  # digest -> ExpertRankings
         self.plans: dict[str, _ModelPlan] = {}
-        self.errors: dict[str, str] = {}
-        self._unplanned: set[str] = set()  # models whose error says no plan fits the inputs
+        self._plan_errors: dict[str, str] = {}  # model -> why no plan fits its inputs
+        self._load_errors: dict[str, str] = {}  # model -> why its experts did not load here
         self.routes: dict[str, ExpertRoutes] = {}
         self.stats: dict[str, DispatchStats] = {}
         self._shapes: dict[str, tuple[tuple[int, ...], int, int]] = {}  # layers, E, expert bytes
@@ -171,6 +171,11 @@ class ExpertParallel:
     @property
     def node_id(self) -> NodeId:
         return self.membership.node_id
+
+    @property
+    def errors(self) -> dict[str, str]:
+        """model -> what is wrong with its experts here: no plan fits, else a failed load."""
+        return {**self._load_errors, **self._plan_errors}
 
     @property
     def table(self):
@@ -352,20 +357,17 @@ class ExpertParallel:
         if current is not None and current.inputs == (host, offers, digest):
             # (the offers are rounded: a budget that moved a little moves nothing; inputs that
             # came back to this plan's after ones that admitted none: that error is gone)
-            if model in self._unplanned:
-                self._unplanned.discard(model)
-                self.errors.pop(model, None)
+            self._plan_errors.pop(model, None)
             return False
         try:
             plan = plan_experts(model, host, offers, demand)
         except PlanError as exc:
-            if self.errors.get(model) != str(exc):
+            if self._plan_errors.get(model) != str(exc):
                 log.error("cannot place the experts of %s: %s", model, exc)
-            self.errors[model] = str(exc)
-            self._unplanned.add(model)
+            self._plan_errors[model] = str(exc)
             return True
-        self.errors.pop(model, None)
-        self._unplanned.discard(model)
+        self._plan_errors.pop(model, None)
+        self._load_errors.pop(model, None)  # (a new plan: a new load)
         self.plans[model] = _ModelPlan((host, offers, digest), plan)
         self._publish_model(model, expert_plan=plan.fingerprint)
         mine = plan.experts_of(self.node_id)
@@ -643,8 +645,7 @@ class ExpertParallel:
                     self.service.replace_layer(model, layer, trimmed)
                 self._publish_shards()
             await run_blocking(release_free_memory, "memory-release")
-            self.errors.pop(model, None)
-            self._unplanned.discard(model)
+            self._load_errors.pop(model, None)
             self._failures.pop(model, None)
             log.info(
                 "holding %d experts of %s (%d bytes)",
@@ -661,8 +662,7 @@ class ExpertParallel:
             log.error(
                 "could not load this node's experts of %s (retry in %.0f s): %s", model, delay, exc
             )
-            self.errors[model] = f"loading experts failed: {exc}"
-            self._unplanned.discard(model)
+            self._load_errors[model] = f"loading experts failed: {exc}"
         finally:
             self._kick.set()
             for callback in self._changed:
@@ -860,9 +860,10 @@ class ExpertParallel:
                 return
             remaining = deadline - time.monotonic()
             if remaining <= 0:
+                error = self.errors.get(model)
                 raise TimeoutError(
                     f"{len(missing)} experts of {model} are held by no node after {timeout:.0f}s"
-                    + (f": {self.errors[model]}" if model in self.errors else "")
+                    + (f": {error}" if error else "")
                 )
             # peers publish what they load; this node's own loads signal it too. Not
             # asyncio.wait_for: on Python 3.11 it returns the event's result when a cancellation
@@ -878,9 +879,10 @@ class ExpertParallel:
     def status(self) -> list[dict[str, Any]]:
         """The "experts" section of the status document."""
         sections = []
-        for model in sorted(set(self.plans) | set(self.errors)):
+        errors = self.errors
+        for model in sorted(set(self.plans) | set(errors)):
             entry = self.plans.get(model)
-            section: dict[str, Any] = {"model": model, "error": self.errors.get(model)}
+            section: dict[str, Any] = {"model": model, "error": errors.get(model)}
             if entry is not None:
                 section.update(entry.plan.to_dict())
                 section["rankings"] = entry.inputs[2]

@@ -146,9 +146,16 @@ async def test_a_failed_expert_load_stays_reported(mesh, monkeypatch):
         return "disk on fire" in node.experts.errors.get("builtin", "")
 
     await mesh.wait(reported, timeout=60)
-    for _ in range(10):  # the loop plans again (same inputs) many times meanwhile
-        await asyncio.sleep(0.1)
-        assert reported()
+    seen = []  # whether it is reported after each time the node plans again (same inputs)
+    evaluate = node.experts.evaluate
+
+    def evaluated() -> None:
+        evaluate()
+        seen.append(reported())
+
+    monkeypatch.setattr(node.experts, "evaluate", evaluated)
+    await mesh.wait(lambda: len(seen) >= 3, timeout=30)
+    assert all(seen)
     assert "disk on fire" in node.experts.status()[0]["error"]
 
 
@@ -178,7 +185,6 @@ def replicas_are_distinct(plan) -> bool:
 async def test_remote_experts_give_the_single_node_logits_in_fp32(device):
     """The dispatcher, with half the experts 'remote' (computed by a second bank through the
     same path a peer uses), gives logits within 1e-3 of the whole model on the CPU, in float32."""
-    import asyncio
     import threading
 
     full = load_model(BUILTIN_DIR, device="cpu", dtype="float32")
@@ -229,7 +235,6 @@ async def test_remote_experts_give_the_single_node_logits_in_fp32(device):
 def test_a_token_whose_experts_are_all_here_is_one_local_call(monkeypatch):
     """run_combined for one token held wholly on the host: no remote call, no dispatch round
     (no request built); the same sums as the general path (several tokens) gives for it."""
-    import asyncio
 
     from mesh_node.expert_parallel import dispatch
 
@@ -268,7 +273,6 @@ async def test_a_call_to_a_peer_turning_suspect_fails_over_at_once(
     """A peer that stops answering mid-call (its compute is stuck) and that the host's
     membership then suspects: the call goes to another holder right away, not at the call's
     30 s timeout, and the answer is the single node's."""
-    import asyncio
     import threading
 
     from mesh_node.expert_parallel import service
