@@ -4,6 +4,7 @@ built-in model split three ways answers exactly as one node holding everything."
 from __future__ import annotations
 
 import asyncio
+import threading
 from unittest import mock
 
 import pytest
@@ -13,6 +14,7 @@ from mesh_node.engine import GenerationRequest, Generator
 from mesh_node.engine.catalog import BUILTIN_DIR
 from mesh_node.engine.loading import LoadPlan, load_expert_banks, load_model
 from mesh_node.engine.sampling import SamplingParams
+from mesh_node.expert_parallel import coordinator
 from mesh_node.expert_parallel.coordinator import ExpertParallelConfig
 from mesh_node.expert_parallel.dispatch import (
     DispatchConfig,
@@ -157,6 +159,80 @@ async def test_a_failed_expert_load_stays_reported(mesh, monkeypatch):
     await mesh.wait(lambda: len(seen) >= 3, timeout=30)
     assert all(seen)
     assert "disk on fire" in node.experts.status()[0]["error"]
+
+
+async def test_an_old_holder_drops_nothing_for_a_plan_that_was_superseded(mesh, monkeypatch):
+    """A budget change moves experts off a node (plan 2); while their new holders are still
+    loading them, the budget comes back (plan 3, which is plan 1 again: the node keeps them).
+    When the loads of plan 2 finish and their holders publish them, the node must not give the
+    experts up for plan 2's sake: at no moment does it stop holding what plan 3 gives it."""
+    for _ in range(3):
+        await mesh.add(experts=SPLIT)
+    await mesh.wait(lambda: holding_one_plan(mesh.nodes, "builtin"), timeout=60)
+    first = mesh.nodes[0].experts.plans["builtin"].plan
+    gate = threading.Event()  # loads wait on it while set to wait
+    loading = threading.Event()
+    load = coordinator.load_expert_banks
+
+    def gated_load(*args, **kwargs):
+        loading.set()
+        assert gate.wait(30), "the test never opened the gate"
+        return load(*args, **kwargs)
+
+    monkeypatch.setattr(coordinator, "load_expert_banks", gated_load)
+    grown = mesh.nodes[2]
+    grown.experts._publish_model("builtin", expert_budget=SPLIT.memory * 2)
+    await mesh.wait(
+        lambda: all(
+            n.experts.plans["builtin"].plan.fingerprint != first.fingerprint for n in mesh.nodes
+        ),
+        timeout=30,
+    )
+    second = mesh.nodes[0].experts.plans["builtin"].plan
+    assert await asyncio.to_thread(loading.wait, 30)  # plan 2's new holders are loading
+    losers = {
+        n.node_id: {
+            (layer, e)
+            for layer, ids in first.experts_of(n.node_id).items()
+            for e in ids
+            if e not in second.experts_of(n.node_id).get(layer, ())
+        }
+        for n in mesh.nodes
+    }
+    assert any(losers.values())  # plan 2 moves some experts off some node
+    # from here on, record every moment a node stops holding one of plan 1's experts
+    lost = []
+    for node in mesh.nodes:
+        replace = node.expert_service.replace_layer
+
+        def replace_layer(model, layer, bank, node=node, replace=replace):
+            kept = set(bank.expert_ids) if bank is not None else set()
+            lost.extend(
+                (node.node_id, layer, e)
+                for e in first.experts_of(node.node_id).get(layer, ())
+                if e not in kept
+            )
+            replace(model, layer, bank)
+
+        monkeypatch.setattr(node.expert_service, "replace_layer", replace_layer)
+    grown.experts._publish_model("builtin", expert_budget=SPLIT.memory)  # plan 1's offers
+    await mesh.wait(
+        lambda: all(
+            n.experts.plans["builtin"].plan.fingerprint == first.fingerprint for n in mesh.nodes
+        ),
+        timeout=30,
+    )
+    gate.set()  # plan 2's loads finish; their holders publish them
+
+    def settled() -> bool:  # plan 2's work done, and each node then holding plan 3's part
+        applying = [n.experts._reconciling.get("builtin") for n in mesh.nodes]
+        return all(t is None or t.done() for t in applying) and holding_one_plan(
+            mesh.nodes, "builtin"
+        )
+
+    await mesh.wait(settled, timeout=60)
+    assert mesh.nodes[0].experts.plans["builtin"].plan.fingerprint == first.fingerprint
+    assert lost == []
 
 
 def holding_one_plan(nodes, model: str) -> bool:
