@@ -36,6 +36,7 @@ from mesh_node.transport.errors import (
     RequestTimeout,
 )
 from mesh_node.transport.frames import (
+    HANDSHAKE_LIMITS,
     HEADER,
     HEADER_SIZE,
     FrameDecoder,
@@ -54,6 +55,10 @@ HANDSHAKE_STREAM = 0
 # Credit a responder may assume on a streamed response before any Credit frame (protocol
 # constant): a requester wanting a larger window grants the difference after its request.
 INITIAL_CREDIT = 64 << 10
+# Peer streams a connection may see opened out of order (a stream's first bytes arriving
+# after a higher-numbered stream's): QUIC opens the lower ones implicitly, and its stream
+# limit (128 concurrent in aioquic) keeps the count small. Beyond this, the peer misbehaves.
+MAX_STREAM_GAPS = 1024
 
 
 class Carrier(Protocol):
@@ -64,6 +69,7 @@ class Carrier(Protocol):
     remote_address: tuple[str, int]
 
     def open_stream(self, unidirectional: bool) -> int: ...
+    # raises RuntimeError on a stream that is finished or reset
     def write(self, stream_id: int, data: bytes | memoryview, end: bool = False) -> None: ...
     def flush(self) -> None: ...
     def reset(self, stream_id: int, code: int) -> None: ...
@@ -192,7 +198,8 @@ class _Stream:
         self.ended = False
         self.closed = False
         self.reset_code: int | None = None
-        # streamed responses: credit (server side) and consumption (client side)
+        # streamed responses: the responder's credit (each side keeps its own count) and
+        # what the requester consumed since its last grant
         self.credit = INITIAL_CREDIT
         self.credit_waiter: asyncio.Future[None] | None = None
         self.consumed = 0
@@ -256,7 +263,11 @@ class Connection:
         self._drain_waiters: dict[int, tuple[int, asyncio.Future[None]]] = {}
         self._early_events: list[tuple[str, tuple[Any, ...]]] | None = []
         self._inbound = 0
-        self._highest_peer_stream = {0: -1, 2: -1}  # by stream type bit: bidi 0, uni 2
+        # the next new stream id the peer may open, by stream type bit (bidi 0, uni 2), and
+        # the lower ids it skipped so far (their first bytes may still come)
+        peer_bit = 1 if carrier.is_client else 0
+        self._next_peer_stream = {0: peer_bit or 4, 2: 2 | peer_bit}  # client's 0: handshake
+        self._stream_gaps: set[int] = set()
         self._outbound = _Slots(limits.max_outbound_requests)
         self._deadlines: dict[_Stream, tuple[float, Any, float]] = {}
         self._sweeper: asyncio.TimerHandle | None = None
@@ -278,7 +289,7 @@ class Connection:
         self._state = "handshake"
         self._client_hs: ClientHandshake | None = None
         self._server_hs: ServerHandshake | None = None
-        self._hs_decoder = FrameDecoder(limits.frames)
+        self._hs_decoder = FrameDecoder(HANDSHAKE_LIMITS)
         if carrier.is_client:
             self._client_hs = ClientHandshake(identity, mesh, expect)
         else:
@@ -449,7 +460,7 @@ class Connection:
             return
         stream = self._streams.get(stream_id)
         if stream is None:
-            if self._is_local(stream_id) or stream_id <= self._highest_peer_stream[stream_id & 2]:
+            if self._is_local(stream_id) or not self._new_peer_stream(stream_id):
                 return  # late data on a stream we already finished with
             if end and not stream_id & 2 and self._request_in_one_piece(stream_id, data):
                 return
@@ -483,7 +494,6 @@ class Connection:
             message = self._registry.decode(frame[0], memoryview(frame[1]))
         except ProtocolError:
             return False  # the general path resets the stream with the right code
-        self._highest_peer_stream[0] = stream_id
         entry = self._handlers.get(type(message))
         if entry is not None and entry[0] == Handlers.UNARY_INLINE:
             self._serve_inline(stream_id, entry[1], message)
@@ -492,6 +502,25 @@ class Connection:
             stream.dispatched = True
             self._dispatch(stream, message)
         return True
+
+    def _new_peer_stream(self, stream_id: int) -> bool:
+        """True (and noted) when a peer stream's id was never seen: a new exchange. Ids go up
+        by 4 per type; one above the next expected opens the ids skipped as gaps."""
+        kind = stream_id & 2
+        expected = self._next_peer_stream[kind]
+        if stream_id >= expected:
+            if stream_id > expected:
+                skipped = range(expected, stream_id, 4)
+                if len(self._stream_gaps) + len(skipped) > MAX_STREAM_GAPS:
+                    self.close(ErrorCode.PROTOCOL_VIOLATION, "stream ids skipped too far ahead")
+                    return False
+                self._stream_gaps.update(skipped)
+            self._next_peer_stream[kind] = stream_id + 4
+            return True
+        if stream_id in self._stream_gaps:
+            self._stream_gaps.discard(stream_id)
+            return True
+        return False
 
     def _answer_in_one_piece(self, stream: _Stream, data: bytes) -> bool:
         """Fast path: a unary call's whole answer and FIN in one piece."""
@@ -508,13 +537,25 @@ class Connection:
 
     def stream_reset(self, stream_id: int, code: int) -> None:
         """The peer reset its sending side (RESET_STREAM) or asked us to stop (STOP_SENDING)."""
-        if self._state == "handshake" and self._early_events is not None and stream_id:
-            self._buffer_early("reset", (stream_id, code))
-            return
+        if self._state == "handshake":
+            if stream_id == HANDSHAKE_STREAM:
+                self._fail_handshake(
+                    HandshakeError(
+                        ErrorCode.HANDSHAKE_FAILED,
+                        f"peer reset the handshake stream ({ErrorCode.describe(code)})",
+                    )
+                )
+                return
+            if self._early_events is not None:
+                self._buffer_early("reset", (stream_id, code))
+                return
         stream = self._streams.get(stream_id)
         if stream is None:
+            if not self._is_local(stream_id):
+                self._new_peer_stream(stream_id)  # a skipped id that will never come
             return
         stream.reset_code = code
+        self._wake(stream)  # a writer waiting to drain learns of the reset (before _drop)
         if stream.task is not None:  # inbound: stop the handler
             stream.task.cancel()
             self._drop(stream)
@@ -525,7 +566,6 @@ class Connection:
                 stream, RemoteError(code, f"peer reset the stream ({ErrorCode.describe(code)})")
             )
             stream.done = True
-        self._wake(stream)
 
     def writable(self) -> None:
         """Acknowledgements arrived: writers waiting for their buffer to drain may go on."""
@@ -681,7 +721,6 @@ class Connection:
         return (stream_id & 1) == (0 if self._carrier.is_client else 1)
 
     def _accept_stream(self, stream_id: int) -> _Stream:
-        self._highest_peer_stream[stream_id & 2] = stream_id
         stream = _Stream(stream_id, self._limits)
         stream.kind = "oneway-in" if stream_id & 2 else "request-in"
         self._streams[stream_id] = stream
@@ -719,11 +758,20 @@ class Connection:
                 return
             if type(message) is Credit:
                 raise ProtocolError(ErrorCode.UNEXPECTED_MESSAGE, "Credit sent to a requester")
-            _deliver(stream, (message, size) if kind == "stream" else message)
             if kind == "unary":
+                _deliver(stream, message)
                 stream.done = True
+                return
+            # the responder may send only while its credit is positive (section 5): a peer
+            # that ignores our grants cannot make us buffer more than one frame past them
+            if stream.credit <= 0:
+                raise ProtocolError(
+                    ErrorCode.UNEXPECTED_MESSAGE, "streamed item sent without credit"
+                )
+            stream.credit -= size
+            _deliver(stream, (message, size))
             return
-        if kind == "request-in" and stream.dispatched:
+        if kind == "stream-in":
             if type(message) is not Credit:
                 raise ProtocolError(
                     ErrorCode.UNEXPECTED_MESSAGE, f"unexpected {type(message).__name__} frame"
@@ -776,6 +824,8 @@ class Connection:
                 self._log_failure(sys.exc_info()[1], message)
             self._drop(stream)
             return
+        if kind == Handlers.STREAM:
+            stream.kind = "stream-in"  # the requester may grant Credit on this stream
         if self._inbound >= self._limits.max_inbound_requests:
             if oneway:
                 raise ProtocolError(ErrorCode.OVERLOADED, "too many messages in flight")
@@ -901,7 +951,11 @@ class Connection:
                 raise _StreamClosed()
             waiter = asyncio.get_running_loop().create_future()
             self._drain_waiters[sid] = (below, waiter)
-            await waiter
+            try:
+                await waiter
+            finally:  # a timeout or cancellation leaves no waiter behind
+                if self._drain_waiters.get(sid, (0, None))[1] is waiter:
+                    del self._drain_waiters[sid]
 
     async def _write_frame(self, stream: _Stream, encoded: Encoded, end: bool = False) -> None:
         """Write one frame, first waiting while the stream's unacknowledged bytes are high."""
@@ -964,6 +1018,7 @@ class Connection:
         stream.consumed += nbytes
         if stream.consumed >= stream.window // 2 and not stream.ended and self._state == "open":
             grant, stream.consumed = stream.consumed, 0
+            stream.credit += grant
             with contextlib.suppress(_StreamClosed):
                 self._write_now(stream.stream_id, self._registry.encode(Credit(grant)))
 
@@ -995,6 +1050,7 @@ class ResponseStream:
                 await conn._write_frame(stream, conn._registry.encode(self._message))
             extra = self._window - INITIAL_CREDIT
             if extra > 0 and stream.reset_code is None:
+                stream.credit += extra
                 with contextlib.suppress(_StreamClosed):
                     conn._write_now(stream.stream_id, conn._registry.encode(Credit(extra)))
         except BaseException:

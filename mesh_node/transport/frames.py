@@ -1,7 +1,8 @@
 """Framing: a stream carries frames of `body_len:u32be | blob_len:u32be | body | blob`.
 
 The body is msgpack (`[type_id, fields]`); the blob carries raw tensor bytes. Both lengths are
-checked against the limits before anything is allocated.
+checked against the limits before anything is allocated, and a partial frame's buffers grow
+with the bytes that arrive: a header alone (8 bytes claiming 65 MiB) costs nothing.
 """
 
 from __future__ import annotations
@@ -23,6 +24,10 @@ Buffer = bytes | bytearray | memoryview
 class FrameLimits:
     max_body: int = 1 << 20
     max_blob: int = 64 << 20
+
+
+# the handshake's four frames are a few hundred bytes each and carry no tensors
+HANDSHAKE_LIMITS = FrameLimits(max_body=4096, max_blob=0)
 
 
 def frame_parts(encoded: Encoded) -> list[bytes | memoryview]:
@@ -60,7 +65,7 @@ class FrameDecoder:
     ProtocolError the decoder is unusable (the stream gets reset).
     """
 
-    __slots__ = ("_blob", "_body", "_filled", "_head", "_limits", "_stage")
+    __slots__ = ("_blob", "_blob_len", "_body", "_body_len", "_head", "_limits", "_stage")
 
     _HEADER, _BODY, _BLOB = 0, 1, 2
 
@@ -70,17 +75,18 @@ class FrameDecoder:
         self._stage = self._HEADER
         self._body = _EMPTY
         self._blob = _EMPTY
-        self._filled = 0
+        self._body_len = self._blob_len = 0
 
     @property
     def idle(self) -> bool:
         """True between frames (nothing partial buffered)."""
         return self._stage == self._HEADER and not self._head
 
-    def _fill(self, target: bytearray, view: memoryview, pos: int) -> int:
-        take = min(len(target) - self._filled, len(view) - pos)
-        target[self._filled : self._filled + take] = view[pos : pos + take]
-        self._filled += take
+    @staticmethod
+    def _fill(target: bytearray, size: int, view: memoryview, pos: int) -> int:
+        """Append to `target` (growing it) up to `size` bytes in all; returns the new pos."""
+        take = min(size - len(target), len(view) - pos)
+        target += view[pos : pos + take]
         return pos + take
 
     def _check(self, body_len: int, blob_len: int) -> None:
@@ -99,10 +105,9 @@ class FrameDecoder:
 
     def feed(self, data: bytes | memoryview) -> list[tuple[Buffer, bytearray]]:
         """Frames completed by `data`, as (body, blob). A body may be a view into `data`."""
-        if self._stage == self._BLOB and len(data) < len(self._blob) - self._filled:
+        if self._stage == self._BLOB and len(data) < self._blob_len - len(self._blob):
             # fast path: a chunk in the middle of a large blob (tensor payloads)
-            self._blob[self._filled : self._filled + len(data)] = data
-            self._filled += len(data)
+            self._blob += data
             return []
         view = memoryview(data)
         frames: list[tuple[Buffer, bytearray]] = []
@@ -129,20 +134,21 @@ class FrameDecoder:
                 body_len, blob_len = HEADER.unpack(self._head)
                 self._head = b""
                 self._check(body_len, blob_len)
-                self._body = bytearray(body_len)
-                self._blob = bytearray(blob_len)
-                self._stage, self._filled = self._BODY, 0
+                self._body, self._body_len = bytearray(), body_len
+                self._blob, self._blob_len = (bytearray() if blob_len else _EMPTY), blob_len
+                self._stage = self._BODY
             if self._stage == self._BODY:
-                pos = self._fill(self._body, view, pos)
-                if self._filled < len(self._body):
+                pos = self._fill(self._body, self._body_len, view, pos)
+                if len(self._body) < self._body_len:
                     break
-                self._stage, self._filled = self._BLOB, 0
-            pos = self._fill(self._blob, view, pos)
-            if self._filled < len(self._blob):
-                break
+                self._stage = self._BLOB
+            if self._blob_len:
+                pos = self._fill(self._blob, self._blob_len, view, pos)
+                if len(self._blob) < self._blob_len:
+                    break
             frames.append((self._body, self._blob))
             self._body, self._blob = _EMPTY, _EMPTY
-            self._stage, self._filled = self._HEADER, 0
+            self._stage = self._HEADER
         return frames
 
     def finish(self) -> None:

@@ -123,7 +123,10 @@ class QuicCarrier(QuicConnectionProtocol):
         return self._quic.get_next_available_stream_id(is_unidirectional=unidirectional)
 
     def write(self, stream_id: int, data: bytes | memoryview, end: bool = False) -> None:
-        self._quic.send_stream_data(stream_id, data, end_stream=end)  # type: ignore[arg-type]
+        try:
+            self._quic.send_stream_data(stream_id, data, end_stream=end)  # type: ignore[arg-type]
+        except ValueError as exc:  # aioquic: a stream already finished and discarded
+            raise RuntimeError(str(exc)) from None
         self._wrote = True
         self._ack_with_data()
 

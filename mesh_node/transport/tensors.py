@@ -112,7 +112,7 @@ def _byte_view_dtype(tensor: Any) -> Any:
 
 def check_spec(dtype: Any, shape: Any) -> None:
     """Validate a dtype/shape pair from the wire; raises ValueError."""
-    if dtype not in DTYPES:
+    if type(dtype) is not str or dtype not in DTYPES:
         raise ValueError(f"unknown tensor dtype {dtype!r}; known: {', '.join(DTYPES)}")
     if len(shape) > MAX_RANK:
         raise ValueError(f"tensor rank {len(shape)} exceeds {MAX_RANK}")

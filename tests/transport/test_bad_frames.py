@@ -9,9 +9,9 @@ import struct
 import msgpack
 import pytest
 
-from mesh_node.transport.errors import ErrorCode
+from mesh_node.transport.errors import ErrorCode, ProtocolError
 from mesh_node.transport.messages import Ping, Pong
-from tests.transport.conftest import Note, Sleep
+from tests.transport.conftest import Count, Note, Sleep
 
 
 def watch_resets(conn):
@@ -58,6 +58,27 @@ CASES = {
         True,
         ErrorCode.INVALID_MESSAGE,
     ),
+    # a dtype that cannot be looked up (unhashable) is an invalid message, not a crash
+    "tensor dtype an array": (
+        frame(
+            pack(0xF007, {"x": {"dtype": [], "shape": [4], "offset": 0}, "factor": 1.0}), bytes(16)
+        ),
+        True,
+        ErrorCode.INVALID_MESSAGE,
+    ),
+    "tensor dtype a map": (
+        frame(
+            pack(0xF007, {"x": {"dtype": {}, "shape": [4], "offset": 0}, "factor": 1.0}), bytes(16)
+        ),
+        True,
+        ErrorCode.INVALID_MESSAGE,
+    ),
+    # [0xF001, {"text": <str of two bytes that are not UTF-8>}]: the body does not decode
+    "invalid UTF-8": (
+        frame(b"\x92\xcd\xf0\x01\x81\xa4text\xa2\xff\xfe"),
+        True,
+        ErrorCode.MALFORMED_FRAME,
+    ),
 }
 
 
@@ -96,7 +117,12 @@ async def test_bad_one_way_stream_is_dropped_and_peer_keeps_serving(pair_factory
         assert await conn.request(Ping(12), timeout=5) == Pong(12)
 
 
-async def test_frame_after_request_is_rejected(pair_factory, mesh):
+@pytest.mark.parametrize(
+    "after", [pack(0x10, {"seq": 1}), pack(0x06, {"amount": 4096})], ids=["Ping", "Credit"]
+)
+async def test_frame_after_request_is_rejected(pair_factory, mesh, after):
+    """After a unary request only FIN may follow: even Credit, which only a streamed
+    response takes, is an unexpected frame there."""
     async with pair_factory(mesh) as p:
         conn = await p.connect()
         resets = watch_resets(conn)
@@ -106,7 +132,7 @@ async def test_frame_after_request_is_rejected(pair_factory, mesh):
         carrier.flush()
         async with asyncio.timeout(5):
             await p.service_b.started.get()
-        carrier.write(stream_id, frame(pack(0x10, {"seq": 1})), end=False)
+        carrier.write(stream_id, frame(after), end=False)
         carrier.flush()
         fut = resets.setdefault(stream_id, asyncio.get_running_loop().create_future())
         async with asyncio.timeout(5):
@@ -135,3 +161,30 @@ async def test_garbage_from_the_server_fails_only_that_call(pair_factory, mesh):
             await conn.request(Sleep(1), timeout=5)
         assert bad.value.code == ErrorCode.MALFORMED_FRAME
         assert await conn.request(Ping(14), timeout=5) == Pong(14)
+
+
+async def test_a_responder_that_ignores_credit_is_cut_off(pair_factory, mesh, monkeypatch):
+    """A peer streaming items past the credit it was granted cannot fill the requester's
+    memory: the requester resets the stream once the peer sends with no credit left."""
+    async with pair_factory(mesh) as p:
+        conn = await p.connect()
+        server = p.b.connection_to(p.a.node_id)
+
+        async def ignore_credit(stream):
+            await asyncio.sleep(0)
+
+        monkeypatch.setattr(server, "_wait_credit", ignore_credit)
+        window = 256 << 10
+        got = 0
+        with pytest.raises(ProtocolError) as refused:
+            async with conn.stream(Count(2000, 4096), timeout=5, window=window) as items:
+                await asyncio.sleep(0.5)  # the reader does not read: items pile up
+                queued = items._stream.items._queue
+                buffered = sum(item[1] for item in queued if isinstance(item, tuple))
+                async for _ in items:
+                    got += 1
+        assert refused.value.code == ErrorCode.UNEXPECTED_MESSAGE
+        assert "without credit" in str(refused.value)
+        assert buffered <= window + (8 << 10), buffered  # one frame past the window at most
+        assert got * 4096 <= window + (8 << 10)
+        assert await conn.request(Ping(15), timeout=5) == Pong(15)

@@ -185,6 +185,26 @@ def test_oversize_frame_is_refused_before_allocating():
     assert bad_blob.value.code == ErrorCode.FRAME_TOO_LARGE
 
 
+def test_a_partial_frame_holds_only_the_bytes_that_arrived():
+    """A header within the limits allocates nothing by itself: a peer announcing 65 MiB
+    and sending 8 bytes pins 8 bytes, and the buffers grow with what arrives."""
+    decoders = [FrameDecoder(FrameLimits()) for _ in range(8)]
+    tracemalloc.start()
+    try:
+        for decoder in decoders:
+            assert decoder.feed(HEADER.pack(1 << 20, 64 << 20)) == []
+        held = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert held < 64 << 10
+    # and bytes fed in small pieces still make the whole frame
+    data = to_bytes(REGISTRY.encode(Scale(Tensor.from_torch(torch.arange(4096.0)), 2.0)))
+    decoder = FrameDecoder(FrameLimits())
+    frames = [f for i in range(0, len(data), 1000) for f in decoder.feed(data[i : i + 1000])]
+    assert len(frames) == 1
+    assert REGISTRY.decode(frames[0][0], memoryview(frames[0][1])).factor == 2.0
+
+
 def test_truncated_frame_is_detected_at_end_of_stream():
     data = to_bytes(SCHEMA.encode(Ping(1)))
     for cut in range(1, len(data)):
@@ -241,6 +261,25 @@ def test_well_formed_msgpack_with_any_fields_raises_only_protocol_errors(type_id
     blob = bytearray(64)
     with contextlib.suppress(ProtocolError):
         REGISTRY.decode(body, memoryview(blob))
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.fixed_dictionaries(
+        {},
+        optional={
+            "dtype": st.one_of(st.sampled_from(["F32", "BF16", "U8"]), _msgpack_values()),
+            "shape": st.one_of(st.lists(MSGPACK_INTS, max_size=9), _msgpack_values()),
+            "offset": st.one_of(st.integers(-8, 80), _msgpack_values()),
+        },
+    )
+)
+def test_tensor_headers_with_any_values_raise_only_protocol_errors(header):
+    """The tensor header {dtype, shape, offset}: any value in any of them (an array or a
+    map as dtype included) decodes or raises the protocol's own error."""
+    body = msgpack.packb([0xF007, {"x": header, "factor": 1.0}], use_bin_type=True)
+    with contextlib.suppress(ProtocolError):
+        REGISTRY.decode(body, memoryview(bytearray(64)))
 
 
 @settings(max_examples=200, deadline=None)

@@ -178,12 +178,14 @@ def test_a_peer_that_never_answers_fails_the_call_after_its_attempts(lane):
 
 def test_a_busy_answerer_is_waited_for_and_computes_the_call_once(lane):
     def busy(min_wait):
-        pair = lane(first_rto=0.005, min_rto=0.005, attempts=4, min_wait=min_wait)
-        assert pair.call(Ping(0)) == Pong(0)  # a quick lane: its next timeouts are short
-        pair.delay = 0.25  # then the server is busy (say, another host's prefill)
+        # a quick lane: timeouts of 5-20 ms (max_rto caps them however slowly the first
+        # call went on a loaded machine), so 4 datagrams go out within 80 ms
+        pair = lane(first_rto=0.005, min_rto=0.005, max_rto=0.02, attempts=4, min_wait=min_wait)
+        assert pair.call(Ping(0)) == Pong(0)
+        pair.delay = 0.4  # then the server is busy (say, another host's prefill)
         return pair
 
-    patient = busy(0.5)
+    patient = busy(1.0)
     assert patient.call(Ping(1)) == Pong(1)  # copies came meanwhile, answered from the kept one
     assert patient.handled == 2 and patient.server.answered > 2
     hasty = busy(0.0)  # giving up after 4 short timeouts takes the busy one for lost

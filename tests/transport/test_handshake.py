@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import struct
+import tracemalloc
 
 import pytest
 from aioquic.quic.connection import QuicConnection
@@ -125,14 +127,18 @@ class ScriptedClient:
     """Stands in for a Connection on a raw QUIC client: sends given frames on stream 0
     (one more each time the server answers) and records how the connection ended."""
 
-    def __init__(self, frames: list[bytes]):
+    def __init__(self, frames: list[bytes], reset: int | None = None):
         self.frames = list(frames)
+        self.reset = reset  # then reset stream 0 with this code, after the first frame
         self.carrier = None
         self.terminated = asyncio.get_running_loop().create_future()
         self.received = b""
 
     def start(self) -> None:
         self._next()
+        if self.reset is not None:
+            self.carrier.reset(0, self.reset)
+            self.carrier.flush()
 
     def _next(self) -> None:
         if self.frames:
@@ -154,10 +160,10 @@ class ScriptedClient:
             self.terminated.set_result((code, reason))
 
 
-async def run_scripted(endpoint, frames: list[bytes]):
+async def run_scripted(endpoint, frames: list[bytes], reset: int | None = None):
     loop = asyncio.get_running_loop()
     quic = QuicConnection(configuration=endpoint._configuration(is_client=True))
-    script = ScriptedClient(frames)
+    script = ScriptedClient(frames, reset)
 
     def make(carrier):
         script.carrier = carrier
@@ -217,6 +223,35 @@ async def test_garbage_handshake_is_rejected(mesh):
     async with quic_pair(mesh) as p:
         code, _ = await run_scripted(p.b, [b"\x00\x00\x00\x05\x00\x00\x00\x00hello"])
         assert code == ErrorCode.HANDSHAKE_FAILED
+        await assert_still_serving(p)
+
+
+async def test_a_reset_handshake_stream_fails_the_handshake_at_once(mesh):
+    from mesh_node.transport.connection import Limits
+
+    async with quic_pair(mesh, limits=Limits(handshake_timeout=5)) as p:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        code, reason = await run_scripted(p.b, [b"\x00\x00"], reset=ErrorCode.CANCELLED)
+        assert code == ErrorCode.HANDSHAKE_FAILED, reason
+        assert "reset the handshake stream (CANCELLED)" in reason
+        assert loop.time() - started < 4  # not by the handshake timer
+        await assert_still_serving(p)
+
+
+async def test_a_header_before_the_handshake_allocates_nothing_large(mesh):
+    """Before a peer is authenticated, 8 bytes claiming a 65 MiB frame cost it nothing:
+    handshake frames have small limits, and buffers grow only as bytes arrive."""
+    async with quic_pair(mesh) as p:
+        tracemalloc.start()
+        try:
+            code, reason = await run_scripted(p.b, [struct.pack(">II", 1 << 20, 64 << 20)])
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert code == ErrorCode.HANDSHAKE_FAILED
+        assert "exceeds 4096" in reason
+        assert peak < 16 << 20  # the claim was 65 MiB
         await assert_still_serving(p)
 
 

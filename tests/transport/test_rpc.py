@@ -32,6 +32,7 @@ from tests.transport.conftest import (
     Sleep,
     Unhandled,
     connected,
+    memory_pair,
     quic_pair,
 )
 
@@ -365,3 +366,76 @@ async def test_a_request_handler_starts_before_the_housekeeping_transmit(mesh):
                 assert "transmit" in order[started:], seen  # the answer, then housekeeping
         finally:
             carrier.transmit, carrier.datagram_received = transmit, received
+
+
+async def test_a_stream_whose_first_bytes_come_late_is_still_served(pair_factory, mesh):
+    """QUIC may deliver a higher-numbered stream's first bytes before a lower one's (a lost
+    packet, retransmitted later): the lower stream is a new exchange all the same, for a
+    request and for a one-way message."""
+    async with pair_factory(mesh) as p:
+        conn = await p.connect()
+        carrier = conn._carrier
+        quic = getattr(carrier, "_quic", None)
+        first = conn._open_call("unary")
+        if quic is not None:  # make aioquic give the next call the next id
+            quic._get_or_create_stream_for_send(first.stream_id)
+        second = conn._open_call("unary")
+        assert second.stream_id > first.stream_id
+        note_first = carrier.open_stream(unidirectional=True)
+        if quic is not None:
+            quic._get_or_create_stream_for_send(note_first)
+        note_second = carrier.open_stream(unidirectional=True)
+        assert note_second > note_first
+        for stream_id, message, end in [
+            (second.stream_id, Ping(2), True),
+            (note_second, Note("second"), True),
+        ]:
+            conn._write_now(stream_id, conn._registry.encode(message), end=end)
+        await asyncio.sleep(0.1)  # the higher streams are served first
+        conn._write_now(first.stream_id, conn._registry.encode(Ping(1)), end=True)
+        conn._write_now(note_first, conn._registry.encode(Note("first")), end=True)
+        async with asyncio.timeout(5):
+            assert await second.items == Pong(2)
+            assert await first.items == Pong(1)
+            notes = {(await p.service_b.notes.get())[1] for _ in range(2)}
+        assert notes == {"first", "second"}
+        for stream in (first, second):
+            conn._drop(stream)
+        # streams already served stay finished: late bytes on them are ignored
+        server = p.b.connection_to(p.a.node_id)
+        server.stream_data(first.stream_id, b"late", True)
+        assert first.stream_id not in server._streams
+        assert await conn.request(Ping(3), timeout=5) == Pong(3)
+
+
+async def test_a_peer_skipping_too_many_stream_ids_is_disconnected(mesh):
+    """Skipped stream ids are remembered until their bytes come; a peer that skips more
+    than QUIC's stream limit would ever allow is closed rather than remembered without
+    bound (over QUIC, aioquic refuses it first)."""
+    from mesh_node.transport.connection import MAX_STREAM_GAPS
+
+    async with memory_pair(mesh) as p:
+        conn = await p.connect()
+        far = conn._carrier.open_stream(unidirectional=False) + 4 * (MAX_STREAM_GAPS + 1)
+        conn._carrier.write(far, b"", end=True)
+        conn._carrier.flush()
+        async with asyncio.timeout(5):
+            await conn.wait_closed()
+        assert conn.close_code == ErrorCode.PROTOCOL_VIOLATION
+
+
+async def test_a_refused_one_way_message_fails_at_once(mesh):
+    """A message the peer refuses (here: over its frame limit) is reported as soon as the
+    refusal arrives, not when the sender's timeout runs out. (Over QUIC: the in-memory
+    network acknowledges the bytes at once, so the send is over before any refusal.)"""
+    async with quic_pair(mesh) as p:
+        conn = await p.connect()
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with pytest.raises(ConnectionLost, match="refused the message"):
+            await conn.send(Note("x" * (2 << 20)), timeout=5)  # a body over the 1 MiB limit
+        assert loop.time() - started < 4
+        assert not conn._drain_waiters
+        await conn.send(Note("small"), timeout=5)
+        async with asyncio.timeout(5):
+            assert (await p.service_b.notes.get())[1] == "small"
