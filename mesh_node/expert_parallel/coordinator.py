@@ -55,6 +55,7 @@ from mesh_node.expert_parallel.dispatch import (
     PeerGone,
     RemoteExperts,
     partial_sums,
+    rows_per_call,
     weighted_call,
 )
 from mesh_node.expert_parallel.lanes import ExpertLanes
@@ -84,9 +85,6 @@ from mesh_node.transport.messages import ExpressLane, ExpressOpen
 log = logging.getLogger("mesh_node.experts")
 
 UNIFORM = "uniform"  # the rankings digest meaning "no rankings: every expert alike"
-
-
-MAX_CALL_BYTES = 32 << 20  # rows per ExpertCall (the frame's blob limit is 64 MiB)
 
 
 def split_call(
@@ -764,8 +762,7 @@ class ExpertParallel:
         )
         if conn is None:
             raise PeerGone(f"{peer.short} unreachable")
-        row_bytes = rows.shape[1] * max(rows.element_size(), 4)  # answers are float32
-        pieces = split_call(experts, counts, max(1, MAX_CALL_BYTES // row_bytes))
+        pieces = split_call(experts, counts, rows_per_call(rows))
         if len(pieces) == 1:
             partial = await self._request(
                 conn, peer, model, layer, experts, counts, rows, token_of, weights
@@ -812,6 +809,9 @@ class ExpertParallel:
                 secret,
                 min(self.config.connect_timeout, 2.0),
             )
+            if not conn.is_open:  # closed during the probe: the peer forgot the lane with it
+                lanes.refused(peer, 0.0)  # a call over the next connection may open another
+                return
             lanes.add(peer, conn, address, reply.lane, secret, start)
         except BaseException as exc:
             # a node without lanes answers NOT_SUPPORTED: ask it no more

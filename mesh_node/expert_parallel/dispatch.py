@@ -20,7 +20,10 @@ A peer that fails (timeout, connection lost, gone from the mesh, refusal) is dro
 rest of the step and its experts go to another holder (a replica) at once. When no live node
 holds an expert, the step waits for the routes to change (the plan is recomputed and some
 peer loads it) up to `holder_wait` seconds, then fails with `ExpertsUnavailable`: the request
-gets a clear error, never a silently wrong answer.
+gets a clear error, never a silently wrong answer. That error says what each peer tried last
+answered. A refusal that asking again cannot change (BAD_REQUEST: say, rows in another dtype
+than the peer holds; NOT_SUPPORTED) is not retried: when only such peers hold an expert the
+step fails at once with their reason.
 """
 
 from __future__ import annotations
@@ -40,10 +43,23 @@ from mesh_node.engine.errors import EngineError
 from mesh_node.engine.experts import ExpertBank
 from mesh_node.expert_parallel.messages import ExpertCall, ExpertOutput
 from mesh_node.identity import NodeId
+from mesh_node.transport.errors import ErrorCode, RemoteError
 from mesh_node.transport.express import ExpressFailed
 from mesh_node.transport.tensors import Tensor
 
 log = logging.getLogger("mesh_node.experts")
+
+MAX_CALL_BYTES = 32 << 20  # rows per ExpertCall (the frame's blob limit is 64 MiB)
+
+
+def rows_per_call(rows: torch.Tensor) -> int:
+    """How many rows one ExpertCall carries at most (a huge prefill's call to a peer is made
+    as several, one after another; the answers are float32)."""
+    return max(1, MAX_CALL_BYTES // (rows.shape[1] * max(rows.element_size(), 4)))
+
+
+# answers that asking the same peer again cannot change
+_FINAL_REFUSALS = frozenset({ErrorCode.BAD_REQUEST, ErrorCode.NOT_SUPPORTED})
 
 
 class ExpertsUnavailable(EngineError):
@@ -80,6 +96,7 @@ def partial_sums(reply: object, rows: torch.Tensor, peer: NodeId) -> torch.Tenso
 @dataclass(frozen=True)
 class DispatchConfig:
     call_timeout: float = 30.0  # one remote call, compute included
+    call_slack: float = 5.0  # a peer call's wait beyond its calls' own timeouts (a backstop)
     holder_wait: float = 60.0  # how long a step waits for a missing expert to get a holder
 
 
@@ -196,13 +213,16 @@ class RemoteExperts(nn.Module):
         self._stats.steps += 1
         started = time.perf_counter()
         pending = sorted(pairs)
-        failed: set[NodeId] = set()
+        failed: set[NodeId] = set()  # failed in this round of waiting: asked again later
+        refused: set[NodeId] = set()  # refused for good: not asked again in this step
+        last_error: dict[NodeId, str] = {}
         deadline = time.monotonic() + self.config.holder_wait
         while pending:
             version = self._routes.version
             bank = self._local()  # once per round: the loop may swap the bank meanwhile
-            local, by_peer, orphans = self._assign(pending, failed, bank)
+            local, by_peer, orphans = self._assign(pending, failed | refused, bank)
             calls: dict[NodeId, tuple[torch.Tensor, Pending, tuple[Any, ...]]] = {}
+            waits: dict[NodeId, float] = {}
             try:
                 for peer, experts in by_peer.items():
                     tokens, rows, counts, token_of, pair_weights = _request_of(
@@ -211,6 +231,11 @@ class RemoteExperts(nn.Module):
                     args = (peer, self.layer, experts, counts, rows, token_of, pair_weights)
                     lane = self._lanes.start(*args) if self._lanes is not None else None
                     calls[peer] = (tokens, lane or self._on_loop(args), args)
+                    # the call is made as this many ExpertCalls, each with call_timeout
+                    waits[peer] = (
+                        self.config.call_timeout * -(-sum(counts) // rows_per_call(rows))
+                        + self.config.call_slack
+                    )
                 self._stats.remote_calls += len(calls)
                 if local:
                     assert bank is not None
@@ -224,21 +249,24 @@ class RemoteExperts(nn.Module):
                 for peer, (tokens, future, args) in calls.items():
                     try:
                         try:
-                            partial = future.result(self.config.call_timeout + 5.0)
+                            partial = future.result(waits[peer])
                         except ExpressFailed:  # no answer on the lane: the same call over QUIC
                             future = self._on_loop(args)
                             calls[peer] = (tokens, future, args)
-                            partial = future.result(self.config.call_timeout + 5.0)
+                            partial = future.result(waits[peer])
                     except Exception as exc:  # any failure: another holder takes it
                         future.cancel()
+                        reason = str(exc) or type(exc).__name__
                         log.warning(
                             "expert call to %s for layer %d failed (%s): trying another holder",
                             peer.short,
                             self.layer,
-                            exc or type(exc).__name__,
+                            reason,
                         )
                         self._stats.failovers += 1
-                        failed.add(peer)
+                        last_error[peer] = reason
+                        final = isinstance(exc, RemoteError) and exc.code in _FINAL_REFUSALS
+                        (refused if final else failed).add(peer)
                         pending = sorted(pending + by_peer[peer])
                         continue
                     _add_rows(out, tokens.to(out.device), partial.to(out.device))
@@ -250,12 +278,20 @@ class RemoteExperts(nn.Module):
                 now = time.perf_counter()
                 self._stats.wait_seconds += now - waited
                 self._stats.step_seconds += now - started
-            if pending and not any(self._holders(e, failed) for e in pending):
+            if pending and not any(self._holders(e, failed | refused) for e in pending):
+                holders = [set(self._routes.holders(self.layer, e)) for e in pending]
+                if refused and all(h and h <= refused for h in holders):
+                    raise ExpertsUnavailable(
+                        f"experts {pending} of layer {self.layer} are held only by peers that "
+                        f"refuse the call: {_answers(refused, last_error)}"
+                    )
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
+                    tried = f"; last answers: {_answers(last_error, last_error)}"
                     raise ExpertsUnavailable(
                         f"experts {pending} of layer {self.layer} have no live holder in the "
                         f"mesh (waited {self.config.holder_wait:.0f}s for one)"
+                        + (tried if last_error else "")
                     )
                 # wait for the routes to change, but look again every half second: a holder
                 # that was only suspected for a moment is back without any change to them
@@ -286,6 +322,11 @@ class RemoteExperts(nn.Module):
             peer = next((h for h in holders if h in by_peer), holders[0])
             by_peer.setdefault(peer, []).append(expert)
         return local, {p: sorted(e) for p, e in by_peer.items()}, orphans
+
+
+def _answers(peers: Any, last_error: dict[NodeId, str]) -> str:
+    """What some peers answered last, for an error message."""
+    return "; ".join(f"{peer.short}: {last_error[peer]}" for peer in sorted(peers, key=str))
 
 
 def _add_rows(out: torch.Tensor, tokens: torch.Tensor, partial: torch.Tensor) -> None:

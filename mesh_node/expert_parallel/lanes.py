@@ -89,14 +89,15 @@ class ExpertLanes:
             return  # the call's lane is gone already; a newer one took its place
         with self._lock:
             self._owners.pop(peer, None)
-            self._not_before[peer] = time.monotonic() + self.retry_after
+            self._hold_off(peer, time.monotonic() + self.retry_after)
 
     def wants(self, peer: NodeId) -> bool:
         """Whether to open a lane to `peer` now (none open, none opening, none failed lately);
         True marks it opening until `add` or `refused`."""
         with self._lock:
             if (
-                peer in self.client
+                self.client.closed
+                or peer in self.client
                 or peer in self._opening
                 or time.monotonic() < self._not_before.get(peer, 0.0)
             ):
@@ -112,19 +113,31 @@ class ExpertLanes:
         lane: bytes,
         secret: bytes,
         start: LaneState | None = None,
-    ) -> None:
-        self.client.add(peer, address, lane, secret, start)
+    ) -> bool:
+        """Use a lane granted (over the connection `owner`) and probed; False, and nothing
+        kept, when these lanes were closed meanwhile (the model stopped being hosted)."""
+        try:
+            self.client.add(peer, address, lane, secret, start)
+        except RuntimeError:  # closed: the model stopped being hosted, or a rebuild
+            return False
         with self._lock:
             self._owners[peer] = owner
             self._opening.discard(peer)
+        return True
 
     def refused(self, peer: NodeId, retry_after: float | None = None) -> None:
         """Opening a lane to `peer` failed: try again after `retry_after` s (None: never)."""
         with self._lock:
             self._opening.discard(peer)
-            self._not_before[peer] = (
-                float("inf") if retry_after is None else time.monotonic() + retry_after
+            self._hold_off(
+                peer, float("inf") if retry_after is None else time.monotonic() + retry_after
             )
+
+    def _hold_off(self, peer: NodeId, until: float) -> None:
+        """No new lane to `peer` before `until` (under the lock); forgets the holds passed."""
+        now = time.monotonic()
+        self._not_before = {p: t for p, t in self._not_before.items() if t > now}
+        self._not_before[peer] = until
 
     def connection_closed(self, owner: object) -> None:
         """A connection closed: the lane it opened is gone on the peer's side too."""

@@ -449,6 +449,7 @@ class ExpressClient:
         self._by_id: dict[bytes, _CallingLane] = {}
         self._sockets: dict[int, socket.socket] = {}
         self._lock = threading.Lock()
+        self._closed = False
         self._pending: dict[tuple[bytes, int], ExpressCall] = {}
         self._ids = itertools.count(1)
         self.resent = 0  # datagrams sent again
@@ -464,7 +465,8 @@ class ExpressClient:
         start: LaneState | None = None,
     ) -> None:
         """A lane to `key` at `address`, its numbering going on from `start` (a probe's, see
-        `probe_lane`); ValueError for a port outside 1-65535 or a lane id not 8 bytes long."""
+        `probe_lane`); ValueError for a port outside 1-65535 or a lane id not 8 bytes long,
+        RuntimeError once the client is closed (it opens no socket again)."""
         problem = port_error(address[1])
         if problem is not None:
             raise ValueError(f"a lane's {problem}")
@@ -473,6 +475,8 @@ class ExpressClient:
         family, host = _family_of(address[0])
         calls, answers = lane_keys(secret, lane)
         with self._lock:
+            if self._closed:
+                raise RuntimeError("the express client is closed")
             if family not in self._sockets:
                 sock = _udp_socket(family)
                 sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", 0))
@@ -503,6 +507,10 @@ class ExpressClient:
     def __contains__(self, key: Hashable) -> bool:
         return key in self._lanes
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def lane_id(self, key: Hashable) -> bytes | None:
         """The id of the lane to `key` now, None when there is none."""
         lane = self._lanes.get(key)
@@ -510,6 +518,7 @@ class ExpressClient:
 
     def close(self) -> None:
         with self._lock:
+            self._closed = True
             self._lanes.clear()
             self._by_id.clear()
             sockets, self._sockets = list(self._sockets.values()), {}
@@ -543,6 +552,8 @@ class ExpressClient:
         while call.answer is None and call.error is None:
             now = time.monotonic()
             if now >= call.sent_at + call.rto:
+                if self._read(list(self._sockets.values())):
+                    continue  # the answer may be among what arrived: no copy for it then
                 if call.attempts >= self.attempts and now - call.first_sent >= self.min_wait:
                     call.error = ExpressFailed(
                         f"no answer on the lane after {call.attempts} datagrams"

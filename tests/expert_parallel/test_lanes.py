@@ -154,6 +154,7 @@ class _Granting:
 
     def __init__(self, grant):
         self.remote_address = ("127.0.0.1", 7300)
+        self.is_open = True
         self._grant = grant
 
     async def request(self, message, timeout):
@@ -198,3 +199,44 @@ async def test_a_granted_lane_is_used_only_once_it_answered_a_probe():
     finally:
         lanes.client.close()
         server.close()
+
+
+async def test_a_lane_whose_connection_closed_during_its_probe_is_not_used():
+    """The peer forgets a lane with the connection that granted it: one that closed while
+    the probe was out leaves no lane (and a later call may open a new one)."""
+    owner = SimpleNamespace(
+        config=SimpleNamespace(connect_timeout=2.0), endpoint=SimpleNamespace(registry=REGISTRY)
+    )
+    peer = NodeIdentity.generate().node_id
+    server = ExpressServer(REGISTRY, host="127.0.0.1")
+    server.on_call(Ping, lambda node, msg: Pong(msg.seq))
+    server.start()
+    lanes = ExpertLanes("builtin", ExpressClient(REGISTRY))
+    try:
+        assert lanes.wants(peer)
+
+        def grant(secret):
+            lane = server.open_lane(peer, "connection", secret)
+            conn.is_open = False  # closes while the lane is being probed
+            return lane, server.port
+
+        conn = _Granting(grant)
+        await ExpertParallel._open_lane(owner, lanes, peer, conn)
+        assert peer not in lanes.client and lanes.status()["lanes"] == 0
+        assert lanes.wants(peer)
+    finally:
+        lanes.client.close()
+        server.close()
+
+
+def test_a_lane_added_after_its_lanes_closed_opens_no_socket():
+    """A probe that finishes after the model stopped being hosted (its lanes closed) keeps
+    nothing: no lane, and no UDP socket left open."""
+    peer = NodeIdentity.generate().node_id
+    lanes = ExpertLanes("builtin", ExpressClient(REGISTRY))
+    assert lanes.wants(peer)
+    lanes.close()
+    assert not lanes.wants(NodeIdentity.generate().node_id)  # and asks for no more lanes
+    assert not lanes.add(peer, "connection", ("127.0.0.1", 9), os.urandom(8), os.urandom(32))
+    assert not lanes.client._sockets and peer not in lanes.client
+    assert lanes.status()["lanes"] == 0

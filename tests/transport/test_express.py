@@ -193,6 +193,17 @@ def test_a_busy_answerer_is_waited_for_and_computes_the_call_once(lane):
         hasty.call(Ping(1))
 
 
+def test_an_answer_waiting_when_the_timer_fires_is_read_before_any_copy_is_sent(lane):
+    pair = lane(first_rto=0.001, min_rto=0.001)
+    call = pair.client.call("peer", Ping(3))
+    deadline = time.monotonic() + 5
+    while pair.server.answered < 1 and time.monotonic() < deadline:
+        time.sleep(0.01)  # the answer is in the client's socket, the timer long past
+    time.sleep(0.05)
+    assert pair.client.result(call, 2.0) == Pong(3)
+    assert pair.client.resent == 0
+
+
 def test_a_copy_is_the_same_call_id_with_the_same_plaintext(lane):
     pair = lane()
     call_key, answer_key = (AESGCM(k) for k in lane_key_bytes(pair.secret, pair.lane))
