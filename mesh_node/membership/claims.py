@@ -26,6 +26,12 @@ SELF_SPOKEN = (ALIVE, LEFT)
 _LABEL = b"mesh-node/1 claim\x00"
 MAX_ADDRESSES = 8
 MAX_HOST = 255
+MAX_INCARNATION = 2**63 - 1
+# Suspicions and deaths may name incarnations up to here only: their subject refutes one by
+# moving above it, so a claim at the very top would leave it no valid alive claim to make
+# (incarnations start at a node's start time in milliseconds, ~2**41, and grow by one per
+# refutation: none gets near this).
+MAX_ACCUSED = MAX_INCARNATION - 2**32
 
 
 def claim_payload(
@@ -63,8 +69,10 @@ def shape_error(claim: Claim) -> str | None:
         return f"unknown claim kind {claim.kind!r}"
     if len(claim.subject) != 32 or len(claim.speaker) != 32 or len(claim.signature) != 64:
         return "claim ids must be 32 bytes and its signature 64"
-    if not 0 <= claim.incarnation < 2**63:
+    if not 0 <= claim.incarnation <= MAX_INCARNATION:
         return "claim incarnation out of range"
+    if claim.kind in (SUSPECT, DEAD) and claim.incarnation > MAX_ACCUSED:
+        return f"a {claim.kind} claim's incarnation must be at most {MAX_ACCUSED}"
     if (claim.kind in SELF_SPOKEN) != (claim.speaker == claim.subject):
         who = "its subject" if claim.kind in SELF_SPOKEN else "another node"
         return f"a {claim.kind} claim must be spoken by {who}"

@@ -35,6 +35,7 @@ from mesh_node.membership.claims import (
     ALIVE,
     DEAD,
     LEFT,
+    MAX_INCARNATION,
     SUSPECT,
     VERIFIER,
     make_claim,
@@ -282,6 +283,9 @@ class Membership:
             self._state_dirty.set()
 
     def _refute(self, incarnation: int) -> None:
+        if max(self.incarnation, incarnation) + 1 > MAX_INCARNATION:
+            log.error("cannot refute a claim about us at incarnation %d: out of range", incarnation)
+            return
         self.incarnation = max(self.incarnation, incarnation) + 1
         self.health = min(self.health + 1, self.config.max_health)
         claim = self._alive_claim()
@@ -470,6 +474,7 @@ class Membership:
         return True
 
     async def _probe(self, member: Member, deadline: float) -> None:
+        probed = member.incarnation  # the table changes `member` in place meanwhile
         timeout = self.config.probe_timeout * (1 + self.health)
         if await self._ping(member.node_id, member.addresses, timeout):
             self.health = max(0, self.health - 1)
@@ -490,7 +495,7 @@ class Membership:
             if missed:  # helpers that did not even answer: maybe our own network is bad
                 self.health = min(self.health + 1, self.config.max_health)
         current = self.table.get(member.node_id)
-        if current is not None and current.live and current.incarnation == member.incarnation:
+        if current is not None and current.live and current.incarnation == probed:
             self.health = min(self.health + 1, self.config.max_health)
             self._suspect(current)
 

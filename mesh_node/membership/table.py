@@ -3,13 +3,18 @@ everything else reads snapshots or subscribes to its change events.
 
 Claims change a member's status (see claims.py for which claim wins); a member's state is
 replaced only by that member's own newer state. Dead and left members stay as tombstones,
-so old gossip cannot bring them back; only a newer incarnation (a real rejoin) does.
+so old gossip cannot bring them back; only a newer incarnation (a real rejoin) does. Once a
+tombstone is forgotten (after its TTL) the table still remembers, in a bounded list, which
+incarnation it was, so another node's copy of the tombstone, forgotten a little later,
+cannot bring it back either. A full table makes room for a live node by forgetting its
+oldest tombstone.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 
@@ -74,6 +79,8 @@ class PeerTable:
         self._digest: bytes | None = None
         self._peers_by_status: dict[tuple[str, ...], list[Member]] = {}
         self._full_warned = False
+        # forgotten tombstones: node -> the incarnation it died or left at (oldest first)
+        self._forgotten: OrderedDict[NodeId, int] = OrderedDict()
 
     # ---- reading
     def get(self, node_id: NodeId) -> Member | None:
@@ -150,19 +157,7 @@ class PeerTable:
         member = self._members.get(subject)
         now = self._clock()
         if member is None:
-            if len(self._members) >= self._max:
-                if not self._full_warned:
-                    log.warning("peer table full (%d members): ignoring new nodes", self._max)
-                    self._full_warned = True
-                return None
-            member = Member(subject, claim.kind, claim.incarnation, claim, now)
-            if claim.kind == ALIVE:
-                member.alive_claim = claim
-            if claim.kind == SUSPECT:
-                member.accusers = {claim.speaker}
-            self._members[subject] = member
-            self._changed(member, STATUS)
-            return member
+            return self._new_member(claim, now)
         news = False
         if claim.kind == ALIVE and (
             member.alive_claim is None or claim.incarnation > member.alive_claim.incarnation
@@ -193,12 +188,60 @@ class PeerTable:
         self._changed(member, STATUS)
         return member
 
+    def _new_member(self, claim: Claim, now: float) -> Member | None:
+        """A member from its first claim; None when the table is full of live members, or
+        the node was forgotten at this incarnation."""
+        subject = NodeId(claim.subject)
+        forgotten = self._forgotten.get(subject)
+        if forgotten is not None:
+            if claim.incarnation <= forgotten:
+                return None  # a tombstone we already forgot: it stays forgotten
+            del self._forgotten[subject]  # a newer incarnation: a real rejoin
+        if len(self._members) >= self._max and not self._evict_tombstone(claim):
+            if not self._full_warned:
+                log.warning("peer table full (%d members): ignoring new nodes", self._max)
+                self._full_warned = True
+            return None
+        member = Member(subject, claim.kind, claim.incarnation, claim, now)
+        if claim.kind == ALIVE:
+            member.alive_claim = claim
+        if claim.kind == SUSPECT:
+            member.accusers = {claim.speaker}
+        self._members[subject] = member
+        self._changed(member, STATUS)
+        return member
+
+    def _evict_tombstone(self, claim: Claim) -> bool:
+        """Make room for a live node (table full): forget the oldest tombstone. False when
+        the claim is no alive one or every member is live."""
+        if claim.kind != ALIVE:
+            return False
+        tombstones = [m for m in self._members.values() if m.status in TOMBSTONES]
+        if not tombstones:
+            return False
+        self._forget(min(tombstones, key=lambda m: m.status_since))
+        return True
+
+    def _forget(self, member: Member) -> None:
+        del self._members[member.node_id]
+        self._forgotten[member.node_id] = member.incarnation
+        self._forgotten.move_to_end(member.node_id)
+        while len(self._forgotten) > self._max:
+            self._forgotten.popitem(last=False)
+        self._changed(member, REMOVED)
+
     def apply_state(self, state: PeerState) -> bool:
-        """A member's own full state (received from it). True when it is newer."""
+        """A member's own full state (received from it). True when it is newer: a higher
+        incarnation, or the same one at a higher version (a restarted node's versions start
+        from its clock, which may be behind its previous run's)."""
         member = self._members.get(NodeId(state.node))
         if member is None or not member.live:
             return False
-        if member.state is not None and state.version <= member.state.version:
+        held = member.state
+        if held is not None and (state.incarnation, state.version) <= (
+            held.incarnation,
+            held.version,
+        ):
             return False
         member.state = state
         self._changed(member, STATE)
@@ -209,9 +252,13 @@ class PeerTable:
         member = self._members.get(NodeId(delta.node))
         if member is None or not member.live:
             return "stale"
+        if member.state is None or (
+            member.state.incarnation < member.incarnation and delta.base != member.state.version
+        ):
+            return "gap"  # it moved to a new incarnation (a restart, say): fetch its state
         if delta.version <= member.state_version:
             return "stale"
-        if member.state is None or delta.base != member.state.version:
+        if delta.base != member.state.version:
             return "gap"
         changes = {
             name: getattr(delta, name)
@@ -251,6 +298,5 @@ class PeerTable:
             if m.status in TOMBSTONES and now - m.status_since > self._ttl
         ]
         for member in gone:
-            del self._members[member.node_id]
-            self._changed(member, REMOVED)
+            self._forget(member)
         return gone

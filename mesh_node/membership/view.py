@@ -100,6 +100,8 @@ class MeshView:
         return sub
 
     def _on_change(self, member: Member, what: str) -> None:
+        if what == REMOVED:
+            self._contact_sent.pop(member.node_id, None)
         if not self._subscribers:
             return
         if what == REMOVED:

@@ -223,3 +223,72 @@ def test_state_numbers_must_be_finite_and_not_negative():
         assert "finite number >= 0" in state_error(state(1, load=load))
     assert "host name" in state_error(state(1, addresses=[Address("x" * 64 + ".example", 1)]))
     assert "out of range" in state_error(state(1, addresses=[Address("10.0.0.1", 70000)]))
+
+
+def test_a_forgotten_tombstone_stays_forgotten_until_a_newer_incarnation():
+    """After its TTL a tombstone is forgotten, and so are older claims about that node that
+    another node, which forgot it a little later, may still hand over; a rejoin is not."""
+    now = [0.0]
+    table = PeerTable(OTHERS[2].node_id, lambda: now[0], tombstone_ttl=100)
+    table.apply(claim(ALIVE, 3))
+    table.apply(claim(DEAD, 3))
+    now[0] = 101
+    assert [m.node_id for m in table.reap()] == [SUBJECT.node_id]
+    for old in (claim(DEAD, 3), claim(ALIVE, 3), claim(SUSPECT, 2), claim(LEFT, 3)):
+        assert table.apply(old) is None and table.get(SUBJECT.node_id) is None
+    back = table.apply(claim(ALIVE, 4))  # it restarted: a higher incarnation
+    assert back is not None and back.status == ALIVE and back.incarnation == 4
+
+
+def test_a_full_table_forgets_its_oldest_tombstone_for_a_live_node():
+    now = [0.0]
+    table = PeerTable(OTHERS[2].node_id, lambda: now[0], max_members=4)
+    me = OTHERS[2]
+    table.apply(make_claim(me, TAG, ALIVE, me.node_id, 1, ADDR))
+    gone = [NodeIdentity.generate() for _ in range(3)]
+    for left in gone:  # three nodes came and left (ephemeral ids, say)
+        now[0] += 10
+        table.apply(make_claim(left, TAG, ALIVE, left.node_id, 1, ADDR))
+        table.apply(make_claim(left, TAG, LEFT, left.node_id, 1, []))
+    newcomer = NodeIdentity.generate()
+    member = table.apply(make_claim(newcomer, TAG, ALIVE, newcomer.node_id, 1, ADDR))
+    assert member is not None and member.status == ALIVE and len(table) == 4
+    assert table.get(gone[0].node_id) is None  # the oldest tombstone made room
+    assert table.get(gone[1].node_id) is not None
+    assert table.apply(make_claim(gone[0], TAG, LEFT, gone[0].node_id, 1, [])) is None
+    # a tombstone never takes a live member's place, and live members are never evicted
+    late = NodeIdentity.generate()
+    table.apply(make_claim(gone[1], TAG, ALIVE, gone[1].node_id, 2, ADDR))  # rejoined
+    table.apply(make_claim(gone[2], TAG, ALIVE, gone[2].node_id, 2, ADDR))
+    assert table.apply(make_claim(late, TAG, LEFT, late.node_id, 1, [])) is None
+    assert table.apply(make_claim(late, TAG, ALIVE, late.node_id, 1, ADDR)) is None  # full
+    assert all(m.status == ALIVE for m in table) and len(table) == 4
+
+
+def test_an_accusation_near_the_top_incarnation_is_malformed():
+    from mesh_node.membership.claims import MAX_ACCUSED, MAX_INCARNATION
+
+    assert shape_error(claim(SUSPECT, MAX_ACCUSED)) is None
+    for kind in (SUSPECT, DEAD):
+        assert "must be at most" in shape_error(claim(kind, MAX_ACCUSED + 1))
+    assert shape_error(claim(ALIVE, MAX_INCARNATION)) is None  # the subject may refute there
+    assert "out of range" in shape_error(claim(ALIVE, MAX_INCARNATION + 1))
+
+
+def test_a_state_of_a_higher_incarnation_replaces_one_of_a_higher_version():
+    """A node restarted with its clock behind its previous run's publishes lower versions;
+    its state is still the newer one once it is at a higher incarnation."""
+    from dataclasses import replace
+
+    table = PeerTable(OTHERS[2].node_id, lambda: 0.0)
+    table.apply(claim(ALIVE, 1))
+    assert table.apply_state(replace(state(900), name="old run"))
+    table.apply(claim(ALIVE, 2))  # it came back and went above its old incarnation
+    # a delta of the new run (versions from a clock 10 minutes behind) needs its full state
+    delta = StateDelta(node=SUBJECT.node_id.key, base=500, version=501, name="new run")
+    assert table.apply_delta(delta) == "gap"
+    assert not table.apply_state(replace(state(501), name="new run", incarnation=1))
+    assert table.apply_state(replace(state(501), name="new run", incarnation=2))
+    assert table.get(SUBJECT.node_id).state.name == "new run"
+    assert table.apply_delta(replace(delta, base=501, version=502, name="on")) == "applied"
+    assert not table.apply_state(replace(state(900), name="old run", incarnation=1))

@@ -188,3 +188,94 @@ def test_small_meshes_detect_failures_too(nodes):
         assert took < 5.0
 
     simulate(check, nodes=nodes)
+
+
+def test_a_dead_node_is_forgotten_everywhere_and_stays_forgotten():
+    """Nodes forget a tombstone at slightly different times (their reap ticks differ); the
+    ones that forgot first must not get it back, with a fresh TTL, from the others."""
+    ttl = 60.0
+
+    async def main():
+        config = MembershipConfig(tombstone_ttl=ttl, sync_interval=2.0)
+        mesh = SimMesh(MemoryNetwork(latency=LAN), MeshSecret(new_mesh_id()), config, seed=3)
+        for _ in range(4):
+            await mesh.add()
+            await asyncio.sleep(1.7)  # started at different times: reaping at different times
+        try:
+            await mesh.wait_for(mesh.converged, timeout=10)
+            victim = mesh.nodes[-1]
+            mesh.crash(victim)
+            await mesh.wait_for(lambda: all(n.status_of(victim) == DEAD for n in mesh.nodes), 20)
+            await asyncio.sleep(5 * ttl)
+            return [n.node_id.short for n in mesh.nodes if n.status_of(victim) is not None]
+        finally:
+            await mesh.stop()
+
+    assert virtual_time.run(main()) == []
+
+
+def test_a_node_restarted_with_its_clock_behind_replaces_its_old_state():
+    """Its state versions (from its start time) are lower than its previous run's; peers
+    still take its new state once it is at a higher incarnation."""
+    import tests.membership.mesh as sim
+
+    async def check(mesh):
+        victim = mesh.nodes[2]
+        victim.membership.update_state(models_served=["old-model"])
+        await mesh.wait_for(
+            lambda: all(
+                n.membership.table.get(victim.node_id).state.models_served == ["old-model"]
+                for n in mesh.nodes
+                if n is not victim
+            ),
+            timeout=10,
+        )
+        mesh.crash(victim)
+        await mesh.wait_for(lambda: all(n.status_of(victim) == DEAD for n in mesh.nodes), 20)
+        sim.BOOT_MS -= 10 * 60 * 1000  # the restarted process's clock is 10 minutes behind
+        try:
+            back = await mesh.add(identity=victim.identity)
+        finally:
+            sim.BOOT_MS += 10 * 60 * 1000
+        await mesh.wait_for(mesh.converged, timeout=20)
+        await mesh.wait_for(
+            lambda: all(
+                n.membership.table.get(back.node_id).state.models_served == []
+                for n in mesh.nodes
+                if n is not back
+            ),
+            timeout=20,
+        )
+
+    simulate(check, nodes=3, seed=11)
+
+
+def test_a_failed_probe_of_an_old_incarnation_does_not_suspect_the_new_one():
+    """The target refuted (a new incarnation) while our probe of its old one was failing:
+    our failed probe says nothing about the new incarnation."""
+    from mesh_node.membership.claims import SUSPECT, make_claim
+
+    async def check(mesh):
+        prober, target = mesh.nodes[0], mesh.nodes[2]
+        membership = prober.membership
+        member = membership.table.get(target.node_id)
+        old = member.incarnation
+
+        async def failing_ping(node_id, addresses, timeout):
+            refutation = make_claim(
+                target.identity, membership.mesh_tag, ALIVE, target.node_id, old + 1, ADDRS
+            )
+            membership.accept_claims([refutation], "gossip")  # arrives meanwhile
+            return False
+
+        async def no_helper(helper, request, timeout):
+            return False
+
+        ADDRS = member.addresses
+        membership._ping = failing_ping
+        membership._ask_helper = no_helper
+        await membership._probe(member, asyncio.get_running_loop().time() + 0.5)
+        now = membership.table.get(target.node_id)
+        assert now.incarnation == old + 1 and now.status != SUSPECT
+
+    simulate(check, nodes=3, seed=17)

@@ -240,3 +240,31 @@ def test_an_indirect_probe_of_addresses_that_could_never_be_dialed_is_refused():
         await endpoint.close()
 
     simulate(check)
+
+
+def test_an_accusation_at_the_top_incarnations_cannot_shut_a_node_out(caplog):
+    """Its subject refutes an accusation by going above it: one at the very top would leave
+    it no valid alive claim, dead everywhere for good. Such claims are refused."""
+    from mesh_node.membership.claims import MAX_ACCUSED, MAX_INCARNATION
+
+    async def check(mesh):
+        target = mesh.nodes[1]
+        before = target.membership.incarnation
+        identity, endpoint = await liar(mesh)
+        conn = await endpoint.connect(mesh.nodes[3].address)
+        for incarnation in (MAX_INCARNATION, MAX_ACCUSED + 1):
+            accusation = make_claim(identity, tag(mesh), SUSPECT, target.node_id, incarnation)
+            await conn.send(Gossip([accusation]), timeout=5)
+        await asyncio.sleep(10)
+        assert "must be at most" in caplog.text
+        assert target.membership.incarnation == before
+        assert all(n.status_of(target) == ALIVE for n in mesh.nodes)
+        # at the highest incarnation one may accuse, its subject still refutes validly
+        accusation = make_claim(identity, tag(mesh), SUSPECT, target.node_id, MAX_ACCUSED)
+        await conn.send(Gossip([accusation]), timeout=5)
+        await asyncio.sleep(10)
+        assert target.membership.incarnation == MAX_ACCUSED + 1
+        assert all(n.status_of(target) == ALIVE for n in mesh.nodes)
+        await endpoint.close()
+
+    simulate(check)
