@@ -27,6 +27,8 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 
 from mesh_node.http_site import HttpServer
 from mesh_node.serving.openai_format import (
@@ -47,6 +49,7 @@ from mesh_node.serving.openai_format import (
 )
 from mesh_node.serving.requests import (
     Backend,
+    BadRequest,
     Delta,
     GenerationFailed,
     ModelNotFound,
@@ -61,6 +64,9 @@ DEFAULT_PORT = 9337
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
 DEFAULT_DISCONNECT_POLL = 0.1  # seconds between checks that a client is still connected
 DEFAULT_BODY_TIMEOUT = 30.0  # seconds a client may take to send its request body
+# seconds a streaming client may read nothing while its answer waits to be sent; then the
+# connection is dropped and the generation stops (its request slot is freed)
+DEFAULT_WRITE_TIMEOUT = 30.0
 DEFAULT_MAX_IN_FLIGHT = 256  # completions in progress at once; more are answered 429
 
 _SSE_HEADERS = {
@@ -107,6 +113,7 @@ class OpenAIApi:
         disconnect_poll: float = DEFAULT_DISCONNECT_POLL,
         body_timeout: float = DEFAULT_BODY_TIMEOUT,
         max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+        write_timeout: float = DEFAULT_WRITE_TIMEOUT,
     ):
         if api_key == "":
             raise ValueError("api_key must be a non-empty string, or None for no authentication")
@@ -117,6 +124,7 @@ class OpenAIApi:
         self.disconnect_poll = disconnect_poll
         self.body_timeout = body_timeout
         self.max_in_flight = max_in_flight
+        self.write_timeout = write_timeout
         self.in_flight = 0  # completions being read, generated or streamed now
         self.created = int(time.time())  # the `created` of every model: when we started
 
@@ -209,21 +217,22 @@ class OpenAIApi:
                 if delta is None:
                     raise GenerationFailed("the generation ended before producing anything")
                 response = web.StreamResponse(headers=_SSE_HEADERS)
-                await _guarded(response.prepare(request))
+                send = _Sender(request, response, self.write_timeout)
+                await send.ready()
                 for chunk in shape.opening_chunks():
-                    await _send(response, chunk)
+                    await send(chunk)
                 while delta is not None:
                     last = delta
                     if delta.text:
                         # awaiting the write is the backpressure: a slow reader slows the reads
                         # of the backend stream, which merges what piles up meanwhile
-                        await _send(response, shape.text_chunk(delta.text))
+                        await send(shape.text_chunk(delta.text))
                     if delta.finish_reason is not None:
                         break
                     delta = await anext(iterator, None)
-            await _send(response, shape.finish_chunk(_finish_reason(last)))
+            await send(shape.finish_chunk(_finish_reason(last)))
             if parsed.include_usage:
-                await _send(response, shape.usage_chunk(usage_object(last)))
+                await send(shape.usage_chunk(usage_object(last)))
         except _ClientGone:
             log.debug("%s: the client went away", parsed.completion.request_id)
             return response  # type: ignore[return-value]  # prepared: _ClientGone comes later
@@ -239,9 +248,8 @@ class OpenAIApi:
         try:
             if error is not None:
                 log.info("%s: stream ended by %s", parsed.completion.request_id, error.message)
-                await _send(response, error.body())
-            await _guarded(response.write(SSE_DONE))
-            await _guarded(response.write_eof())
+                await send(error.body())
+            await send.end()
         except _ClientGone:
             pass
         return response
@@ -262,6 +270,8 @@ class OpenAIApi:
             raise too_large from None
         except ConnectionError as exc:
             raise _ClientGone from exc
+        except (RequestPayloadError, HttpProcessingError) as exc:  # e.g. gzip that is not
+            raise BadRequest(f"the request body could not be read: {exc}") from None
 
     # -- authentication -----------------------------------------------------------------------
 
@@ -291,6 +301,7 @@ def create_app(
     disconnect_poll: float = DEFAULT_DISCONNECT_POLL,
     body_timeout: float = DEFAULT_BODY_TIMEOUT,
     max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+    write_timeout: float = DEFAULT_WRITE_TIMEOUT,
 ) -> web.Application:
     """The API app over `backend`. Run it with `ApiServer` (or any aiohttp runner)."""
     api = OpenAIApi(
@@ -301,6 +312,7 @@ def create_app(
         disconnect_poll=disconnect_poll,
         body_timeout=body_timeout,
         max_in_flight=max_in_flight,
+        write_timeout=write_timeout,
     )
     app = web.Application(middlewares=[_openai_errors], client_max_size=max_body_bytes)
     app[API_KEY] = api
@@ -362,16 +374,38 @@ def _finish_reason(last: Delta | None) -> str:
     return reason
 
 
-async def _guarded(write: Any) -> None:
-    """Awaits a write to the client; a closed connection becomes _ClientGone."""
-    try:
-        await write
-    except ConnectionError as exc:
-        raise _ClientGone from exc
+class _Sender:
+    """Writes a streamed answer's events. A closed connection, or a client that reads
+    nothing for `timeout` seconds while a write waits (it holds a request slot and its
+    generation), becomes _ClientGone; the latter's connection is dropped."""
 
+    def __init__(self, request: web.Request, response: web.StreamResponse, timeout: float):
+        self._request = request
+        self._response = response
+        self._timeout = timeout
 
-async def _send(response: web.StreamResponse, payload: dict[str, Any]) -> None:
-    await _guarded(response.write(sse_event(payload)))
+    async def ready(self) -> None:
+        await self._guarded(self._response.prepare(self._request))
+
+    async def __call__(self, payload: dict[str, Any]) -> None:
+        await self._guarded(self._response.write(sse_event(payload)))
+
+    async def end(self) -> None:
+        await self._guarded(self._response.write(SSE_DONE))
+        await self._guarded(self._response.write_eof())
+
+    async def _guarded(self, write: Any) -> None:
+        try:
+            async with asyncio.timeout(self._timeout):
+                await write
+        except ConnectionError as exc:
+            raise _ClientGone from exc
+        except TimeoutError:
+            log.info("a client read nothing for %g s: dropping its connection", self._timeout)
+            transport = self._request.transport
+            if transport is not None:
+                transport.abort()
+            raise _ClientGone from None
 
 
 @contextlib.asynccontextmanager
@@ -422,6 +456,7 @@ class ApiServer(HttpServer):
         shutdown_timeout: float = 5.0,
         body_timeout: float = DEFAULT_BODY_TIMEOUT,
         max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+        write_timeout: float = DEFAULT_WRITE_TIMEOUT,
     ):
         super().__init__(host, port, shutdown_timeout)
         self.backend = backend
@@ -430,6 +465,7 @@ class ApiServer(HttpServer):
         self.max_tokens_limit = max_tokens_limit
         self.body_timeout = body_timeout
         self.max_in_flight = max_in_flight
+        self.write_timeout = write_timeout
 
     @property
     def base_url(self) -> str:
@@ -445,6 +481,7 @@ class ApiServer(HttpServer):
             max_tokens_limit=self.max_tokens_limit,
             body_timeout=self.body_timeout,
             max_in_flight=self.max_in_flight,
+            write_timeout=self.write_timeout,
         )
 
     async def start(self) -> None:

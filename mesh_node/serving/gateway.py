@@ -48,6 +48,7 @@ class GatewayConfig:
     connect_timeout: float = 5.0
     max_failovers: int = 3  # hosts that may fail under one request before it gives up
     max_stale_tries: int = 16  # hosts that may say "not serving it" to one request
+    busy_backoff: float = 0.25  # a host that said "busy" is asked again after this (doubling)
     affinity_slack: int = 2
 
 
@@ -117,14 +118,20 @@ class Gateway:
         request: CompletionRequest,
         exclude: set[NodeId],
         stale: dict[NodeId, int | None],
+        busy: dict[NodeId, float] | None = None,
     ) -> NodeId:
         """A ready host for the request, not in `exclude`, nor in `stale` (a host that said it
-        does not serve the model) while its gossiped state is the one it had when it said so."""
+        does not serve the model) while its gossiped state is the one it had when it said so,
+        nor in `busy` before the loop time it maps to (a host that said it was full)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.host_wait
         key = affinity_key(request)
+        busy = busy or {}
         while True:
-            skip = exclude | {n for n, v in stale.items() if self._state_version(n) == v}
+            now = loop.time()
+            backing_off = {n for n, until in busy.items() if until > now}
+            skip = exclude | backing_off
+            skip |= {n for n, v in stale.items() if self._state_version(n) == v}
             hosts = [h for h in self._ready_hosts(request.model) if h.node_id not in skip]
             if hosts and self.hosting is not None and self.hosting.is_sharded(request.model):
                 # independent shards answer differently: a session stays on its shard
@@ -134,16 +141,17 @@ class Gateway:
                 return rank_hosts(hosts, key, self.config.affinity_slack)[0]
             if request.model not in self.model_ids():
                 raise ModelNotFound(f"no node in the mesh has model {request.model!r}", "model")
-            if not self._electable(request.model) and not exclude:
+            if not self._electable(request.model) and not exclude and not busy:
                 raise NoHostAvailable(
                     f"no node can host {request.model} now (none has it with enough free memory)"
                 )
             remaining = deadline - loop.time()
             if remaining <= 0:
                 raise NoHostAvailable(f"no host of {request.model} became ready in time")
+            wait = min(remaining, 1.0, *(busy[n] - now for n in backing_off))
             self._changed.clear()
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(min(remaining, 1.0)):
+                async with asyncio.timeout(max(wait, 0.0)):
                     await self._changed.wait()
 
     # ---- running requests
@@ -157,12 +165,15 @@ class Gateway:
 
     async def _generate(self, request: CompletionRequest) -> AsyncIterator[Delta]:
         delivered: list[int] = []  # token ids the client already has
+        loop = asyncio.get_running_loop()
         failed: set[NodeId] = set()
-        busy: set[NodeId] = set()
+        busy: dict[NodeId, float] = {}  # said they were full: not asked again before this time
+        backoff = self.config.busy_backoff
+        first_busy: float | None = None
         stale: dict[NodeId, int | None] = {}  # said they do not serve it: skipped till they change
         stale_tries = 0
         while True:
-            host = await self._choose(request, failed | busy, stale)
+            host = await self._choose(request, failed, stale, busy)
             attempt = dataclasses.replace(
                 request, generated_ids=request.generated_ids + tuple(delivered)
             )
@@ -175,8 +186,18 @@ class Gateway:
                         return
                 raise HostFailed("the host ended the stream before the answer was complete")
             except HostBusy:
-                busy.add(host)
-                if not [h for h in self._ready_hosts(request.model) if h.node_id not in busy]:
+                now = loop.time()
+                busy[host] = now + backoff
+                backoff = min(backoff * 2, 2.0)
+                first_busy = now if first_busy is None else first_busy
+                others = [
+                    h
+                    for h in self._ready_hosts(request.model)
+                    if h.node_id not in failed and h.node_id not in busy
+                ]
+                # before the first token the client may as well retry later itself (429);
+                # an answer already under way waits a little for a host to have room
+                if not others and (not delivered or now - first_busy > self.config.host_wait):
                     raise Overloaded(
                         f"every host of {request.model} is busy; retry later"
                     ) from None

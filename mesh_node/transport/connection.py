@@ -91,6 +91,9 @@ class Limits:
     max_outbound_requests: int = 128  # concurrent calls per connection (others wait)
     stream_high_water: int = 256 << 10  # unacknowledged bytes per stream before writers wait
     stream_window: int = 1 << 20  # bytes a streamed response may run ahead of our reading
+    # seconds a streamed response waits for the requester's credit before giving up (a
+    # requester that stops reading would hold the handler and its slot for ever)
+    credit_timeout: float = 60.0
     max_early_events: int = 256  # server streams buffered while the client finishes handshake
 
 
@@ -929,11 +932,21 @@ class Connection:
                 self._carrier.flush()
 
     async def _wait_credit(self, stream: _Stream) -> None:
+        deadline = self._loop.time() + self._limits.credit_timeout
         while stream.credit <= 0:
             if stream.reset_code is not None or self._state != "open":
                 raise _StreamClosed()
-            stream.credit_waiter = asyncio.get_running_loop().create_future()
-            await stream.credit_waiter
+            stream.credit_waiter = self._loop.create_future()
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await stream.credit_waiter
+            except TimeoutError:
+                self._abort_stream(
+                    stream,
+                    ErrorCode.CANCELLED,
+                    f"the requester granted no credit for {self._limits.credit_timeout:g} s",
+                )
+                raise _StreamClosed() from None
 
     def _wake(self, stream: _Stream) -> None:
         waiter = stream.credit_waiter

@@ -62,7 +62,14 @@ async def _echo(request: CompletionRequest) -> AsyncIterator[Delta]:
     yield Delta("ok", finish_reason="stop", prompt_tokens=3, completion_tokens=1)
 
 
+async def _flood(request: CompletionRequest) -> AsyncIterator[Delta]:
+    for _ in range(4000):  # 16 MB of text, far beyond any socket buffer
+        yield Delta("x" * 4096)
+    yield Delta("", finish_reason="length", prompt_tokens=1, completion_tokens=4000)
+
+
 SCRIPTS = {
+    "flood": _flood,
     "stall": _stall,
     "stall-before": _stall_before,
     "no-host": _no_host,

@@ -327,6 +327,19 @@ async def raw_status(server: ApiServer, request: bytes) -> bytes:
     return status.split()[1]
 
 
+@pytest.mark.parametrize("encoding", [b"gzip", b"deflate"])
+async def test_a_compressed_body_that_does_not_decompress_is_answered_400(encoding):
+    async with ApiServer(ScriptedBackend(), port=0) as server:
+        body = b"0123456789"  # not gzip, not deflate
+        status = await raw_status(
+            server,
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+            b"Content-Type: application/json\r\nContent-Encoding: " + encoding + b"\r\n"
+            b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body,
+        )
+        assert status == b"400"
+
+
 async def test_an_api_key_header_that_is_not_text_is_refused(local_models):
     async with ApiServer(local_models, port=0, api_key="sekret") as server:
         status = await raw_status(

@@ -6,8 +6,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import socket
 import time
 
+import aiohttp
 import openai
 import pytest
 from aiohttp import web
@@ -208,3 +210,30 @@ async def test_stop_ends_open_streams():
     assert time.monotonic() - started < 2.5
     assert backend.active == 0
     await hang_up(writer)
+
+
+async def test_a_client_that_stops_reading_is_dropped_and_frees_its_slot():
+    """A streaming client that stays connected but reads nothing holds a request slot and
+    its generation only until a write has waited `write_timeout`."""
+    backend = ScriptedBackend()
+    async with ApiServer(backend, port=0, max_in_flight=1, write_timeout=1.0) as server:
+        host, port = server.url.removeprefix("http://").rsplit(":", 1)
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect((host, int(port)))
+        sock.setblocking(False)
+        body = json.dumps({"model": "flood", "prompt": "x", "stream": True}).encode()
+        head = (
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(body)
+        )
+        try:
+            await asyncio.get_running_loop().sock_sendall(sock, head + body)
+            await backend.wait_active()  # then the client never reads
+            await backend.wait_idle(timeout=10.0)  # dropped: the generation stopped
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http:
+                answer = {"model": "echo", "prompt": "y"}
+                async with http.post(server.url + "/v1/completions", json=answer) as response:
+                    assert response.status == 200  # the slot came back
+        finally:
+            sock.close()

@@ -20,6 +20,7 @@ from mesh_node.transport.errors import (
 from mesh_node.transport.frames import frame_size
 from mesh_node.transport.messages import Ping, Pong
 from mesh_node.transport.tensors import Tensor
+from tests.conditions import until
 from tests.transport.conftest import (
     Count,
     Crash,
@@ -439,3 +440,23 @@ async def test_a_refused_one_way_message_fails_at_once(mesh):
         await conn.send(Note("small"), timeout=5)
         async with asyncio.timeout(5):
             assert (await p.service_b.notes.get())[1] == "small"
+
+
+async def test_a_stream_whose_reader_stops_reading_gives_up_after_the_credit_timeout(
+    pair_factory, mesh
+):
+    """A requester that opens a streamed response and never reads (and never cancels) holds
+    the responder's handler only until `credit_timeout`: then the stream is reset."""
+    limits = Limits(credit_timeout=0.5, stream_window=64 << 10)
+    async with pair_factory(mesh, limits=limits) as p:
+        conn = await p.connect()
+        async with conn.stream(Count(1000, size=16 << 10), timeout=10) as items:
+            async with asyncio.timeout(5):
+                assert await p.service_b.cancelled.get() == "count"  # the handler stopped
+            server = p.b.connection_to(p.a.node_id)
+            await until(lambda: server._inbound == 0, what="the handler's slot freed")
+            with pytest.raises(RemoteError) as reset:
+                async for _ in items:
+                    pass
+            assert reset.value.code == ErrorCode.CANCELLED
+        assert await conn.request(Echo("still"), timeout=5) == Echo("still")

@@ -1,0 +1,111 @@
+"""The gateway's choice of host when hosts fail or are full, with a real peer table of two
+hosts and the work on a host scripted (a subclass's `_run_on`): a host that said "busy" is
+asked again after a short back-off while an answer is under way, and a request that has not
+started is refused at once (429) when every host left is busy or failed."""
+
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+
+import pytest
+
+from mesh_node.engine.sampling import SamplingParams
+from mesh_node.identity import NodeIdentity
+from mesh_node.membership.claims import ALIVE, make_claim
+from mesh_node.membership.messages import Address, PeerState
+from mesh_node.membership.table import PeerTable
+from mesh_node.serving.gateway import Gateway, GatewayConfig
+from mesh_node.serving.requests import CompletionRequest, Delta, Overloaded
+from mesh_node.serving.tunnel import HostBusy, HostFailed
+
+TAG = bytes(16)
+MODEL = "m"
+
+
+class ScriptedGateway(Gateway):
+    """Hosts A (dies after three tokens) and B (busy until `busy_until`, loop time)."""
+
+    def __init__(self, config: GatewayConfig, busy_for: float):
+        self.hosts = [NodeIdentity.generate() for _ in range(2)]
+        me = NodeIdentity.generate()
+        table = PeerTable(me.node_id, lambda: 0.0)
+        for host in self.hosts:
+            address = [Address("10.0.0.1", 7300)]
+            table.apply(make_claim(host, TAG, ALIVE, host.node_id, 1, address))
+            table.apply_state(
+                PeerState(host.node_id.key, 1, 1, "h", "s", "host", address, models_served=[MODEL])
+            )
+        super().__init__(me.node_id, None, table, SimpleNamespace(generators={}), config=config)
+        self.busy_until = asyncio.get_running_loop().time() + busy_for
+        self.log: list[str] = []
+
+    async def _run_on(self, host, request):
+        loop = asyncio.get_running_loop()
+        if host == self.hosts[0].node_id:
+            if request.generated_ids:
+                raise HostFailed("unreachable")
+            for i in range(3):
+                yield Delta(f"t{i} ", token_ids=(i,))
+            self.log.append("A died")
+            raise HostFailed("connection lost")
+        if loop.time() < self.busy_until:
+            self.log.append("B busy")
+            raise HostBusy("busy: 72 requests are active or queued")
+        self.log.append("B took over" if request.generated_ids else "B answered")
+        yield Delta("rest", token_ids=(9,), finish_reason="stop")
+
+
+def request() -> CompletionRequest:
+    return CompletionRequest(
+        model=MODEL, request_id="r", prompt="p", sampling=SamplingParams(max_tokens=10)
+    )
+
+
+async def read(gateway: Gateway) -> str:
+    text = ""
+    async with gateway.stream(request()) as deltas:
+        async for delta in deltas:
+            text += delta.text
+    return text
+
+
+async def test_a_momentarily_busy_host_takes_over_an_answer_under_way():
+    # A dies mid-answer, still listed as a host (its death not yet detected); B is full
+    # for 0.3 s: the answer waits for B, not for host_wait, and ends whole
+    gateway = ScriptedGateway(GatewayConfig(host_wait=20.0), busy_for=0.3)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    async with asyncio.timeout(10):
+        assert await read(gateway) == "t0 t1 t2 rest"
+    assert loop.time() - started < 5
+    assert gateway.log[0] == "A died" and gateway.log[-1] == "B took over"
+    assert 1 <= gateway.log.count("B busy") <= 4  # asked again after 0.25, 0.5 s...
+
+
+async def test_a_request_not_started_is_refused_at_once_when_every_host_left_is_busy():
+    gateway = ScriptedGateway(GatewayConfig(host_wait=20.0), busy_for=60.0)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+
+    async def run_on(host, request):  # the first host asked fails before any token
+        if not gateway.log:
+            gateway.log.append("first failed")
+            raise HostFailed("connection lost")
+        gateway.log.append("second busy")
+        raise HostBusy("busy")
+        yield  # an async generator
+
+    gateway._run_on = run_on
+    with pytest.raises(Overloaded, match="busy"):
+        await read(gateway)
+    assert loop.time() - started < 2  # a 429 the client can retry, not a wait of host_wait
+    assert gateway.log == ["first failed", "second busy"]
+
+
+async def test_an_answer_under_way_gives_up_when_its_hosts_stay_busy():
+    gateway = ScriptedGateway(GatewayConfig(host_wait=1.0), busy_for=60.0)
+    with pytest.raises(Overloaded, match="busy"):
+        async with asyncio.timeout(10):
+            await read(gateway)
+    assert gateway.log.count("B busy") >= 2
