@@ -24,7 +24,8 @@ MODEL = "m"
 
 
 class ScriptedGateway(Gateway):
-    """Hosts A (dies after three tokens) and B (busy until `busy_until`, loop time)."""
+    """Two hosts: A, the first one asked, dies after three tokens; B is busy until
+    `busy_until` (loop time)."""
 
     def __init__(self, config: GatewayConfig, busy_for: float):
         self.hosts = [NodeIdentity.generate() for _ in range(2)]
@@ -39,10 +40,12 @@ class ScriptedGateway(Gateway):
         super().__init__(me.node_id, None, table, SimpleNamespace(generators={}), config=config)
         self.busy_until = asyncio.get_running_loop().time() + busy_for
         self.log: list[str] = []
+        self.first = None
 
     async def _run_on(self, host, request):
         loop = asyncio.get_running_loop()
-        if host == self.hosts[0].node_id:
+        self.first = self.first or host
+        if host == self.first:
             if request.generated_ids:
                 raise HostFailed("unreachable")
             for i in range(3):
