@@ -932,6 +932,8 @@ class Connection:
                 self._carrier.flush()
 
     async def _wait_credit(self, stream: _Stream) -> None:
+        if stream.credit > 0:
+            return
         deadline = self._loop.time() + self._limits.credit_timeout
         while stream.credit <= 0:
             if stream.reset_code is not None or self._state != "open":
