@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass
+from fractions import Fraction
 
 from mesh_node.identity import NodeId
 
@@ -61,7 +62,9 @@ def fits(node: NodeView, model: str, headroom: float) -> bool:
     if size is None:
         return False
     held = size if model in node.models_served else 0
-    return node.memory_free + held >= headroom * size
+    # in integers (headroom as a fraction): every implementation decides alike at the edge
+    ratio = Fraction(headroom).limit_denominator(1000)
+    return (node.memory_free + held) * ratio.denominator >= ratio.numerator * size
 
 
 def elect(

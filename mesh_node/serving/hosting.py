@@ -35,6 +35,10 @@ from mesh_node.serving.local import LocalModels
 log = logging.getLogger("mesh_node.hosting")
 
 
+class _NotCovered(Exception):
+    """A split model's experts did not all find holders in time (the inputs may change)."""
+
+
 @dataclass(frozen=True)
 class HostingConfig:
     device: str = "auto"
@@ -106,6 +110,9 @@ class Hosting:
         self.elections: dict[str, Election] = {}
         self.failed: dict[str, str] = {}  # model -> why it could not be loaded here
         self._busy: set[str] = set()  # models being loaded or unloaded
+        self._split_loaded: set[str] = set()  # models whose generator here runs split
+        self._retry_at: dict[str, float] = {}  # model -> no new load before (monotonic)
+        self._draining: set[Generator] = set()  # replaced or unloaded, finishing requests
         self._kick = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._changed_callbacks: list[Callable[[], None]] = []
@@ -159,6 +166,9 @@ class Hosting:
         for name, generator in generators.items():
             log.info("unloading %s", name)
             await run_blocking(generator.close, "model-unload")
+        draining, self._draining = list(self._draining), set()
+        for generator in draining:  # stopped in the middle of their drain
+            await run_blocking(generator.close, "model-unload")
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)
@@ -211,6 +221,8 @@ class Hosting:
                 continue
             elected = self.node_id in election.hosts
             if elected and model not in self.local.generators and model in self.offered:
+                if time.monotonic() < self._retry_at.get(model, 0.0):
+                    continue  # its experts found no holders lately: a later kick retries
                 self._busy.add(model)
                 self._spawn(self._load(model))
             elif not elected and model in self.local.generators:
@@ -218,7 +230,12 @@ class Hosting:
                 self._spawn(self._unload(model))
             elif elected and model in self.local.generators and self._reshard(model):
                 self._busy.add(model)
-                self._spawn(self._reload(model))
+                self._spawn(self._reload(model, "the shards changed: loading this node's"))
+            elif elected and model in self._split_loaded and not self._split(model):
+                # no node offers memory for its experts any more (they left): the trunk
+                # alone cannot answer; this node was elected for the whole model
+                self._busy.add(model)
+                self._spawn(self._reload(model, "no longer split: loading the whole"))
         for model, generator in self.local.generators.items():
             if self._split(model):
                 self._share_cores(model, generator)
@@ -249,53 +266,72 @@ class Hosting:
             return self.shards.must_lead(model)
         return wanted != self.shards.loaded(model)
 
-    async def _reload(self, model: str) -> None:
-        """The new shard is loaded while the old one keeps serving, then they are swapped and
-        the old one drains: the model never lacks a ready host here during the change."""
-        assert self.shards is not None
-        log.info("the shards of %s changed: loading this node's new shard", model)
+    async def _reload(self, model: str, why: str) -> None:
+        """The new generator (a new shard, or the whole model in place of a split one's trunk)
+        is loaded while the old one keeps serving, then they are swapped and the old one
+        drains: the model never lacks a ready host here during the change."""
+        log.info("%s: %s model", model, why)
+        was_split = model in self._split_loaded
         try:
-            generator = await self.shards.load(self.offered[model], self.config)
-        except Exception as exc:  # keep serving the old shard; the next change retries
-            log.error("could not load the new shard of %s: %s", model, exc)
+            generator, split = await self._build(model)
+        except Exception as exc:  # keep serving the old one; the next change retries
+            log.error("could not reload %s: %s", model, exc)
             self._busy.discard(model)
             return
         old = self.local.generators.get(model)
         self.local.generators[model] = generator
+        (self._split_loaded.add if split else self._split_loaded.discard)(model)
         self._publish_serving()
         try:
             if old is not None:
                 await self._drain_and_close(old)
+            if was_split and not split and self.experts is not None:
+                self.experts.stop_hosting(model)
         finally:
             self._busy.discard(model)
         self._kick.set()
 
     async def _drain_and_close(self, generator: Generator) -> None:
-        """Lets the generator finish its requests (at most drain_timeout), then closes it."""
+        """Lets the generator finish its requests (at most drain_timeout), then closes it
+        (`stop` closes it, should the node stop meanwhile)."""
+        self._draining.add(generator)
         deadline = time.monotonic() + self.config.drain_timeout
         while time.monotonic() < deadline:
             stats = generator.stats()
             if stats.active + stats.queued == 0:
                 break
             await asyncio.sleep(0.1)  # polling the engine's counters (bounded by the deadline)
+        self._draining.discard(generator)
         await run_blocking(generator.close, "model-unload")
         await run_blocking(release_free_memory, "memory-release")
 
-    async def _load(self, model: str) -> None:
+    async def _build(self, model: str) -> tuple[Generator, bool]:
+        """A generator for `model` as the mesh wants it here now: this node's shard, the trunk
+        of a split model, or the whole model; and whether it runs split."""
         resolved = self.offered[model]
+        if self.is_sharded(model):
+            assert self.shards is not None
+            return await self.shards.load(resolved, self.config), False
+        if self._split(model):
+            return await self._load_split(resolved), True
+        generator = await run_blocking(
+            lambda: self._load_generator(resolved, self.config), "model-load"
+        )
+        return generator, False
+
+    async def _load(self, model: str) -> None:
         split = self._split(model)
         log.info("elected to host %s: loading it%s", model, " (experts split)" if split else "")
         started = time.monotonic()
         try:
-            if self.is_sharded(model):
-                assert self.shards is not None
-                generator = await self.shards.load(resolved, self.config)
-            elif split:
-                generator = await self._load_split(resolved)
-            else:
-                generator = await run_blocking(
-                    lambda: self._load_generator(resolved, self.config), "model-load"
-                )
+            generator, split = await self._build(model)
+        except _NotCovered as exc:  # the offers may change: keep offering, retry later
+            log.error("could not host %s yet: %s", model, exc)
+            self.failed[model] = str(exc)
+            self._retry_at[model] = time.monotonic() + self.config.cover_timeout
+            asyncio.get_running_loop().call_later(self.config.cover_timeout, self._kick.set)
+            self._busy.discard(model)
+            return
         except Exception as exc:
             log.error("could not load %s: %s", model, exc)
             self.failed[model] = str(exc)
@@ -309,6 +345,8 @@ class Hosting:
         finally:
             self._busy.discard(model)
         self.local.generators[model] = generator
+        (self._split_loaded.add if split else self._split_loaded.discard)(model)
+        self.failed.pop(model, None)
         log.info("hosting %s (loaded in %.1fs)", model, time.monotonic() - started)
         self._publish_serving()
         self._kick.set()  # the world may have moved on while loading
@@ -341,9 +379,11 @@ class Hosting:
             raise
         try:
             await experts.wait_covered(resolved.name, timeout=config.cover_timeout)
-        except BaseException:  # not covered in time (or stopping): give the host role up
+        except BaseException as exc:  # not covered in time (or stopping): give the host role up
             experts.stop_hosting(resolved.name)
             await run_blocking(generator.close, "model-unload")
+            if isinstance(exc, TimeoutError):
+                raise _NotCovered(str(exc)) from None
             raise
         self._share_cores(resolved.name, generator)
         return generator
@@ -365,6 +405,7 @@ class Hosting:
     async def _unload(self, model: str) -> None:
         try:
             generator = self.local.generators.pop(model)
+            self._split_loaded.discard(model)
             log.info("no longer elected for %s: draining, then unloading", model)
             self._publish_serving()  # routers stop sending here
             await self._drain_and_close(generator)

@@ -22,8 +22,8 @@ class Mesh:
         self.nodes: list[Node] = []
         self.changed = asyncio.Event()  # any node's view changed
 
-    async def add(self, models=(), client=False, **options) -> Node:
-        identity = NodeIdentity.generate()
+    async def add(self, models=(), client=False, identity=None, **options) -> Node:
+        identity = identity or NodeIdentity.generate()
         endpoint = self.network.endpoint(
             identity, MeshSecret(self.mesh_id), registry=REGISTRY, handlers=Handlers()
         )

@@ -385,3 +385,58 @@ async def test_a_call_to_a_peer_turning_suspect_fails_over_at_once(
         assert text == single_node_answers[0]
     finally:
         release.set()
+
+
+def _by_node_id(n: int):
+    from mesh_node.identity import NodeIdentity
+
+    return sorted((NodeIdentity.generate() for _ in range(n)), key=lambda i: i.node_id)
+
+
+async def test_a_split_models_host_loads_the_whole_model_once_its_expert_holders_leave(mesh):
+    """A host without an expert budget of its own runs the trunk while another node holds
+    the experts; when that node leaves the model is no longer split, and the host (which has
+    room for all of it) swaps its trunk for the whole model instead of failing every request."""
+    fast = DispatchConfig(holder_wait=2.0, call_timeout=5.0)
+    low, high = _by_node_id(2)
+    host = await mesh.add(identity=low, experts=ExpertParallelConfig(enabled=False, dispatch=fast))
+    holder = await mesh.add(
+        identity=high, experts=ExpertParallelConfig(enabled=True, memory=64 << 20, dispatch=fast)
+    )
+    await mesh.wait(lambda: mesh.hosts_of("builtin") == [host], timeout=60)
+    assert host.experts.is_split("builtin")
+    text, _ = await answer(host, chat("builtin", "What is 348 + 276?"))
+    assert text == "624"
+    trunk = host.local.generators["builtin"]
+    await holder.stop()
+    mesh.nodes.remove(holder)
+    await mesh.wait(lambda: not host.experts.is_split("builtin"), timeout=30)
+    await mesh.wait(  # swapped for the whole model (the trunk drained and closed)
+        lambda: host.local.generators.get("builtin") not in (None, trunk), timeout=30
+    )
+    async with asyncio.timeout(30):
+        text, _ = await answer(host, chat("builtin", "What is 348 + 276?"))
+    assert text == "624"
+
+
+async def test_a_host_whose_experts_find_no_holders_in_time_keeps_offering_and_retries(mesh):
+    """Too little memory in the mesh for the experts at first: the elected host gives up after
+    cover_timeout, but keeps offering the model (and its budget); once enough memory joins,
+    the model is served. (Before, it withdrew the model from the mesh until a restart.)"""
+    from mesh_node.serving.hosting import HostingConfig
+
+    short = HostingConfig(cover_timeout=3.0)
+    low, high = _by_node_id(2)
+    first = await mesh.add(
+        identity=low, hosting=short, experts=ExpertParallelConfig(enabled=True, memory=6 << 20)
+    )
+    await mesh.wait(lambda: "builtin" in first.hosting.failed, timeout=30)
+    offered = first.membership.self_state.current.models_on_disk
+    assert [m.name for m in offered] == ["builtin"] and offered[0].expert_budget > 0
+    await mesh.add(
+        identity=high, hosting=short, experts=ExpertParallelConfig(enabled=True, memory=10 << 20)
+    )
+    await mesh.wait(lambda: bool(mesh.hosts_of("builtin")), timeout=60)
+    host = mesh.hosts_of("builtin")[0]
+    text, _ = await answer(host, chat("builtin", "What is 348 + 276?"))
+    assert text == "624"

@@ -113,3 +113,15 @@ def test_fingerprints_differ_with_hosts():
     a = elect(MODEL, [view(0), view(1, total=8)])
     b = elect(MODEL, [view(0, total=8), view(1)])
     assert a.hosts != b.hosts and a.fingerprint != b.fingerprint
+
+
+def test_room_is_decided_in_integers_at_the_edge():
+    """1.1 x size in floats is often one ulp above the exact value: at exactly 1.1 x the
+    size free (10 x free == 11 x size) a node is eligible, one byte less it is not."""
+    size = 10 * GIB + 10
+    exact = 11 * size // 10
+    assert 10 * exact == 11 * size and exact < 1.1 * size  # the float product overshoots
+    for free, eligible in ((exact, True), (exact - 1, False)):
+        node = NodeView(IDS[0], True, "worker", 64 * GIB, free, {MODEL: size}, frozenset())
+        assert fits(node, MODEL, 1.1) is eligible
+        assert elect(MODEL, [node]).hosts == ((IDS[0],) if eligible else ())
