@@ -9,12 +9,37 @@ open requests.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 from typing import Self
 
 from aiohttp import web
 
 log = logging.getLogger("mesh_node.http")
+
+
+def _is_loopback(host: str) -> bool:
+    host = host.strip("[]").lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@web.middleware
+async def _loopback_names_only(request: web.Request, handler) -> web.StreamResponse:
+    """For a site bound to loopback: a request naming another host (a web page whose name
+    was rebound to 127.0.0.1, reading this site from the user's browser) is refused."""
+    host = request.headers.get("Host")
+    if host is not None:
+        name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+        if not _is_loopback(name):
+            return web.Response(
+                status=403, text=f"this site answers only to a loopback host, not {host!r}\n"
+            )
+    return await handler(request)
 
 
 async def start_site(
@@ -71,6 +96,8 @@ class HttpServer:
         if self._runner is not None:
             raise RuntimeError(f"{self.what} is already started")
         self.app = self.create_app()
+        if _is_loopback(self.host):
+            self.app.middlewares.insert(0, _loopback_names_only)
         self._runner, self.port = await start_site(
             self.app, self.host, self.port, self.shutdown_timeout
         )

@@ -100,7 +100,19 @@ class NodeIdentity:
 
     @classmethod
     def load_or_create(cls, home: Path) -> NodeIdentity:
-        """Load `home/identity.key`, creating it (mode 0600) on first start."""
+        """Load `home/identity.key`, creating it (mode 0600) on first start. IdentityError
+        (saying which path and what to do) when the folder or the file cannot be used."""
+        try:
+            return cls._load_or_create(home)
+        except OSError as exc:
+            where = exc.filename or home / KEY_FILE
+            raise IdentityError(
+                f"cannot use {where} for the node key ({exc.strerror or exc}): point "
+                "MESH_NODE_HOME at a writable folder, or use --ephemeral"
+            ) from None
+
+    @classmethod
+    def _load_or_create(cls, home: Path) -> NodeIdentity:
         path = home / KEY_FILE
         if path.exists():
             return cls._load(path)

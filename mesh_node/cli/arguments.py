@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import re
 
 
@@ -24,6 +25,14 @@ def host_port(text: str) -> tuple[str, int]:
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
     return host, port_number(port)
+
+
+def ipv4_address(text: str) -> str:
+    """An IPv4 address literal, e.g. '192.168.1.20'."""
+    try:
+        return str(ipaddress.IPv4Address(text.strip()))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an IPv4 address") from None
 
 
 _SIZE_UNITS = {

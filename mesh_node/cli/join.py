@@ -8,7 +8,7 @@ import logging
 import os
 import sys
 
-from mesh_node.cli.arguments import byte_size, host_port, port_number
+from mesh_node.cli.arguments import byte_size, host_port, ipv4_address, port_number
 from mesh_node.engine.errors import EngineError
 from mesh_node.expert_parallel.coordinator import ExpertParallelConfig
 from mesh_node.identity import IdentityError, default_home
@@ -165,6 +165,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument(
         "--mdns-interface",
         metavar="ADDR",
+        type=ipv4_address,
         action="append",
         default=[],
         help="IPv4 address of an interface to run mDNS on (repeatable; default: all interfaces)",

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from mesh_node.engine.catalog import list_local_models
+from mesh_node.engine.errors import EngineError
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -64,9 +66,13 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    models = list_local_models(
-        args.path, cache_dir=args.cache_dir, include_hf_cache=not args.no_hf_cache
-    )
+    try:
+        models = list_local_models(
+            args.path, cache_dir=args.cache_dir, include_hf_cache=not args.no_hf_cache
+        )
+    except (EngineError, OSError) as exc:
+        print(f"mesh-node: {exc}", file=sys.stderr)
+        return 2
     table = Table(title="Local models")
     for column in ("name", "architecture", "size", "params", "active", "experts", "source"):
         table.add_column(

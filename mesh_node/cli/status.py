@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import urllib.parse
 
 from mesh_node.console.client import ConsoleError, fetch_status
 from mesh_node.console.report import render_status, terminal_console
@@ -15,6 +16,13 @@ DEFAULT_CONSOLE = "http://127.0.0.1:3131"
 def console_url(text: str) -> str:
     if not text.startswith(("http://", "https://")):
         raise argparse.ArgumentTypeError(f"{text!r} must be an http:// or https:// URL")
+    try:
+        parts = urllib.parse.urlsplit(text)
+        port = parts.port  # ValueError when out of range or not a number
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a usable URL ({exc})") from None
+    if not parts.hostname or port == 0:
+        raise argparse.ArgumentTypeError(f"{text!r} needs a host (and a port of 1-65535)")
     return text
 
 

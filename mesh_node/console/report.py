@@ -29,6 +29,7 @@ def terminal_console(file: IO[str]) -> Console:
 def render_status(document: dict[str, Any], console: Console, now: float | None = None) -> None:
     """Print the summary line, the nodes table, the models table, and other keys' names."""
     now = time.time() if now is None else now
+    document = _printable(document)  # peers' names reach this terminal: no escape sequences
     peers = sorted(document.get("peers", []), key=_peer_order)
     console.print(_summary(document, peers))
     console.print(nodes_table(peers, now))
@@ -38,6 +39,19 @@ def render_status(document: dict[str, Any], console: Console, now: float | None 
         console.print(
             Text(f"Also in the status document: {', '.join(others)} (see /api/status)", "dim")
         )
+
+
+def _printable(value: Any) -> Any:
+    """`value` with every string's control characters (ESC, BEL, CR...) made visible."""
+    if isinstance(value, str):
+        if value.isprintable():
+            return value
+        return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in value)
+    if isinstance(value, dict):
+        return {_printable(k): _printable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_printable(v) for v in value]
+    return value
 
 
 def nodes_table(peers: list[dict[str, Any]], now: float) -> Table:

@@ -227,7 +227,12 @@ class ModelArgs:
             config = json.loads(path.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise CheckpointError(f"{path}: not valid JSON ({exc})") from exc
-        return cls.from_config(config, source=str(path))
+        if not isinstance(config, dict):
+            raise CheckpointError(f"{path}: not a JSON object")
+        try:
+            return cls.from_config(config, source=str(path))
+        except (TypeError, ValueError, ZeroDivisionError, AttributeError) as exc:
+            raise CheckpointError(f"{path}: a field has an unusable value ({exc})") from None
 
     @classmethod
     def from_config(cls, config: dict[str, Any], source: str = "config.json") -> ModelArgs:

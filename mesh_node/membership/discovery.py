@@ -52,7 +52,11 @@ class MdnsDiscovery:
 
     async def start(self) -> None:
         interfaces = self.interfaces or InterfaceChoice.All
-        self._zc = AsyncZeroconf(interfaces=interfaces, ip_version=IPVersion.V4Only)
+        try:
+            self._zc = AsyncZeroconf(interfaces=interfaces, ip_version=IPVersion.V4Only)
+        except OSError as exc:
+            where = ", ".join(self.interfaces) if self.interfaces else "all interfaces"
+            raise OSError(exc.errno, f"mDNS cannot run on {where}: {exc.strerror or exc}") from None
         # a random suffix: a restarted node must not collide with its own stale record
         name = f"{self.node_id.short}-{secrets.token_hex(2)}.{SERVICE_TYPE}"
         self._info = AsyncServiceInfo(

@@ -55,6 +55,8 @@ def state_error(state: PeerState | StateDelta) -> str | None:
     def text(value: str | None, limit: int, what: str) -> str | None:
         if value is not None and len(value) > limit:
             return f"{what} longer than {limit} characters"
+        if value is not None and not value.isprintable():  # no escape sequences for terminals
+            return f"{what} holds control characters"
         return None
 
     checks: list[str | None] = [

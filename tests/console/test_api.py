@@ -103,3 +103,17 @@ async def test_a_taken_port_is_an_os_error_and_leaves_nothing_running(console, s
     await second.stop()  # nothing to stop: a no-op
     async with ConsoleServer(source, "127.0.0.1", 0) as third:  # a fresh one still starts
         assert third.port not in (0, console.port)
+
+
+@pytest.mark.parametrize("host", ["attacker.example", "attacker.example:3131", "10.0.0.7"])
+async def test_a_loopback_console_refuses_requests_naming_another_host(console, http, host):
+    # a page whose name was rebound to 127.0.0.1 must not read the mesh from a browser here
+    async with http.get(f"{console.url}/api/status", headers={"Host": host}) as response:
+        assert response.status == 403
+        assert "loopback" in await response.text()
+
+
+@pytest.mark.parametrize("host", ["localhost", "127.0.0.1", "[::1]:80", "node.localhost"])
+async def test_a_loopback_console_answers_loopback_names(console, http, host):
+    async with http.get(f"{console.url}/api/status", headers={"Host": host}) as response:
+        assert response.status == 200

@@ -149,3 +149,14 @@ def test_report_renders_hostile_and_partial_records_literally():
     assert "[red]not markup[/red]" in text
     assert "not known yet" in text and "never" in text
     assert "Also in the status document: placements" in text
+
+
+def test_report_shows_control_characters_instead_of_sending_them():
+    hostile = "n\x1b]0;owned\x07\x1b[2J\rmodel"
+    document = ScriptedSource([make_peer(0, is_self=True, name=hostile)]).status()
+    document["models"] = [{"model": hostile}]
+    out = io.StringIO()
+    render_status(document, Console(file=out, width=200, force_terminal=True), now=0)
+    text = out.getvalue()
+    assert "\x1b[2J" not in text and "\x1b]0;" not in text and "\x07" not in text
+    assert "\\x1b]0;owned" in text  # shown, escaped, so the user sees what was sent

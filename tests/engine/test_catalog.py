@@ -9,7 +9,8 @@ import pytest
 
 from mesh_node.cli import models as models_cmd
 from mesh_node.engine.catalog import BUILTIN_DIR, list_local_models, resolve_model
-from mesh_node.engine.errors import ModelNotFoundError
+from mesh_node.engine.config import ModelArgs
+from mesh_node.engine.errors import CheckpointError, ModelNotFoundError
 
 
 def fake_hf_cache(tmp_path, source, repo_id="acme/tiny-moe"):
@@ -83,3 +84,21 @@ def test_list_local_models_and_cli(references, tmp_path, capsys):
     out = capsys.readouterr().out
     for text in ("builtin", "qwen3_moe", "qwen2_moe", "llama", "acme/tiny-moe", "dense"):
         assert text in out
+
+
+@pytest.mark.parametrize(
+    ("config", "why"),
+    [
+        ("[]", "not a JSON object"),
+        ('{"model_type": "llama", "hidden_size": "x"}', "unusable value"),
+        (
+            '{"model_type": "mixtral", "hidden_size": 8, "num_hidden_layers": 2,'
+            ' "num_attention_heads": 0, "vocab_size": 10}',
+            "unusable value",
+        ),
+    ],
+)
+def test_a_malformed_config_is_a_checkpoint_error(tmp_path, config, why):
+    (tmp_path / "config.json").write_text(config)
+    with pytest.raises(CheckpointError, match=why):
+        ModelArgs.from_folder(tmp_path)

@@ -106,10 +106,7 @@ def state(version, **extra):
         node=SUBJECT.node_id.key,
         version=version,
         incarnation=1,
-        name="n",
-        software="s",
-        role="worker",
-        **{"addresses": ADDR, **extra},
+        **{"name": "n", "software": "s", "role": "worker", "addresses": ADDR, **extra},
     )
 
 
@@ -167,6 +164,15 @@ def test_the_machine_label_is_the_kernel_boot_id_hashed(tmp_path):
     assert machine_id(str(tmp_path / "absent")) == ""  # not Linux: unknown
     assert state_error(state(1, machine=label)) is None
     assert "machine longer than 64" in state_error(state(1, machine="x" * 65))
+
+
+def test_a_state_with_terminal_escapes_in_its_text_is_refused():
+    from mesh_node.membership.state import state_error
+
+    assert state_error(state(1, name="café-node ☕")) is None
+    for field in ("name", "software", "machine"):
+        assert "holds control characters" in state_error(state(1, **{field: "n\x1b[2J"}))
+    assert "holds control characters" in state_error(state(1, name="a\nb"))
 
 
 def test_a_claim_with_a_host_that_could_never_resolve_is_refused():

@@ -1,0 +1,90 @@
+"""A folder, file or flag the CLI cannot use ends in one `mesh-node: ...` line, never a
+traceback."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+MESH = "abcdefghijklmnopqrstuvwxyz"
+
+
+def mesh_node(home, *argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "mesh_node", *argv],
+        env={**os.environ, "MESH_NODE_HOME": str(home), "COLUMNS": "200"},
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
+
+
+def one_line_error(result: subprocess.CompletedProcess) -> str:
+    assert "Traceback" not in result.stderr, result.stderr[-600:]
+    assert result.returncode == 2, (result.returncode, result.stderr[-600:])
+    assert result.stderr.startswith("mesh-node:"), result.stderr
+    return result.stderr
+
+
+def test_a_home_that_cannot_hold_the_key(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    error = one_line_error(mesh_node(blocker, "id"))
+    assert str(blocker) in error and "MESH_NODE_HOME" in error and "--ephemeral" in error
+    error = one_line_error(mesh_node("/proc/mesh-node-home", "id"))  # not writable
+    assert "/proc/mesh-node-home" in error
+    (tmp_path / "home" / "identity.key").mkdir(parents=True, mode=0o700)
+    error = one_line_error(mesh_node(tmp_path / "home", "id"))
+    assert "identity.key" in error
+
+
+def test_join_with_a_home_that_cannot_hold_the_key():
+    result = mesh_node(
+        "/proc/mesh-node-home",
+        *("join", MESH, "--client", "--host", "127.0.0.1", "--port", "0"),
+        *("--no-api", "--no-console", "--no-mdns"),
+    )
+    assert "/proc/mesh-node-home" in one_line_error(result)
+
+
+def test_models_with_a_missing_folder(tmp_path):
+    result = mesh_node(tmp_path, "models", "--no-hf-cache", "--path", str(tmp_path / "absent"))
+    assert "absent" in one_line_error(result)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        "[]",
+        '{"model_type": "mixtral", "hidden_size": "x", "num_hidden_layers": 2,'
+        ' "num_attention_heads": 2, "vocab_size": 10}',
+        '{"model_type": "mixtral", "hidden_size": 8, "num_hidden_layers": 2,'
+        ' "num_attention_heads": 0, "vocab_size": 10}',
+    ],
+    ids=["not-an-object", "text-for-a-number", "zero-heads"],
+)
+def test_models_lists_a_folder_with_a_malformed_config_as_unusable(tmp_path, config):
+    folder = tmp_path / "odd-model"
+    folder.mkdir()
+    (folder / "config.json").write_text(config)
+    result = mesh_node(tmp_path, "models", "--no-hf-cache", "--path", str(folder))
+    assert "Traceback" not in result.stderr, result.stderr[-600:]
+    assert result.returncode == 0 and "unusable" in result.stdout
+
+
+@pytest.mark.parametrize("address", ["not-an-address", "::1", "300.1.1.1"])
+def test_join_refuses_an_mdns_interface_that_is_not_an_ipv4_address(tmp_path, address):
+    result = mesh_node(tmp_path, "join", MESH, "--client", "--mdns-interface", address)
+    assert "Traceback" not in result.stderr
+    assert result.returncode == 2
+    assert "--mdns-interface" in result.stderr and "is not an IPv4 address" in result.stderr
+
+
+@pytest.mark.parametrize("url", ["http://[", "http://:3131", "http://127.0.0.1:99999"])
+def test_status_refuses_a_console_url_it_cannot_use(tmp_path, url):
+    result = mesh_node(tmp_path, "status", "--console", url, "--timeout", "2")
+    assert "Traceback" not in result.stderr
+    assert result.returncode == 2 and "--console" in result.stderr
