@@ -12,7 +12,8 @@ one joining request, then one decode step for every running sequence together, s
 
 `submit` never blocks: it raises `OverloadedError` when `max_batch + max_queue` requests are already
 active or queued, and `GeneratorClosedError` after `close`. Tokenization and chat templating happen
-on the worker, so the caller's event loop never does model work. A stream can be cancelled at any
+on a second thread (the tokenizer releases the GIL), so neither the caller's event loop nor the
+running requests wait for a long prompt to be read. A stream can be cancelled at any
 time (`stream.cancel()`); the request leaves the batch before the next decode step.
 
 Failover: a request may carry `generated_ids`, tokens another host already produced after the same
@@ -135,6 +136,7 @@ class RequestStream:
         self._async_waiting = False
         self.finish_reason: str | None = None
         self.usage: Usage | None = None
+        self._cancel_asked = False  # (the generator's lock)
 
     # -- producer side (worker thread) --------------------------------------------------------
 
@@ -280,7 +282,7 @@ class _Sequence:
         self.cached = 0  # tokens whose keys/values are in the cache
         self.slot = -1
         self.text: TextStream | None = None
-        self.cancelled = False
+        self.released = False  # no longer counted toward the overload bound
 
 
 @dataclass(frozen=True)
@@ -323,8 +325,13 @@ class Generator:
         self.prefill_chunk = prefill_chunk
         self.threads = threads
         self._wanted_threads: int | None = None  # set_decode_threads
-        self._cond = threading.Condition()
-        self._inbox: collections.deque[_Sequence] = collections.deque()
+        lock = threading.Lock()
+        self._cond = threading.Condition(lock)  # the worker waits on it
+        self._inbox_cond = threading.Condition(lock)  # the preparer waits on it
+        self._inbox: collections.deque[_Sequence] = collections.deque()  # not yet tokenized
+        self._preparing: _Sequence | None = None
+        self._prepared: collections.deque[_Sequence] = collections.deque()  # for the worker
+        self._failure: BaseException | None = None  # what killed the worker
         self._cancels: set[RequestStream] = set()
         self._count = 0  # active + queued, for the overload bound
         self._closed = False
@@ -335,6 +342,7 @@ class Generator:
         self._tokens_generated = 0
         self._ready = threading.Event()
         self._setup_error: BaseException | None = None
+        self._close_error: BaseException = GeneratorClosedError("the generator was closed")
         self._thread = threading.Thread(
             target=self._run,
             args=(loader or (lambda: (model, tokenizer)), max_seq_len),
@@ -346,6 +354,10 @@ class Generator:
         if self._setup_error is not None:
             self._thread.join()
             raise self._setup_error
+        self._preparer = threading.Thread(
+            target=self._prepare_loop, name=f"{name}-tokenizer", daemon=True
+        )
+        self._preparer.start()
 
     def _setup(self, model: Transformer, tokenizer: Tokenizer, max_seq_len: int | None) -> None:
         if model.embed_tokens is None or not model.has_head:
@@ -412,7 +424,7 @@ class Generator:
                 )
             self._count += 1
             self._inbox.append(sequence)
-            self._cond.notify()
+            self._inbox_cond.notify()
         return stream
 
     def generate(self, request: GenerationRequest) -> GenerationResult:
@@ -421,7 +433,12 @@ class Generator:
 
     def stats(self) -> GeneratorStats:
         with self._cond:
-            queued = len(self._inbox) + len(self._waiting)
+            queued = (
+                len(self._inbox)
+                + (self._preparing is not None)
+                + len(self._prepared)
+                + len(self._waiting)
+            )
             return GeneratorStats(
                 active=self._count - queued,
                 queued=queued,
@@ -446,13 +463,23 @@ class Generator:
             raise ValueError(f"threads must be at least 1, got {threads}")
         self._wanted_threads = threads
 
+    @property
+    def failure(self) -> BaseException | None:
+        """What killed the worker (a bug or a device fault: the generator then takes no more
+        requests and must be replaced), or None while it runs or after a plain `close`."""
+        return self._failure
+
     def close(self, timeout: float | None = 10.0) -> None:
         """Stops the worker; unfinished requests end with GeneratorClosedError."""
         with self._cond:
             self._closed = True
             self._cond.notify()
+            self._inbox_cond.notify()
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout)
+        preparer = getattr(self, "_preparer", None)
+        if preparer is not None and threading.current_thread() is not preparer:
+            preparer.join(timeout)
 
     def __enter__(self) -> Generator:
         return self
@@ -462,6 +489,7 @@ class Generator:
 
     def _cancel(self, stream: RequestStream) -> None:
         with self._cond:
+            stream._cancel_asked = True  # (for the preparer: the worker has not seen it yet)
             self._cancels.add(stream)
             self._cond.notify()
 
@@ -485,12 +513,16 @@ class Generator:
         except BaseException as exc:  # the worker must report, whatever happened
             log.exception("engine worker died")
             error = GeneratorClosedError(f"the engine worker died: {exc!r}")
+            self._failure = exc
         with self._cond:
             self._closed = True
-            pending = list(self._inbox) + list(self._waiting) + list(self._decoding)
+            self._close_error = error  # (the preparer fails the request it is reading with it)
+            self._inbox_cond.notify()
+            pending = [*self._inbox, *self._prepared, *self._waiting, *self._decoding]
             if self._prefilling is not None:
                 pending.append(self._prefilling)
             self._inbox.clear()
+            self._prepared.clear()
             self._waiting.clear()
             self._decoding.clear()
             self._prefilling = None
@@ -502,7 +534,7 @@ class Generator:
         with self._cond:
             while (
                 not self._closed
-                and not self._inbox
+                and not self._prepared
                 and not self._cancels
                 and not self._waiting
                 and self._prefilling is None
@@ -511,8 +543,8 @@ class Generator:
                 self._cond.wait()
             if self._closed:
                 return False
-            self._waiting.extend(self._inbox)
-            self._inbox.clear()
+            self._waiting.extend(self._prepared)
+            self._prepared.clear()
             cancels, self._cancels = self._cancels, set()
         if cancels:
             self._apply_cancels(cancels)
@@ -536,7 +568,9 @@ class Generator:
 
     def _release(self, sequence: _Sequence) -> None:
         with self._cond:
-            self._count -= 1
+            if not sequence.released:
+                sequence.released = True
+                self._count -= 1
 
     def _finish(self, sequence: _Sequence, reason: str, text: str = "", ids=()) -> None:
         if reason != "cancelled" and sequence.text is not None:
@@ -588,12 +622,6 @@ class Generator:
             else:
                 prompt = [int(t) for t in request.prompt_ids or ()]
             generated = [int(t) for t in request.generated_ids]
-            vocab = self.model.args.vocab_size
-            bad = [t for t in prompt + generated if not 0 <= t < vocab]
-            if bad:
-                raise InvalidRequestError(
-                    f"token ids {bad[:5]} are outside the vocabulary 0..{vocab - 1}"
-                )
             if not prompt:
                 raise InvalidRequestError("the prompt is empty")
             total = len(prompt) + len(generated)
@@ -602,6 +630,12 @@ class Generator:
                     f"the prompt ({len(prompt)} tokens"
                     + (f" + {len(generated)} already generated" if generated else "")
                     + f") does not fit the context of {self.max_seq_len} tokens"
+                )
+            vocab = self.model.args.vocab_size
+            bad = [t for t in prompt + generated if not 0 <= t < vocab]
+            if bad:
+                raise InvalidRequestError(
+                    f"token ids {bad[:5]} are outside the vocabulary 0..{vocab - 1}"
                 )
         except EngineError as exc:
             self._fail(sequence, exc)
@@ -620,13 +654,38 @@ class Generator:
             return False
         return True
 
+    def _prepare_loop(self) -> None:
+        """The preparer thread: tokenizes requests in arrival order and hands them to the
+        worker; a request cancelled meanwhile ends here."""
+        while True:
+            with self._cond:
+                while not self._closed and not self._inbox:
+                    self._inbox_cond.wait()
+                if self._closed:
+                    return
+                sequence = self._preparing = self._inbox.popleft()
+                skip = sequence.stream._cancel_asked
+            if skip:
+                ready = False
+                self._finish(sequence, "cancelled")
+            else:
+                ready = self._prepare(sequence)
+            with self._cond:
+                self._preparing = None
+                closed, cancelled = self._closed, sequence.stream._cancel_asked
+                if ready and not closed and not cancelled:
+                    self._prepared.append(sequence)
+                    self._cond.notify()
+            if ready and closed:
+                self._fail(sequence, self._close_error)
+            elif ready and cancelled:
+                self._finish(sequence, "cancelled")
+
     def _admit(self) -> None:
-        while self._waiting and len(self._decoding) < self.max_batch:
+        if self._waiting and len(self._decoding) < self.max_batch:
             sequence = self._waiting.popleft()
-            if self._prepare(sequence):
-                sequence.slot = len(self._decoding)
-                self._prefilling = sequence
-                return
+            sequence.slot = len(self._decoding)
+            self._prefilling = sequence
 
     def _prefill_step(self, budget: int) -> int:
         """Prefills up to `budget` tokens of the joining request; returns how many it ran."""
@@ -662,11 +721,7 @@ class Generator:
             self.cache.move(sequence.slot, slot, sequence.cached)
             sequence.slot = slot
         self._decoding.append(sequence)
-        token = sample_rows(logits, [sequence.params], [sequence.seed], [len(sequence.completion)])[
-            0
-        ]
-        if self._accept(sequence, token):
-            self._remove_decoding(sequence)
+        self._take_tokens([sequence], logits)
         return end - start
 
     def _decode_step(self) -> None:
@@ -689,15 +744,46 @@ class Generator:
         self._decode_steps += 1
         for sequence in batch:
             sequence.cached += 1
-        next_tokens = sample_rows(
-            logits,
-            [s.params for s in batch],
-            [s.seed for s in batch],
-            [len(s.completion) for s in batch],
-        )
-        finished = [s for s, t in zip(list(batch), next_tokens, strict=True) if self._accept(s, t)]
-        for sequence in finished:
+        self._take_tokens(list(batch), logits)
+
+    def _take_tokens(self, batch: list[_Sequence], logits: torch.Tensor) -> None:
+        """Samples each decoding sequence's next token from its row of `logits` and streams
+        it; finished sequences leave the batch. An error here (a bug, a tokenizer fault,
+        memory) fails only the sequences it touched; the worker goes on."""
+        try:
+            tokens: list[int | Exception] = list(
+                sample_rows(
+                    logits,
+                    [s.params for s in batch],
+                    [s.seed for s in batch],
+                    [len(s.completion) for s in batch],
+                )
+            )
+        except Exception:
+            log.exception("sampling failed for a batch of %d: sampling row by row", len(batch))
+            tokens = [self._sample_alone(s, logits[row : row + 1]) for row, s in enumerate(batch)]
+        leaving = []
+        for sequence, token in zip(batch, tokens, strict=True):
+            try:
+                if isinstance(token, Exception):
+                    raise token
+                if self._accept(sequence, token):
+                    leaving.append(sequence)
+            except Exception as exc:
+                log.exception("taking a token failed for %s", sequence.stream.request_id)
+                self._fail(sequence, EngineError(f"sampling failed: {exc!r}"))
+                leaving.append(sequence)
+        for sequence in leaving:
             self._remove_decoding(sequence)
+
+    def _sample_alone(self, sequence: _Sequence, logits: torch.Tensor) -> int | Exception:
+        # (seeded sampling draws per row: alone, a row samples what it would in the batch)
+        try:
+            return sample_rows(
+                logits, [sequence.params], [sequence.seed], [len(sequence.completion)]
+            )[0]
+        except Exception as exc:
+            return exc
 
     def _accept(self, sequence: _Sequence, token: int) -> bool:
         """Appends a sampled token and streams it; True if the sequence finished."""

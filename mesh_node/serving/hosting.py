@@ -51,6 +51,7 @@ class HostingConfig:
     settle: float = 0.2  # re-elect at most this often while the mesh is changing
     join_settle: float = 3.0  # at most this long, after start, learning the mesh before electing
     cover_timeout: float = 600.0  # a split model's host gives up if its experts are not all held
+    revive_delay: float = 10.0  # a model whose engine worker died is loaded again after this
 
 
 def node_views(table: PeerTable) -> list[NodeView]:
@@ -417,12 +418,43 @@ class Hosting:
             self._busy.discard(model)
         self._kick.set()
 
+    async def _replace_dead(self, model: str, generator: Generator) -> None:
+        """The model's engine worker died (a bug or a device fault; its requests failed and
+        the gateway sent them elsewhere): routers stop sending here at once, and the model is
+        loaded afresh after `revive_delay` if this node is still elected for it."""
+        try:
+            log.error(
+                "%s: the engine worker died (%r): withdrawn; loading it again in %.0f s",
+                model,
+                generator.failure,
+                self.config.revive_delay,
+            )
+            if self.local.generators.get(model) is generator:
+                del self.local.generators[model]
+            self._split_loaded.discard(model)
+            self.failed[model] = f"the engine worker died: {generator.failure!r}"
+            self._publish_serving()
+            await run_blocking(generator.close, "model-unload")
+            await run_blocking(release_free_memory, "memory-release")
+            if self.experts is not None:
+                self.experts.stop_hosting(model)
+            if self.shards is not None:
+                self.shards.forget(model)
+            self._retry_at[model] = time.monotonic() + self.config.revive_delay
+            asyncio.get_running_loop().call_later(self.config.revive_delay, self._kick.set)
+        finally:
+            self._busy.discard(model)
+
     # ---- load reports
     async def _load_loop(self) -> None:
         last_tokens: dict[str, int] = {}
         last_time = time.monotonic()
         while True:
             await asyncio.sleep(self.config.load_interval)
+            for name, generator in list(self.local.generators.items()):
+                if generator.failure is not None and name not in self._busy:
+                    self._busy.add(name)
+                    self._spawn(self._replace_dead(name, generator))
             now = time.monotonic()
             inflight = 0
             produced = 0

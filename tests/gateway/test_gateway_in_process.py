@@ -4,6 +4,7 @@ election, tunneling through a node that does not host, failover mid-answer, conc
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 
 import pytest
@@ -133,3 +134,39 @@ async def test_fifty_concurrent_requests_spread_over_the_nodes(mesh):
     results = await asyncio.gather(*jobs)
     assert [text for text, _ in results] == [ex.answer for ex in examples]  # none lost or mixed
     assert all(deltas[-1].finish_reason == "stop" for _, deltas in results)
+
+
+async def test_a_host_whose_engine_worker_dies_withdraws_the_model_and_loads_it_again(mesh):
+    from mesh_node.serving.hosting import HostingConfig
+
+    quick = HostingConfig(load_interval=0.2, revive_delay=1.0)
+    host = await mesh.add(hosting=quick)
+    caller = await mesh.add(hosting=quick, client=True)
+    await mesh.wait(lambda: bool(mesh.hosts_of("builtin")) and _agreed(mesh, "builtin"))
+    dead = host.local.generators["builtin"]
+
+    def broken_move(*args):
+        raise RuntimeError("simulated device fault while moving the KV cache")
+
+    dead.cache.move = broken_move  # a request leaving before the last one kills the worker
+    short = GenerationRequest(prompt_ids=[72, 105], sampling=SamplingParams(max_tokens=2))
+    long = GenerationRequest(
+        prompt_ids=[72, 105], sampling=SamplingParams(max_tokens=200, ignore_eos=True)
+    )
+    streams = [dead.submit(short), dead.submit(long)]
+    for stream in streams:
+        with contextlib.suppress(Exception):
+            await stream.collect()
+    assert dead.failure is not None
+    # withdrawn at once (nobody is sent to a dead engine), then loaded afresh
+    await mesh.wait(
+        lambda: (
+            not any("builtin" in m.state.models_served for m in caller.membership.table if m.state)
+        ),
+        timeout=10,
+    )
+    assert "engine worker died" in host.hosting.failed["builtin"]
+    await mesh.wait(lambda: bool(mesh.hosts_of("builtin")) and _agreed(mesh, "builtin"), 30)
+    assert host.local.generators["builtin"] is not dead and "builtin" not in host.hosting.failed
+    text, _ = await answer(caller, chat("builtin", "What is 348 + 276?"))
+    assert text == "624"

@@ -1,0 +1,145 @@
+"""Faults inside the Generator: a slow tokenization, a failing sampling step, a dead worker.
+Each costs at most the requests it touched, and a dead worker says so (`failure`)."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+import mesh_node.engine.generator as generator_module
+from mesh_node.engine.errors import EngineError, GeneratorClosedError
+from mesh_node.engine.generator import GenerationRequest, Generator
+from mesh_node.engine.loading import load_model
+from mesh_node.engine.sampling import SamplingParams
+from mesh_node.engine.tokenizer import Tokenizer
+
+PROMPT = [72, 101, 108, 108, 111, 32, 119, 111]
+GREEDY = SamplingParams(max_tokens=16, ignore_eos=True)
+SEEDED = SamplingParams(max_tokens=16, ignore_eos=True, temperature=0.9, top_p=0.9, seed=7)
+WAIT = 60  # seconds: only a broken generator ever waits this long
+
+
+class GatedTokenizer(Tokenizer):
+    """Encoding the text "slow" waits until the test opens the gate (a huge prompt)."""
+
+    def __init__(self, folder):
+        super().__init__(folder)
+        self.entered = threading.Event()
+        self.gate = threading.Event()
+
+    def encode(self, text, add_special_tokens=True):
+        if text == "slow":
+            self.entered.set()
+            assert self.gate.wait(WAIT), "the test never opened the gate"
+        return super().encode(text, add_special_tokens)
+
+
+@pytest.fixture
+def llama(references):
+    folder, _ = references.get("llama")
+    return folder, load_model(folder, dtype=torch.float32, device="cpu", max_seq_len=128)
+
+
+def submit(generator, sampling=GREEDY, **kwargs):
+    kwargs.setdefault("prompt_ids", PROMPT)
+    return generator.submit(GenerationRequest(sampling=sampling, **kwargs))
+
+
+def test_running_requests_go_on_while_a_long_prompt_is_tokenized(llama):
+    folder, model = llama
+    tokenizer = GatedTokenizer(folder)
+    with Generator(model, tokenizer, max_batch=4) as generator:
+        expected = submit(generator).result(WAIT).token_ids
+        running = submit(generator)
+        slow = submit(generator, prompt="slow", prompt_ids=None)
+        cancelled = submit(generator, prompt="slow", prompt_ids=None)  # waits its turn
+        assert tokenizer.entered.wait(WAIT)
+        # the running request finishes while "slow" is still being read
+        assert running.result(WAIT).token_ids == expected
+        assert generator.stats().queued == 2  # the one being read, the one behind it
+        cancelled.cancel()
+        tokenizer.gate.set()
+        assert slow.result(WAIT).finish_reason == "length"
+        assert cancelled.result(WAIT).finish_reason == "cancelled"
+        assert (generator.stats().active, generator.stats().queued) == (0, 0)
+
+
+def test_closing_while_a_prompt_is_tokenized_fails_it_cleanly(llama):
+    folder, model = llama
+    tokenizer = GatedTokenizer(folder)
+    generator = Generator(model, tokenizer)
+    slow = submit(generator, prompt="slow", prompt_ids=None)
+    assert tokenizer.entered.wait(WAIT)
+    closing = threading.Thread(target=generator.close, kwargs={"timeout": WAIT})
+    closing.start()
+    tokenizer.gate.set()
+    closing.join(WAIT)
+    with pytest.raises(GeneratorClosedError):
+        slow.result(WAIT)
+    assert generator.failure is None  # closed, not dead
+
+
+def test_a_sampling_error_fails_only_the_request_it_touched(llama, monkeypatch):
+    folder, model = llama
+    real = generator_module.sample_rows
+
+    def refuses_temperature_half(logits, params, seeds, indices):
+        if any(p.temperature == 0.5 for p in params):
+            raise RuntimeError("simulated sampling fault")
+        return real(logits, params, seeds, indices)
+
+    with Generator(model, Tokenizer(folder), max_batch=4) as generator:
+        expected = submit(generator).result(WAIT).token_ids
+        monkeypatch.setattr(generator_module, "sample_rows", refuses_temperature_half)
+        bad = SamplingParams(max_tokens=16, ignore_eos=True, temperature=0.5, seed=1)
+        # the bad one joins while the good one decodes: they share batches
+        good = submit(generator, sampling=SamplingParams(max_tokens=64, ignore_eos=True))
+        failing = submit(generator, sampling=bad)
+        with pytest.raises(EngineError, match=r"sampling failed.*simulated sampling fault"):
+            failing.result(WAIT)
+        assert good.result(WAIT).token_ids[:16] == expected
+        assert submit(generator).result(WAIT).token_ids == expected  # still serving
+        assert generator.failure is None
+        assert (generator.stats().active, generator.stats().queued) == (0, 0)
+
+
+def test_a_batch_whose_sampling_fails_once_samples_row_by_row_identically(llama, monkeypatch):
+    folder, model = llama
+    real = generator_module.sample_rows
+    with Generator(model, Tokenizer(folder), max_batch=4) as generator:
+        expected = [submit(generator, sampling=s).result(WAIT).token_ids for s in (GREEDY, SEEDED)]
+        calls = {"n": 0}
+
+        def fails_on_the_fifth_call(*args):
+            calls["n"] += 1
+            if calls["n"] == 5:
+                raise torch.OutOfMemoryError("simulated: out of memory in a sort")
+            return real(*args)
+
+        monkeypatch.setattr(generator_module, "sample_rows", fails_on_the_fifth_call)
+        streams = [submit(generator, sampling=s) for s in (GREEDY, SEEDED)]
+        assert [s.result(WAIT).token_ids for s in streams] == expected
+        assert calls["n"] > 5
+
+
+def test_a_dead_worker_fails_its_requests_and_reports_why(llama):
+    folder, model = llama
+    generator = Generator(model, Tokenizer(folder), max_batch=4)
+    try:
+
+        def broken_move(*args):
+            raise RuntimeError("simulated device fault while moving the KV cache")
+
+        generator.cache.move = broken_move  # needed when a request leaves before the last one
+        short = submit(generator, sampling=SamplingParams(max_tokens=2, ignore_eos=True))
+        long = submit(generator, sampling=SamplingParams(max_tokens=100, ignore_eos=True))
+        assert short.result(WAIT).finish_reason == "length"
+        with pytest.raises(GeneratorClosedError, match="the engine worker died"):
+            long.result(WAIT)
+        assert isinstance(generator.failure, RuntimeError)
+        with pytest.raises(GeneratorClosedError):
+            submit(generator)
+    finally:
+        generator.close()
