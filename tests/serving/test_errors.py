@@ -333,7 +333,7 @@ async def test_a_compressed_body_that_does_not_decompress_is_answered_400(encodi
         body = b"0123456789"  # not gzip, not deflate
         status = await raw_status(
             server,
-            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
             b"Content-Type: application/json\r\nContent-Encoding: " + encoding + b"\r\n"
             b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body,
         )
@@ -344,7 +344,7 @@ async def test_an_api_key_header_that_is_not_text_is_refused(local_models):
     async with ApiServer(local_models, port=0, api_key="sekret") as server:
         status = await raw_status(
             server,
-            b"GET /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \xff\xfe\r\n"
+            b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer \xff\xfe\r\n"
             b"Connection: close\r\n\r\n",
         )
         assert status == b"401"
@@ -354,7 +354,7 @@ async def test_a_body_that_does_not_arrive_in_time_is_answered_408(local_models)
     async with ApiServer(local_models, port=0, body_timeout=0.3) as server:
         status = await raw_status(  # headers promise 100 bytes; one comes
             server,
-            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
             b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{",
         )
         assert status == b"408"

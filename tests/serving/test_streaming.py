@@ -224,7 +224,8 @@ async def test_a_client_that_stops_reading_is_dropped_and_frees_its_slot():
         sock.setblocking(False)
         body = json.dumps({"model": "flood", "prompt": "x", "stream": True}).encode()
         head = (
-            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b"Content-Type: application/json\r\n"
             b"Content-Length: %d\r\n\r\n" % len(body)
         )
         try:
