@@ -44,6 +44,25 @@ def test_join_refuses_split_and_shards_together():
     assert "choose one of --moe-split and --moe-shards" in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("flags", "named"),
+    [
+        (["--expert-memory", "1GiB"], "--expert-memory need"),
+        (["--no-express-lanes"], "--no-express-lanes need"),
+        (["--expert-memory", "1GiB", "--no-express-lanes"], "and --no-express-lanes need"),
+    ],
+)
+def test_join_refuses_split_flags_without_moe_split(flags, named):
+    result = subprocess.run(
+        [sys.executable, "-m", "mesh_node", "join", "x", *flags],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert f"{named} --moe-split" in result.stderr
+
+
 @pytest.mark.parametrize("how", ["flag", "environment"])
 def test_join_refuses_an_empty_api_key(how):
     args = [sys.executable, "-m", "mesh_node", "join", "x"]

@@ -193,6 +193,17 @@ def run(args: argparse.Namespace) -> int:
     if args.moe_split and args.moe_shards:
         print("mesh-node: choose one of --moe-split and --moe-shards", file=sys.stderr)
         return 2
+    split_only = [
+        flag
+        for flag, given in (
+            ("--expert-memory", args.expert_memory is not None),
+            ("--no-express-lanes", args.no_express_lanes),
+        )
+        if given
+    ]
+    if split_only and not args.moe_split:
+        print(f"mesh-node: {' and '.join(split_only)} need --moe-split", file=sys.stderr)
+        return 2
     if args.api_key is not None and not args.api_key.strip():
         # e.g. MESH_NODE_API_KEY=${KEY} with KEY unset: an open API is not what was asked for
         print(
