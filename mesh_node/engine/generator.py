@@ -325,7 +325,7 @@ class Generator:
         self.prefill_chunk = prefill_chunk
         self.threads = threads
         self._wanted_threads: int | None = None  # set_decode_threads
-        lock = threading.Lock()
+        lock = threading.RLock()  # (as a bare Condition has)
         self._cond = threading.Condition(lock)  # the worker waits on it
         self._inbox_cond = threading.Condition(lock)  # the preparer waits on it
         self._inbox: collections.deque[_Sequence] = collections.deque()  # not yet tokenized
