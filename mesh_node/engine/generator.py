@@ -435,7 +435,7 @@ class Generator:
         with self._cond:
             queued = (
                 len(self._inbox)
-                + (self._preparing is not None)
+                + (self._preparing is not None and not self._preparing.released)
                 + len(self._prepared)
                 + len(self._waiting)
             )
@@ -509,14 +509,17 @@ class Generator:
             with torch.inference_mode():
                 while self._iteration():
                     pass
-            error: BaseException = GeneratorClosedError("the generator was closed")
+            died = None
         except BaseException as exc:  # the worker must report, whatever happened
             log.exception("engine worker died")
-            error = GeneratorClosedError(f"the engine worker died: {exc!r}")
-            self._failure = exc
+            died = exc
         with self._cond:
             self._closed = True
-            self._close_error = error  # (the preparer fails the request it is reading with it)
+            if died is not None and self._failure is None:
+                self._failure = died
+                self._close_error = GeneratorClosedError(f"the engine worker died: {died!r}")
+            # closed, or what died (the preparer fails the request it is reading with it)
+            error = self._close_error
             self._inbox_cond.notify()
             pending = [*self._inbox, *self._prepared, *self._waiting, *self._decoding]
             if self._prefilling is not None:
@@ -526,7 +529,10 @@ class Generator:
             self._waiting.clear()
             self._decoding.clear()
             self._prefilling = None
-            self._count = 0
+            for sequence in pending:  # (the one being tokenized stays counted: the preparer
+                if not sequence.released:  # fails it when it is done)
+                    sequence.released = True
+                    self._count -= 1
         for sequence in pending:
             sequence.stream._fail(error)
 
@@ -656,7 +662,25 @@ class Generator:
 
     def _prepare_loop(self) -> None:
         """The preparer thread: tokenizes requests in arrival order and hands them to the
-        worker; a request cancelled meanwhile ends here."""
+        worker; a request cancelled meanwhile ends here. Should it die, the generator is
+        closed with `failure` set, as when the worker dies: no request waits for ever."""
+        try:
+            self._prepare_requests()
+        except BaseException as exc:
+            log.exception("engine tokenizer thread died")
+            with self._cond:
+                if self._failure is None:
+                    self._failure = exc
+                    self._close_error = GeneratorClosedError(
+                        f"the engine's tokenizer thread died: {exc!r}"
+                    )
+                self._closed = True
+                self._cond.notify()  # the worker fails every request left
+                preparing, self._preparing = self._preparing, None
+            if preparing is not None:
+                self._fail(preparing, self._close_error)
+
+    def _prepare_requests(self) -> None:
         while True:
             with self._cond:
                 while not self._closed and not self._inbox:
@@ -669,7 +693,12 @@ class Generator:
                 ready = False
                 self._finish(sequence, "cancelled")
             else:
-                ready = self._prepare(sequence)
+                try:
+                    ready = self._prepare(sequence)
+                except Exception as exc:  # e.g. replaying generated_ids through the detokenizer
+                    log.exception("preparing %s failed", sequence.stream.request_id)
+                    self._fail(sequence, EngineError(f"cannot prepare the request: {exc!r}"))
+                    ready = False
             with self._cond:
                 self._preparing = None
                 closed, cancelled = self._closed, sequence.stream._cancel_asked

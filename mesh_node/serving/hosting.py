@@ -51,7 +51,9 @@ class HostingConfig:
     settle: float = 0.2  # re-elect at most this often while the mesh is changing
     join_settle: float = 3.0  # at most this long, after start, learning the mesh before electing
     cover_timeout: float = 600.0  # a split model's host gives up if its experts are not all held
-    revive_delay: float = 10.0  # a model whose engine worker died is loaded again after this
+    revive_delay: float = (
+        10.0  # a model whose engine died (Generator.failure) is reloaded after this
+    )
 
 
 def node_views(table: PeerTable) -> list[NodeView]:
@@ -424,7 +426,7 @@ class Hosting:
         loaded afresh after `revive_delay` if this node is still elected for it."""
         try:
             log.error(
-                "%s: the engine worker died (%r): withdrawn; loading it again in %.0f s",
+                "%s: the engine died (%r): withdrawn; loading it again in %.0f s",
                 model,
                 generator.failure,
                 self.config.revive_delay,
@@ -432,16 +434,16 @@ class Hosting:
             if self.local.generators.get(model) is generator:
                 del self.local.generators[model]
             self._split_loaded.discard(model)
-            self.failed[model] = f"the engine worker died: {generator.failure!r}"
+            self.failed[model] = f"the engine died: {generator.failure!r}"
+            self._retry_at[model] = time.monotonic() + self.config.revive_delay
+            asyncio.get_running_loop().call_later(self.config.revive_delay, self._kick.set)
             self._publish_serving()
-            await run_blocking(generator.close, "model-unload")
-            await run_blocking(release_free_memory, "memory-release")
             if self.experts is not None:
                 self.experts.stop_hosting(model)
             if self.shards is not None:
                 self.shards.forget(model)
-            self._retry_at[model] = time.monotonic() + self.config.revive_delay
-            asyncio.get_running_loop().call_later(self.config.revive_delay, self._kick.set)
+            await run_blocking(generator.close, "model-unload")
+            await run_blocking(release_free_memory, "memory-release")
         finally:
             self._busy.discard(model)
 

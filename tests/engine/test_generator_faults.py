@@ -74,11 +74,63 @@ def test_closing_while_a_prompt_is_tokenized_fails_it_cleanly(llama):
     assert tokenizer.entered.wait(WAIT)
     closing = threading.Thread(target=generator.close, kwargs={"timeout": WAIT})
     closing.start()
+    generator._thread.join(WAIT)  # the worker has stopped while "slow" is still being read
     tokenizer.gate.set()
     closing.join(WAIT)
     with pytest.raises(GeneratorClosedError):
         slow.result(WAIT)
     assert generator.failure is None  # closed, not dead
+    stats = generator.stats()
+    assert (stats.active, stats.queued) == (0, 0)  # each request counted off once
+
+
+class DecodeFaultTokenizer(Tokenizer):
+    """Decoding token 77 raises (a tokenizer fault met while replaying a failover)."""
+
+    def decode(self, ids):
+        if 77 in ids:
+            raise RuntimeError("simulated tokenizer fault")
+        return super().decode(ids)
+
+
+class Fatal(BaseException):
+    """Not an Exception: nothing on the way catches it."""
+
+
+class FatalTokenizer(GatedTokenizer):
+    def encode(self, text, add_special_tokens=True):
+        if text == "fatal":
+            assert self.gate.wait(WAIT), "the test never opened the gate"
+            raise Fatal("simulated: the tokenizer thread is torn down")
+        return super().encode(text, add_special_tokens)
+
+
+def test_a_request_that_fails_while_being_prepared_fails_alone(llama):
+    folder, model = llama
+    with Generator(model, DecodeFaultTokenizer(folder), max_batch=2, max_queue=2) as generator:
+        replay = submit(generator, generated_ids=[77])  # its text state is rebuilt on replay
+        with pytest.raises(EngineError, match=r"cannot prepare the request.*tokenizer fault"):
+            replay.result(WAIT)
+        for _ in range(4):  # more than the queue holds: nothing stayed counted
+            assert submit(generator).result(WAIT).finish_reason == "length"
+        assert generator.failure is None
+
+
+def test_a_dead_tokenizer_thread_closes_the_generator_and_reports_why(llama):
+    folder, model = llama
+    generator = Generator(model, FatalTokenizer(folder), max_batch=2)
+    try:
+        fatal = submit(generator, prompt="fatal", prompt_ids=None)
+        behind = submit(generator)  # waits behind it to be read
+        generator.tokenizer.gate.set()
+        for stream in (fatal, behind):
+            with pytest.raises(GeneratorClosedError, match="tokenizer thread died"):
+                stream.result(WAIT)
+        assert isinstance(generator.failure, Fatal)
+        with pytest.raises(GeneratorClosedError):
+            submit(generator)
+    finally:
+        generator.close()
 
 
 def test_a_sampling_error_fails_only_the_request_it_touched(llama, monkeypatch):
@@ -126,20 +178,33 @@ def test_a_batch_whose_sampling_fails_once_samples_row_by_row_identically(llama,
 
 def test_a_dead_worker_fails_its_requests_and_reports_why(llama):
     folder, model = llama
+    full, go = threading.Event(), threading.Event()
+
+    def hold_the_first_step_of_two(module, args):
+        if args[0].shape[0] == 2 and not full.is_set():
+            full.set()  # both requests decode (neither can have finished: 100 tokens each)
+            assert go.wait(WAIT), "the test never let the step go"
+
+    model.register_forward_pre_hook(hold_the_first_step_of_two)
     generator = Generator(model, Tokenizer(folder), max_batch=4)
     try:
+        long = SamplingParams(max_tokens=100, ignore_eos=True)
+        first, second = submit(generator, sampling=long), submit(generator, sampling=long)
+        assert full.wait(WAIT)
 
         def broken_move(*args):
             raise RuntimeError("simulated device fault while moving the KV cache")
 
-        generator.cache.move = broken_move  # needed when a request leaves before the last one
-        short = submit(generator, sampling=SamplingParams(max_tokens=2, ignore_eos=True))
-        long = submit(generator, sampling=SamplingParams(max_tokens=100, ignore_eos=True))
-        assert short.result(WAIT).finish_reason == "length"
-        with pytest.raises(GeneratorClosedError, match="the engine worker died"):
-            long.result(WAIT)
+        # the first request leaving moves the second one's cache rows into its slot
+        generator.cache.move = broken_move
+        first.cancel()
+        go.set()
+        for stream in (first, second):
+            with pytest.raises(GeneratorClosedError, match="the engine worker died"):
+                stream.result(WAIT)
         assert isinstance(generator.failure, RuntimeError)
         with pytest.raises(GeneratorClosedError):
             submit(generator)
     finally:
+        go.set()
         generator.close()
