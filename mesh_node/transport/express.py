@@ -551,9 +551,13 @@ class ExpressClient:
         deadline = time.monotonic() + timeout
         while call.answer is None and call.error is None:
             now = time.monotonic()
+            if now >= deadline:  # first: datagrams arriving all the time cannot hold a call
+                call.error = ExpressFailed(f"no answer on the lane within {timeout:.3g}s")
+                break
             if now >= call.sent_at + call.rto:
-                if self._read(list(self._sockets.values())):
-                    continue  # the answer may be among what arrived: no copy for it then
+                self._read(list(self._sockets.values()))
+                if call.answer is not None or call.error is not None:
+                    continue  # its answer was among what arrived: no copy for it then
                 if call.attempts >= self.attempts and now - call.first_sent >= self.min_wait:
                     call.error = ExpressFailed(
                         f"no answer on the lane after {call.attempts} datagrams"
@@ -563,9 +567,6 @@ class ExpressClient:
                 self.resent += 1
                 self._send(call)
                 continue
-            if now >= deadline:
-                call.error = ExpressFailed(f"no answer on the lane within {timeout:.3g}s")
-                break
             self._receive(
                 min(call.sent_at + call.rto, deadline) - now,
                 min(self.poll_until(call), deadline),

@@ -273,6 +273,62 @@ def test_a_flood_of_datagrams_is_read_in_bounded_batches():
         client.close()
 
 
+class _Flooded:
+    """A lane socket with junk always waiting to be read: a flood the caller cannot drain."""
+
+    def __init__(self, real: socket.socket):
+        self.real = real
+        self.reads = 0
+
+    def recv(self, size: int) -> bytes:
+        self.reads += 1
+        return os.urandom(40)  # no lane of the client's: dropped
+
+    def fileno(self) -> int:
+        return self.real.fileno()
+
+    def sendto(self, data: bytes, address) -> int:
+        return self.real.sendto(data, address)
+
+    def close(self) -> None:
+        self.real.close()
+
+
+def test_a_flood_that_never_stops_neither_holds_a_call_past_its_timeout_nor_stops_resends():
+    sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # never read: no answers
+    sink.bind(("127.0.0.1", 0))
+    client = ExpressClient(REGISTRY, attempts=100)
+    try:
+        client.add("peer", sink.getsockname(), os.urandom(8), os.urandom(32))
+        flooded = _Flooded(client._sockets[socket.AF_INET])
+        client._sockets[socket.AF_INET] = flooded
+        call = client.call("peer", Ping(1))
+        outcome: list[BaseException] = []
+
+        def wait() -> None:
+            try:
+                client.result(call, 0.3)
+            except ExpressFailed as exc:
+                outcome.append(exc)
+
+        waiter = threading.Thread(target=wait, daemon=True)
+        waiter.start()
+        waiter.join(30.0)
+        stuck = waiter.is_alive()
+        flooded.recv = _no_more_datagrams  # frees the thread should it be stuck
+        waiter.join(30.0)
+        assert not stuck, "the call outlived its timeout while junk kept arriving"
+        assert "within 0.3s" in str(outcome[0])
+        assert flooded.reads > 0 and call.attempts > 1  # junk read, and copies still sent
+    finally:
+        sink.close()
+        client.close()
+
+
+def _no_more_datagrams(size: int) -> bytes:
+    raise BlockingIOError
+
+
 def test_a_lane_socket_with_a_descriptor_above_1024_is_waited_on(lane):
     import resource
 
