@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import signal
 import socket
@@ -21,7 +22,7 @@ from mesh_node.expert_parallel.coordinator import ExpertParallel, ExpertParallel
 from mesh_node.expert_parallel.independent_shards import IndependentShards
 from mesh_node.expert_parallel.service import ExpertService
 from mesh_node.identity import MeshSecret, NodeId, NodeIdentity, default_home
-from mesh_node.membership.discovery import MdnsDiscovery, local_ipv4_addresses
+from mesh_node.membership.discovery import DiscoveryDialer, MdnsDiscovery, local_ipv4_addresses
 from mesh_node.membership.messages import Address
 from mesh_node.membership.state import SelfState, machine_id, probe_hardware
 from mesh_node.membership.swim import Membership, MembershipConfig
@@ -110,6 +111,7 @@ class Node:
         self.experts: ExpertParallel | None = None
         self.shards: IndependentShards | None = None
         self.discovery: MdnsDiscovery | None = None
+        self.dialer: DiscoveryDialer | None = None
         self.console: ConsoleServer | None = None
         self.api: ApiServer | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -207,13 +209,19 @@ class Node:
             )
             await self.console.start()
         if self.config.mdns:
+            interfaces = list(self.config.mdns_interfaces)
+            self.dialer = DiscoveryDialer(
+                self._join_discovered,
+                allow_loopback=bool(interfaces)
+                and all(ipaddress.ip_address(i).is_loopback for i in interfaces),
+            )
             self.discovery = MdnsDiscovery(
                 self.node_id,
                 self.endpoint.port,
                 [a.host for a in addresses],
                 self.mesh.discovery_tag,
                 self._discovered,
-                interfaces=list(self.config.mdns_interfaces) or None,
+                interfaces=interfaces or None,
             )
             await self.discovery.start()
 
@@ -245,8 +253,12 @@ class Node:
         member = membership.table.get(node_id)
         if member is not None and member.live:
             return
-        log.info("discovered node %s on the LAN at %s", node_id.short, addresses[0])
-        self._spawn(membership.join(addresses[0], expect=node_id))
+        if self.dialer is not None:
+            self.dialer.found(node_id, addresses)
+
+    async def _join_discovered(self, address: Address, node_id: NodeId) -> bool:
+        membership = self.membership
+        return membership is not None and await membership.join(address, expect=node_id)
 
     async def _hardware_loop(self) -> None:
         """GPUs need torch (slow to import): probe off the loop, then refresh now and then."""
@@ -266,6 +278,8 @@ class Node:
             await self.console.stop()
         if self.discovery is not None:
             await self.discovery.stop()
+        if self.dialer is not None:
+            await self.dialer.close()
         for task in list(self._tasks):
             task.cancel()
         for task in list(self._tasks):

@@ -5,6 +5,9 @@ Each node registers `_mesh-node._udp.local.` with TXT properties `id` (node id),
 version), and browses for the same type. Records of other meshes (another tag) are ignored;
 a node of our mesh is handed to `on_found`, which joins through it (the QUIC handshake then
 proves who it is and that it belongs to the mesh).
+
+A record proves nothing (the tag is public in every record of the mesh, so any LAN host can
+copy it), so what it names is dialed through a `DiscoveryDialer`, which bounds the joins.
 """
 
 from __future__ import annotations
@@ -15,7 +18,9 @@ import ipaddress
 import logging
 import secrets
 import socket
-from collections.abc import Callable
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 
 from zeroconf import InterfaceChoice, IPVersion, ServiceStateChange, Zeroconf
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
@@ -27,6 +32,10 @@ log = logging.getLogger("mesh_node.discovery")
 
 SERVICE_TYPE = "_mesh-node._udp.local."
 PROTOCOL_VERSION = "1"
+MAX_DIALS = 4  # discovery joins in flight at once
+MAX_WAITING = 32  # found addresses waiting for a dial; more are not kept
+RETRY_AFTER = 30.0  # seconds before an address whose join failed is dialed again
+MAX_REMEMBERED = 1024  # failed addresses remembered (oldest forgotten first)
 
 
 class MdnsDiscovery:
@@ -86,20 +95,29 @@ class MdnsDiscovery:
             task.add_done_callback(self._lookups.discard)
 
     async def _lookup(self, service_type: str, name: str) -> None:
+        try:
+            await self._read_record(service_type, name)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a record from anyone on the LAN: never an error of ours
+            log.debug("mDNS record %s not usable: %r", name, exc)
+
+    async def _read_record(self, service_type: str, name: str) -> None:
         if self._zc is None:
             return
         info = AsyncServiceInfo(service_type, name)
         if not await info.async_request(self._zc.zeroconf, 3000):
             return
+        # TXT keys and values are any bytes (a hostile record need not be UTF-8)
         props = {
-            (k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
+            (k.encode() if isinstance(k, str) else k): (v.encode() if isinstance(v, str) else v)
             for k, v in (info.properties or {}).items()
         }
-        if props.get("tag") != self.tag or props.get("v") != PROTOCOL_VERSION:
+        if props.get(b"tag") != self.tag.encode() or props.get(b"v") != PROTOCOL_VERSION.encode():
             return  # another mesh (or version): not ours to join
         try:
-            node_id = NodeId.parse(props.get("id") or "")
-        except ValueError:
+            node_id = NodeId.parse((props.get(b"id") or b"").decode())
+        except ValueError:  # (UnicodeDecodeError included)
             log.debug("mDNS record %s has a bad node id", name)
             return
         if node_id == self.node_id or info.port is None:
@@ -120,6 +138,106 @@ class MdnsDiscovery:
                     await self._zc.async_unregister_service(self._info)
             await self._zc.async_close()
         self._zc = self._browser = self._info = None
+
+
+class DiscoveryDialer:
+    """Joins through the nodes mDNS found, within bounds: at most MAX_DIALS joins at once, at
+    most MAX_WAITING found addresses waiting (newer ones are not kept: they are announced
+    again), one join per address at a time and none within RETRY_AFTER of a failed one, and
+    no dial to an address no peer can be at (unspecified, multicast, broadcast, reserved; a
+    loopback address only when discovery itself runs on loopback).
+
+    `join(address, node_id)` joins through the address, expecting that node; True on success.
+    """
+
+    def __init__(
+        self,
+        join: Callable[[Address, NodeId], Awaitable[bool]],
+        *,
+        allow_loopback: bool,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.join = join
+        self.allow_loopback = allow_loopback
+        self.clock = clock
+        self.refused = 0  # found addresses not dialed (unusable, failing, or no room)
+        self._waiting: OrderedDict[Address, NodeId] = OrderedDict()
+        self._dialing: set[Address] = set()
+        self._failed: OrderedDict[Address, float] = OrderedDict()  # address -> when
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._closed = False
+
+    def found(self, node_id: NodeId, addresses: list[Address]) -> None:
+        """A record of our mesh named `node_id` at these addresses: dial the first usable."""
+        address = next((a for a in addresses if self.usable(a)), None)
+        if address is None or self._closed:
+            self.refused += 1
+            return
+        failed_at = self._failed.get(address)
+        if failed_at is not None and self.clock() - failed_at < RETRY_AFTER:
+            self.refused += 1
+            return
+        if address in self._dialing or address in self._waiting:
+            return
+        if len(self._waiting) >= MAX_WAITING:
+            self.refused += 1
+            return
+        self._waiting[address] = node_id
+        self._next()
+
+    def usable(self, address: Address) -> bool:
+        try:
+            ip = ipaddress.IPv4Address(address.host)
+        except ValueError:
+            return False
+        if not 0 < address.port < 65536:
+            return False
+        if ip.is_loopback:
+            return self.allow_loopback
+        return not (ip.is_unspecified or ip.is_multicast or ip.is_reserved or ip == _BROADCAST)
+
+    @property
+    def dialing(self) -> int:
+        return len(self._dialing)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    def _next(self) -> None:
+        while self._waiting and len(self._dialing) < MAX_DIALS and not self._closed:
+            address, node_id = self._waiting.popitem(last=False)
+            self._dialing.add(address)
+            log.info("discovered node %s on the LAN at %s", node_id.short, address)
+            task = asyncio.ensure_future(self._dial(address, node_id))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _dial(self, address: Address, node_id: NodeId) -> None:
+        joined = False
+        try:
+            joined = await self.join(address, node_id)
+        except Exception:
+            log.exception("joining through %s failed unexpectedly", address)
+        finally:
+            self._dialing.discard(address)
+            self._failed.pop(address, None)
+            if not joined:
+                self._failed[address] = self.clock()
+                while len(self._failed) > MAX_REMEMBERED:
+                    self._failed.popitem(last=False)
+            self._next()
+
+    async def close(self) -> None:
+        self._closed = True
+        self._waiting.clear()
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+_BROADCAST = ipaddress.IPv4Address("255.255.255.255")
 
 
 def _is_ipv4(text: str) -> bool:
