@@ -164,7 +164,9 @@ def read_plaintext(registry: Registry, limits: FrameLimits, data: bytes) -> tupl
 
 def _udp_socket(family: int) -> socket.socket:
     sock = socket.socket(family, socket.SOCK_DGRAM)
-    if family == socket.AF_INET and sys.platform.startswith("linux"):
+    if sys.platform.startswith("linux"):
+        # an IPv6 socket that is not IPv6-only also sends IPv4 (to mapped addresses): that
+        # IPv4 must not set don't-fragment either (IPv6 itself has no such bit)
         sock.setsockopt(socket.IPPROTO_IP, _IP_MTU_DISCOVER, _IP_PMTUDISC_DONT)
     for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
         sock.setsockopt(socket.SOL_SOCKET, option, 1 << 20)
@@ -392,6 +394,7 @@ def probe_lane(
     ExpressFailed when no answer came (a firewall in the way, or an address family the
     answerer does not listen on): then the lane is not worth using."""
     probe = ExpressClient(registry)
+    probe._ids = itertools.count(0)  # call id 0: a caller's own ids start at 1, never in a row
     try:
         probe.add("probe", address, lane, secret)
         call = probe.call("probe", Ping(0))

@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import socket
+import sys
 import threading
 import time
 from pathlib import Path
@@ -523,6 +524,14 @@ async def test_lanes_are_granted_over_quic_and_close_with_the_connection(mesh):
 def test_a_new_lane_is_probed_and_its_numbering_goes_on_from_the_probe(lane):
     pair = lane()
     address = ("127.0.0.1", pair.server.port)
+    call_ids = []
+    answer = pair.server._answer
+
+    def spy(peer, call_id, plain):
+        call_ids.append(call_id)
+        return answer(peer, call_id, plain)
+
+    pair.server._answer = spy
     start = probe_lane(REGISTRY, address, pair.lane, pair.secret, timeout=2.0)
     assert start.sent == 1 and start.seen == 1 and start.srtt is not None
     assert pair.handled == 1  # the probe's Ping
@@ -533,6 +542,7 @@ def test_a_new_lane_is_probed_and_its_numbering_goes_on_from_the_probe(lane):
         assert client.result(call, 2.0) == Pong(7)  # seq 2: above what the server saw
         assert call.lane.sent == 2 and pair.server.dropped == 0
         assert call.rto < 0.1  # timed from the probe's round trip, not the first guess
+        assert len(call_ids) == 2 and call_ids[0] != call_ids[1]  # two calls, two call ids
     finally:
         client.close()
 
@@ -568,5 +578,19 @@ def test_one_connection_cannot_push_out_the_lanes_of_others():
         greedy = [server.open_lane(PEER, "greedy connection", os.urandom(32)) for _ in range(40)]
         assert server.lanes == 5  # the other's lane, and the greedy one's 4 newest
         assert set(server._lanes) == {other, *greedy[-4:]}
+    finally:
+        server.close()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="IP_MTU_DISCOVER is Linux's")
+@pytest.mark.parametrize("host", ["0.0.0.0", "::"])
+def test_lane_sockets_never_set_dont_fragment_on_ipv4_even_when_dual_stack(host):
+    server = ExpressServer(REGISTRY, host=host)
+    try:
+        server.start()
+    except OSError as exc:  # a machine without IPv6
+        pytest.skip(f"cannot bind {host}: {exc}")
+    try:  # "::" answers IPv4 callers too (mapped addresses): those datagrams must not set DF
+        assert server._sock.getsockopt(socket.IPPROTO_IP, 10) == 0  # IP_MTU_DISCOVER: DONT
     finally:
         server.close()
