@@ -85,6 +85,17 @@ from mesh_node.transport.messages import ExpressLane, ExpressOpen
 log = logging.getLogger("mesh_node.experts")
 
 UNIFORM = "uniform"  # the rankings digest meaning "no rankings: every expert alike"
+FETCH_RETRY = 1.0  # seconds before a failed rankings fetch is tried again, doubling each time
+FETCH_RETRY_MAX = 60.0  # ... up to this
+MAX_FETCH_FAILURES = 256  # digests whose fetch failed, remembered (oldest forgotten first)
+
+
+def _layers_text(layers) -> str:
+    layers = list(layers)
+    if layers and layers == list(range(layers[0], layers[-1] + 1)) and len(layers) > 2:
+        return f"{layers[0]}-{layers[-1]}"
+    shown = ", ".join(str(layer) for layer in layers[:8])
+    return f"[{shown}{', ...' if len(layers) > 8 else ''}]"
 
 
 def split_call(
@@ -156,6 +167,9 @@ class ExpertParallel:
         self._failures: dict[str, int] = {}  # model -> failed loads in a row
         self._retry_at: dict[str, float] = {}  # model -> monotonic time of the next try
         self._fetching: set[str] = set()
+        # digest -> (failed fetches in a row, monotonic time of the next try, why)
+        self._fetch_failures: dict[str, tuple[int, float, str]] = {}
+        self._documents: dict[str, bytes] = {}  # digest -> encoded rankings, as served
         self._kick = asyncio.Event()
         self._table_changed = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -328,8 +342,11 @@ class ExpertParallel:
             return False  # no host yet, or it has not chosen rankings
         digest = host_info.rankings
         demand = self._demand(model, digest, host)
-        if demand is None:
-            return False  # fetching the rankings
+        if demand is None:  # fetching the rankings
+            why = self.fetch_error(digest)
+            if why is not None:  # (shown in the status; cleared once a plan is made)
+                self._plan_errors[model] = f"cannot get the host's expert rankings: {why}"
+            return False
         trunk = host_info.trunk_bytes
         offers = tuple(
             sorted(
@@ -443,12 +460,20 @@ class ExpertParallel:
 
     def rankings_for(self, model: str, digest: str, source: NodeId):
         """The rankings with this digest if this node has them; else None, and they are being
-        fetched from `source` (a change is signalled when they arrive)."""
+        fetched from `source` (a change is signalled when they arrive, or when a failed fetch
+        may be tried again: after FETCH_RETRY seconds, doubling up to FETCH_RETRY_MAX)."""
         rankings = self.rankings.get(digest)
         if rankings is None and digest not in self._fetching:
-            self._fetching.add(digest)
-            self.spawn(self._fetch_rankings(model, digest, source))
+            failed = self._fetch_failures.get(digest)
+            if failed is None or time.monotonic() >= failed[1]:
+                self._fetching.add(digest)
+                self.spawn(self._fetch_rankings(model, digest, source))
         return rankings
+
+    def fetch_error(self, digest: str) -> str | None:
+        """Why the last fetch of these rankings failed (None: it did not, or none was made)."""
+        failed = self._fetch_failures.get(digest)
+        return failed[2] if failed is not None else None
 
     async def _fetch_rankings(self, model: str, digest: str, host: NodeId) -> None:
         try:
@@ -460,24 +485,67 @@ class ExpertParallel:
             reply = await conn.request(RankingsRequest(model, digest), timeout=30.0)
             if not isinstance(reply, RankingsData):
                 raise PeerGone(f"host answered {type(reply).__name__}")
-            rankings = rankings_mod.ExpertRankings.from_bytes(reply.data())
-            if rankings.digest() != digest:
+            data = reply.data()
+            # the document travels in its canonical encoding, whose digest was published: any
+            # other bytes are refused before decoding them costs anything
+            if rankings_mod.document_digest(data) != digest:
                 raise PeerGone("the rankings received do not match their digest")
+            rankings = await run_blocking(  # a large model's: a second or more to decode
+                lambda: rankings_mod.ExpertRankings.from_bytes(data), "rankings"
+            )
+            problem = self._shape_problem(model, rankings)
+            if problem is not None:
+                raise PeerGone(problem)
             self.rankings[digest] = rankings
+            self._fetch_failures.pop(digest, None)
             log.info("fetched expert rankings %s of %s from %s", digest, model, host.short)
-        except Exception as exc:  # retried on the next change
-            log.warning("could not fetch rankings %s of %s: %s", digest, model, exc)
-            await asyncio.sleep(1.0)
+        except Exception as exc:  # tried again after a back-off
+            failures = self._fetch_failures.pop(digest, (0, 0.0, ""))[0] + 1
+            delay = min(FETCH_RETRY * 2 ** min(failures - 1, 16), FETCH_RETRY_MAX)
+            self._fetch_failures[digest] = (failures, time.monotonic() + delay, str(exc))
+            while len(self._fetch_failures) > MAX_FETCH_FAILURES:
+                del self._fetch_failures[next(iter(self._fetch_failures))]
+            log.warning(
+                "could not fetch rankings %s of %s from %s: %s (trying again in %.0f s)",
+                digest,
+                model,
+                host.short,
+                exc,
+                delay,
+            )
+            asyncio.get_running_loop().call_later(delay, self._wake)
         finally:
             self._fetching.discard(digest)
-            self._kick.set()
-            self._table_changed.set()
+            self._wake()
 
-    def _serve_rankings(self, ctx: RequestContext, request: RankingsRequest) -> RankingsData:
+    def _wake(self) -> None:
+        self._kick.set()
+        self._table_changed.set()
+
+    def _shape_problem(self, model: str, rankings: Any) -> str | None:
+        """Why these rankings cannot be planned with for this node's copy of `model` (another
+        checkpoint: other MoE layers or expert count); None when they can."""
+        shape = self._shapes.get(model)
+        if shape is None:
+            return None
+        layers, num_experts, _ = shape
+        if tuple(rankings.layers) == tuple(layers) and rankings.num_experts == num_experts:
+            return None
+        return (
+            f"the rankings are of a checkpoint with {rankings.num_experts} experts in MoE layers "
+            f"{_layers_text(rankings.layers)}; this node's {model} has {num_experts} experts in "
+            f"MoE layers {_layers_text(layers)}: not the same model"
+        )
+
+    async def _serve_rankings(self, ctx: RequestContext, request: RankingsRequest) -> RankingsData:
         rankings = self.rankings.get(request.digest)
         if rankings is None:
             raise RequestFailed(ErrorCode.NOT_FOUND, f"no rankings {request.digest} here")
-        return RankingsData.of(rankings.to_bytes())
+        document = self._documents.get(request.digest)
+        if document is None:  # encoded once, off the loop (a large model's take a while)
+            document = await run_blocking(rankings.to_bytes, "rankings")
+            self._documents[request.digest] = document
+        return RankingsData.of(document)
 
     async def choose_rankings(self, model: str, analysis: str = "micro") -> str:
         """On the host: the rankings the mesh will plan with (see module doc); publishes the
@@ -527,7 +595,10 @@ class ExpertParallel:
             return None
         finally:
             release_free_memory()
-        rankings_mod.save(rankings)
+        try:
+            rankings_mod.save(rankings)
+        except OSError as exc:  # planned with all the same; measured again next time
+            log.warning("could not cache the expert rankings of %s: %s", resolved.name, exc)
         return rankings
 
     # ---- routes

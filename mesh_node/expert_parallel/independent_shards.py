@@ -141,9 +141,11 @@ class IndependentShards:
                 if fetching is None or fetching[0] != source:
                     fetching = (source, time.monotonic())
                 elif time.monotonic() - fetching[1] > LOAD_WAIT:  # published, not fetchable
+                    why = self.experts.fetch_error(variant.rankings)
                     raise TimeoutError(
                         f"could not fetch the expert rankings {variant.rankings} of {model} "
                         f"from the shards' leader {nodes[0].short} in {LOAD_WAIT:.0f}s"
+                        + (f" ({why})" if why else "")
                     )
             if time.monotonic() > warn_at:
                 warn_at = time.monotonic() + LOAD_WAIT

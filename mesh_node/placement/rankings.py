@@ -26,11 +26,13 @@ other languages), rendered with the tokenizer's chat template when it has one (t
 kept when a prompt is longer than the run allows, so a long default system prompt does not crowd
 out the prompt itself).
 
-Results carry `checkpoint_fingerprint(folder)`: a digest of config.json, every safetensors file's
-size and header (tensor names, dtypes, shapes, offsets) and a sample of its data bytes (64 blocks
-of 4 KiB spread over the file), read without loading the weights. A copy of a checkpoint in
-another folder has the same fingerprint; a changed config or tensor layout, or retrained weights,
-change it (a change confined to bytes that no sample block covers would not). Rankings are cached
+Results carry `checkpoint_fingerprint(folder)`: a digest of config.json, the tokenizer's files
+(`TOKENIZER_FILES` present: they decide the calibration tokens), every safetensors file's size
+and header (tensor names, dtypes, shapes, offsets) and a sample of its data bytes (64 blocks of
+4 KiB spread over the file), read without loading the weights. A copy of a checkpoint in another
+folder has the same fingerprint; a changed config, tokenizer or chat template or tensor layout,
+or retrained weights, change it (a change confined to bytes that no sample block covers would
+not). Rankings are cached
 under `<cache>/rankings/<fingerprint>-<kind>.msgpack`, where `<cache>` is `$MESH_NODE_CACHE`, else
 `$XDG_CACHE_HOME/mesh-node`, else `~/.cache/mesh-node`; they travel between peers as
 `ExpertRankings.to_bytes()` (canonical msgpack), and `from_bytes` rejects anything malformed with
@@ -66,6 +68,14 @@ MAX_MATRIX_ENTRIES = 64 * 1024 * 1024  # layers * experts * experts
 SUM_TOLERANCE = 1e-6
 CALIBRATION_FILE = Path(__file__).resolve().parent / "calibration_prompts.txt"
 BUILTIN_PROMPT_SEED = 20240606
+TOKENIZER_FILES = (  # in the fingerprint when present
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "chat_template.json",
+)
 SAMPLE_BLOCKS = 64
 SAMPLE_BLOCK_BYTES = 4096
 
@@ -88,8 +98,13 @@ def checkpoint_fingerprint(path: str | os.PathLike[str]) -> str:
     config = folder / "config.json"
     if not config.is_file():
         raise FileNotFoundError(f"{folder} has no config.json")
-    digest = hashlib.sha256(b"mesh-node checkpoint fingerprint v1\0")
+    digest = hashlib.sha256(b"mesh-node checkpoint fingerprint v2\0")
     _update(digest, config.read_bytes())
+    for name in TOKENIZER_FILES:
+        file = folder / name
+        if file.is_file():
+            _update(digest, name.encode())
+            _update(digest, file.read_bytes())
     files = sorted(folder.glob("*.safetensors"), key=lambda p: p.name)
     if not files:
         raise FileNotFoundError(f"{folder} has no *.safetensors files")
@@ -151,8 +166,13 @@ class ExpertRankings:
             raise ValueError("no tokens were measured")
         tokens = usage.tokens
         gate_mass = []
-        for row in usage.gate_mass.tolist():
+        for layer, row in zip(usage.layers, usage.gate_mass.tolist(), strict=True):
             total = math.fsum(row)
+            if not (math.isfinite(total) and total > 0 and all(math.isfinite(v) for v in row)):
+                raise RankingsError(
+                    f"the router's gate weights in layer {layer} are not finite numbers (did "
+                    "it overflow? try another dtype, e.g. bfloat16 or float32)"
+                )
             gate_mass.append(tuple(float(v) / total for v in row))
         selection = tuple(tuple(c / tokens for c in row) for row in usage.selected.tolist())
         coselection = tuple(
@@ -170,8 +190,7 @@ class ExpertRankings:
             tokens=tokens,
             prompts=prompts,
         )
-        _validate(rankings)
-        return rankings
+        return _from_fields(rankings._fields())  # checked as a peer's or the cache's would be
 
     def ranking(self, layer: int) -> list[int]:
         """Experts of MoE layer `layer`, hottest first: by gate mass, ties by selection, then id."""
@@ -214,7 +233,7 @@ class ExpertRankings:
         return _from_fields(fields)
 
     def digest(self) -> str:
-        return hashlib.sha256(self.to_bytes()).hexdigest()[:16]
+        return document_digest(self.to_bytes())
 
     def to_dict(self) -> dict[str, Any]:
         """For JSON output: every field, plus `digest` and each layer's `ranking`."""
@@ -223,6 +242,11 @@ class ExpertRankings:
         fields["digest"] = self.digest()
         fields["rankings"] = {str(layer): self.ranking(layer) for layer in self.layers}
         return fields
+
+
+def document_digest(data: bytes) -> str:
+    """The digest of an encoded rankings document (of `to_bytes`: its canonical encoding)."""
+    return hashlib.sha256(data).hexdigest()[:16]
 
 
 def _fail(message: str) -> RankingsError:
@@ -263,7 +287,9 @@ def _from_fields(fields: Any) -> ExpertRankings:
         raise _fail("fingerprint must be a string")
     if not isinstance(kind, str):
         raise _fail("kind must be a string")
-    if not isinstance(layers, list) or not all(type(layer) is int for layer in layers):
+    if not isinstance(layers, list) or not 0 < len(layers) <= MAX_LAYERS:
+        raise _fail(f"layers must be a list of 1 to {MAX_LAYERS} indices")  # (before the tables)
+    if not all(type(layer) is int for layer in layers):
         raise _fail("layers must be a list of integers")
     num_experts = _int(fields, "num_experts", 1, MAX_EXPERTS)
     if len(layers) * num_experts * num_experts > MAX_MATRIX_ENTRIES:
@@ -586,5 +612,8 @@ def cached_or_analyze(
         if cached is not None:
             return cached, True
     rankings = analyze(folder, kind, device, dtype, by_layer=by_layer)
-    save(rankings, cache_dir)
+    try:
+        save(rankings, cache_dir)
+    except OSError as exc:  # the measurement stands all the same
+        log.warning("could not cache the expert rankings: %s", exc)
     return rankings, False

@@ -55,6 +55,9 @@ class ScriptedMesh:
         self.asked.append((digest, source))
         return self.fetched.get(digest)
 
+    def fetch_error(self, digest: str) -> str | None:
+        return None
+
     async def choose_rankings(self, model: str, analysis: str = "micro") -> str:
         raise AssertionError("this node does not lead in these tests")
 

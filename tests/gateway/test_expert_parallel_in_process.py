@@ -4,6 +4,7 @@ built-in model split three ways answers exactly as one node holding everything."
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 from unittest import mock
 
@@ -23,6 +24,7 @@ from mesh_node.expert_parallel.dispatch import (
     ExpertsUnavailable,
     RemoteExperts,
 )
+from mesh_node.placement import rankings as rankings_mod
 from tests.engine.conftest import DEVICES
 from tests.gateway.mesh import answer, chat
 
@@ -440,3 +442,51 @@ async def test_a_host_whose_experts_find_no_holders_in_time_keeps_offering_and_r
     host = mesh.hosts_of("builtin")[0]
     text, _ = await answer(host, chat("builtin", "What is 348 + 276?"))
     assert text == "624"
+
+
+async def test_rankings_of_another_checkpoint_are_refused_and_fetched_again_only_later(
+    mesh, monkeypatch, tmp_path
+):
+    """The host publishes rankings that do not fit the other node's copy of the model (here:
+    measured over one MoE layer of four, as another checkpoint's would be): the other node
+    refuses them, says why, and asks again only after a back-off, not every second."""
+    monkeypatch.setenv("MESH_NODE_CACHE", str(tmp_path))
+    measure = rankings_mod.analyze
+
+    def one_layer(path, kind="micro", *args, **kwargs):
+        r = measure(path, kind, *args, **kwargs)
+        return dataclasses.replace(
+            r,
+            layers=r.layers[:1],
+            gate_mass=r.gate_mass[:1],
+            selection=r.selection[:1],
+            coselection=r.coselection[:1],
+        )
+
+    monkeypatch.setattr(rankings_mod, "analyze", one_layer)
+    asked: list[str] = []
+    serve = coordinator.ExpertParallel._serve_rankings
+
+    async def counted(self, ctx, request):
+        asked.append(request.digest)
+        return await serve(self, ctx, request)
+
+    monkeypatch.setattr(coordinator.ExpertParallel, "_serve_rankings", counted)
+    first = await mesh.add(experts=SPLIT)
+    second = await mesh.add(experts=SPLIT)
+
+    def refused() -> str:
+        for node in (first, second):
+            error = node.experts.errors.get("builtin", "")
+            if "not the same model" in error:
+                return error
+        return ""
+
+    await mesh.wait(refused, timeout=60)
+    assert "cannot get the host's expert rankings" in refused()
+    assert "8 experts in MoE layers [0]; this node's builtin has 8 experts in MoE layers 0-3" in (
+        refused()
+    )
+    count = len(asked)
+    await asyncio.sleep(2.5)  # back-off: 1 s, then 2 s, then 4 s...
+    assert len(asked) <= count + 2, f"asked {len(asked) - count} more times in 2.5 s"

@@ -102,6 +102,12 @@ def test_fingerprint_is_stable_across_copies_and_sensitive_to_changes(tmp_path):
     config.write_text(text)
     assert checkpoint_fingerprint(copy) == original
 
+    template = copy / "chat_template.jinja"  # other calibration tokens: another fingerprint
+    template.write_text("{{ messages[0]['content'] }}" + template.read_text())
+    assert checkpoint_fingerprint(copy) != original
+    shutil.copy(BUILTIN_DIR / "chat_template.jinja", template)
+    assert checkpoint_fingerprint(copy) == original
+
     from safetensors.torch import load_file, save_file
 
     tensors = load_file(copy / "model.safetensors")
@@ -303,6 +309,60 @@ def test_corrupt_cache_is_ignored_and_recomputed(cache_home, micro, counted_anal
     assert "corrupt" in caplog.text
     assert not from_cache and rankings == micro and len(counted_analyze) == 1
     assert ExpertRankings.from_bytes(path.read_bytes()) == micro
+
+
+def test_a_cache_that_cannot_be_written_keeps_the_measurement(
+    tmp_path, monkeypatch, micro, counted_analyze, caplog
+):
+    (tmp_path / "a-file").write_text("not a folder")
+    monkeypatch.setenv("MESH_NODE_CACHE", str(tmp_path / "a-file"))
+    with caplog.at_level(logging.WARNING, logger="mesh_node.placement.rankings"):
+        rankings, from_cache = cached_or_analyze("builtin", "micro")
+    assert rankings == micro and not from_cache
+    assert "could not cache the expert rankings" in caplog.text
+
+
+def test_a_host_whose_cache_cannot_be_written_plans_with_its_measurement(
+    tmp_path, monkeypatch, micro, counted_analyze
+):
+    from types import SimpleNamespace
+
+    from mesh_node.expert_parallel.coordinator import ExpertParallel
+
+    (tmp_path / "a-file").write_text("not a folder")
+    monkeypatch.setenv("MESH_NODE_CACHE", str(tmp_path / "a-file"))
+    resolved = SimpleNamespace(path=BUILTIN_DIR, name="builtin")
+    assert ExpertParallel._find_rankings(None, resolved, "micro", []) == micro
+
+
+def test_usage_with_non_finite_gate_weights_is_refused_as_a_peer_would_refuse_it():
+    from mesh_node.engine.expert_usage import ExpertUsage
+
+    def usage(gate_mass, selected=(1, 1)) -> ExpertUsage:
+        return ExpertUsage(
+            layers=(0,),
+            gate_mass=torch.tensor([gate_mass], dtype=torch.float64),
+            selected=torch.tensor([selected]),
+            tokens=2,
+            coselected=torch.tensor([[[0, 0], [0, 0]]]),
+        )
+
+    with pytest.raises(RankingsError, match="not finite numbers"):
+        ExpertRankings.from_usage(usage([math.nan, 1.0]), "ab", "micro", 1)
+    with pytest.raises(RankingsError, match="not finite numbers"):
+        ExpertRankings.from_usage(usage([0.0, 0.0]), "ab", "micro", 1)
+    with pytest.raises(RankingsError, match="selection"):  # 5 choices of 2 tokens
+        ExpertRankings.from_usage(usage([1.0, 1.0], (5, 1)), "ab", "micro", 1)
+    good = ExpertRankings.from_usage(usage([1.0, 3.0]), "ab", "micro", 1)
+    assert good.gate_mass == ((0.25, 0.75),)
+    assert ExpertRankings.from_bytes(good.to_bytes()) == good
+
+
+def test_too_many_layers_are_refused_before_any_table_is_read():
+    document = dict(small()._fields(), layers=list(range(rk.MAX_LAYERS + 1)))
+    document["gate_mass"] = document["selection"] = document["coselection"] = 0  # never read
+    with pytest.raises(RankingsError, match="1 to 4096 indices"):
+        ExpertRankings.from_bytes(msgpack.packb(document))
 
 
 def test_cached_rankings_for_another_key_are_ignored(cache_home):
