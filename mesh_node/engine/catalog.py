@@ -24,6 +24,8 @@ BUILTIN_DIR = Path(__file__).resolve().parent / "builtin"
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 # what a checkpoint folder needs from a repo: config, weights, tokenizer, chat template
 DOWNLOAD_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "*.tiktoken"]
+# Mistral's repos carry their own format's copy of the weights beside the Hugging Face shards
+IGNORE_PATTERNS = ["consolidated*.safetensors"]
 
 
 @dataclass(frozen=True)
@@ -63,7 +65,11 @@ def _from_hub(repo_id: str, cache_dir, allow_download: bool) -> ResolvedModel:
 
     try:
         folder = snapshot_download(
-            repo_id, cache_dir=cache_dir, allow_patterns=DOWNLOAD_PATTERNS, local_files_only=True
+            repo_id,
+            cache_dir=cache_dir,
+            allow_patterns=DOWNLOAD_PATTERNS,
+            ignore_patterns=IGNORE_PATTERNS,
+            local_files_only=True,
         )
         if (Path(folder) / "config.json").is_file():
             return ResolvedModel(repo_id, Path(folder), "hf-cache")
@@ -81,7 +87,12 @@ def _from_hub(repo_id: str, cache_dir, allow_download: bool) -> ResolvedModel:
             f"(offline{' : HF_HUB_OFFLINE is set' if offline else ''}). {how}"
         )
     try:
-        folder = snapshot_download(repo_id, cache_dir=cache_dir, allow_patterns=DOWNLOAD_PATTERNS)
+        folder = snapshot_download(
+            repo_id,
+            cache_dir=cache_dir,
+            allow_patterns=DOWNLOAD_PATTERNS,
+            ignore_patterns=IGNORE_PATTERNS,
+        )
     except Exception as exc:
         kind = type(exc).__name__
         if "RepositoryNotFound" in kind or "GatedRepo" in kind:
@@ -115,6 +126,9 @@ def describe_model(name: str, path: Path, source: str) -> ModelInfo:
         checkpoint = Checkpoint.open(path)
     except EngineError as exc:
         return ModelInfo(name, path, source, "?", 0, 0, 0, 0, 0, 0, error=str(exc))
+    except Exception as exc:  # a folder no check foresaw: listed as unusable, never a crash
+        error = f"{path}: unreadable checkpoint ({type(exc).__name__}: {exc})"
+        return ModelInfo(name, path, source, "?", 0, 0, 0, 0, 0, 0, error=error)
     args = checkpoint.args
     counts = args.parameter_count()
     return ModelInfo(

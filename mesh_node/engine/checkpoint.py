@@ -46,6 +46,8 @@ DTYPES: dict[str, tuple[torch.dtype, int]] = {
     "BOOL": (torch.bool, 1),
 }
 
+FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})  # what model weights may be stored as
+
 
 @dataclass(frozen=True)
 class TensorInfo:
@@ -86,7 +88,7 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
         header = json.loads(raw.decode("utf-8"))
         if not isinstance(header, dict):
             raise ValueError("header is not a JSON object")
-    except (UnicodeDecodeError, ValueError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # (nested too deep)
         raise CorruptCheckpointError(
             f"corrupt safetensors file {path}: header is not valid JSON ({exc})"
         ) from exc
@@ -97,13 +99,18 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
             continue
         try:
             dtype = entry["dtype"]
-            shape = tuple(int(d) for d in entry["shape"])
-            begin, end = (int(o) for o in entry["data_offsets"])
+            raw_shape, offsets = entry["shape"], entry["data_offsets"]
+            if not isinstance(raw_shape, list) or not isinstance(offsets, list):
+                raise TypeError("shape and data_offsets must be lists")
+            if not all(type(d) is int and d >= 0 for d in raw_shape):
+                raise ValueError("a shape holds non-negative integers")
+            shape = tuple(raw_shape)
+            begin, end = (int(o) for o in offsets)
         except (KeyError, TypeError, ValueError) as exc:
             raise CorruptCheckpointError(
                 f"corrupt safetensors file {path}: bad header entry for {name!r}"
             ) from exc
-        if dtype not in DTYPES:
+        if not isinstance(dtype, str) or dtype not in DTYPES:
             raise CorruptCheckpointError(
                 f"safetensors file {path}: tensor {name!r} has unsupported dtype {dtype!r}"
             )
@@ -205,6 +212,11 @@ class CheckpointReader:
             info = self.checkpoint.info(name)
         else:
             info = self.checkpoint.expect_shape(name, expected_shape)
+        if info.dtype not in FLOAT_DTYPES:  # e.g. int8 codes of a quantized checkpoint
+            raise CheckpointError(
+                f"{info.file}: tensor {name!r} is stored as {info.dtype}, not as floating point "
+                "weights (quantized checkpoints are not supported)"
+            )
         handle = self._handle(info.file)
         try:
             tensor = handle.get_tensor(name) if index is None else handle.get_slice(name)[index]
@@ -219,6 +231,11 @@ class CheckpointReader:
         self._handles.clear()
 
 
+def _plain_file_name(name: str) -> bool:
+    """A file of the checkpoint's own folder: no folder part, not "." or ".."."""
+    return bool(name) and "/" not in name and "\\" not in name and name not in (".", "..")
+
+
 def _index_tensors(folder: Path) -> dict[str, TensorInfo]:
     index_path = folder / INDEX_FILE
     if index_path.is_file():
@@ -226,7 +243,10 @@ def _index_tensors(folder: Path) -> dict[str, TensorInfo]:
             weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
             if not isinstance(weight_map, dict):
                 raise ValueError("weight_map is not an object")
-        except (UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
+            for name, file_name in weight_map.items():
+                if not isinstance(file_name, str) or not _plain_file_name(file_name):
+                    raise ValueError(f"{name!r} maps to {file_name!r:.80}, not a file name")
+        except (UnicodeDecodeError, ValueError, KeyError, TypeError, RecursionError) as exc:
             raise CorruptCheckpointError(
                 f"corrupt shard index {index_path}: {exc!r} (expected a JSON object with a "
                 f"'weight_map' of tensor name -> file)"
@@ -252,6 +272,8 @@ def _index_tensors(folder: Path) -> dict[str, TensorInfo]:
         return tensors
     single = folder / SINGLE_FILE
     candidates = [single] if single.is_file() else sorted(folder.glob("*.safetensors"))
+    shards = [p for p in candidates if not p.name.startswith("consolidated")]
+    candidates = shards or candidates  # (Mistral's own format's copy beside the shards)
     if not candidates:
         raise CheckpointError(
             f"{folder}: no model.safetensors, no {INDEX_FILE} and no *.safetensors files "

@@ -225,7 +225,7 @@ class ModelArgs:
             )
         try:
             config = json.loads(path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
             raise CheckpointError(f"{path}: not valid JSON ({exc})") from exc
         if not isinstance(config, dict):
             raise CheckpointError(f"{path}: not a JSON object")
@@ -244,6 +244,13 @@ class ModelArgs:
                 f"{supported}"
             )
         arch = ARCHITECTURES[model_type]
+        quantization = config.get("quantization_config")
+        if quantization is not None:  # its weights are codes plus scales: read as floats, junk
+            method = quantization.get("quant_method") if isinstance(quantization, dict) else None
+            raise UnsupportedArchitectureError(
+                f"{source}: quantized checkpoints ({method or 'quantization_config'}) are not "
+                "supported; use the model's bfloat16/float16/float32 weights"
+            )
 
         def get(key: str, default: Any = None) -> Any:
             value = config.get(key)

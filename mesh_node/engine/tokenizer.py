@@ -81,12 +81,18 @@ def _generation_config_eos(folder: Path) -> set[int]:
     if not path.is_file():
         return set()
     try:
-        eos = json.loads(path.read_text(encoding="utf-8")).get("eos_token_id")
-    except (ValueError, UnicodeDecodeError):
-        return set()
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return set()  # (transformers ignores an unreadable one too)
+    eos = config.get("eos_token_id") if isinstance(config, dict) else None
     if eos is None:
         return set()
-    return {int(e) for e in eos} if isinstance(eos, list) else {int(eos)}
+    ids = eos if isinstance(eos, list) else [eos]
+    if not all(type(e) is int and e >= 0 for e in ids):
+        raise CheckpointError(
+            f"{path}: eos_token_id must be a token id or a list of them, not {eos!r:.80}"
+        )
+    return set(ids)
 
 
 class TextStream:

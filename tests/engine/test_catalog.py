@@ -102,3 +102,22 @@ def test_a_malformed_config_is_a_checkpoint_error(tmp_path, config, why):
     (tmp_path / "config.json").write_text(config)
     with pytest.raises(CheckpointError, match=why):
         ModelArgs.from_folder(tmp_path)
+
+
+def test_a_folder_no_check_foresaw_is_listed_as_unusable(references, tmp_path, monkeypatch):
+    shelf = tmp_path / "shelf"
+    shutil.copytree(references.get("llama")[0], shelf / "llama")
+    shutil.copytree(references.get("llama")[0], shelf / "odd")
+    from mesh_node.engine import checkpoint
+
+    opened = checkpoint.Checkpoint.open.__func__
+
+    def surprising(cls, path):
+        if path.name == "odd":
+            raise LookupError("nobody expected this")
+        return opened(cls, path)
+
+    monkeypatch.setattr(checkpoint.Checkpoint, "open", classmethod(surprising))
+    found = {m.name: m for m in list_local_models([shelf], cache_dir=tmp_path / "none")}
+    assert found["llama"].error is None
+    assert "LookupError: nobody expected this" in found["odd"].error

@@ -328,3 +328,82 @@ def test_default_dtype_by_size_and_device(references, hidden, saved, device, exp
     args = ModelArgs.from_config(config)
     assert resolve_dtype(None, args, torch.device(device)) == expected
     assert resolve_dtype("float32", args, torch.device(device)) == torch.float32
+
+
+def _raw_safetensors(path, header: bytes, data: bytes = b"") -> None:
+    path.write_bytes(len(header).to_bytes(8, "little") + header + data)
+
+
+@pytest.mark.parametrize(
+    ("header", "why"),
+    [
+        (b"[" * 100_000 + b"]" * 100_000, "header is not valid JSON"),  # nested past recursion
+        (b'{"a": {"dtype": ["F32"], "shape": [3], "data_offsets": [0, 12]}}', "unsupported dtype"),
+        (b'{"a": {"dtype": "F32", "shape": "12", "data_offsets": [0, 12]}}', "bad header entry"),
+        (b'{"a": {"dtype": "F32", "shape": [-1, -3], "data_offsets": [0, 12]}}', "bad header"),
+    ],
+    ids=["nested", "dtype-list", "shape-string", "negative-dims"],
+)
+def test_a_hostile_safetensors_header_is_a_corrupt_checkpoint(llama_copy, header, why):
+    _raw_safetensors(llama_copy / "model.safetensors", header, b"\0" * 12)
+    with pytest.raises(CorruptCheckpointError, match=why):
+        Checkpoint.open(llama_copy)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [5, ["model.safetensors"], ".", "../elsewhere/model.safetensors", None],
+)
+def test_a_shard_index_mapping_to_no_file_name_is_a_corrupt_checkpoint(llama_copy, value):
+    index = {"weight_map": {"model.norm.weight": value}}
+    (llama_copy / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CorruptCheckpointError, match="not a file name"):
+        Checkpoint.open(llama_copy)
+    (llama_copy / "model.safetensors.index.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(CorruptCheckpointError, match="corrupt shard index"):
+        Checkpoint.open(llama_copy)
+
+
+def test_a_config_nested_past_the_recursion_limit_is_a_checkpoint_error(llama_copy):
+    (llama_copy / "config.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        ModelArgs.from_folder(llama_copy)
+
+
+def test_quantized_checkpoints_are_refused_not_read_as_floats(llama_copy):
+    config = json.loads((llama_copy / "config.json").read_text())
+    with_quantization = {**config, "quantization_config": {"quant_method": "bitsandbytes"}}
+    (llama_copy / "config.json").write_text(json.dumps(with_quantization))
+    with pytest.raises(UnsupportedArchitectureError, match=r"quantized checkpoints \(bitsandbytes"):
+        load_model(llama_copy, device="cpu")
+    # int8 weights without a quantization_config (the codes would be read as the weights)
+    (llama_copy / "config.json").write_text(json.dumps(config))
+    tensors = read_all(llama_copy)
+    name = "model.layers.0.self_attn.q_proj.weight"
+    tensors[name] = (tensors[name] * 100).to(torch.int8)
+    save_file(tensors, str(llama_copy / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"q_proj\.weight' is stored as I8"):
+        load_model(llama_copy, device="cpu")
+
+
+def test_mistral_format_weights_beside_the_shards_are_not_counted_twice(llama_copy):
+    size = Checkpoint.open(llama_copy).nbytes
+    (llama_copy / "model.safetensors").rename(llama_copy / "model-00001-of-00001.safetensors")
+    shutil.copy(
+        llama_copy / "model-00001-of-00001.safetensors", llama_copy / "consolidated.safetensors"
+    )
+    assert Checkpoint.open(llama_copy).nbytes == size
+    load_model(llama_copy, device="cpu")  # (the shards' tensor names, not Mistral's)
+
+
+@pytest.mark.parametrize("eos", ['"</s>"', "[null]", "2.5", "[1, true]"])
+def test_a_generation_config_with_an_unusable_eos_names_the_file(tmp_path, eos):
+    from mesh_node.engine.tokenizer import _generation_config_eos
+
+    (tmp_path / "generation_config.json").write_text(f'{{"eos_token_id": {eos}}}')
+    with pytest.raises(CheckpointError, match=r"generation_config\.json: eos_token_id"):
+        _generation_config_eos(tmp_path)
+    (tmp_path / "generation_config.json").write_text("[1, 2]")  # not an object: no eos in it
+    assert _generation_config_eos(tmp_path) == set()
+    (tmp_path / "generation_config.json").write_text('{"eos_token_id": [2, 7]}')
+    assert _generation_config_eos(tmp_path) == {2, 7}

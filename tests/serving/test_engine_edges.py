@@ -74,6 +74,22 @@ def test_a_temperature_too_small_to_divide_by_decodes_greedily(generator):
     assert not SamplingParams(temperature=0.01).greedy
 
 
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"temperature": float("nan")},
+        {"max_tokens": float("nan")},
+        {"max_tokens": 2.5},
+        {"max_tokens": True},
+        {"top_k": 1.5},
+        {"top_p": float("nan")},
+    ],
+)
+def test_sampling_values_that_are_no_numbers_are_refused(bad):
+    with pytest.raises(ValueError, match="must be"):
+        SamplingParams(**bad)
+
+
 def test_a_replay_that_fills_the_context_finishes_with_its_last_token(generator):
     messages = [{"role": "user", "content": "Reverse the words: blue green red"}]
     sampling = SamplingParams(max_tokens=1000, ignore_eos=True)
