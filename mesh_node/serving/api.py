@@ -76,6 +76,10 @@ _SSE_HEADERS = {
 }
 
 
+class UnreadableBody(BadRequest):
+    """The body broke off or did not decode (a bad Content-Encoding): 400, connection closed."""
+
+
 class RequestTooLarge(ServingError):
     status, type, code = 413, "invalid_request_error", "request_too_large"
 
@@ -271,7 +275,7 @@ class OpenAIApi:
         except ConnectionError as exc:
             raise _ClientGone from exc
         except (RequestPayloadError, HttpProcessingError) as exc:  # e.g. gzip that is not
-            raise BadRequest(f"the request body could not be read: {exc}") from None
+            raise UnreadableBody(f"the request body could not be read: {exc}") from None
 
     # -- authentication -----------------------------------------------------------------------
 
@@ -334,7 +338,12 @@ async def _openai_errors(request: web.Request, handler) -> web.StreamResponse:
         if exc.status >= 500:
             log.info("%s %s -> %d: %s", request.method, request.path, exc.status, exc.message)
         headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, Unauthorized) else None
-        return web.json_response(exc.body(), status=exc.status, headers=headers)
+        response = web.json_response(exc.body(), status=exc.status, headers=headers)
+        if isinstance(exc, (UnreadableBody, RequestTooLarge, RequestTimeout)):
+            response.force_close()  # the body's end is unknown: the connection cannot go on
+        if isinstance(exc, UnreadableBody):  # (else aiohttp reads on after it: a traceback)
+            request.content.feed_eof()
+        return response
     except _ClientGone:
         return web.Response(status=400)  # nobody will read it
     except web.HTTPException as exc:

@@ -51,7 +51,7 @@ def new_request_id(prefix: str) -> str:
 def decode_body(raw: bytes) -> dict[str, Any]:
     """The request body as a JSON object, or BadRequest saying why it is not one."""
     try:
-        body = json.loads(raw)
+        body = json.loads(raw, parse_constant=_no_constant)
     except UnicodeDecodeError:
         raise BadRequest("the request body is not UTF-8 text") from None
     except RecursionError:
@@ -65,6 +65,11 @@ def decode_body(raw: bytes) -> dict[str, Any]:
     except UnicodeEncodeError:
         raise BadRequest("the request body holds invalid Unicode (a lone surrogate)") from None
     return body
+
+
+def _no_constant(name: str) -> Any:
+    """NaN, Infinity and -Infinity: Python's json reads them, JSON has no such values."""
+    raise ValueError(f"{name} is not a JSON value")
 
 
 # -- requests ---------------------------------------------------------------------------------
@@ -96,6 +101,12 @@ def parse_chat_completion(
     )
     fields.unsupported_unless("modalities", (["text"],), "only text output is supported")
     fields.unsupported_unless("audio", (), "audio output is not supported")
+    fields.unsupported_unless("web_search_options", (), "web search is not supported")
+    fields.unsupported_unless(
+        "reasoning_effort", (), "reasoning effort is not supported (not a reasoning model)"
+    )
+    fields.unsupported_unless("verbosity", ("medium",), "verbosity is not supported")
+    fields.unsupported_unless("store", (False,), "stored completions are not supported")
     return _parsed(
         fields,
         CompletionRequest(
@@ -215,8 +226,10 @@ def _sampling(fields: _Fields, max_tokens_limit: int) -> SamplingParams:
         if value:
             raise BadRequest(f"{penalty} is not supported (only 0)", penalty)
     logit_bias = fields.get("logit_bias")
-    if logit_bias is not None and logit_bias != {}:
-        raise BadRequest("logit_bias is not supported", "logit_bias")
+    if logit_bias is not None and not (
+        isinstance(logit_bias, dict) and all(_is_number(v) and v == 0 for v in logit_bias.values())
+    ):
+        raise BadRequest("logit_bias is not supported (only biases of 0)", "logit_bias")
 
     max_tokens = fields.integer("max_tokens", 1, max_tokens_limit)
     max_completion = fields.integer("max_completion_tokens", 1, max_tokens_limit)

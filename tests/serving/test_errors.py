@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 
+import aiohttp
 import openai
 import pytest
 
@@ -108,6 +109,13 @@ INVALID_CHAT = [
     (chat(logprobs=True), "logprobs"),
     (chat(top_logprobs=3), "top_logprobs"),
     (chat(logit_bias={"50256": -100}), "logit_bias"),
+    (chat(logit_bias={"50256": 0.5}), "logit_bias"),
+    (chat(logit_bias=[0]), "logit_bias"),
+    (chat(web_search_options={"search_context_size": "high"}), "web_search_options"),
+    (chat(web_search_options={}), "web_search_options"),
+    (chat(reasoning_effort="high"), "reasoning_effort"),
+    (chat(verbosity="high"), "verbosity"),
+    (chat(store=True, metadata={"k": "v"}), "store"),
     (chat(tools=[{"type": "function", "function": {"name": "f"}}]), "tools"),
     (chat(tool_choice="required"), "tool_choice"),
     (chat(functions=[{"name": "f"}]), "functions"),
@@ -338,6 +346,42 @@ async def test_a_compressed_body_that_does_not_decompress_is_answered_400(encodi
             b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body,
         )
         assert status == b"400"
+
+
+async def test_a_body_that_does_not_decompress_closes_its_connection_and_no_other(server, caplog):
+    """The 400 says `Connection: close` (the body's end is unknown), so a client's pool does
+    not send its next request down that connection; the server logs no traceback."""
+    connector = aiohttp.TCPConnector(limit=1)
+    async with aiohttp.ClientSession(connector=connector) as http:
+        async with http.post(
+            server.url + CHAT, data=b"not gzip", headers={"Content-Encoding": "gzip"}
+        ) as response:
+            assert response.status == 400
+            assert response.headers.get("Connection") == "close"
+        status, _ = await post(http, server, CHAT, chat())
+        assert status == 200
+    assert "Unhandled exception" not in caplog.text
+
+
+@pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity"])
+async def test_nan_and_infinity_are_not_json(http, server, constant):
+    body = b'{"model": "%s", "messages": [{"role": "user", "content": "x"}], "temperature": %s}'
+    status, payload = await post(http, server, CHAT, body % (MODEL.encode(), constant.encode()))
+    assert status == 400
+    assert "not valid JSON" in assert_error(payload, "invalid_request_error")["message"]
+
+
+async def test_fields_that_change_nothing_are_accepted(http, server):
+    neutral = {
+        "logit_bias": {"50256": 0, "7": 0.0},
+        "verbosity": "medium",
+        "store": False,
+        "metadata": {"k": "v"},
+        "service_tier": "auto",
+        "parallel_tool_calls": True,
+    }
+    status, _ = await post(http, server, CHAT, chat(**neutral))
+    assert status == 200
 
 
 async def test_an_api_key_header_that_is_not_text_is_refused(local_models):
