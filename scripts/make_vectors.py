@@ -179,7 +179,7 @@ EXAMPLES = [
     ),
     Auth(signature=SIG, mesh_proof=MAC),
     Welcome(observed_host="192.0.2.7", observed_port=53211),
-    Error(code=0x17, message="too many requests in flight"),
+    Error(code=0x17, message="too many requests in flight"),  # (reason: "", its default)
     Credit(amount=524288),
     ExpressOpen(secret=bytes(range(32))),
     ExpressLane(lane=bytes.fromhex("5a17c0de00c0ffee"), port=41873),

@@ -6,10 +6,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import msgpack
 import pytest
 
 from mesh_node.protocol import REGISTRY
 from mesh_node.transport.frames import FrameDecoder, FrameLimits, frame_parts
+from mesh_node.transport.messages import Error
 from mesh_node.transport.schema import from_plain, to_plain
 
 VECTORS = sorted((Path(__file__).parent.parent / "proto" / "vectors").glob("*.json"))
@@ -72,3 +74,14 @@ def test_expert_plan_example_matches_the_spec():
     )
     assert dict(plan.experts_of(other)) == {1: (0, 2, 3), 3: (0, 2, 3)}
     assert plan.unreplicated == ((3, 1),)
+
+
+def test_an_error_from_a_node_that_sends_no_reason_decodes_with_none():
+    """`Error.reason` came after `code` and `message`: a frame without it (an older node's)
+    still decodes, to reason ""."""
+    body = REGISTRY.encode(Error(0x1A, "no"))
+    ((frame_body, _),) = FrameDecoder(FrameLimits()).feed(b"".join(frame_parts(body)))
+    type_id, fields = msgpack.unpackb(frame_body)
+    del fields["reason"]
+    old = msgpack.packb([type_id, fields])
+    assert REGISTRY.decode(old, memoryview(b"")) == Error(0x1A, "no", "")

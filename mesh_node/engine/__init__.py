@@ -37,6 +37,7 @@ from mesh_node.engine.expert_usage import (
 )
 from mesh_node.engine.experts import ExpertBank, ExpertComputer, ExpertNotLoadedError
 from mesh_node.engine.generator import (
+    ContextLengthError,
     GenerationRequest,
     GenerationResult,
     Generator,
@@ -55,6 +56,7 @@ from mesh_node.engine.tokenizer import TextStream, Tokenizer
 __all__ = [
     "Checkpoint",
     "CheckpointError",
+    "ContextLengthError",
     "CorruptCheckpointError",
     "EngineError",
     "ExpertBank",

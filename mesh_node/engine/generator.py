@@ -57,6 +57,10 @@ class InvalidRequestError(EngineError, ValueError):
     """The request cannot be served as given (no prompt, too long, bad token ids...)."""
 
 
+class ContextLengthError(InvalidRequestError):
+    """The prompt (with any tokens already generated) does not fit the model's context."""
+
+
 @dataclass(frozen=True)
 class Usage:
     prompt_tokens: int
@@ -632,10 +636,11 @@ class Generator:
                 raise InvalidRequestError("the prompt is empty")
             total = len(prompt) + len(generated)
             if total > self.max_seq_len:  # max_seq_len tokens fit the cache: one more comes
-                raise InvalidRequestError(
-                    f"the prompt ({len(prompt)} tokens"
-                    + (f" + {len(generated)} already generated" if generated else "")
-                    + f") does not fit the context of {self.max_seq_len} tokens"
+                raise ContextLengthError(  # (worded as OpenAI's, which clients look for)
+                    f"This model's maximum context length is {self.max_seq_len} tokens, but "
+                    f"the prompt has {len(prompt)} tokens"
+                    + (f" (+ {len(generated)} already generated)" if generated else "")
+                    + ": shorten it"
                 )
             vocab = self.model.args.vocab_size
             bad = [t for t in prompt + generated if not 0 <= t < vocab]

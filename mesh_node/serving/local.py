@@ -6,6 +6,7 @@ import contextlib
 from collections.abc import AsyncIterator
 
 from mesh_node.engine import (
+    ContextLengthError,
     EngineError,
     GenerationRequest,
     Generator,
@@ -17,6 +18,7 @@ from mesh_node.engine import (
 from mesh_node.serving.requests import (
     BadRequest,
     CompletionRequest,
+    ContextLengthExceeded,
     Delta,
     GenerationFailed,
     ModelNotFound,
@@ -54,9 +56,9 @@ class LocalModels:
         except GeneratorClosedError:
             raise NoHostAvailable(f"{request.model} is shutting down on this node") from None
         except InvalidRequestError as exc:
-            raise BadRequest(str(exc)) from None
+            raise _refused(exc, request) from None
         async with stream:
-            yield _deltas(stream)
+            yield _deltas(stream, request)
 
 
 def _engine_request(request: CompletionRequest) -> GenerationRequest:
@@ -74,7 +76,14 @@ def _engine_request(request: CompletionRequest) -> GenerationRequest:
     )
 
 
-async def _deltas(stream: RequestStream) -> AsyncIterator[Delta]:
+def _refused(exc: InvalidRequestError, request: CompletionRequest) -> BadRequest:
+    if isinstance(exc, ContextLengthError):
+        param = "messages" if request.messages is not None else "prompt"
+        return ContextLengthExceeded(str(exc), param)
+    return BadRequest(str(exc))
+
+
+async def _deltas(stream: RequestStream, request: CompletionRequest) -> AsyncIterator[Delta]:
     try:
         async for chunk in stream:
             usage = chunk.usage
@@ -86,7 +95,7 @@ async def _deltas(stream: RequestStream) -> AsyncIterator[Delta]:
                 completion_tokens=usage.completion_tokens if usage else None,
             )
     except InvalidRequestError as exc:  # e.g. the prompt is longer than the context
-        raise BadRequest(str(exc)) from None
+        raise _refused(exc, request) from None
     except (GeneratorClosedError, OverloadedError) as exc:
         raise GenerationFailed(f"generation stopped: {exc}") from None
     except EngineError as exc:  # e.g. out of memory in a step: another host may manage

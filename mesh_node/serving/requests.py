@@ -66,6 +66,9 @@ class Backend(Protocol):
         ...
 
 
+CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"  # also the reason of the Error that says so
+
+
 class ServingError(Exception):
     """An error for the client, in OpenAI's shape: HTTP status, type, message, param, code."""
 
@@ -91,6 +94,12 @@ class ServingError(Exception):
 
 class BadRequest(ServingError):
     status, type, code = 400, "invalid_request_error", "invalid_value"
+
+
+class ContextLengthExceeded(BadRequest):
+    """The prompt does not fit the model's context (OpenAI's code, which clients look for)."""
+
+    code = CONTEXT_LENGTH_EXCEEDED
 
 
 class Unauthorized(ServingError):

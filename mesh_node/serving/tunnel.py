@@ -14,9 +14,11 @@ from mesh_node.engine.sampling import SamplingParams
 from mesh_node.serving.local import LocalModels
 from mesh_node.serving.messages import ChatTurn, Generate, GenerateChunk
 from mesh_node.serving.requests import (
+    CONTEXT_LENGTH_EXCEEDED,
     BadRequest,
     ChatMessage,
     CompletionRequest,
+    ContextLengthExceeded,
     Delta,
     GenerationFailed,
     ModelNotFound,
@@ -113,9 +115,14 @@ class TunnelHost:
         except Overloaded as exc:
             raise RequestFailed(ErrorCode.OVERLOADED, exc.message) from None
         except BadRequest as exc:
-            raise RequestFailed(ErrorCode.BAD_REQUEST, exc.message) from None
+            raise RequestFailed(ErrorCode.BAD_REQUEST, exc.message, _reason(exc)) from None
         except (NoHostAvailable, GenerationFailed) as exc:
             raise RequestFailed(ErrorCode.UNAVAILABLE, exc.message) from None
+
+
+def _reason(exc: BadRequest) -> str:
+    """The Error's reason for a refused request: OpenAI's code where a client looks for it."""
+    return CONTEXT_LENGTH_EXCEEDED if isinstance(exc, ContextLengthExceeded) else ""
 
 
 async def stream_from_host(
@@ -139,6 +146,9 @@ async def stream_from_host(
                     completion_tokens=chunk.completion_tokens,
                 )
     except RemoteError as exc:
+        if exc.code == ErrorCode.BAD_REQUEST and exc.reason == CONTEXT_LENGTH_EXCEEDED:
+            param = "messages" if request.messages is not None else "prompt"
+            raise ContextLengthExceeded(exc.message, param) from None
         if exc.code == ErrorCode.BAD_REQUEST:
             raise BadRequest(exc.message) from None
         if exc.code == ErrorCode.FRAME_TOO_LARGE:  # any host would refuse it: not a failure

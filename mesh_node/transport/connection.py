@@ -756,7 +756,7 @@ class Connection:
             if stream.done:
                 raise ProtocolError(ErrorCode.UNEXPECTED_MESSAGE, "frame after the answer ended")
             if type(message) is Error:
-                _deliver(stream, RemoteError(message.code, message.message))
+                _deliver(stream, RemoteError(message.code, message.message, message.reason))
                 stream.done = True
                 return
             if type(message) is Credit:
@@ -910,12 +910,13 @@ class Connection:
 
     async def _answer_failure(self, stream: _Stream, exc: Exception, msg: Any) -> None:
         """A handler raised: RequestFailed carries its code, anything else is internal."""
+        reason = ""
         if isinstance(exc, RequestFailed):
-            code, text = exc.code, exc.message
+            code, text, reason = exc.code, exc.message, exc.reason
         else:
             self._log_failure(exc, msg)
             code, text = ErrorCode.INTERNAL_ERROR, f"internal error handling {type(msg).__name__}"
-        await self._write_and_drop(stream, self._registry.encode(Error(int(code), text)))
+        await self._write_and_drop(stream, self._registry.encode(Error(int(code), text, reason)))
 
     def _log_failure(self, exc: BaseException, msg: Any) -> None:
         log.error(

@@ -79,10 +79,11 @@ class ConnectionLost(TransportError):
 class RemoteError(TransportError):
     """The peer answered a request with an `Error` message, or reset the stream."""
 
-    def __init__(self, code: int, message: str):
+    def __init__(self, code: int, message: str, reason: str = ""):
         super().__init__(f"peer answered {ErrorCode.describe(code)}: {message}")
         self.code = code
         self.message = message
+        self.reason = reason  # the Error's machine-readable refinement of code ("": none)
 
 
 class RequestTimeout(TransportError, TimeoutError):
@@ -94,9 +95,11 @@ class Overloaded(TransportError):
 
 
 class RequestFailed(TransportError):
-    """Raised by a request handler to answer with an `Error` message of the given code."""
+    """Raised by a request handler to answer with an `Error` message of the given code (and
+    reason: a machine-readable refinement of the code that the service defines)."""
 
-    def __init__(self, code: ErrorCode, message: str):
+    def __init__(self, code: ErrorCode, message: str, reason: str = ""):
         super().__init__(f"{code.name}: {message}")
         self.code = code
         self.message = message
+        self.reason = reason

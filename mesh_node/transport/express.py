@@ -343,7 +343,9 @@ class ExpressServer:
                     ErrorCode.NOT_SUPPORTED, f"{type(message).__name__} is not served on lanes"
                 )
             reply = fn(peer, message)
-        except (ProtocolError, RequestFailed) as exc:
+        except RequestFailed as exc:
+            reply = Error(exc.code, exc.message, exc.reason)
+        except ProtocolError as exc:
             reply = Error(exc.code, exc.message)
         except Exception as exc:
             log.exception("lane call from %s failed", peer.short)
@@ -578,7 +580,7 @@ class ExpressClient:
         if call.error is not None:
             raise call.error
         if isinstance(call.answer, Error):
-            raise RemoteError(call.answer.code, call.answer.message)
+            raise RemoteError(call.answer.code, call.answer.message, call.answer.reason)
         return call.answer
 
     def poll_until(self, call: ExpressCall) -> float:

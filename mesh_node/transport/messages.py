@@ -49,10 +49,12 @@ class Welcome:
 
 @dataclass(frozen=True, slots=True)
 class Error:
-    """Answers a request that failed; the stream ends after it."""
+    """Answers a request that failed; the stream ends after it. `reason`: a machine-readable
+    refinement of `code` that a service defines ("" when none)."""
 
     code: int
     message: str
+    reason: str = ""
 
 
 @dataclass(frozen=True, slots=True)

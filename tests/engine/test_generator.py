@@ -10,6 +10,7 @@ import torch
 
 from mesh_node.engine.errors import GeneratorClosedError, OverloadedError
 from mesh_node.engine.generator import (
+    ContextLengthError,
     GenerationRequest,
     Generator,
     InvalidRequestError,
@@ -165,7 +166,7 @@ def test_overload_is_a_clear_error(generator):
 def test_invalid_requests(generator):
     with pytest.raises(InvalidRequestError, match="exactly one of"):
         GenerationRequest(prompt="a", prompt_ids=[1])
-    with pytest.raises(InvalidRequestError, match=r"does not fit the context of 256 tokens"):
+    with pytest.raises(ContextLengthError, match=r"maximum context length is 256 tokens"):
         run(generator, prompt_ids=[1] * 300)
     with pytest.raises(InvalidRequestError, match="outside the vocabulary"):
         run(generator, prompt_ids=[1, 99999])

@@ -14,7 +14,7 @@ from mesh_node.engine import GenerationRequest, Generator, GeneratorClosedError
 from mesh_node.engine.builtin_skills import held_out_set
 from mesh_node.engine.sampling import SamplingParams
 from mesh_node.membership.messages import Load
-from mesh_node.serving.requests import CompletionRequest
+from mesh_node.serving.requests import BadRequest, CompletionRequest
 from tests.gateway.mesh import answer, chat
 from tests.gateway.slow_model import NAME as SLOW
 from tests.gateway.slow_model import build_slow_model
@@ -80,6 +80,21 @@ async def test_a_client_node_never_hosts_but_answers(mesh):
     assert mesh.hosts_of("builtin")[0] is not client
     text, _ = await answer(client, chat("builtin", "Reverse the words: blue green red"))
     assert text == "red green blue"
+
+
+async def test_a_prompt_too_long_for_the_hosts_context_says_so_in_openais_terms(mesh):
+    """Through the tunnel too: a client node answers with OpenAI's context_length_exceeded
+    (which agent frameworks look for), naming the field, as the host itself would."""
+    client = await mesh.add(client=True)
+    host = await mesh.add()
+    await mesh.wait(lambda: len(mesh.hosts_of("builtin")) == 1)
+    request = chat("builtin", " ".join(["apple"] * 5000))
+    for node in (client, host):
+        with pytest.raises(BadRequest) as refused:
+            await answer(node, request)
+        assert refused.value.code == "context_length_exceeded"
+        assert refused.value.param == "messages"
+        assert "maximum context length is 256 tokens" in refused.value.message
 
 
 async def test_the_host_dies_mid_answer_and_the_answer_goes_on_identically(

@@ -173,7 +173,13 @@ async def test_backend_decides_what_a_model_is(http, server):
     long = [{"role": "user", "content": " ".join(["apple"] * 400)}]
     status, payload = await post(http, server, CHAT, chat(messages=long))
     assert status == 400
-    assert "context" in assert_error(payload, "invalid_request_error")["message"]
+    error = assert_error(payload, "invalid_request_error", "messages")
+    assert error["code"] == "context_length_exceeded"  # OpenAI's terms, as clients expect them
+    assert "maximum context length is 256 tokens" in error["message"]
+    status, payload = await post(http, server, COMPLETIONS, completion(prompt="apple " * 400))
+    assert status == 400
+    error = assert_error(payload, "invalid_request_error", "prompt")
+    assert error["code"] == "context_length_exceeded"
     await assert_still_serving(http, server)
 
 

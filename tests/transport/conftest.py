@@ -123,7 +123,7 @@ class Service:
         return Echo("slept")
 
     async def fail(self, ctx, msg):
-        raise RequestFailed(ErrorCode(msg.code), "asked to fail")
+        raise RequestFailed(ErrorCode(msg.code), "asked to fail", reason="asked")
 
     async def crash(self, ctx, msg):
         raise ZeroDivisionError("handler bug")

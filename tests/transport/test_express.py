@@ -106,7 +106,7 @@ class Lane:
         return Pong(msg.seq)
 
     def fail(self, peer, msg):
-        raise RequestFailed(ErrorCode(msg.code), "asked to fail")
+        raise RequestFailed(ErrorCode(msg.code), "asked to fail", reason="asked")
 
     def call(self, message, timeout=2.0):
         call = self.client.call("peer", message)
@@ -448,6 +448,7 @@ def test_failures_come_back_as_remote_errors(lane, message, code):
     with pytest.raises(RemoteError) as caught:
         pair.call(message)
     assert caught.value.code == code
+    assert caught.value.reason == ("asked" if isinstance(message, Fail) else "")
     assert pair.call(Ping(3)) == Pong(3)
 
 

@@ -64,9 +64,10 @@ async def test_handler_errors_reach_the_caller_with_their_code(pair_factory, mes
             await conn.request(Fail(ErrorCode.NOT_FOUND), timeout=5)
         assert failed.value.code == ErrorCode.NOT_FOUND
         assert "asked to fail" in failed.value.message
+        assert failed.value.reason == "asked"  # the service's refinement of the code travels
         with pytest.raises(RemoteError) as crashed:
             await conn.request(Crash(), timeout=5)
-        assert crashed.value.code == ErrorCode.INTERNAL_ERROR
+        assert crashed.value.code == ErrorCode.INTERNAL_ERROR and crashed.value.reason == ""
         assert "ZeroDivisionError" not in crashed.value.message  # internals stay inside
         with pytest.raises(RemoteError) as unsupported:
             await conn.request(Unhandled(), timeout=5)
