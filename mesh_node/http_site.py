@@ -28,18 +28,21 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-@web.middleware
-async def _loopback_names_only(request: web.Request, handler) -> web.StreamResponse:
-    """For a site bound to loopback: a request naming another host (a web page whose name
-    was rebound to 127.0.0.1, reading this site from the user's browser) is refused."""
-    host = request.headers.get("Host")
-    if host is not None:
-        name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
-        if not _is_loopback(name):
-            return web.Response(
-                status=403, text=f"this site answers only to a loopback host, not {host!r}\n"
-            )
-    return await handler(request)
+def _loopback_names_only(error_body):
+    @web.middleware
+    async def middleware(request: web.Request, handler) -> web.StreamResponse:
+        """For a site bound to loopback: a request naming another host (a web page whose
+        name was rebound to 127.0.0.1, reading this site from the user's browser) is refused
+        with a 403 in the site's error JSON."""
+        host = request.headers.get("Host")
+        if host is not None:
+            name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+            if not _is_loopback(name):
+                message = f"this site answers only to a loopback host, not {host!r}"
+                return web.json_response(error_body(message), status=403)
+        return await handler(request)
+
+    return middleware
 
 
 async def start_site(
@@ -92,12 +95,16 @@ class HttpServer:
     def create_app(self) -> web.Application:
         raise NotImplementedError
 
+    def error_body(self, message: str) -> dict:
+        """The site's JSON for an error it answers itself (the 403 to a foreign Host)."""
+        return {"error": message}
+
     async def start(self) -> None:
         if self._runner is not None:
             raise RuntimeError(f"{self.what} is already started")
         self.app = self.create_app()
         if _is_loopback(self.host):
-            self.app.middlewares.insert(0, _loopback_names_only)
+            self.app.middlewares.insert(0, _loopback_names_only(self.error_body))
         self._runner, self.port = await start_site(
             self.app, self.host, self.port, self.shutdown_timeout
         )

@@ -78,6 +78,14 @@ def run(args: argparse.Namespace) -> int:
         return 1
     if args.json:
         print(json.dumps(document, indent=2))
-    else:
+        return 0
+    try:
         render_status(document, terminal_console(sys.stdout))
+    except (TypeError, ValueError, AttributeError, KeyError) as exc:  # fields of odd types
+        print(
+            f"mesh-node: the console at {args.console} answered a status document that cannot "
+            f"be shown ({type(exc).__name__}: {exc}); --json prints it as it is",
+            file=sys.stderr,
+        )
+        return 1
     return 0

@@ -87,7 +87,8 @@ def status_document_problem(document: Any) -> str | None:
 def _error_text(exc: urllib.error.HTTPError) -> str:
     try:
         body = json.loads(exc.read(64 << 10))
-        return str(body["error"])
+        error = body["error"]
+        return str(error["message"] if isinstance(error, dict) else error)  # (OpenAI's shape)
     except Exception:
         return exc.reason or "no details"
 

@@ -28,8 +28,9 @@ _EVENT_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
 def encode_event(name: str, payload: Any) -> bytes:
-    """One SSE message. JSON without indentation never contains a raw newline."""
-    data = json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
+    """One SSE message. JSON without indentation never contains a raw newline; escaped to
+    ASCII, any text encodes (a lone surrogate too, as from a path that is not UTF-8)."""
+    data = json.dumps(payload, separators=(",", ":"))
     return f"event: {name}\ndata: {data}\n\n".encode()
 
 
@@ -96,6 +97,10 @@ class EventStreams:
             await self._pump(response, subscription)
         except (ConnectionError, TimeoutError) as exc:
             log.debug("event stream to %s ended: %r", request.remote, exc)
+        except Exception:  # after the headers: end the stream (no second answer to write)
+            if not response.prepared:
+                raise
+            log.exception("event stream to %s failed", request.remote)
         return response
 
     async def _write(self, response: web.StreamResponse, data: bytes) -> None:

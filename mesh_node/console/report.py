@@ -129,11 +129,11 @@ def _short(peer: dict[str, Any]) -> str:
     return str(peer.get("short") or str(peer.get("id", ""))[:10])
 
 
-def _node_list(ids: list[str], peers: dict[str, dict[str, Any]]) -> str:
+def _node_list(ids: Any, peers: dict[str, dict[str, Any]]) -> str:
     names = []
-    for node_id in ids:
-        peer = peers.get(node_id)
-        name = (peer.get("name") or _short(peer)) if peer else str(node_id)[:10]
+    for node_id in ids if isinstance(ids, list) else []:
+        peer = peers.get(node_id) if isinstance(node_id, str) else None
+        name = str(peer.get("name") or _short(peer)) if peer else str(node_id)[:10]
         names.append(
             f"{name} ({peer.get('status')})" if peer and peer.get("status") in GONE else name
         )
@@ -151,7 +151,10 @@ def _hardware(hardware: Any) -> str:
         f"{hardware.get('cpu_cores', '?')} cores, RAM {_gib(hardware.get('ram_free'))}"
         f"/{_gib(hardware.get('ram_total'))} GiB free"
     ]
-    for gpu in hardware.get("gpus") or []:
+    gpus = hardware.get("gpus")
+    for gpu in gpus if isinstance(gpus, list) else []:
+        if not isinstance(gpu, dict):
+            continue
         lines.append(
             f"{gpu.get('name', 'GPU')} {_gib(gpu.get('vram_free'))}"
             f"/{_gib(gpu.get('vram_total'))} GiB free"

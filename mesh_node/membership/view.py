@@ -124,24 +124,31 @@ class MeshView:
             sub.push(event, payload)
 
 
+_RESYNC = ("status", {})  # in a queue: "the whole document, as it is when this is read"
+
+
 class Subscription:
     """A bounded queue of (event, payload). On overflow the backlog is replaced by one
-    "status" event with the whole document, so a slow reader resyncs instead of growing."""
+    "status" event with the whole document, so a slow reader resyncs instead of growing. The
+    document is built when the reader takes it, not on overflow: a reader that has stopped
+    costs the node nothing, however many changes come (and what comes meanwhile is in it)."""
 
     def __init__(self, view: MeshView):
         self._view = view
         self._queue: asyncio.Queue[tuple[str, dict[str, Any]]] = asyncio.Queue(SUBSCRIBER_QUEUE)
         self._closed = False
+        self._resync = False  # the backlog was dropped: the next read is the whole document
 
     def push(self, event: str, payload: dict[str, Any]) -> None:
-        if self._closed:
-            return
+        if self._closed or self._resync:
+            return  # (a resync pending: the document read next will hold this change)
         try:
             self._queue.put_nowait((event, payload))
         except asyncio.QueueFull:
             while not self._queue.empty():
                 self._queue.get_nowait()
-            self._queue.put_nowait(("status", self._view.status()))
+            self._resync = True
+            self._queue.put_nowait(_RESYNC)
 
     def __aiter__(self) -> AsyncIterator[tuple[str, dict[str, Any]]]:
         return self._iterate()
@@ -151,6 +158,9 @@ class Subscription:
             item = await self._queue.get()
             if self._closed:
                 return
+            if item is _RESYNC:  # built now, on the reader's turn
+                self._resync = False
+                item = ("status", self._view.status())
             yield item
 
     def close(self) -> None:

@@ -76,6 +76,10 @@ _SSE_HEADERS = {
 }
 
 
+class Forbidden(ServingError):
+    status, type, code = 403, "invalid_request_error", "forbidden_host"
+
+
 class UnreadableBody(BadRequest):
     """The body broke off or did not decode (a bad Content-Encoding): 400, connection closed."""
 
@@ -452,6 +456,9 @@ class ApiServer(HttpServer):
     """
 
     what = "the API server"
+
+    def error_body(self, message: str) -> dict:
+        return Forbidden(message).body()  # OpenAI's shape, as every other error here
 
     def __init__(
         self,

@@ -47,6 +47,21 @@ async def test_changes_follow_as_peer_and_removed_events(console, source, http):
         assert (removed.event, removed.data) == ("removed", {"id": make_peer(2)["id"]})
 
 
+async def test_text_that_is_not_utf8_streams_escaped(http):
+    """A lone surrogate (what Python makes of a file name that is not UTF-8, say in an error
+    text) must not break the stream: JSON escapes it."""
+    text = "loading experts failed: /models/caf\udce9"
+    source = ScriptedSource([make_peer(0, is_self=True)], extra={"experts": [{"error": text}]})
+    async with (
+        ConsoleServer(source, port=0) as console,
+        http.get(f"{console.url}/api/events") as response,
+    ):
+        first = await EventReader(response).next_event()
+        assert first.event == "status" and first.data["experts"][0]["error"] == text
+        source.upsert(make_peer(3, name="caf\udce9"))
+        assert (await EventReader(response).next_event()).data["name"] == "caf\udce9"
+
+
 async def test_overflow_resyncs_with_a_status_event(http):
     source = ScriptedSource([make_peer(0, is_self=True), make_peer(1)], queue_size=2)
     async with (

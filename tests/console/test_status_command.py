@@ -160,3 +160,37 @@ def test_report_shows_control_characters_instead_of_sending_them():
     text = out.getvalue()
     assert "\x1b[2J" not in text and "\x1b]0;" not in text and "\x07" not in text
     assert "\\x1b]0;owned" in text  # shown, escaped, so the user sees what was sent
+
+
+def test_report_shows_oddly_typed_fields_without_failing():
+    """A document that passes the check but holds fields of other types than a node writes
+    (a broken or hostile console given with --console) is shown, not a traceback."""
+    source = ScriptedSource([make_peer(0, is_self=True, name=7, hardware={"gpus": ["x", 5]})])
+    document = source.status()
+    document["models"] = [
+        {"name": "m", "served_by": 3, "on_disk": [make_peer(0)["id"], 9]},
+        {"name": "n", "served_by": [None], "on_disk": "all"},
+    ]
+    assert status_document_problem(document) is None
+    out = io.StringIO()
+    render_status(document, Console(file=out, width=200, color_system=None), now=0)
+    assert "7" in out.getvalue()
+
+
+def test_status_of_a_document_that_cannot_be_shown_is_one_line(monkeypatch, capsys):
+    """Should the renderer meet a field it cannot show, the command still ends in one line."""
+    import argparse
+
+    from mesh_node.cli import status as status_cmd
+
+    document = ScriptedSource([make_peer(0, is_self=True)]).status()
+    monkeypatch.setattr(status_cmd, "fetch_status", lambda url, timeout: document)
+
+    def unshowable(document, console):
+        raise TypeError("'int' object is not iterable")
+
+    monkeypatch.setattr(status_cmd, "render_status", unshowable)
+    args = argparse.Namespace(console="http://127.0.0.1:3131", timeout=1.0, json=False)
+    assert status_cmd.run(args) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot be shown (TypeError" in err

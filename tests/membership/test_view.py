@@ -73,12 +73,22 @@ def test_changes_are_streamed_and_a_slow_reader_resyncs():
             await read()
         assert events[-1][1]["status"] == DEAD
         assert status_document_problem(view.status()) is None
-        # a reader that never reads: its backlog collapses into one resync
+        # a reader that never reads: its backlog collapses into one resync, whose document is
+        # built when the reader comes back (once), not on overflow: a stalled reader costs
+        # nothing however many changes come
         lazy = view.subscribe()
-        for _ in range(SUBSCRIBER_QUEUE + 10):
+        built = []
+        status = view.status
+        view.status = lambda: built.append(1) or status()
+        for _ in range(3 * SUBSCRIBER_QUEUE):
             view._publish("peer", events[-1][1])
+        assert built == [] and lazy._queue.qsize() == 1
         first = await anext(aiter(lazy))
-        assert first[0] == "status" and lazy._queue.qsize() <= 11
+        assert first[0] == "status" and status_document_problem(first[1]) is None
+        assert built == [1] and lazy._queue.qsize() == 0
+        view._publish("peer", events[-1][1])  # after the resync, changes queue again
+        assert await anext(aiter(lazy)) == ("peer", events[-1][1])
+        del view.status
         lazy.close()
         sub.close()
         assert view._subscribers == set()

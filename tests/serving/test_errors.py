@@ -427,3 +427,12 @@ async def test_completions_beyond_the_in_flight_limit_are_answered_429(http):
         await backend.wait_idle(timeout=5.0)
         async with http.post(server.url + CHAT, json={**body, "model": "echo"}) as answered:
             assert answered.status == 200  # the slots came back
+
+
+async def test_a_loopback_api_refuses_a_foreign_host_in_openais_shape(http, server):
+    async with http.get(
+        server.url + "/v1/models", headers={"Host": "attacker.example"}
+    ) as response:
+        assert response.status == 403
+        error = assert_error(await response.json(), "invalid_request_error")
+        assert error["code"] == "forbidden_host" and "loopback host" in error["message"]
