@@ -193,6 +193,8 @@ async def _decode_rate(api, model: str, tokens: int, prompt: str, seed: int = 0)
     async for chunk in stream:
         if chunk.choices and chunk.choices[0].text:
             arrivals.append(time.perf_counter())
+    if len(arrivals) < 2 or arrivals[-1] == arrivals[0]:  # (tokens that pile up share a chunk)
+        raise SystemExit(f"the {tokens} tokens came in one piece: too few to time; raise --tokens")
     return (tokens - 1) / (arrivals[-1] - arrivals[0])
 
 

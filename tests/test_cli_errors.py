@@ -88,3 +88,30 @@ def test_status_refuses_a_console_url_it_cannot_use(tmp_path, url):
     result = mesh_node(tmp_path, "status", "--console", url, "--timeout", "2")
     assert "Traceback" not in result.stderr
     assert result.returncode == 2 and "--console" in result.stderr
+
+
+def test_join_on_a_gpu_this_machine_lacks_is_one_line(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    result = mesh_node(tmp_path, "join", MESH, "--ephemeral", "--device", "cuda")
+    assert result.returncode == 2
+    assert "torch sees no CUDA/ROCm device" in one_line_error(result)
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly():
+    """`mesh-node models | head -1`: the pipe closes under a command still printing."""
+    code = (
+        "import sys; from mesh_node.cli import main, new;"
+        "new.run = lambda args: [print('x' * 99) for _ in range(100_000)] and 0;"
+        "sys.exit(main.main(['new']))"
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    assert process.stdout.readline() == b"x" * 99 + b"\n"
+    process.stdout.close()
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 141
+    assert err == b""  # no BrokenPipeError traceback

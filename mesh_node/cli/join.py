@@ -193,6 +193,14 @@ def run(args: argparse.Namespace) -> int:
     if args.moe_split and args.moe_shards:
         print("mesh-node: choose one of --moe-split and --moe-shards", file=sys.stderr)
         return 2
+    if args.device != "auto":  # (a GPU asked for on a machine without one: say so now)
+        from mesh_node.engine.loading import resolve_device
+
+        try:
+            resolve_device(args.device)
+        except ValueError as exc:
+            print(f"mesh-node: {exc}", file=sys.stderr)
+            return 2
     split_only = [
         flag
         for flag, given in (
