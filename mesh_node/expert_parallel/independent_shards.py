@@ -35,6 +35,7 @@ from mesh_node.engine.loading import LoadPlan
 from mesh_node.expert_parallel.coordinator import UNIFORM, ExpertParallel
 from mesh_node.identity import NodeId
 from mesh_node.membership.messages import ModelInfo
+from mesh_node.membership.state import probe_hardware
 from mesh_node.placement.shard_quality import shard_quality_summary
 from mesh_node.placement.shards import ShardPlan, plan_shards
 
@@ -207,7 +208,12 @@ class IndependentShards:
         async def measure() -> None:
             try:
                 quality = await run_blocking(
-                    lambda: shard_quality_summary(str(resolved.path), count), "shard-quality"
+                    lambda: shard_quality_summary(
+                        str(resolved.path),
+                        count,
+                        memory=probe_hardware(with_gpus=False).ram_free or None,
+                    ),
+                    "shard-quality",
                 )
                 if current():
                     self.quality[resolved.name] = quality.describe()

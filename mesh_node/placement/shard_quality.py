@@ -29,6 +29,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import torch
+
 from mesh_node.engine import builtin_skills
 from mesh_node.engine.builtin_skills import Example
 from mesh_node.engine.checkpoint import Checkpoint
@@ -42,7 +44,7 @@ from mesh_node.engine.evaluation import (
     summarize,
 )
 from mesh_node.engine.expert_usage import measure_expert_usage
-from mesh_node.engine.loading import LoadPlan, load_model
+from mesh_node.engine.loading import LoadPlan, load_model, resolve_dtype
 from mesh_node.engine.tokenizer import Tokenizer
 from mesh_node.placement.rankings import cache_root
 from mesh_node.placement.shards import ShardPlan, plan_shards, shard_for_session
@@ -180,6 +182,15 @@ def measure_shard_quality(
     return quality, plan, reports
 
 
+def measurement_bytes(folder: str | Path) -> int:
+    """About the memory a measurement needs at its peak: the whole model in the dtype it is
+    evaluated in (on the CPU), and a quarter more to work in."""
+    args = Checkpoint.open(folder).args
+    dtype = resolve_dtype(None, args, torch.device("cpu"))
+    element = torch.empty((), dtype=dtype).element_size()
+    return args.parameter_count()["total"] * element * 5 // 4
+
+
 def cache_directory() -> Path:
     return cache_root() / "shard-quality"
 
@@ -207,11 +218,14 @@ def shard_quality_summary(
     seed: int = 0,
     cache_dir: str | Path | None = None,
     refresh: bool = False,
+    memory: int | None = None,
 ) -> ShardQuality:
     """The measured quality of independent-shard mode for `model` (None: the built-in model; a
     folder; a repo id in the local cache) split in `num_shards`: from the cache when this exact
     measurement was made before, else measured now (the caller runs it off the event loop) and
-    cached. `describe()` gives the line to show the user."""
+    cached. `describe()` gives the line to show the user. A measurement loads the whole model
+    (to compare with): with `memory` (bytes free for it), one that needs more is refused with
+    MemoryError instead of made."""
     from mesh_node.engine.catalog import resolve_model
 
     resolved = resolve_model(model)
@@ -230,6 +244,14 @@ def shard_quality_summary(
             return ShardQuality.from_json(json.loads(path.read_text()))
         except (ValueError, KeyError, TypeError):
             pass  # a damaged entry: measure again and overwrite it
+    if memory is not None:
+        needed = measurement_bytes(folder)
+        if needed > memory:
+            raise MemoryError(
+                f"measuring it loads the whole model ({needed / 2**30:.1f} GiB with room to "
+                f"work), more than this node has free ({memory / 2**30:.1f} GiB); "
+                "`benchmarks/moe_split.py quality` measures it on a larger machine"
+            )
     quality, _, _ = measure_shard_quality(
         folder,
         num_shards,

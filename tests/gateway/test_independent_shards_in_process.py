@@ -11,6 +11,7 @@ from mesh_node.engine.sampling import SamplingParams
 from mesh_node.expert_parallel import independent_shards
 from mesh_node.expert_parallel.coordinator import ExpertParallel, ExpertParallelConfig
 from mesh_node.identity import NodeIdentity
+from mesh_node.membership.messages import Hardware
 from mesh_node.placement import rankings as rankings_mod
 from mesh_node.placement.shards import shard_for_session
 from mesh_node.serving.routing import affinity_key
@@ -156,3 +157,27 @@ async def test_a_shard_node_that_cannot_fetch_published_rankings_gives_up(
     # when it ends it must not overwrite what the one shard's status says)
     await mesh.wait(lambda: not leader.shards._measuring, timeout=120)
     assert leader.shards.status()[0]["quality"].startswith("one shard")
+
+
+async def test_shard_nodes_without_room_for_the_whole_model_do_not_measure_it(
+    mesh, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("MESH_NODE_CACHE", str(tmp_path))
+    monkeypatch.setattr(
+        independent_shards, "probe_hardware", lambda with_gpus: Hardware(2, 1 << 30, 1 << 10)
+    )
+    for _ in range(2):
+        await mesh.add(experts=SHARDS)
+    await mesh.wait(
+        lambda: all(
+            n.shards.loaded("builtin") is not None
+            and n.shards.loaded("builtin").count == 2
+            and n.shards.status()[0]["quality"] != "measuring"
+            for n in mesh.nodes
+        ),
+        timeout=90,
+    )
+    for node in mesh.nodes:
+        quality = node.shards.status()[0]["quality"]
+        assert quality.startswith("quality not measured: measuring it loads the whole model")
+    assert not list(tmp_path.glob("shard-quality/*.json"))  # nothing measured, nothing cached

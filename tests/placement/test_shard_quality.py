@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
+
 from mesh_node.engine.builtin_skills import Example
+from mesh_node.engine.catalog import BUILTIN_DIR
 from mesh_node.engine.evaluation import PromptScore, Quality, QualityReport
 from mesh_node.placement import shard_quality
 from mesh_node.placement.shard_quality import (
@@ -68,6 +71,29 @@ def test_summary_is_measured_once_then_cached(monkeypatch, tmp_path):
     shard_quality_summary(None, 3)
     shard_quality_summary(None, 2)
     assert len(calls) == 4  # the damaged entry was measured again
+
+
+def test_a_measurement_that_needs_more_memory_than_is_free_is_refused_not_made(
+    monkeypatch, tmp_path
+):
+    """A shard node measures by loading the whole model, which may be what it cannot hold
+    (why it serves a shard): with too little free it refuses; a cached figure still shows."""
+    monkeypatch.setenv("MESH_NODE_CACHE", str(tmp_path))
+    calls = []
+
+    def measure(path, num_shards, **kwargs):
+        calls.append(num_shards)
+        return fake_quality(num_shards), None, []
+
+    monkeypatch.setattr(shard_quality, "measure_shard_quality", measure)
+    needed = shard_quality.measurement_bytes(BUILTIN_DIR)
+    assert needed > 0
+    with pytest.raises(MemoryError, match=r"loads the whole model \(.* GiB"):
+        shard_quality_summary(None, 3, memory=needed - 1)
+    assert calls == []
+    measured = shard_quality_summary(None, 3, memory=needed)
+    assert calls == [3]
+    assert shard_quality_summary(None, 3, memory=1) == measured  # from the cache: no load
 
 
 def test_describe_shows_shard_and_full_exact_match():
