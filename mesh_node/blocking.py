@@ -2,6 +2,10 @@
 
 Unlike the loop's default executor, a daemon thread never holds up the process's exit: a
 node told to stop leaves at once even while a model is still loading.
+
+Cancelling the awaiting task does not stop the thread: what it makes arrives after nobody
+waits for it. `abandoned`, when given, is called with such a result (in a worker thread):
+a model loaded for a node that stopped meanwhile is closed, not left running.
 """
 
 from __future__ import annotations
@@ -13,12 +17,24 @@ from collections.abc import Callable
 from typing import Any
 
 
-async def run_blocking(fn: Callable[[], Any], name: str = "blocking") -> Any:
+async def run_blocking(
+    fn: Callable[[], Any],
+    name: str = "blocking",
+    abandoned: Callable[[Any], None] | None = None,
+) -> Any:
     loop = asyncio.get_running_loop()
     future: asyncio.Future[Any] = loop.create_future()
+    lock = threading.Lock()
+    waiting = [True]  # False once the awaiting task is gone (cancelled)
+
+    def give_up(result: Any) -> None:
+        if abandoned is not None:
+            abandoned(result)
 
     def settle(result: Any, exc: BaseException | None) -> None:
-        if future.done():
+        if future.done():  # cancelled between the thread's look and this
+            if exc is None and abandoned is not None:
+                threading.Thread(target=give_up, args=(result,), daemon=True).start()
             return
         if exc is not None:
             future.set_exception(exc)
@@ -30,9 +46,27 @@ async def run_blocking(fn: Callable[[], Any], name: str = "blocking") -> Any:
             result, exc = fn(), None
         except BaseException as error:  # handed to the awaiting task
             result, exc = None, error
-        # the loop may have closed meanwhile (the node stopped): then nobody is waiting
-        with contextlib.suppress(RuntimeError):
-            loop.call_soon_threadsafe(settle, result, exc)
+        with lock:
+            handed = waiting[0]
+        if handed:
+            try:
+                loop.call_soon_threadsafe(settle, result, exc)
+                return
+            except RuntimeError:  # the loop has closed meanwhile (the node stopped)
+                pass
+        if exc is None:
+            give_up(result)
 
     threading.Thread(target=work, name=name, daemon=True).start()
-    return await future
+    try:
+        return await future
+    except asyncio.CancelledError:
+        with lock:
+            waiting[0] = False
+        raise
+
+
+def close_quietly(resource: Any) -> None:
+    """For `abandoned`: closes what was made for nobody (errors are of no one's concern)."""
+    with contextlib.suppress(Exception):
+        resource.close()

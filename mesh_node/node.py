@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ipaddress
 import logging
 import signal
@@ -16,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from mesh_node.blocking import run_blocking
+from mesh_node.cancellation import cancel_and_wait
 from mesh_node.console.server import ConsoleServer
 from mesh_node.engine.catalog import ResolvedModel, resolve_model
 from mesh_node.expert_parallel.coordinator import ExpertParallel, ExpertParallelConfig
@@ -280,19 +280,15 @@ class Node:
             await self.discovery.stop()
         if self.dialer is not None:
             await self.dialer.close()
-        for task in list(self._tasks):
-            task.cancel()
-        for task in list(self._tasks):
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await cancel_and_wait(list(self._tasks))
         if self.membership is not None:
             await self.membership.leave()
         if self.hosting is not None:
             await self.hosting.stop()
         if self.experts is not None:
             await self.experts.stop()
-        if self.lanes is not None:
-            self.lanes.close()
+        if self.lanes is not None:  # (its thread may be answering a call: joined off the loop)
+            await run_blocking(self.lanes.close, "lanes-close")
         await self.endpoint.close()
 
     async def run_until_signal(self, announce: Callable[[str], None] | None = None) -> None:

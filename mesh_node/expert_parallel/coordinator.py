@@ -36,6 +36,7 @@ from typing import Any
 import torch
 
 from mesh_node.blocking import run_blocking
+from mesh_node.cancellation import cancel_and_wait
 from mesh_node.engine.catalog import ResolvedModel
 from mesh_node.engine.checkpoint import Checkpoint
 from mesh_node.engine.host_memory import release_free_memory
@@ -278,11 +279,7 @@ class ExpertParallel:
                 task.cancel()
 
     async def stop(self) -> None:
-        for task in list(self._tasks) + list(self._reconciling.values()):
-            task.cancel()
-        for task in list(self._tasks) + list(self._reconciling.values()):
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await cancel_and_wait(list(self._tasks) + list(self._reconciling.values()))
         for lanes in self.lanes.values():
             lanes.close()
         self.lanes.clear()

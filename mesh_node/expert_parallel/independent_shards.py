@@ -27,7 +27,7 @@ import logging
 import time
 from typing import Any
 
-from mesh_node.blocking import run_blocking
+from mesh_node.blocking import close_quietly, run_blocking
 from mesh_node.engine import Generator
 from mesh_node.engine.catalog import ResolvedModel
 from mesh_node.engine.checkpoint import Checkpoint
@@ -183,6 +183,7 @@ class IndependentShards:
                 max_queue=config.max_queue,
             ),
             "model-load",
+            close_quietly,
         )
         self.plans[model] = (variant, plan)
         self._measure(resolved, variant.count)

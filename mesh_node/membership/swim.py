@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from mesh_node.cancellation import cancel_and_wait
 from mesh_node.identity import NodeId
 from mesh_node.membership.claims import (
     ALIVE,
@@ -246,11 +247,7 @@ class Membership:
 
     async def stop(self) -> None:
         self._running = False
-        for task in [*self._tasks, *self._background]:
-            task.cancel()
-        for task in [*self._tasks, *self._background]:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await cancel_and_wait([*self._tasks, *self._background])
         self._tasks.clear()
         for timer in self._suspicions.values():
             timer.cancel()

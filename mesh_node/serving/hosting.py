@@ -11,14 +11,14 @@ tokens/s) is published every few seconds while it changes.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from mesh_node.blocking import run_blocking
+from mesh_node.blocking import close_quietly, run_blocking
+from mesh_node.cancellation import cancel_and_wait
 from mesh_node.engine import Generator
 from mesh_node.engine.catalog import ResolvedModel, describe_model
 from mesh_node.engine.host_memory import release_free_memory
@@ -160,11 +160,7 @@ class Hosting:
             self._kick.set()
 
     async def stop(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        for task in list(self._tasks):
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await cancel_and_wait(list(self._tasks))
         generators, self.local.generators = dict(self.local.generators), {}
         for name, generator in generators.items():
             log.info("unloading %s", name)
@@ -318,7 +314,7 @@ class Hosting:
         if self._split(model):
             return await self._load_split(resolved), True
         generator = await run_blocking(
-            lambda: self._load_generator(resolved, self.config), "model-load"
+            lambda: self._load_generator(resolved, self.config), "model-load", close_quietly
         )
         return generator, False
 
@@ -376,6 +372,7 @@ class Hosting:
                     max_seq_len=config.max_seq_len,
                 ),
                 "model-load",
+                close_quietly,
             )
         except BaseException:
             experts.stop_hosting(resolved.name)

@@ -194,3 +194,27 @@ async def test_a_host_whose_engine_worker_dies_withdraws_the_model_and_loads_it_
     assert host.local.generators["builtin"] is not dead and "builtin" not in host.hosting.failed
     text, _ = await answer(caller, chat("builtin", "What is 348 + 276?"))
     assert text == "624"
+
+
+async def test_a_model_that_finishes_loading_after_its_node_stopped_is_closed(mesh, monkeypatch):
+    """Stopping cancels the load's task, not its thread: the generator it then builds for
+    nobody is closed (its engine threads and memory are not left running)."""
+    from mesh_node.serving import hosting
+
+    built: list[Generator] = []
+    release = threading.Event()
+    load = hosting._load_generator
+
+    def slow_load(resolved, config):
+        release.wait(30)  # stands for a large checkpoint still being read
+        built.append(load(resolved, config))
+        return built[-1]
+
+    monkeypatch.setattr(hosting, "_load_generator", slow_load)
+    node = await mesh.add()
+    await mesh.wait(lambda: "builtin" in node.hosting._busy)  # elected, loading
+    await node.stop()
+    mesh.nodes.remove(node)
+    release.set()
+    await mesh.wait(lambda: bool(built) and built[0]._closed, timeout=30)
+    assert not built[0]._thread.is_alive()
