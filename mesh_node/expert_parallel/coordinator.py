@@ -89,6 +89,8 @@ UNIFORM = "uniform"  # the rankings digest meaning "no rankings: every expert al
 FETCH_RETRY = 1.0  # seconds before a failed rankings fetch is tried again, doubling each time
 FETCH_RETRY_MAX = 60.0  # ... up to this
 MAX_FETCH_FAILURES = 256  # digests whose fetch failed, remembered (oldest forgotten first)
+MAX_RANKINGS = 8  # rankings documents kept (least recently used forgotten first; never the
+# ones a current plan or this node's own ModelInfo uses): a host may publish a new digest often
 
 
 def _layers_text(layers) -> str:
@@ -319,6 +321,9 @@ class ExpertParallel:
     def evaluate(self) -> None:
         changed = False
         models = {i.name for m in self.table if m.live and m.state for i in m.state.models_on_disk}
+        # only models on disk here: this node neither holds nor hosts others (and a peer may
+        # gossip any number of names)
+        models &= set(self._shapes)
         for model in sorted(models):
             if not self.is_split(model):
                 continue
@@ -460,12 +465,25 @@ class ExpertParallel:
         fetched from `source` (a change is signalled when they arrive, or when a failed fetch
         may be tried again: after FETCH_RETRY seconds, doubling up to FETCH_RETRY_MAX)."""
         rankings = self.rankings.get(digest)
-        if rankings is None and digest not in self._fetching:
+        if rankings is not None:
+            self.rankings[digest] = self.rankings.pop(digest)  # recently used
+        elif digest not in self._fetching:
             failed = self._fetch_failures.get(digest)
             if failed is None or time.monotonic() >= failed[1]:
                 self._fetching.add(digest)
                 self.spawn(self._fetch_rankings(model, digest, source))
         return rankings
+
+    def _keep_rankings(self, digest: str, rankings: Any) -> None:
+        self.rankings.pop(digest, None)
+        self.rankings[digest] = rankings  # (the most recently used last)
+        in_use = {entry.inputs[2] for entry in self.plans.values()} | {digest}
+        in_use |= {i.rankings for i in self.membership.self_state.current.models_on_disk}
+        for old in [d for d in self.rankings if d not in in_use]:
+            if len(self.rankings) <= MAX_RANKINGS:
+                break
+            del self.rankings[old]
+            self._documents.pop(old, None)
 
     def fetch_error(self, digest: str) -> str | None:
         """Why the last fetch of these rankings failed (None: it did not, or none was made)."""
@@ -493,7 +511,7 @@ class ExpertParallel:
             problem = self._shape_problem(model, rankings)
             if problem is not None:
                 raise PeerGone(problem)
-            self.rankings[digest] = rankings
+            self._keep_rankings(digest, rankings)
             self._fetch_failures.pop(digest, None)
             log.info("fetched expert rankings %s of %s from %s", digest, model, host.short)
         except Exception as exc:  # tried again after a back-off
@@ -556,7 +574,7 @@ class ExpertParallel:
         digest = UNIFORM
         if rankings is not None:
             digest = rankings.digest()
-            self.rankings[digest] = rankings
+            self._keep_rankings(digest, rankings)
         self._publish_model(model, rankings=digest)
         log.info("expert rankings for %s: %s", model, digest)
         self._kick.set()

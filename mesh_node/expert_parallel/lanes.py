@@ -30,6 +30,9 @@ from mesh_node.transport.express import (
 ANSWER_SLACK = 4096  # bytes of a lane answer besides its F32 rows (headers, field names)
 
 
+MAX_HELD_OFF = 1024  # peers held off from new lanes, remembered (oldest forgotten first)
+
+
 class LaneCall:
     """One expert call in flight on a lane."""
 
@@ -137,7 +140,10 @@ class ExpertLanes:
         """No new lane to `peer` before `until` (under the lock); forgets the holds passed."""
         now = time.monotonic()
         self._not_before = {p: t for p, t in self._not_before.items() if t > now}
+        self._not_before.pop(peer, None)
         self._not_before[peer] = until
+        while len(self._not_before) > MAX_HELD_OFF:  # (refusals "for good" never pass)
+            del self._not_before[next(iter(self._not_before))]
 
     def connection_closed(self, owner: object) -> None:
         """A connection closed: the lane it opened is gone on the peer's side too."""

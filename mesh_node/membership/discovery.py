@@ -36,6 +36,7 @@ MAX_DIALS = 4  # discovery joins in flight at once
 MAX_WAITING = 32  # found addresses waiting for a dial; more are not kept
 RETRY_AFTER = 30.0  # seconds before an address whose join failed is dialed again
 MAX_REMEMBERED = 1024  # failed addresses remembered (oldest forgotten first)
+MAX_LOOKUPS = 32  # records being looked up at once; more announced meanwhile are not
 
 
 class MdnsDiscovery:
@@ -90,6 +91,9 @@ class MdnsDiscovery:
         state_change: ServiceStateChange,
     ) -> None:
         if state_change in (ServiceStateChange.Added, ServiceStateChange.Updated):
+            if len(self._lookups) >= MAX_LOOKUPS:  # a flood of records: an honest one returns
+                log.debug("mDNS record %s not looked up: %d lookups running", name, MAX_LOOKUPS)
+                return
             task = asyncio.ensure_future(self._lookup(service_type, name))
             self._lookups.add(task)
             task.add_done_callback(self._lookups.discard)

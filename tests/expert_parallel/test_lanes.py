@@ -240,3 +240,17 @@ def test_a_lane_added_after_its_lanes_closed_opens_no_socket():
     assert not lanes.add(peer, "connection", ("127.0.0.1", 9), os.urandom(8), os.urandom(32))
     assert not lanes.client._sockets and peer not in lanes.client
     assert lanes.status()["lanes"] == 0
+
+
+def test_peers_held_off_are_remembered_within_a_bound():
+    from mesh_node.expert_parallel.lanes import MAX_HELD_OFF
+
+    lanes = ExpertLanes("builtin", ExpressClient(REGISTRY))
+    try:
+        peers = [NodeIdentity.generate().node_id for _ in range(MAX_HELD_OFF + 50)]
+        for peer in peers:
+            lanes.refused(peer)  # "never": such holds never pass on their own
+        assert len(lanes._not_before) == MAX_HELD_OFF
+        assert peers[-1] in lanes._not_before and peers[0] not in lanes._not_before
+    finally:
+        lanes.close()

@@ -490,3 +490,46 @@ async def test_rankings_of_another_checkpoint_are_refused_and_fetched_again_only
     count = len(asked)
     await asyncio.sleep(2.5)  # back-off: 1 s, then 2 s, then 4 s...
     assert len(asked) <= count + 2, f"asked {len(asked) - count} more times in 2.5 s"
+
+
+async def test_split_models_gossiped_by_a_peer_but_not_on_disk_here_cost_nothing(mesh):
+    """A peer may gossip any number of model names offered split: a node keeps routes (and
+    plans) only for models it has on disk."""
+    from mesh_node.membership.messages import ModelInfo
+
+    node = await mesh.add(experts=SPLIT)
+    peer = await mesh.add(experts=SPLIT)
+    await mesh.wait(lambda: "builtin" in node.experts.routes)
+    for round_ in range(5):
+        fake = [
+            ModelInfo(f"made-up-{round_}-{i}", "qwen3_moe", 1 << 20, 1, experts=8, expert_budget=1)
+            for i in range(50)
+        ]
+        peer.membership.update_state(
+            models_on_disk=[*peer.membership.self_state.current.models_on_disk, *fake]
+        )
+        await mesh.wait(
+            lambda round_=round_: any(
+                i.name == f"made-up-{round_}-0"
+                for i in node.membership.table.get(peer.node_id).state.models_on_disk
+            )
+        )
+        node.experts.evaluate()
+    assert set(node.experts.routes) == {"builtin"}
+    assert set(node.experts.plans) <= {"builtin"}
+
+
+async def test_rankings_kept_are_bounded_and_those_in_use_stay(mesh):
+    for _ in range(3):
+        await mesh.add(experts=SPLIT)
+    node = mesh.nodes[0]
+    await mesh.wait(lambda: node.experts.plans.get("builtin") is not None, timeout=60)
+    in_use = node.experts.plans["builtin"].inputs[2]
+    if in_use == coordinator.UNIFORM:
+        pytest.skip("planned without rankings")
+    rankings = node.experts.rankings[in_use]
+    for n in range(3 * coordinator.MAX_RANKINGS):
+        node.experts._keep_rankings(f"{n:016x}", dataclasses.replace(rankings, tokens=1000 + n))
+    assert len(node.experts.rankings) <= coordinator.MAX_RANKINGS
+    assert in_use in node.experts.rankings  # the plan's, however old
+    assert f"{3 * coordinator.MAX_RANKINGS - 1:016x}" in node.experts.rankings  # the newest

@@ -7,7 +7,7 @@ import asyncio
 import logging
 import socket
 
-from zeroconf import IPVersion
+from zeroconf import IPVersion, ServiceStateChange
 from zeroconf.asyncio import AsyncServiceInfo, AsyncZeroconf
 
 from mesh_node.identity import MeshSecret, NodeId, NodeIdentity, new_mesh_id
@@ -21,6 +21,8 @@ from mesh_node.membership.discovery import (
 )
 from mesh_node.membership.messages import Address
 from tests.conditions import until
+
+Added = ServiceStateChange.Added
 
 
 def node_id() -> NodeId:
@@ -192,3 +194,21 @@ async def test_hostile_records_on_the_lan_are_read_without_errors(caplog):
         await mdns.stop()
         await other.async_close()
         loop.set_exception_handler(None)
+
+
+async def test_records_looked_up_at_once_are_bounded():
+    from mesh_node.membership.discovery import MAX_LOOKUPS
+
+    mdns = MdnsDiscovery(node_id(), 7300, ["127.0.0.1"], "ab" * 16, lambda n, a: None)
+    hold = asyncio.Event()
+
+    async def slow_record(service_type: str, name: str) -> None:
+        await hold.wait()
+
+    mdns._read_record = slow_record
+    for i in range(3 * MAX_LOOKUPS):  # a flood of announcements
+        mdns._on_service_state_change(None, SERVICE_TYPE, f"n{i}.{SERVICE_TYPE}", Added)
+    await settle()
+    assert len(mdns._lookups) == MAX_LOOKUPS
+    hold.set()
+    await until(lambda: not mdns._lookups, what="lookups done")
