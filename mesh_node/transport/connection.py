@@ -95,6 +95,9 @@ class Limits:
     # requester that stops reading would hold the handler and its slot for ever)
     credit_timeout: float = 60.0
     max_early_events: int = 256  # server streams buffered while the client finishes handshake
+    # seconds a peer's new stream may take to deliver its whole request (or one-way) frame:
+    # a frame left half sent would hold what arrived of it (up to a frame's limit) for ever
+    arrival_timeout: float = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -727,7 +730,16 @@ class Connection:
         stream = _Stream(stream_id, self._limits)
         stream.kind = "oneway-in" if stream_id & 2 else "request-in"
         self._streams[stream_id] = stream
+        self._loop.call_later(self._limits.arrival_timeout, self._check_arrival, stream)
         return stream
+
+    def _check_arrival(self, stream: _Stream) -> None:
+        if not stream.dispatched and self._streams.get(stream.stream_id) is stream:
+            self._abort_stream(
+                stream,
+                ErrorCode.TRUNCATED_FRAME,
+                f"no whole frame within {self._limits.arrival_timeout:g}s of the stream opening",
+            )
 
     def _open_call(self, kind: str) -> _Stream:
         self._check_open()

@@ -14,6 +14,8 @@ from mesh_node.transport.errors import ConnectionLost, ErrorCode
 from mesh_node.transport.schema import Registry
 
 Address = tuple[str, int]
+MAX_DIALS = 256  # dials in progress at once (a peer can name addresses for this node to dial)
+MAX_PER_PEER = 4  # open connections with one peer: every per-connection bound multiplies by it
 
 
 class Endpoint:
@@ -109,6 +111,8 @@ class Endpoint:
             return dialed
         key = ((host, port), expect)
         dial = self._dials.get(key)
+        if dial is None and len(self._dials) >= MAX_DIALS:
+            raise ConnectionLost(f"cannot dial {host}:{port}: {MAX_DIALS} dials in progress")
         if dial is None:
             dial = asyncio.ensure_future(self._dial(host, port, expect, timeout))
             self._dials[key] = dial
@@ -140,7 +144,10 @@ class Endpoint:
         if self._closing:
             conn.close(ErrorCode.SHUTTING_DOWN, "shutting down")
             return
-        self._by_peer.setdefault(conn.peer, []).append(conn)
+        links = self._by_peer.setdefault(conn.peer, [])
+        links.append(conn)
+        for old in links[: max(0, len(links) - MAX_PER_PEER)]:  # the newest are in use
+            old.close(ErrorCode.NO_ERROR, f"more than {MAX_PER_PEER} connections with this peer")
         if conn.is_client:
             self._by_address[conn.remote_address] = conn
         for callback in self.on_connected:

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import dataclasses
 import datetime
+import ipaddress
 import logging
 import socket
 import ssl
@@ -55,6 +56,7 @@ def self_signed_certificate(identity: NodeIdentity) -> x509.Certificate:
     )
 
 
+MAX_LOOKUPS = 8  # host names being resolved at once (each holds an executor thread meanwhile)
 ACK_HOLD = 0.020  # see QuicCarrier (acknowledgements); below the 25 ms max_ack_delay announced
 BURST_GAP = 0.001  # packets closer than this (aioquic's acknowledgement delay), none between
 ACK_HOLD_PACKETS = 8  # packets held at most; then due at once (a writer waits at 256 KiB unacked)
@@ -367,6 +369,7 @@ class QuicEndpoint(Endpoint):
         self._server: QuicListener | None = None
         self._client_transports: dict[Connection, asyncio.DatagramTransport] = {}
         self._reapers: set[asyncio.Task[None]] = set()
+        self._lookups = 0  # name lookups running in the executor (see MAX_LOOKUPS)
 
     def normalize_host(self, host: str) -> str:
         return normalize_host(host)
@@ -412,11 +415,8 @@ class QuicEndpoint(Endpoint):
         self, host: str, port: int, expect: NodeId | None, timeout: float
     ) -> Connection:
         loop = asyncio.get_running_loop()
-        try:
-            infos = await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
-        except (OSError, ValueError) as exc:  # ValueError: e.g. a label over 63 characters
-            raise ConnectionLost(f"cannot resolve {host}: {exc}") from None
-        family, _, _, _, addr = infos[0]
+        deadline = loop.time() + timeout
+        family, addr = await self._resolve(host, port, timeout)
         configuration = self._configuration(is_client=True)
         configuration.max_datagram_size = datagram_size(addr[0])
         quic = QuicConnection(configuration=configuration)
@@ -441,7 +441,41 @@ class QuicEndpoint(Endpoint):
         self._reapers.add(reaper)
         reaper.add_done_callback(self._reapers.discard)
         carrier.connect(addr)
-        return await self._await_open(conn, f"{host}:{port}", timeout)
+        return await self._await_open(conn, f"{host}:{port}", max(deadline - loop.time(), 0.001))
+
+    async def _resolve(self, host: str, port: int, timeout: float) -> tuple[int, tuple]:
+        """(family, socket address) of host:port. An IP address needs no lookup; a name is
+        looked up within `timeout`, at most MAX_LOOKUPS at once (a lookup holds an executor
+        thread until the resolver answers, however long: names a peer hands over must not
+        queue every later dial behind them)."""
+        try:
+            ip = ipaddress.ip_address(host.split("%")[0])
+        except ValueError:
+            ip = None
+        if ip is not None and "%" not in host:
+            family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+            return family, ((host, port, 0, 0) if ip.version == 6 else (host, port))
+        if self._lookups >= MAX_LOOKUPS:
+            raise ConnectionLost(f"cannot resolve {host}: {MAX_LOOKUPS} name lookups running")
+        loop = asyncio.get_running_loop()
+        self._lookups += 1
+        lookup = asyncio.ensure_future(loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM))
+
+        def finished(done: asyncio.Future) -> None:
+            self._lookups -= 1
+            if not done.cancelled():
+                done.exception()  # (retrieved: a caller that gave up must not cause a warning)
+
+        lookup.add_done_callback(finished)
+        try:
+            async with asyncio.timeout(timeout):
+                infos = await asyncio.shield(lookup)  # (the thread runs on: counted until done)
+        except TimeoutError:
+            raise ConnectionLost(f"cannot resolve {host} within {timeout:g}s") from None
+        except (OSError, ValueError) as exc:  # ValueError: e.g. a label over 63 characters
+            raise ConnectionLost(f"cannot resolve {host}: {exc}") from None
+        family, _, _, _, addr = infos[0]
+        return family, addr
 
     async def _reap(
         self, conn: Connection, carrier: QuicCarrier, transport: asyncio.DatagramTransport

@@ -11,6 +11,7 @@ import pytest
 
 from mesh_node.transport.errors import ErrorCode, ProtocolError
 from mesh_node.transport.messages import Ping, Pong
+from tests.conditions import until
 from tests.transport.conftest import Count, Note, Sleep
 
 
@@ -188,3 +189,34 @@ async def test_a_responder_that_ignores_credit_is_cut_off(pair_factory, mesh, mo
         assert buffered <= window + (8 << 10), buffered  # one frame past the window at most
         assert got * 4096 <= window + (8 << 10)
         assert await conn.request(Ping(15), timeout=5) == Pong(15)
+
+
+@pytest.mark.parametrize("unidirectional", [False, True], ids=["request", "one-way"])
+async def test_a_frame_left_half_sent_is_reset_after_the_arrival_timeout(
+    pair_factory, mesh, unidirectional
+):
+    """What arrived of a frame that never completes is not held for ever: the stream is
+    reset (TRUNCATED_FRAME) once `arrival_timeout` passes; the connection goes on."""
+    from mesh_node.transport.connection import Limits
+
+    limits = Limits(arrival_timeout=0.3)
+    async with pair_factory(mesh, limits=limits) as p:
+        conn = await p.connect()
+        resets = watch_resets(conn)
+        carrier = conn._carrier
+        stream_id = carrier.open_stream(unidirectional=unidirectional)
+        whole = frame(pack(0x10, {"seq": 1}), body_len=64 << 10)  # promises 64 KiB of body
+        carrier.write(stream_id, whole, end=False)  # ... and sends 10 bytes of it
+        carrier.flush()
+        peer = p.b.connection_to(p.a.node_id)
+        await asyncio.sleep(0.1)
+        assert any(s.stream_id == stream_id for s in peer._streams.values())  # held, for now
+        await until(
+            lambda: all(s.stream_id != stream_id for s in peer._streams.values()), what="reset"
+        )
+        if not unidirectional:  # (a one-way stream has no way back to reset)
+            fut = resets.setdefault(stream_id, asyncio.get_running_loop().create_future())
+            async with asyncio.timeout(5):
+                assert await fut == ErrorCode.TRUNCATED_FRAME
+        assert conn.is_open
+        assert await conn.request(Ping(13), timeout=5) == Pong(13)

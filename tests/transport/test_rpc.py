@@ -461,3 +461,52 @@ async def test_a_stream_whose_reader_stops_reading_gives_up_after_the_credit_tim
                     pass
             assert reset.value.code == ErrorCode.CANCELLED
         assert await conn.request(Echo("still"), timeout=5) == Echo("still")
+
+
+async def test_connections_with_one_peer_are_bounded_and_the_newest_kept(pair_factory, mesh):
+    """Every per-connection bound (handlers, lanes, streams) multiplies by the connections a
+    peer opens: beyond MAX_PER_PEER the oldest are closed."""
+    from mesh_node.transport.endpoint import MAX_PER_PEER
+
+    async with pair_factory(mesh) as p:
+        host, port = p.b.address
+        dialed = [await p.a._dial(host, port, None, 5.0) for _ in range(MAX_PER_PEER + 3)]
+        await until(lambda: len(p.b._by_peer.get(p.a.node_id, [])) <= MAX_PER_PEER)
+        await until(lambda: sum(c.is_open for c in dialed) == MAX_PER_PEER)
+        assert all(c.is_open for c in dialed[-MAX_PER_PEER:])  # the newest serve on
+        assert await dialed[-1].request(Ping(21), timeout=5) == Pong(21)
+
+
+async def test_name_lookups_are_bounded_and_never_delay_a_dial_to_an_address(mesh):
+    """A name that does not resolve (a slow resolver, or names a peer hands over) holds an
+    executor thread: at most MAX_LOOKUPS run, and a dial to an IP address needs none."""
+    from mesh_node.transport import quic
+
+    async with quic_pair(mesh) as p:
+        loop = asyncio.get_running_loop()
+        stalled = asyncio.Event()
+
+        async def never(host, port, **kwargs):
+            await stalled.wait()
+            raise OSError("gave up")
+
+        original = loop.getaddrinfo
+        loop.getaddrinfo = never
+        try:
+            names = [f"n{i}.slow.test" for i in range(quic.MAX_LOOKUPS + 4)]
+            dials = [asyncio.ensure_future(p.a.connect((name, 7300), timeout=30)) for name in names]
+            await asyncio.sleep(0.1)
+            refused = [d for d in dials if d.done()]
+            assert len(refused) == 4
+            for dial in refused:
+                with pytest.raises(ConnectionLost, match="name lookups running"):
+                    dial.result()
+            conn = await p.a.connect(p.b.address, timeout=5)  # an IP address: no lookup
+            assert await conn.request(Ping(22), timeout=5) == Pong(22)
+        finally:
+            stalled.set()
+            loop.getaddrinfo = original
+        for dial in dials:
+            with contextlib.suppress(ConnectionLost):
+                await dial
+        assert p.a._lookups == 0
