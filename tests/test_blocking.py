@@ -79,3 +79,32 @@ async def test_an_error_made_for_nobody_is_not_handed_on():
     release.set()
     await asyncio.sleep(0.2)
     assert handed == []
+
+
+async def test_workers_are_reused_and_take_the_jobs_name():
+    names = [await run_blocking(lambda: threading.current_thread().name, "first")]
+    before = threading.active_count()
+    for n in range(20):  # one after another: one idle worker serves them all
+        names.append(await run_blocking(lambda: threading.current_thread().name, f"job-{n}"))
+        ident = await run_blocking(threading.get_ident, "ident")
+        assert ident != threading.get_ident()
+    assert threading.active_count() <= before + 1
+    assert names[1:] == [f"job-{n}" for n in range(20)]
+
+
+async def test_jobs_at_once_each_get_a_worker():
+    release = threading.Event()
+    started = []
+
+    def wait() -> None:
+        started.append(1)
+        release.wait(10)
+
+    jobs = [asyncio.ensure_future(run_blocking(wait, "parallel")) for _ in range(5)]
+    for _ in range(200):
+        if len(started) == 5:
+            break
+        await asyncio.sleep(0.01)
+    assert len(started) == 5  # none waits behind another
+    release.set()
+    await asyncio.gather(*jobs)
