@@ -175,6 +175,7 @@ class _Stream:
     """State of one open stream (either direction)."""
 
     __slots__ = (
+        "arrival",
         "closed",
         "consumed",
         "credit",
@@ -196,6 +197,7 @@ class _Stream:
         self.decoder = _NoFramesYet(limits.frames)
         self.kind = ""
         self.dispatched = False  # inbound: the request frame arrived and went to a handler
+        self.arrival: asyncio.TimerHandle | None = None  # inbound: until the frame must arrive
         self.task: asyncio.Task[None] | None = None
         # outbound calls: what the caller waits for (decoded frames or a terminal exception):
         # a Future for a unary call, a Queue for a streamed response
@@ -504,7 +506,7 @@ class Connection:
         if entry is not None and entry[0] == Handlers.UNARY_INLINE:
             self._serve_inline(stream_id, entry[1], message)
         else:
-            stream = self._accept_stream(stream_id)
+            stream = self._accept_stream(stream_id, arrived=True)
             stream.dispatched = True
             self._dispatch(stream, message)
         return True
@@ -726,14 +728,20 @@ class Connection:
     def _is_local(self, stream_id: int) -> bool:
         return (stream_id & 1) == (0 if self._carrier.is_client else 1)
 
-    def _accept_stream(self, stream_id: int) -> _Stream:
+    def _accept_stream(self, stream_id: int, arrived: bool = False) -> _Stream:
+        """A peer's new stream; unless its frame `arrived` whole already, it has
+        `arrival_timeout` seconds to deliver it."""
         stream = _Stream(stream_id, self._limits)
         stream.kind = "oneway-in" if stream_id & 2 else "request-in"
         self._streams[stream_id] = stream
-        self._loop.call_later(self._limits.arrival_timeout, self._check_arrival, stream)
+        if not arrived:
+            stream.arrival = self._loop.call_later(
+                self._limits.arrival_timeout, self._check_arrival, stream
+            )
         return stream
 
     def _check_arrival(self, stream: _Stream) -> None:
+        stream.arrival = None
         if not stream.dispatched and self._streams.get(stream.stream_id) is stream:
             self._abort_stream(
                 stream,
@@ -798,6 +806,9 @@ class Connection:
             return
         if kind in ("request-in", "oneway-in") and not stream.dispatched:
             stream.dispatched = True
+            if stream.arrival is not None:
+                stream.arrival.cancel()
+                stream.arrival = None
             self._dispatch(stream, message)
             return
         raise ProtocolError(ErrorCode.UNEXPECTED_MESSAGE, f"unexpected {type(message).__name__}")
@@ -1027,6 +1038,9 @@ class Connection:
 
     def _drop(self, stream: _Stream) -> None:
         stream.closed = True
+        if stream.arrival is not None:
+            stream.arrival.cancel()
+            stream.arrival = None
         self._streams.pop(stream.stream_id, None)
         self._drain_waiters.pop(stream.stream_id, None)
 
