@@ -197,7 +197,7 @@ class _Stream:
         self.decoder = _NoFramesYet(limits.frames)
         self.kind = ""
         self.dispatched = False  # inbound: the request frame arrived and went to a handler
-        self.arrival: asyncio.TimerHandle | None = None  # inbound: until the frame must arrive
+        self.arrival = 0.0  # inbound, frame not yet whole: loop time it must be whole by
         self.task: asyncio.Task[None] | None = None
         # outbound calls: what the caller waits for (decoded frames or a terminal exception):
         # a Future for a unary call, a Queue for a streamed response
@@ -278,6 +278,7 @@ class Connection:
         self._stream_gaps: set[int] = set()
         self._outbound = _Slots(limits.max_outbound_requests)
         self._deadlines: dict[_Stream, tuple[float, Any, float]] = {}
+        self._arrival_sweep: asyncio.TimerHandle | None = None  # see _sweep_arrivals
         self._sweeper: asyncio.TimerHandle | None = None
         self._sweep_at: float | None = None
         self._context: RequestContext | None = None
@@ -605,6 +606,9 @@ class Connection:
         self._hs_timer.cancel()
         if self._sweeper is not None:
             self._sweeper.cancel()
+        if self._arrival_sweep is not None:
+            self._arrival_sweep.cancel()
+            self._arrival_sweep = None
         if not self.opened.done():
             if code in (ErrorCode.NO_ERROR, ErrorCode.SHUTTING_DOWN):
                 self.opened.set_exception(ConnectionLost(f"connection closed: {reason}", code))
@@ -730,24 +734,35 @@ class Connection:
 
     def _accept_stream(self, stream_id: int, arrived: bool = False) -> _Stream:
         """A peer's new stream; unless its frame `arrived` whole already, it has
-        `arrival_timeout` seconds to deliver it."""
+        `arrival_timeout` seconds to deliver it (one sweep timer per connection checks)."""
         stream = _Stream(stream_id, self._limits)
         stream.kind = "oneway-in" if stream_id & 2 else "request-in"
         self._streams[stream_id] = stream
         if not arrived:
-            stream.arrival = self._loop.call_later(
-                self._limits.arrival_timeout, self._check_arrival, stream
-            )
+            stream.arrival = self._loop.time() + self._limits.arrival_timeout
+            if self._arrival_sweep is None:
+                self._arrival_sweep = self._loop.call_at(stream.arrival, self._sweep_arrivals)
         return stream
 
-    def _check_arrival(self, stream: _Stream) -> None:
-        stream.arrival = None
-        if not stream.dispatched and self._streams.get(stream.stream_id) is stream:
-            self._abort_stream(
-                stream,
-                ErrorCode.TRUNCATED_FRAME,
-                f"no whole frame within {self._limits.arrival_timeout:g}s of the stream opening",
-            )
+    def _sweep_arrivals(self) -> None:
+        """Resets the peer's streams whose frame is not whole in time; looks again at the
+        next such deadline while any stream waits for its frame."""
+        self._arrival_sweep = None
+        now, next_due = self._loop.time(), None
+        for stream in list(self._streams.values()):
+            if stream.dispatched or stream.kind not in ("request-in", "oneway-in"):
+                continue
+            if stream.arrival <= now:
+                self._abort_stream(
+                    stream,
+                    ErrorCode.TRUNCATED_FRAME,
+                    f"no whole frame within {self._limits.arrival_timeout:g}s of the stream "
+                    "opening",
+                )
+            elif next_due is None or stream.arrival < next_due:
+                next_due = stream.arrival
+        if next_due is not None and self._state != "closed":
+            self._arrival_sweep = self._loop.call_at(next_due, self._sweep_arrivals)
 
     def _open_call(self, kind: str) -> _Stream:
         self._check_open()
@@ -806,9 +821,6 @@ class Connection:
             return
         if kind in ("request-in", "oneway-in") and not stream.dispatched:
             stream.dispatched = True
-            if stream.arrival is not None:
-                stream.arrival.cancel()
-                stream.arrival = None
             self._dispatch(stream, message)
             return
         raise ProtocolError(ErrorCode.UNEXPECTED_MESSAGE, f"unexpected {type(message).__name__}")
@@ -1038,9 +1050,6 @@ class Connection:
 
     def _drop(self, stream: _Stream) -> None:
         stream.closed = True
-        if stream.arrival is not None:
-            stream.arrival.cancel()
-            stream.arrival = None
         self._streams.pop(stream.stream_id, None)
         self._drain_waiters.pop(stream.stream_id, None)
 
