@@ -105,6 +105,9 @@ async def run_blocking(
     except asyncio.CancelledError:
         with lock:
             waiting[0] = False
+        if future.done() and not future.cancelled() and future.exception() is None:
+            # delivered, then the task was cancelled before it woke: nobody takes it now
+            threading.Thread(target=give_up, args=(future.result(),), daemon=True).start()
         raise
 
 

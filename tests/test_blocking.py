@@ -108,3 +108,34 @@ async def test_jobs_at_once_each_get_a_worker():
     assert len(started) == 5  # none waits behind another
     release.set()
     await asyncio.gather(*jobs)
+
+
+async def test_a_cancel_that_lands_after_the_result_but_before_the_task_wakes_hands_it_on():
+    """The result is delivered, then the task is cancelled in the same loop pass, before it
+    wakes: asyncio raises CancelledError in it, and the result goes to `abandoned`."""
+    handed: list[str] = []
+    given_up = threading.Event()
+    tasks: list[asyncio.Task] = []
+    loop = asyncio.get_running_loop()
+    original = loop.call_soon_threadsafe
+
+    def result_then_cancel(callback, *args):  # the delivery, with the cancel right behind it
+        def deliver_then_cancel() -> None:
+            callback(*args)
+            tasks[0].cancel()
+
+        return original(deliver_then_cancel)
+
+    def abandoned(result: str) -> None:
+        handed.append(result)
+        given_up.set()
+
+    loop.call_soon_threadsafe = result_then_cancel
+    try:
+        tasks.append(asyncio.ensure_future(run_blocking(lambda: "engine", "quick", abandoned)))
+        with pytest.raises(asyncio.CancelledError):
+            await tasks[0]
+    finally:
+        loop.call_soon_threadsafe = original
+    assert await asyncio.to_thread(given_up.wait, 10)
+    assert handed == ["engine"]

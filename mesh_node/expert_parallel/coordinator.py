@@ -172,7 +172,8 @@ class ExpertParallel:
         self._fetching: set[str] = set()
         # digest -> (failed fetches in a row, monotonic time of the next try, why)
         self._fetch_failures: dict[str, tuple[int, float, str]] = {}
-        self._documents: dict[str, bytes] = {}  # digest -> encoded rankings, as served
+        # digest -> encoded rankings, as served (encoding once however many ask at once)
+        self._documents: dict[str, asyncio.Future[bytes]] = {}
         self._kick = asyncio.Event()
         self._table_changed = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -556,11 +557,20 @@ class ExpertParallel:
         rankings = self.rankings.get(request.digest)
         if rankings is None:
             raise RequestFailed(ErrorCode.NOT_FOUND, f"no rankings {request.digest} here")
-        document = self._documents.get(request.digest)
-        if document is None:  # encoded once, off the loop (a large model's take a while)
-            document = await run_blocking(rankings.to_bytes, "rankings")
-            self._documents[request.digest] = document
+        encoding = self._documents.get(request.digest)
+        if encoding is None:  # encoded once, off the loop (a large model's take a while)
+            encoding = asyncio.ensure_future(run_blocking(rankings.to_bytes, "rankings"))
+            self._documents[request.digest] = encoding
+            encoding.add_done_callback(lambda done, digest=request.digest: self._encoded(digest))
+        document = await asyncio.shield(encoding)
         return RankingsData.of(document)
+
+    def _encoded(self, digest: str) -> None:
+        encoding = self._documents.get(digest)
+        if encoding is None or not encoding.done():
+            return
+        if digest not in self.rankings or encoding.cancelled() or encoding.exception():
+            del self._documents[digest]  # (forgotten meanwhile, or failed: not kept)
 
     async def choose_rankings(self, model: str, analysis: str = "micro") -> str:
         """On the host: the rankings the mesh will plan with (see module doc); publishes the

@@ -146,10 +146,12 @@ class MdnsDiscovery:
 
 class DiscoveryDialer:
     """Joins through the nodes mDNS found, within bounds: at most MAX_DIALS joins at once, at
-    most MAX_WAITING found addresses waiting (newer ones are not kept: they are announced
-    again), one join per address at a time and none within RETRY_AFTER of a failed one, and
-    no dial to an address no peer can be at (unspecified, multicast, broadcast, reserved; a
-    loopback address only when discovery itself runs on loopback).
+    most MAX_WAITING found (address, node) pairs waiting (newer ones are not kept: they are
+    announced again), one join per address at a time, none to a node at an address within
+    RETRY_AFTER of a failed one, and no dial to an address no peer can be at (unspecified,
+    multicast, broadcast, reserved; a loopback address only when discovery itself runs on
+    loopback). Failures count per (address, node): a record naming a real node's address
+    with a made-up id does not shut the real node's record out.
 
     `join(address, node_id)` joins through the address, expecting that node; True on success.
     """
@@ -164,10 +166,11 @@ class DiscoveryDialer:
         self.join = join
         self.allow_loopback = allow_loopback
         self.clock = clock
-        self.refused = 0  # found addresses not dialed (unusable, failing, or no room)
-        self._waiting: OrderedDict[Address, NodeId] = OrderedDict()
+        self.refused = 0  # found records not dialed (unusable, failing, or no room)
+        self._waiting: OrderedDict[tuple[Address, NodeId], None] = OrderedDict()
         self._dialing: set[Address] = set()
-        self._failed: OrderedDict[Address, float] = OrderedDict()  # address -> when
+        # (address, node) -> when its join failed
+        self._failed: OrderedDict[tuple[Address, NodeId], float] = OrderedDict()
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
 
@@ -177,16 +180,17 @@ class DiscoveryDialer:
         if address is None or self._closed:
             self.refused += 1
             return
-        failed_at = self._failed.get(address)
+        key = (address, node_id)
+        failed_at = self._failed.get(key)
         if failed_at is not None and self.clock() - failed_at < RETRY_AFTER:
             self.refused += 1
             return
-        if address in self._dialing or address in self._waiting:
+        if key in self._waiting:
             return
         if len(self._waiting) >= MAX_WAITING:
             self.refused += 1
             return
-        self._waiting[address] = node_id
+        self._waiting[key] = None
         self._next()
 
     def usable(self, address: Address) -> bool:
@@ -209,8 +213,14 @@ class DiscoveryDialer:
         return len(self._waiting)
 
     def _next(self) -> None:
-        while self._waiting and len(self._dialing) < MAX_DIALS and not self._closed:
-            address, node_id = self._waiting.popitem(last=False)
+        """Dials the oldest waiting records whose address is not being dialed already."""
+        for key in list(self._waiting):
+            if len(self._dialing) >= MAX_DIALS or self._closed:
+                return
+            address, node_id = key
+            if address in self._dialing:
+                continue
+            del self._waiting[key]
             self._dialing.add(address)
             log.info("discovered node %s on the LAN at %s", node_id.short, address)
             task = asyncio.ensure_future(self._dial(address, node_id))
@@ -225,9 +235,10 @@ class DiscoveryDialer:
             log.exception("joining through %s failed unexpectedly", address)
         finally:
             self._dialing.discard(address)
-            self._failed.pop(address, None)
+            key = (address, node_id)
+            self._failed.pop(key, None)
             if not joined:
-                self._failed[address] = self.clock()
+                self._failed[key] = self.clock()
                 while len(self._failed) > MAX_REMEMBERED:
                     self._failed.popitem(last=False)
             self._next()

@@ -321,6 +321,11 @@ class Connection:
     def is_client(self) -> bool:
         return self._carrier.is_client
 
+    @property
+    def busy(self) -> bool:
+        """Requests, answers or messages under way on it (either direction)."""
+        return bool(self._streams)
+
     def rtt(self) -> float | None:
         """Smoothed round-trip time measured by the carrier, in seconds."""
         return self._carrier.rtt()

@@ -146,8 +146,13 @@ class Endpoint:
             return
         links = self._by_peer.setdefault(conn.peer, [])
         links.append(conn)
-        for old in links[: max(0, len(links) - MAX_PER_PEER)]:  # the newest are in use
-            old.close(ErrorCode.NO_ERROR, f"more than {MAX_PER_PEER} connections with this peer")
+        excess = len(links) - MAX_PER_PEER
+        if excess > 0:  # the oldest idle ones go first, then the oldest
+            older = sorted(links[:-1], key=lambda c: c.busy)  # (stable: oldest first)
+            for old in older[:excess]:
+                old.close(
+                    ErrorCode.NO_ERROR, f"more than {MAX_PER_PEER} connections with this peer"
+                )
         if conn.is_client:
             self._by_address[conn.remote_address] = conn
         for callback in self.on_connected:

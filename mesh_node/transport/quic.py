@@ -452,9 +452,9 @@ class QuicEndpoint(Endpoint):
             ip = ipaddress.ip_address(host.split("%")[0])
         except ValueError:
             ip = None
-        if ip is not None and "%" not in host:
+        if ip is not None and "%" not in host:  # (in standard form, as replies will come from)
             family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
-            return family, ((host, port, 0, 0) if ip.version == 6 else (host, port))
+            return family, ((str(ip), port, 0, 0) if ip.version == 6 else (str(ip), port))
         if self._lookups >= MAX_LOOKUPS:
             raise ConnectionLost(f"cannot resolve {host}: {MAX_LOOKUPS} name lookups running")
         loop = asyncio.get_running_loop()

@@ -51,20 +51,39 @@ async def settle() -> None:
         await asyncio.sleep(0)
 
 
-async def test_records_with_made_up_ids_at_one_address_dial_it_once():
+async def test_records_with_made_up_ids_at_one_address_dial_it_one_at_a_time():
     joins = Joins()
     dialer = DiscoveryDialer(joins, allow_loopback=False)
     target = Address("192.0.2.7", 9)
-    for _ in range(50):
-        dialer.found(node_id(), [target])
+    fakes = [node_id() for _ in range(50)]
+    for fake in fakes:
+        dialer.found(fake, [target])
     await settle()
-    assert [a for a, _ in joins.dialed] == [target]
+    assert [a for a, _ in joins.dialed] == [target]  # one at a time per address
+    assert dialer.waiting == MAX_WAITING  # the rest wait, within the bound
     joins.end(target, False)
+    del joins.outcome[target]  # (the next dial there waits for its own outcome)
     await settle()
-    for _ in range(50):  # it failed: not dialed again before RETRY_AFTER
-        dialer.found(node_id(), [target])
+    assert len(joins.dialed) == 2  # the next waits its turn at that address
+    dialer.found(fakes[0], [target])  # failed: not again before RETRY_AFTER
     await settle()
-    assert len(joins.dialed) == 1
+    assert sum(n == fakes[0] for _, n in joins.dialed) == 1
+    await dialer.close()
+
+
+async def test_a_made_up_record_at_a_real_nodes_address_does_not_shut_it_out():
+    joins = Joins()
+    dialer = DiscoveryDialer(joins, allow_loopback=False)
+    address = Address("192.0.2.12", 7300)
+    fake, real = node_id(), node_id()
+    dialer.found(fake, [address])
+    await settle()
+    joins.end(address, False)  # the fake's join fails: the handshake proves another id
+    await settle()
+    del joins.outcome[address]
+    dialer.found(real, [address])
+    await settle()
+    assert joins.dialed[-1] == (address, real)
     await dialer.close()
 
 
@@ -89,22 +108,22 @@ async def test_joins_in_flight_and_found_addresses_waiting_are_bounded():
     assert len(joins.dialed) == MAX_DIALS + 1
 
 
-async def test_a_failed_address_is_dialed_again_after_the_hold_off():
+async def test_a_failed_node_is_dialed_again_after_the_hold_off():
     now = [100.0]
     joins = Joins()
     dialer = DiscoveryDialer(joins, allow_loopback=False, clock=lambda: now[0])
-    target = Address("192.0.2.8", 7300)
-    dialer.found(node_id(), [target])
+    target, node = Address("192.0.2.8", 7300), node_id()
+    dialer.found(node, [target])
     await settle()
     joins.end(target, False)
     await settle()
     del joins.outcome[target]
     now[0] += RETRY_AFTER - 1
-    dialer.found(node_id(), [target])
+    dialer.found(node, [target])
     await settle()
     assert len(joins.dialed) == 1
     now[0] += 2
-    dialer.found(node_id(), [target])
+    dialer.found(node, [target])
     await settle()
     assert len(joins.dialed) == 2
     await dialer.close()

@@ -510,3 +510,50 @@ async def test_name_lookups_are_bounded_and_never_delay_a_dial_to_an_address(mes
             with contextlib.suppress(ConnectionLost):
                 await dial
         assert p.a._lookups == 0
+
+
+@pytest.mark.parametrize("written", ["::1", "0:0:0:0:0:0:0:1", "::0001"])
+async def test_an_ipv6_address_written_any_way_is_dialed(mesh, written):
+    """aioquic matches replies by the address's text: a literal goes to it in standard form."""
+    from mesh_node.identity import NodeIdentity
+    from mesh_node.protocol import REGISTRY as PROTOCOL
+    from mesh_node.transport.quic import QuicEndpoint
+    from tests.transport.conftest import Service
+
+    def endpoint():
+        return QuicEndpoint(
+            NodeIdentity.generate(),
+            mesh,
+            registry=PROTOCOL,
+            handlers=Service().handlers,
+            host="::1",
+            port=0,
+        )
+
+    a, b = endpoint(), endpoint()
+    try:
+        await a.start()
+        await b.start()
+    except OSError as exc:
+        await a.close()
+        pytest.skip(f"no IPv6 loopback here: {exc}")
+    try:
+        conn = await a.connect((written, b.port), timeout=5)
+        assert await conn.request(Ping(23), timeout=5) == Pong(23)
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_a_connection_busy_with_a_request_is_kept_over_idle_ones(pair_factory, mesh):
+    from mesh_node.transport.endpoint import MAX_PER_PEER
+
+    async with pair_factory(mesh) as p:
+        host, port = p.b.address
+        busy = await p.a._dial(host, port, None, 5.0)
+        slow = asyncio.ensure_future(busy.request(Sleep(1.0), timeout=10))
+        await until(lambda: any(c.busy for c in p.b._by_peer.get(p.a.node_id, [])))
+        more = [await p.a._dial(host, port, None, 5.0) for _ in range(MAX_PER_PEER)]
+        await until(lambda: sum(c.is_open for c in [busy, *more]) == MAX_PER_PEER)
+        assert busy.is_open and not more[0].is_open  # the oldest idle one went instead
+        assert (await slow).text == "slept"
