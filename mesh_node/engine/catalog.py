@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from collections.abc import Iterable
@@ -63,14 +64,15 @@ def resolve_model(
 def _from_hub(repo_id: str, cache_dir, allow_download: bool) -> ResolvedModel:
     from huggingface_hub import snapshot_download
 
+    download = functools.partial(
+        snapshot_download,
+        repo_id,
+        cache_dir=cache_dir,
+        allow_patterns=DOWNLOAD_PATTERNS,
+        ignore_patterns=IGNORE_PATTERNS,
+    )
     try:
-        folder = snapshot_download(
-            repo_id,
-            cache_dir=cache_dir,
-            allow_patterns=DOWNLOAD_PATTERNS,
-            ignore_patterns=IGNORE_PATTERNS,
-            local_files_only=True,
-        )
+        folder = download(local_files_only=True)
         if (Path(folder) / "config.json").is_file():
             return ResolvedModel(repo_id, Path(folder), "hf-cache")
     except Exception:  # not cached (or incomplete): fetch below
@@ -87,12 +89,7 @@ def _from_hub(repo_id: str, cache_dir, allow_download: bool) -> ResolvedModel:
             f"(offline{' : HF_HUB_OFFLINE is set' if offline else ''}). {how}"
         )
     try:
-        folder = snapshot_download(
-            repo_id,
-            cache_dir=cache_dir,
-            allow_patterns=DOWNLOAD_PATTERNS,
-            ignore_patterns=IGNORE_PATTERNS,
-        )
+        folder = download()
     except Exception as exc:
         kind = type(exc).__name__
         if "RepositoryNotFound" in kind or "GatedRepo" in kind:

@@ -519,9 +519,8 @@ class Generator:
             died = exc
         with self._cond:
             self._closed = True
-            if died is not None and self._failure is None:
-                self._failure = died
-                self._close_error = GeneratorClosedError(f"the engine worker died: {died!r}")
+            if died is not None:
+                self._died(died, "the engine worker")
             # closed, or what died (the preparer fails the request it is reading with it)
             error = self._close_error
             self._inbox_cond.notify()
@@ -674,16 +673,19 @@ class Generator:
         except BaseException as exc:
             log.exception("engine tokenizer thread died")
             with self._cond:
-                if self._failure is None:
-                    self._failure = exc
-                    self._close_error = GeneratorClosedError(
-                        f"the engine's tokenizer thread died: {exc!r}"
-                    )
+                self._died(exc, "the engine's tokenizer thread")
                 self._closed = True
                 self._cond.notify()  # the worker fails every request left
                 preparing, self._preparing = self._preparing, None
             if preparing is not None:
                 self._fail(preparing, self._close_error)
+
+    def _died(self, exc: BaseException, what: str) -> None:
+        """(Under the lock.) `what` died of `exc`: the first death is the generator's failure,
+        and what every request left is failed with."""
+        if self._failure is None:
+            self._failure = exc
+            self._close_error = GeneratorClosedError(f"{what} died: {exc!r}")
 
     def _prepare_requests(self) -> None:
         while True:

@@ -620,10 +620,7 @@ class ExpertParallel:
             return None
         finally:
             release_free_memory()
-        try:
-            rankings_mod.save(rankings)
-        except OSError as exc:  # planned with all the same; measured again next time
-            log.warning("could not cache the expert rankings of %s: %s", resolved.name, exc)
+        rankings_mod.save_or_warn(rankings)
         return rankings
 
     # ---- routes

@@ -551,6 +551,15 @@ def cache_path(fingerprint: str, kind: str, cache_dir: Path | None = None) -> Pa
     return (cache_dir or cache_root() / "rankings") / f"{fingerprint}-{kind}.msgpack"
 
 
+def save_or_warn(rankings: ExpertRankings, cache_dir: Path | None = None) -> None:
+    """`save`, but a cache that cannot be written only costs a warning: the measurement
+    stands all the same (and is made again next time)."""
+    try:
+        save(rankings, cache_dir)
+    except OSError as exc:
+        log.warning("could not cache the expert rankings of %s: %s", rankings.fingerprint, exc)
+
+
 def save(rankings: ExpertRankings, cache_dir: Path | None = None) -> Path:
     """Writes the rankings to the cache atomically (temporary file, then rename)."""
     path = cache_path(rankings.fingerprint, rankings.kind, cache_dir)
@@ -612,8 +621,5 @@ def cached_or_analyze(
         if cached is not None:
             return cached, True
     rankings = analyze(folder, kind, device, dtype, by_layer=by_layer)
-    try:
-        save(rankings, cache_dir)
-    except OSError as exc:  # the measurement stands all the same
-        log.warning("could not cache the expert rankings: %s", exc)
+    save_or_warn(rankings, cache_dir)
     return rankings, False

@@ -51,9 +51,8 @@ class HostingConfig:
     settle: float = 0.2  # re-elect at most this often while the mesh is changing
     join_settle: float = 3.0  # at most this long, after start, learning the mesh before electing
     cover_timeout: float = 600.0  # a split model's host gives up if its experts are not all held
-    revive_delay: float = (
-        10.0  # a model whose engine died (Generator.failure) is reloaded after this
-    )
+    # a model whose engine died (Generator.failure) is loaded again after this
+    revive_delay: float = 10.0
 
 
 def node_views(table: PeerTable) -> list[NodeView]:

@@ -105,6 +105,16 @@ class FatalTokenizer(GatedTokenizer):
         return super().encode(text, add_special_tokens)
 
 
+def assert_dead(generator, streams, why: str, failure: type) -> None:
+    """The generator died of `failure`: its requests end saying `why`, and it takes no more."""
+    for stream in streams:
+        with pytest.raises(GeneratorClosedError, match=why):
+            stream.result(WAIT)
+    assert isinstance(generator.failure, failure)
+    with pytest.raises(GeneratorClosedError):
+        submit(generator)
+
+
 def test_a_request_that_fails_while_being_prepared_fails_alone(llama):
     folder, model = llama
     with Generator(model, DecodeFaultTokenizer(folder), max_batch=2, max_queue=2) as generator:
@@ -123,12 +133,7 @@ def test_a_dead_tokenizer_thread_closes_the_generator_and_reports_why(llama):
         fatal = submit(generator, prompt="fatal", prompt_ids=None)
         behind = submit(generator)  # waits behind it to be read
         generator.tokenizer.gate.set()
-        for stream in (fatal, behind):
-            with pytest.raises(GeneratorClosedError, match="tokenizer thread died"):
-                stream.result(WAIT)
-        assert isinstance(generator.failure, Fatal)
-        with pytest.raises(GeneratorClosedError):
-            submit(generator)
+        assert_dead(generator, [fatal, behind], "tokenizer thread died", Fatal)
     finally:
         generator.close()
 
@@ -199,12 +204,7 @@ def test_a_dead_worker_fails_its_requests_and_reports_why(llama):
         generator.cache.move = broken_move
         first.cancel()
         go.set()
-        for stream in (first, second):
-            with pytest.raises(GeneratorClosedError, match="the engine worker died"):
-                stream.result(WAIT)
-        assert isinstance(generator.failure, RuntimeError)
-        with pytest.raises(GeneratorClosedError):
-            submit(generator)
+        assert_dead(generator, [first, second], "the engine worker died", RuntimeError)
     finally:
         go.set()
         generator.close()

@@ -49,15 +49,21 @@ def test_routed_quality_scores_each_prompt_on_its_shard():
     assert all(r.overall.exact_match < 1.0 for r in reports)
 
 
-def test_summary_is_measured_once_then_cached(monkeypatch, tmp_path):
+@pytest.fixture
+def calls(monkeypatch, tmp_path) -> list[int]:
+    """Stands in for the measurement (a cache of its own): the shard counts measured."""
     monkeypatch.setenv("MESH_NODE_CACHE", str(tmp_path))
-    calls = []
+    measured: list[int] = []
 
     def measure(path, num_shards, **kwargs):
-        calls.append(num_shards)
+        measured.append(num_shards)
         return fake_quality(num_shards), None, []
 
     monkeypatch.setattr(shard_quality, "measure_shard_quality", measure)
+    return measured
+
+
+def test_summary_is_measured_once_then_cached(calls, tmp_path):
     first = shard_quality_summary(None, 3)
     again = shard_quality_summary(None, 3)
     other = shard_quality_summary(None, 2)
@@ -73,19 +79,9 @@ def test_summary_is_measured_once_then_cached(monkeypatch, tmp_path):
     assert len(calls) == 4  # the damaged entry was measured again
 
 
-def test_a_measurement_that_needs_more_memory_than_is_free_is_refused_not_made(
-    monkeypatch, tmp_path
-):
+def test_a_measurement_that_needs_more_memory_than_is_free_is_refused_not_made(calls):
     """A shard node measures by loading the whole model, which may be what it cannot hold
     (why it serves a shard): with too little free it refuses; a cached figure still shows."""
-    monkeypatch.setenv("MESH_NODE_CACHE", str(tmp_path))
-    calls = []
-
-    def measure(path, num_shards, **kwargs):
-        calls.append(num_shards)
-        return fake_quality(num_shards), None, []
-
-    monkeypatch.setattr(shard_quality, "measure_shard_quality", measure)
     needed = shard_quality.measurement_bytes(BUILTIN_DIR)
     assert needed > 0
     with pytest.raises(MemoryError, match=r"loads the whole model \(.* GiB"):
