@@ -21,10 +21,12 @@ Building: nothing happens at import. The first `available()` call (loading a bf1
 compiles the source with the system C compiler (`$CC` when set, and then only it; else `cc`, else
 `gcc`) with FLAGS into `$XDG_CACHE_HOME/mesh-node/kernels` (default `~/.cache`; if that is not
 writable, a per-user folder under the temp dir), named by a hash of the source, compiler, flags and
-the CPU's flags. Each process compiles into its own temporary file and renames it into place, so
-processes starting together (three test nodes) never load a partial library; later processes just
-load it. The library links `libgomp.so.1`, which resolves to the OpenMP runtime torch already
-loaded, so both share one thread pool; each call uses `torch.get_num_threads()` threads.
+the CPU's flags. A folder or library another user owns or may write to is never used: loading a
+library runs its code in this process. Each process compiles into its own temporary file and
+renames it into place, so processes starting together (three test nodes) never load a partial
+library; later processes just load it. The library links `libgomp.so.1`, which resolves to the
+OpenMP runtime torch already loaded, so both share one thread pool; each call uses
+`torch.get_num_threads()` threads.
 
 Fallbacks: `available()` is False, and the engine keeps torch's kernels (oneDNN's packed "mkldnn"
 layout, else "plain"; results identical to running with the kernels disabled) when
@@ -35,6 +37,7 @@ probe with uneven shapes (each of these logs one warning per process).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -43,8 +46,10 @@ import os
 import platform
 import shlex
 import shutil
+import stat
 import subprocess
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -94,11 +99,37 @@ def _compiler() -> str | None:
     return shutil.which("cc") or shutil.which("gcc")
 
 
-def _build(compiler: str) -> Path:
-    """The compiled library for this source, compiler, flags and CPU, built on first use.
+def _owned(path: Path, kind: Callable[[int], bool]) -> bool:
+    """`path` exists as `kind` (not a link), owned by this user, writable by nobody else;
+    OSError when it exists otherwise (someone else could have put or changed what is there)."""
+    try:
+        info = path.lstat()
+    except FileNotFoundError:
+        return False
+    if not kind(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o022:
+        raise OSError(
+            f"{path} is not a {'folder' if kind is stat.S_ISDIR else 'file'} of this user's "
+            "that only this user can write: not used"
+        )
+    return True
 
-    Each builder compiles into its own temporary file and renames it into place (atomic), so
-    processes starting together may all compile, but every one loads a complete library."""
+
+def _own_folder(folder: Path) -> None:
+    """Make `folder` (mode 0700) unless it is there; OSError unless it is this user's, since a
+    library loaded from it runs in this process. A folder of this user's that others may write
+    to (a group-writable umask) loses those write bits first: nobody else can then swap a
+    library in between its check and its loading."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileExistsError):
+        folder.mkdir(mode=0o700)
+    info = folder.lstat()
+    if stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid() and info.st_mode & 0o022:
+        os.chmod(folder, stat.S_IMODE(info.st_mode) & ~0o022)
+    _owned(folder, stat.S_ISDIR)
+
+
+def _library_name(compiler: str) -> str:
+    """Named by a hash of the source, compiler, flags and CPU: a change to any builds anew."""
     key = hashlib.sha256(
         b"\0".join(
             [
@@ -109,13 +140,21 @@ def _build(compiler: str) -> Path:
             ]
         )
     ).hexdigest()[:16]
+    return f"cpu_kernels-{key}.so"
+
+
+def _build(compiler: str) -> Path:
+    """The compiled library for this source, compiler, flags and CPU, built on first use.
+
+    Each builder compiles into its own temporary file and renames it into place (atomic), so
+    processes starting together may all compile, but every one loads a complete library."""
     errors = []
     for folder in (_cache_dir(), Path(tempfile.gettempdir()) / f"mesh-node-kernels-{os.getuid()}"):
-        library = folder / f"cpu_kernels-{key}.so"
-        if library.exists():
-            return library
+        library = folder / _library_name(compiler)
         try:
-            folder.mkdir(parents=True, exist_ok=True)
+            _own_folder(folder)
+            if _owned(library, stat.S_ISREG):
+                return library
             handle, partial = tempfile.mkstemp(prefix=f".{library.name}.", dir=folder)
             os.close(handle)
         except OSError as exc:
@@ -126,6 +165,7 @@ def _build(compiler: str) -> Path:
             done = subprocess.run(command, capture_output=True, text=True, timeout=120)
             if done.returncode != 0:
                 raise OSError(f"{compiler} failed: {done.stderr.strip()[-500:]}")
+            os.chmod(partial, 0o700)  # whatever the umask: see _owned
             os.replace(partial, library)  # atomic: readers see no file or a complete one
         finally:
             if os.path.exists(partial):

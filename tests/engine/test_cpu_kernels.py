@@ -286,3 +286,46 @@ def test_concurrent_first_builds_all_load_one_library(tmp_path):
         assert "unavailable" not in stderr
     built = [p.name for p in (tmp_path / "cache" / "mesh-node" / "kernels").iterdir()]
     assert len(built) == 1 and built[0].startswith("cpu_kernels-") and built[0].endswith(".so")
+
+
+def build_folders(tmp_path: Path, monkeypatch) -> Path:
+    """`_build`'s two folders under `tmp_path`: the cache one made unusable (a file where its
+    parent should be), so the temp-dir fallback is the one tried. Returns that fallback."""
+    (tmp_path / "not-a-folder").write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "not-a-folder"))
+    monkeypatch.setattr(cpu_kernels.tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    return tmp_path / "tmp" / f"mesh-node-kernels-{os.getuid()}"
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="making files another user owns needs root")
+def test_a_library_another_user_planted_is_never_loaded(tmp_path, monkeypatch):
+    """Another local user who makes the temp-dir fallback first and plants a library under our
+    library's name (computable from the public source, compiler, flags and CPU) would get code
+    run in the node. Neither their folder nor their file in our folder is used."""
+    folder = build_folders(tmp_path, monkeypatch)
+    compiler = "/nonexistent/cc"  # nothing is compiled: the planted file is all there is
+    folder.mkdir(mode=0o777)
+    folder.chmod(0o777)
+    planted = folder / cpu_kernels._library_name(compiler)
+    planted.write_text("")
+    os.chown(planted, 4242, 4242)
+    os.chown(folder, 4242, 4242)
+    with pytest.raises(OSError, match=r"mesh-node-kernels-\d+ is not a folder of this user's"):
+        cpu_kernels._build(compiler)
+    os.chown(folder, os.getuid(), os.getgid())
+    folder.chmod(0o700)
+    with pytest.raises(OSError, match=r"cpu_kernels-\w+\.so is not a file of this user's"):
+        cpu_kernels._build(compiler)
+
+
+@pytest.mark.skipif(cpu_kernels._compiler() is None, reason="no C compiler")
+def test_a_folder_of_ours_that_others_may_write_is_tightened_before_use(tmp_path, monkeypatch):
+    folder = build_folders(tmp_path, monkeypatch)
+    folder.mkdir()
+    folder.chmod(0o777)  # a group-writable umask, or an old release's folder
+    library = cpu_kernels._build(cpu_kernels._compiler())
+    assert library.parent == folder and library.name.startswith("cpu_kernels-")
+    assert folder.stat().st_mode & 0o777 == 0o755
+    assert library.stat().st_mode & 0o777 == 0o700 and library.stat().st_uid == os.getuid()
+    assert cpu_kernels._build(cpu_kernels._compiler()) == library  # found, not built again
