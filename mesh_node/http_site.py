@@ -11,8 +11,11 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import socket
+from collections.abc import Iterable
 from typing import Self
 
+import yarl
 from aiohttp import web
 
 log = logging.getLogger("mesh_node.http")
@@ -28,18 +31,96 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def _loopback_names_only(error_body):
+def _is_ip_literal(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False
+    return True
+
+
+def _split_host(host: str) -> tuple[str, int | None]:
+    """A Host header's (or an origin's authority's) name, lowercased, and port (None if none
+    or not a number)."""
+    name = host.strip().lower()
+    if name.startswith("["):  # [IPv6] or [IPv6]:port
+        name, _, rest = name[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else ""
+    elif name.count(":") == 1:
+        name, _, port = name.partition(":")
+    else:  # a name, or a bare IPv6 address
+        port = ""
+    return name, int(port) if port.isdigit() else None
+
+
+def machine_names() -> frozenset[str]:
+    """This machine's own names, as a browser on the LAN may reach it: its hostname, its first
+    label, and that label under `.local` (mDNS). No lookup is made."""
+    full = socket.gethostname().lower().rstrip(".")
+    label = full.split(".")[0]
+    return frozenset(name for name in (full, label, f"{label}.local") if name)
+
+
+class HostPolicy:
+    """Which names a site answers to, against DNS rebinding (a web page whose name was rebound
+    to this site's address, reading it from the user's browser) and cross-site requests (a
+    page elsewhere making the user's browser send requests here).
+
+    Host header: on a loopback bind only loopback names (localhost, *.localhost, loopback
+    addresses); on any other bind also any IP address and this machine's names. Names in
+    `allowed` are accepted on either (a reverse proxy's public name). Origin header (sent by
+    browsers on cross-origin requests and on every POST): it must name this very site, the
+    request's own Host, since neither site sends CORS headers and no other page has any
+    business here. Requests without the headers (curl, SDKs) pass."""
+
+    def __init__(self, bound: str, allowed: Iterable[str] = ()):
+        self.loopback_only = _is_loopback(bound)
+        self.allowed = frozenset(_split_host(name)[0] for name in allowed)
+        self.local = frozenset() if self.loopback_only else machine_names()
+
+    def host_error(self, host: str) -> str | None:
+        name, _ = _split_host(host)
+        if _is_loopback(name) or name in self.allowed:
+            return None
+        if not self.loopback_only and (_is_ip_literal(name) or name in self.local):
+            return None
+        answers = (
+            "a loopback host" if self.loopback_only else "IP addresses and this machine's names"
+        )
+        return (
+            f"this site answers only to {answers}, not {host!r} (start the node with "
+            "--allow-host NAME to add a name, say a reverse proxy's)"
+        )
+
+    def origin_error(self, origin: str, host: str | None) -> str | None:
+        try:
+            url = yarl.URL(origin)
+        except ValueError:  # not a URL at all: refused below
+            url = None
+        if url is not None and url.absolute and url.scheme in ("http", "https") and host:
+            name, port = _split_host(host)
+            origin_name, origin_port = _split_host(url.raw_authority)
+            if origin_name == name and (
+                origin_port == port or (port is None and origin_port is None)
+            ):
+                return None
+        return (
+            f"a page from another site ({origin!r}) may not use this site from a browser; "
+            "call it from a program, or serve the page through this site"
+        )
+
+
+def _own_names_only(policy: HostPolicy, error_body):
     @web.middleware
     async def middleware(request: web.Request, handler) -> web.StreamResponse:
-        """For a site bound to loopback: a request naming another host (a web page whose
-        name was rebound to 127.0.0.1, reading this site from the user's browser) is refused
-        with a 403 in the site's error JSON."""
+        """Refuses, with a 403 in the site's error JSON, a request whose Host or Origin
+        `policy` refuses."""
         host = request.headers.get("Host")
-        if host is not None:
-            name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
-            if not _is_loopback(name):
-                message = f"this site answers only to a loopback host, not {host!r}"
-                return web.json_response(error_body(message), status=403)
+        if host is not None and (message := policy.host_error(host)) is not None:
+            return web.json_response(error_body(message, "forbidden_host"), status=403)
+        origin = request.headers.get("Origin")
+        if origin is not None and (message := policy.origin_error(origin, host)) is not None:
+            return web.json_response(error_body(message, "forbidden_origin"), status=403)
         return await handler(request)
 
     return middleware
@@ -79,9 +160,12 @@ class HttpServer:
 
     what = "the HTTP server"  # for errors and log lines
 
-    def __init__(self, host: str, port: int, shutdown_timeout: float):
+    def __init__(
+        self, host: str, port: int, shutdown_timeout: float, allowed_hosts: Iterable[str] = ()
+    ):
         self.host = host
         self.port = port
+        self.allowed_hosts = tuple(allowed_hosts)
         self.shutdown_timeout = shutdown_timeout
         self.app: web.Application | None = None
         self._runner: web.AppRunner | None = None
@@ -95,16 +179,17 @@ class HttpServer:
     def create_app(self) -> web.Application:
         raise NotImplementedError
 
-    def error_body(self, message: str) -> dict:
-        """The site's JSON for an error it answers itself (the 403 to a foreign Host)."""
+    def error_body(self, message: str, code: str) -> dict:
+        """The site's JSON for an error it answers itself (the 403 to a foreign Host or Origin,
+        `code` forbidden_host or forbidden_origin)."""
         return {"error": message}
 
     async def start(self) -> None:
         if self._runner is not None:
             raise RuntimeError(f"{self.what} is already started")
         self.app = self.create_app()
-        if _is_loopback(self.host):
-            self.app.middlewares.insert(0, _loopback_names_only(self.error_body))
+        policy = HostPolicy(self.host, self.allowed_hosts)
+        self.app.middlewares.insert(0, _own_names_only(policy, self.error_body))
         self._runner, self.port = await start_site(
             self.app, self.host, self.port, self.shutdown_timeout
         )

@@ -64,6 +64,7 @@ class NodeConfig:
     api_host: str = "127.0.0.1"
     api_port: int | None = 9337  # None: no API
     api_key: str | None = None
+    allowed_hosts: tuple[str, ...] = ()  # names the API and console answer to besides their own
     membership: MembershipConfig = field(default_factory=MembershipConfig)
     hosting: HostingConfig = field(default_factory=HostingConfig)
     gateway: GatewayConfig = field(default_factory=GatewayConfig)
@@ -201,11 +202,15 @@ class Node:
                 host=self.config.api_host,
                 port=self.config.api_port,
                 api_key=self.config.api_key,
+                allowed_hosts=self.config.allowed_hosts,
             )
             await self.api.start()
         if self.config.console_port is not None:
             self.console = ConsoleServer(
-                self.view, host=self.config.console_host, port=self.config.console_port
+                self.view,
+                host=self.config.console_host,
+                port=self.config.console_port,
+                allowed_hosts=self.config.allowed_hosts,
             )
             await self.console.start()
         if self.config.mdns:

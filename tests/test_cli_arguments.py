@@ -76,3 +76,15 @@ def test_join_refuses_an_empty_api_key(how):
     result = subprocess.run(args, capture_output=True, text=True, timeout=60, env=env)
     assert result.returncode == 2
     assert "the API key is empty" in result.stderr
+
+
+@pytest.mark.parametrize("name", ["http://proxy.example", "proxy.example:443", "a b", ""])
+def test_join_refuses_an_allowed_host_that_is_not_a_name(name):
+    result = subprocess.run(
+        [sys.executable, "-m", "mesh_node", "join", "x", "--allow-host", name],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert "is not a host name (give the name alone" in result.stderr

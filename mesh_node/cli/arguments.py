@@ -35,6 +35,17 @@ def ipv4_address(text: str) -> str:
         raise argparse.ArgumentTypeError(f"{text!r} is not an IPv4 address") from None
 
 
+def host_name(text: str) -> str:
+    """A DNS name as a browser puts it in the Host header, e.g. 'mesh.example.org' (no scheme,
+    port or path)."""
+    name = text.strip().lower().rstrip(".")
+    if not re.fullmatch(r"[a-z0-9_]([a-z0-9_-]{0,62})(\.[a-z0-9_]([a-z0-9_-]{0,62}))*", name):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a host name (give the name alone, e.g. mesh.example.org)"
+        )
+    return name
+
+
 _SIZE_UNITS = {
     "": 1,
     "b": 1,

@@ -8,7 +8,7 @@ import logging
 import os
 import sys
 
-from mesh_node.cli.arguments import byte_size, host_port, ipv4_address, port_number
+from mesh_node.cli.arguments import byte_size, host_name, host_port, ipv4_address, port_number
 from mesh_node.engine.errors import EngineError
 from mesh_node.expert_parallel.coordinator import ExpertParallelConfig
 from mesh_node.identity import IdentityError, default_home
@@ -156,6 +156,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         help="address the console listens on (default: %(default)s, this machine only; the "
         "console has no authentication, so expose it only on trusted networks)",
     )
+    parser.add_argument(
+        "--allow-host",
+        metavar="NAME",
+        action="append",
+        type=host_name,
+        default=[],
+        help="a name the API and console also answer to in the Host header, e.g. a reverse "
+        "proxy's public name (repeatable). Without it they answer only to loopback names when "
+        "bound to loopback, else also to IP addresses and this machine's hostname: a web page "
+        "whose name is made to resolve here gets 403, as does a request from another site's page",
+    )
     parser.add_argument("--no-console", action="store_true", help="do not serve the status console")
     parser.add_argument(
         "--no-mdns",
@@ -253,6 +264,7 @@ def run(args: argparse.Namespace) -> int:
             api_host=args.api_host,
             api_port=None if args.no_api else args.api_port,
             api_key=args.api_key,
+            allowed_hosts=tuple(args.allow_host),
         )
         node = Node(config)
     except IdentityError as exc:

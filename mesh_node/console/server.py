@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 
 from aiohttp import web
 
@@ -35,8 +36,9 @@ class ConsoleServer(HttpServer):
         max_event_clients: int = 64,
         keepalive: float = 15.0,
         shutdown_timeout: float = 5.0,
+        allowed_hosts: Iterable[str] = (),
     ):
-        super().__init__(host, port, shutdown_timeout)
+        super().__init__(host, port, shutdown_timeout, allowed_hosts)
         self.source = source
         self.max_event_clients = max_event_clients
         self.keepalive = keepalive

@@ -23,7 +23,7 @@ import contextlib
 import hmac
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
 from aiohttp import web
@@ -457,8 +457,10 @@ class ApiServer(HttpServer):
 
     what = "the API server"
 
-    def error_body(self, message: str) -> dict:
-        return Forbidden(message).body()  # OpenAI's shape, as every other error here
+    def error_body(self, message: str, code: str) -> dict:
+        error = Forbidden(message)
+        error.code = code  # forbidden_host or forbidden_origin
+        return error.body()  # OpenAI's shape, as every other error here
 
     def __init__(
         self,
@@ -473,8 +475,9 @@ class ApiServer(HttpServer):
         body_timeout: float = DEFAULT_BODY_TIMEOUT,
         max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
         write_timeout: float = DEFAULT_WRITE_TIMEOUT,
+        allowed_hosts: Iterable[str] = (),
     ):
-        super().__init__(host, port, shutdown_timeout)
+        super().__init__(host, port, shutdown_timeout, allowed_hosts)
         self.backend = backend
         self.api_key = api_key
         self.max_body_bytes = max_body_bytes

@@ -113,6 +113,15 @@ async def test_a_loopback_console_refuses_requests_naming_another_host(console, 
         assert "loopback host" in (await response.json())["error"]
 
 
+async def test_a_console_refuses_a_page_from_another_site(console, http):
+    headers = {"Origin": "http://attacker.example"}
+    async with http.get(f"{console.url}/api/status", headers=headers) as response:
+        assert response.status == 403  # the mesh's peers and addresses stay unread
+        assert "another site" in (await response.json())["error"]
+    async with http.get(f"{console.url}/api/status", headers={"Origin": console.url}) as response:
+        assert response.status == 200  # its own page
+
+
 @pytest.mark.parametrize("host", ["localhost", "127.0.0.1", "[::1]:80", "node.localhost"])
 async def test_a_loopback_console_answers_loopback_names(console, http, host):
     async with http.get(f"{console.url}/api/status", headers={"Host": host}) as response:

@@ -8,6 +8,7 @@ import contextlib
 import logging
 import threading
 
+import aiohttp
 import pytest
 
 from mesh_node.engine import GenerationRequest, Generator, GeneratorClosedError
@@ -218,3 +219,13 @@ async def test_a_model_that_finishes_loading_after_its_node_stopped_is_closed(me
     release.set()
     await mesh.wait(lambda: bool(built) and built[0]._closed, timeout=30)
     assert not built[0]._thread.is_alive()
+
+
+async def test_a_nodes_api_and_console_answer_the_names_it_was_given(mesh):
+    """`NodeConfig.allowed_hosts` (`--allow-host`) reaches both sites."""
+    node = await mesh.add(client=True, api_port=0, console_port=0, allowed_hosts=("proxy.example",))
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http:
+        for url in (node.api.url + "/v1/models", node.console.url + "/api/status"):
+            for host, status in (("proxy.example", 200), ("attacker.example", 403)):
+                async with http.get(url, headers={"Host": host}) as response:
+                    assert response.status == status, (url, host)

@@ -436,3 +436,37 @@ async def test_a_loopback_api_refuses_a_foreign_host_in_openais_shape(http, serv
         assert response.status == 403
         error = assert_error(await response.json(), "invalid_request_error")
         assert error["code"] == "forbidden_host" and "loopback host" in error["message"]
+
+
+async def test_a_page_from_another_site_cannot_run_completions(http, scripted):
+    """A web page may POST here from the user's browser without a preflight (text/plain, no
+    CORS needed to send, only to read): it would burn the mesh's compute. Browsers name the
+    page in Origin; only this site's own origin is accepted."""
+    backend, server = scripted
+    body = json.dumps(chat(model="echo"))  # sent as text/plain, as a page's no-cors fetch
+    own = f"http://127.0.0.1:{server.port}"
+    for origin in ("http://attacker.example", "null", f"http://localhost:{server.port}", "x"):
+        headers = {"Origin": origin, "Content-Type": "text/plain"}
+        async with http.post(server.url + CHAT, data=body, headers=headers) as response:
+            assert response.status == 403, origin
+            error = assert_error(await response.json(), "invalid_request_error")
+            assert error["code"] == "forbidden_origin" and "another site" in error["message"]
+    assert not backend.requests  # none reached the backend
+    headers = {"Origin": own, "Content-Type": "application/json"}
+    async with http.post(server.url + CHAT, data=body, headers=headers) as response:
+        assert response.status == 200  # the site's own page, and clients that send no Origin
+    assert len(backend.requests) == 1
+
+
+async def test_a_name_given_with_allowed_hosts_is_answered(http, local_models):
+    async with ApiServer(local_models, port=0, allowed_hosts=["proxy.example"]) as server:
+        for host, status in (
+            ("proxy.example", 200),
+            ("proxy.example:443", 200),
+            ("x.example", 403),
+        ):
+            async with http.get(server.url + "/v1/models", headers={"Host": host}) as response:
+                assert response.status == status, host
+        headers = {"Host": "proxy.example", "Origin": "https://proxy.example"}
+        async with http.get(server.url + "/v1/models", headers=headers) as response:
+            assert response.status == 200
