@@ -318,6 +318,11 @@ class Connection:
         return self._state == "open"
 
     @property
+    def authenticating(self) -> bool:
+        """In the handshake still: the peer has not yet proven who it is (nor been refused)."""
+        return self._state == "handshake"
+
+    @property
     def is_client(self) -> bool:
         return self._carrier.is_client
 

@@ -21,9 +21,11 @@ from typing import Any
 from aioquic import tls
 from aioquic.asyncio import QuicConnectionProtocol
 from aioquic.asyncio.server import QuicServer
+from aioquic.buffer import Buffer
 from aioquic.quic import events
-from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.configuration import SMALLEST_MAX_DATAGRAM_SIZE, QuicConfiguration
 from aioquic.quic.connection import QuicConnection
+from aioquic.quic.packet import QuicPacketType, pull_quic_header
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -212,10 +214,15 @@ class QuicCarrier(QuicConnectionProtocol):
     # and its acknowledgement went on a timer, landing inside a later call's round trip
     # (most of the transport benchmark's slowest 2% of round trips).
     def _app_space(self) -> Any:
-        """aioquic's 1-RTT packet space (None until the connection has set its spaces up)."""
-        if self._space is None:
-            self._space = self._quic._spaces.get(tls.Epoch.ONE_RTT)
-        return self._space
+        """aioquic's 1-RTT packet space (None until the connection has set its spaces up).
+        Kept once the handshake is complete: until then a client starts its spaces afresh on
+        a Retry, and a space kept from before would be a dead one."""
+        if self._space is not None:
+            return self._space
+        space = self._quic._spaces.get(tls.Epoch.ONE_RTT)
+        if self._quic._handshake_complete:
+            self._space = space
+        return space
 
     def _hold(self, space: Any, now: float) -> None:
         """The first packet waiting for an acknowledgement (aioquic just set its time)."""
@@ -302,7 +309,8 @@ class QuicCarrier(QuicConnectionProtocol):
             finally:  # (the hold's time is put back whatever happens)
                 if held:
                     self._held_more(space, ack_before, now)
-            if not held and space is not None and ack_before is None and space.ack_at is not None:
+            kept = space is not None and space is self._space  # handshake done: see _app_space
+            if not held and kept and ack_before is None and space.ack_at is not None:
                 self._hold(space, now)
             self._process_events()
             self.connection.writable()
@@ -328,25 +336,100 @@ class QuicCarrier(QuicConnectionProtocol):
 
 
 class QuicListener(QuicServer):
-    """aioquic's server, giving each new connection the datagram size of its peer's path
-    (aioquic takes it from the configuration, which a server shares between connections)."""
+    """aioquic's server, with three changes for a port anyone can send to:
 
-    def __init__(self, *, configuration: QuicConfiguration, **kwargs: Any):
-        super().__init__(configuration=configuration, **kwargs)
+    - **Retry** (RFC 9000 8.1.2): a first Initial is answered with a small Retry packet holding
+      an address token, and only an Initial that returns it builds a connection. A spoofed
+      source address never gets that far, and the answer is smaller than what came (no
+      amplification towards a victim).
+    - **Handshakes in progress are bounded**: a connection counts from its first Initial until
+      its peer has proven its node key and the mesh secret (or it closes; the handshake's own
+      timeout, 10 s by default, ends it). Beyond `max_handshakes` at once, or
+      `max_handshakes_per_address` from one IP address, a new connection's Initial is dropped
+      (its sender tries again later, as after a lost packet): one flooding host cannot spend
+      this node's CPU on TLS handshakes and starve its probes, and everyone else still gets in.
+    - each new connection gets the datagram size of its peer's path (aioquic takes it from
+      the configuration, which a server shares between connections), worked out only for an
+      Initial that does build one."""
+
+    max_handshakes = 64
+    max_handshakes_per_address = 8
+    refusal_log_interval = 60.0  # seconds between log lines about dropped Initials
+
+    def __init__(
+        self,
+        *,
+        configuration: QuicConfiguration,
+        create_protocol: Callable[..., QuicCarrier],
+        **kwargs: Any,
+    ):
+        super().__init__(
+            configuration=configuration, create_protocol=self._create, retry=True, **kwargs
+        )
         self._base = configuration
         self._sized: dict[int, QuicConfiguration] = {configuration.max_datagram_size: configuration}
+        self._make_carrier = create_protocol
+        self._unproven: dict[QuicCarrier, str] = {}  # connections in their handshake: their IP
+        self._opening_from = ""
+        self.refused = 0  # Initials dropped for the bounds above
+        self._refusals_logged = -self.refusal_log_interval
+
+    def _create(self, quic: QuicConnection, **kwargs: Any) -> QuicCarrier:
+        carrier = self._make_carrier(quic, **kwargs)
+        self._unproven[carrier] = self._opening_from
+        return carrier
+
+    def _opens_connection(self, data: bytes) -> bool:
+        """What makes aioquic's server build a connection: a full-size Initial for a connection
+        id it does not know, carrying a (Retry) token."""
+        if len(data) < SMALLEST_MAX_DATAGRAM_SIZE or not data[0] & 0x80:
+            return False
+        try:
+            header = pull_quic_header(
+                Buffer(data=data), host_cid_length=self._base.connection_id_length
+            )
+        except ValueError:
+            return False
+        return (
+            header.packet_type == QuicPacketType.INITIAL
+            and (bool(header.token) or self._retry is None)
+            and header.destination_cid not in self._protocols
+        )
+
+    def _admit(self, host: str) -> bool:
+        for carrier in [c for c in self._unproven if not c.connection.authenticating]:
+            del self._unproven[carrier]
+        if len(self._unproven) < self.max_handshakes and (
+            sum(1 for source in self._unproven.values() if source == host)
+            < self.max_handshakes_per_address
+        ):
+            return True
+        self.refused += 1
+        now = self._loop.time()
+        if now - self._refusals_logged >= self.refusal_log_interval:
+            self._refusals_logged = now
+            log.warning(
+                "dropping new QUIC connections (from %s, %d so far): %d handshakes in progress "
+                "(at most %d, %d per address)",
+                host,
+                self.refused,
+                len(self._unproven),
+                self.max_handshakes,
+                self.max_handshakes_per_address,
+            )
+        return False
 
     def datagram_received(self, data: bytes | str, addr: Any) -> None:
-        # long-header packets (the handshake's) are the only ones that can open a connection;
-        # aioquic's server builds a new connection from `_configuration` (the loopback test
-        # checks that the listening side does get the size)
-        if data and data[0] & 0x80:  # type: ignore[operator]
+        if self._opens_connection(data):  # type: ignore[arg-type]
+            if not self._admit(addr[0]):
+                return
             size = datagram_size(addr[0])
             config = self._sized.get(size)
             if config is None:
                 config = dataclasses.replace(self._base, max_datagram_size=size)
                 self._sized[size] = config
             self._configuration = config
+            self._opening_from = addr[0]
         super().datagram_received(data, addr)
 
 
