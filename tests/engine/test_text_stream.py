@@ -90,3 +90,48 @@ def test_any_text_streams_back_whole(tokenizer, text, stop):
     emitted += stopped.finish()
     cut = text.find(stop)
     assert emitted == (text if cut < 0 else text[:cut])
+
+
+@pytest.fixture(scope="module")
+def byte_fallback_tokenizer(tmp_path_factory):
+    """A Llama-2-style tokenizer (Unigram with byte fallback and its decoder) that has no
+    token for emoji: they are spelled as <0xNN> byte tokens."""
+    from tokenizers import Tokenizer as Fast
+    from tokenizers import decoders, models, normalizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = [("<unk>", 0.0), ("<s>", 0.0), ("</s>", 0.0)]
+    vocab += [(f"<0x{i:02X}>", 0.0) for i in range(256)]
+    vocab += [(piece, -1.0) for piece in ["▁", "▁I", "▁love", "▁hello", "▁too"]]
+    fast = Fast(models.Unigram(vocab, unk_id=0, byte_fallback=True))
+    fast.normalizer = normalizers.Sequence(
+        [normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")]
+    )
+    fast.decoder = decoders.Sequence(
+        [
+            decoders.Replace("▁", " "),
+            decoders.ByteFallback(),
+            decoders.Fuse(),
+            decoders.Strip(" ", 1, 0),
+        ]
+    )
+    folder = tmp_path_factory.mktemp("byte-fallback")
+    PreTrainedTokenizerFast(
+        tokenizer_object=fast, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    ).save_pretrained(folder)
+    return Tokenizer(folder)
+
+
+@pytest.mark.parametrize("cut", range(1, 5))
+def test_a_prompt_ending_in_byte_tokens_leaves_the_generated_characters_whole(
+    byte_fallback_tokenizer, cut
+):
+    """The decoding window (the prompt's last tokens) may start inside a character made of
+    byte tokens: a byte-fallback decoder then turned the generated characters into U+FFFD."""
+    tok = byte_fallback_tokenizer
+    text = "I love " + "🦙" * cut + "🦙 too"
+    ids, prompt = tok.encode(text), tok.encode("I love " + "🦙" * cut)
+    assert ids[: len(prompt)] == prompt  # the generated part is the rest, byte tokens first
+    stream = TextStream(tok, prompt)
+    generated = "".join(stream.add(i) for i in ids[len(prompt) :]) + stream.finish()
+    assert generated == "🦙 too"
