@@ -91,8 +91,10 @@ def sample_rows(
             out.append(greedy[row])
             continue
         probs = filter_logits(logits[row], p)
-        generator = torch.Generator(device=logits.device)
-        generator.manual_seed(token_seed(seeds[row], indices[row]))
-        noise = torch.empty_like(probs).exponential_(generator=generator)
+        # drawn on the CPU whatever the device: CPU and CUDA generators give different streams
+        # for one seed, and a seeded request replayed on another host must go on the same way
+        generator = torch.Generator().manual_seed(token_seed(seeds[row], indices[row]))
+        noise = torch.empty(probs.shape, dtype=probs.dtype).exponential_(generator=generator)
+        noise = noise.to(probs.device, non_blocking=True)
         out.append(int(torch.argmax(probs / noise)))  # exponential race == categorical draw
     return out

@@ -16,7 +16,7 @@ from mesh_node.engine.generator import (
     InvalidRequestError,
 )
 from mesh_node.engine.loading import load_model
-from mesh_node.engine.sampling import SamplingParams
+from mesh_node.engine.sampling import SamplingParams, sample_rows
 from mesh_node.engine.tokenizer import TextStream, Tokenizer
 
 PROMPT = [72, 101, 108, 108, 111, 32, 119, 111]
@@ -245,3 +245,15 @@ def test_decode_threads_can_be_changed_while_serving(references):
         assert set(seen) == {2}
         with pytest.raises(ValueError, match="at least 1"):
             generator.set_decode_threads(0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device beside the CPU")
+def test_seeded_draws_are_the_same_on_cuda_as_on_cpu():
+    """A seeded request replayed on another host (failover) goes on the same way whether the
+    hosts run on CPU or CUDA: the noise comes from a CPU generator on either."""
+    logits = torch.randn(4, 5000, generator=torch.Generator().manual_seed(0)) * 3
+    params = [SamplingParams(temperature=t, top_p=p, seed=9) for t, p in ((1.0, 1.0), (0.7, 0.9))]
+    rows = [params[i % 2] for i in range(4)]
+    for index in range(20):
+        cpu = sample_rows(logits, rows, [1, 2, 3, 4], [index] * 4)
+        assert sample_rows(logits.cuda(), rows, [1, 2, 3, 4], [index] * 4) == cpu
