@@ -258,9 +258,11 @@ class ExpertParallel:
         found = []
         for member in self.table:
             if member.live and member.state is not None:
-                for info in member.state.models_on_disk:
-                    if info.name == model:
-                        found.append((member.node_id, info))
+                # (the first entry only: a node that lists a model twice must not make the
+                # mesh's plan fail with "offered twice")
+                info = next((i for i in member.state.models_on_disk if i.name == model), None)
+                if info is not None:
+                    found.append((member.node_id, info))
         return found
 
     # ---- lifecycle
@@ -385,7 +387,8 @@ class ExpertParallel:
             self._plan_errors[model] = str(exc)
             return True
         self._plan_errors.pop(model, None)
-        self._load_errors.pop(model, None)  # (a new plan: a new load)
+        for failed in (self._load_errors, self._failures, self._retry_at):
+            failed.pop(model, None)  # a new plan: a new load, at once (its own backoff)
         self.plans[model] = _ModelPlan((host, offers, digest), plan)
         self._publish_model(model, expert_plan=plan.fingerprint)
         mine = plan.experts_of(self.node_id)
@@ -705,7 +708,7 @@ class ExpertParallel:
             self._publish_shards()
             if self.service.held(model) != want:
                 deadline = time.monotonic() + self.config.release_wait
-                while not self._realized(model, plan):
+                while not self._realized(model, plan) and not self._superseded(model, plan):
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
                         break

@@ -459,6 +459,7 @@ def planned_budget(budget: int) -> int:
     the rounded offer never exceeds the real one, so every node has room for its part."""
     if type(budget) is not int or budget < 0:
         raise PlanError(f"a budget is a non-negative integer, got {budget!r}")
+    budget = min(budget, MAX_BYTES)  # (a peer may gossip any integer: more is no more use)
     drop = max(0, budget.bit_length() - BUDGET_BITS)
     return budget >> drop << drop
 

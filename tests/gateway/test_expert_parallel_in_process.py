@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import threading
+import time
 from unittest import mock
 
 import pytest
@@ -533,3 +534,83 @@ async def test_rankings_kept_are_bounded_and_those_in_use_stay(mesh):
     assert len(node.experts.rankings) <= coordinator.MAX_RANKINGS
     assert in_use in node.experts.rankings  # the plan's, however old
     assert f"{3 * coordinator.MAX_RANKINGS - 1:016x}" in node.experts.rankings  # the newest
+
+
+async def test_a_node_waiting_to_give_experts_up_follows_a_newer_plan_at_once(mesh, monkeypatch):
+    """Plan 2 moves experts to a node that does not yet say it holds them, so their old holder
+    waits (up to release_wait) before giving them up. Meanwhile that holder offers more memory:
+    plan 3 gives it experts to load, and it loads them now, not once that wait is over."""
+    slow_release = dataclasses.replace(SPLIT, release_wait=300.0)
+    for _ in range(3):
+        await mesh.add(experts=slow_release)
+    await mesh.wait(lambda: holding_one_plan(mesh.nodes, "builtin"), timeout=60)
+    first = mesh.nodes[0].experts.plans["builtin"].plan
+    taker = next(n for n in mesh.nodes if n.node_id != first.host)
+    monkeypatch.setattr(taker.experts, "_publish_shards", lambda: None)  # says nothing
+    taker.experts._publish_model("builtin", expert_budget=SPLIT.memory * 2)
+    await mesh.wait(
+        lambda: all(
+            n.experts.plans["builtin"].plan.fingerprint != first.fingerprint for n in mesh.nodes
+        ),
+        timeout=30,
+    )
+    second = mesh.nodes[0].experts.plans["builtin"].plan
+    giver = next(
+        n
+        for n in mesh.nodes
+        if n is not taker and second.bytes_of(n.node_id) < first.bytes_of(n.node_id)
+    )
+    await mesh.wait(lambda: not giver.experts._reconciling["builtin"].done())  # waiting
+    giver.experts._publish_model("builtin", expert_budget=SPLIT.memory * 4)
+    await mesh.wait(
+        lambda: mesh.nodes[0].experts.plans["builtin"].plan.fingerprint != second.fingerprint
+    )
+    third = mesh.nodes[0].experts.plans["builtin"].plan
+
+    def missing() -> set[tuple[int, int]]:  # plan 3's experts of the giver it does not hold
+        held = giver.expert_service.held("builtin")
+        wanted = third.experts_of(giver.node_id).items()
+        return {(layer, e) for layer, ids in wanted for e in ids if e not in held.get(layer, ())}
+
+    assert missing()
+    # loaded now (it may keep what it gives up until the taker says it holds that)
+    await mesh.wait(lambda: not missing(), timeout=30)
+
+
+async def test_a_new_plan_is_loaded_without_waiting_out_an_old_failures_backoff(mesh):
+    for _ in range(3):
+        await mesh.add(experts=SPLIT)
+    await mesh.wait(lambda: holding_one_plan(mesh.nodes, "builtin"), timeout=60)
+    first = mesh.nodes[0].experts.plans["builtin"].plan
+    for node in mesh.nodes:  # as after six failed loads in a row: the next try in 60 s
+        node.experts._failures["builtin"] = 6
+        node.experts._retry_at["builtin"] = time.monotonic() + 60
+    grown = mesh.nodes[2]
+    grown.experts._publish_model("builtin", expert_budget=SPLIT.memory * 2)
+    await mesh.wait(
+        lambda: (
+            holding_one_plan(mesh.nodes, "builtin")
+            and mesh.nodes[0].experts.plans["builtin"].plan.fingerprint != first.fingerprint
+        ),
+        timeout=30,
+    )
+
+
+async def test_a_node_that_lists_a_model_twice_does_not_stop_the_plan(mesh):
+    for _ in range(3):
+        await mesh.add(experts=SPLIT)
+    await mesh.wait(lambda: holding_one_plan(mesh.nodes, "builtin"), timeout=60)
+    odd = mesh.nodes[1]
+    infos = odd.membership.self_state.current.models_on_disk
+    doubled = [dataclasses.replace(i, expert_budget=SPLIT.memory * 2) for i in infos]
+    twice = [*doubled, *(dataclasses.replace(i, expert_budget=1) for i in infos)]
+    odd.membership.update_state(models_on_disk=twice)
+    await mesh.wait(lambda: all(n.experts.offers_of("builtin") for n in mesh.nodes))
+    await mesh.wait(
+        lambda: (
+            holding_one_plan(mesh.nodes, "builtin")
+            and mesh.nodes[0].experts.plans["builtin"].plan.bytes_of(odd.node_id) > SPLIT.memory
+        ),  # planned from the first entry, twice the budget
+        timeout=30,
+    )
+    assert not any("builtin" in n.experts.errors for n in mesh.nodes)

@@ -538,6 +538,15 @@ def test_a_planned_budget_is_at_most_a_sixteenth_below_the_offer(budget):
     assert planned_budget(budget + 1) >= planned  # more memory never plans less
 
 
+def test_an_offer_beyond_any_use_counts_as_the_largest_and_plans():
+    """A peer may gossip any integer (msgpack carries 2**64-1): every node would otherwise fail
+    to plan the model at all."""
+    assert planned_budget(2**64 - 1) <= MAX_BYTES
+    offers = [PeerOffer(IDS[0], planned_budget(10 * EB)), PeerOffer(IDS[1], planned_budget(2**64))]
+    plan = plan_experts(MODEL, IDS[0], offers, uniform())
+    assert plan.bytes_of(IDS[1]) > 0
+
+
 def test_an_expert_is_covered_only_by_a_node_the_plan_gives_it_to():
     """Two old holders of an expert that the plan moves to a third node: neither may drop it
     because the other still publishes it (both could drop it at once); once the new holder
