@@ -298,3 +298,18 @@ def test_a_state_of_a_higher_incarnation_replaces_one_of_a_higher_version():
     assert table.get(SUBJECT.node_id).state.name == "new run"
     assert table.apply_delta(replace(delta, base=501, version=502, name="on")) == "applied"
     assert not table.apply_state(replace(state(900), name="old run", incarnation=1))
+
+
+def test_a_forged_copy_seen_first_does_not_get_the_genuine_claim_rejected():
+    """The verifier's cache is keyed by the signature too: a copy of a claim with a forged
+    signature, gossiped ahead of the real one, is refused without poisoning the real one,
+    and the real one, once accepted, lends nothing to a forgery."""
+    from dataclasses import replace
+
+    verifier = Verifier()
+    genuine = claim(ALIVE, 7)
+    forged = replace(genuine, signature=OTHERS[1].sign(b"something else"))
+    assert not verifier.verify(TAG, forged)
+    assert verifier.verify(TAG, genuine)
+    assert not verifier.verify(TAG, forged)
+    assert not verifier.verify(TAG, replace(genuine, signature=bytes(64)))

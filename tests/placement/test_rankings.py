@@ -456,3 +456,19 @@ def test_cli_errors_exit_2_without_a_traceback(tmp_path, cache_home, capsys):
         assert main(["moe", "analyze", model, "--full"]) == 2
         captured = capsys.readouterr()
         assert captured.err.startswith("mesh-node moe analyze: ") and not captured.out
+
+
+def test_fingerprint_changes_when_a_tensor_is_reshaped_over_the_same_bytes(tmp_path):
+    """The safetensors header is in the fingerprint: a checkpoint whose tensor has another
+    shape is another model, though its file size and data bytes are identical."""
+    from safetensors.torch import save_file
+
+    (tmp_path / "config.json").write_text('{"model_type": "tiny"}')
+    weight = torch.arange(32, dtype=torch.float32)
+    save_file({"w": weight.reshape(4, 8)}, tmp_path / "model.safetensors")
+    original = checkpoint_fingerprint(tmp_path)
+    raw = (tmp_path / "model.safetensors").read_bytes()
+    save_file({"w": weight.reshape(8, 4)}, tmp_path / "model.safetensors")
+    reshaped = (tmp_path / "model.safetensors").read_bytes()
+    assert len(reshaped) == len(raw) and reshaped[-128:] == raw[-128:]  # only the header differs
+    assert checkpoint_fingerprint(tmp_path) != original

@@ -16,8 +16,8 @@ from mesh_node.membership.claims import ALIVE, make_claim
 from mesh_node.membership.messages import Address, PeerState
 from mesh_node.membership.table import PeerTable
 from mesh_node.serving.gateway import Gateway, GatewayConfig
-from mesh_node.serving.requests import CompletionRequest, Delta, Overloaded
-from mesh_node.serving.tunnel import HostBusy, HostFailed
+from mesh_node.serving.requests import CompletionRequest, Delta, GenerationFailed, Overloaded
+from mesh_node.serving.tunnel import HostBusy, HostFailed, HostNotServing
 
 TAG = bytes(16)
 MODEL = "m"
@@ -112,3 +112,53 @@ async def test_an_answer_under_way_gives_up_when_its_hosts_stay_busy():
         async with asyncio.timeout(10):
             await read(gateway)
     assert gateway.log.count("B busy") >= 2
+
+
+def gateway_of(hosts: int, config: GatewayConfig) -> tuple[Gateway, list[str]]:
+    """A gateway with `hosts` alive hosts of MODEL, and the log of the hosts it asks (the
+    work on a host is set by the test)."""
+    identities = [NodeIdentity.generate() for _ in range(hosts)]
+    me = NodeIdentity.generate()
+    table = PeerTable(me.node_id, lambda: 0.0)
+    for host in identities:
+        address = [Address("10.0.0.1", 7300)]
+        table.apply(make_claim(host, TAG, ALIVE, host.node_id, 1, address))
+        table.apply_state(
+            PeerState(host.node_id.key, 1, 1, "h", "s", "host", address, models_served=[MODEL])
+        )
+    gateway = Gateway(me.node_id, None, table, SimpleNamespace(generators={}), config=config)
+    return gateway, []
+
+
+async def test_a_request_gives_up_after_max_failovers_hosts_failed_it():
+    """Every host fails: the failover limit, not the supply of hosts or host_wait, ends the
+    request, with a clear error, after exactly max_failovers + 1 hosts were tried."""
+    gateway, asked = gateway_of(6, GatewayConfig(max_failovers=2, host_wait=5.0))
+
+    async def run_on(host, request):
+        asked.append(host)
+        raise HostFailed("connection lost")
+        yield  # an async generator
+
+    gateway._run_on = run_on
+    with pytest.raises(GenerationFailed, match="3 hosts failed this request; giving up"):
+        async with asyncio.timeout(10):
+            await read(gateway)
+    assert len(asked) == 3 and len(set(asked)) == 3  # each failed host asked once
+
+
+async def test_a_request_gives_up_when_hosts_keep_saying_they_do_not_serve_it():
+    """Every host says "not serving it" (a stale view): after max_stale_tries + 1 answers the
+    request ends with a clear error rather than touring every host of the mesh."""
+    gateway, asked = gateway_of(8, GatewayConfig(max_stale_tries=4, host_wait=5.0))
+
+    async def run_on(host, request):
+        asked.append(host)
+        raise HostNotServing(f"{MODEL} is not loaded here")
+        yield  # an async generator
+
+    gateway._run_on = run_on
+    with pytest.raises(GenerationFailed, match="kept saying they do not serve it; giving up"):
+        async with asyncio.timeout(10):
+            await read(gateway)
+    assert len(asked) == 5 and len(set(asked)) == 5

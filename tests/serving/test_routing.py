@@ -63,3 +63,26 @@ def test_hosts_rank_by_affinity_unless_the_preferred_one_is_clearly_busier():
     busier = [HostLoad(h.node_id, 4 if h.node_id == preferred else 1) for h in idle]
     assert rank_hosts(busier, key)[0] != preferred
     assert rank_hosts([], key) == []
+
+
+SESSIONS = [affinity_key(chat(("user", "Hi"), user=f"user-{i}")) for i in range(600)]
+
+
+def preferred(hosts: list[NodeId], key: bytes) -> NodeId:
+    return rank_hosts([HostLoad(n, 0) for n in hosts], key)[0]
+
+
+def test_sessions_spread_over_hosts_and_a_departed_host_moves_only_its_own():
+    """Rendezvous hashing: idle hosts each get about their share of sessions, whatever order
+    they are listed in, and when one host goes only its sessions move, over all the others."""
+    hosts = NODES
+    before = {key: preferred(hosts, key) for key in SESSIONS}
+    assert before == {key: preferred(list(reversed(hosts)), key) for key in SESSIONS}
+    counts = {n: list(before.values()).count(n) for n in hosts}
+    assert all(60 <= c <= 140 for c in counts.values()), counts  # 100 each on average
+    gone = hosts[2]
+    rest = [n for n in hosts if n != gone]
+    after = {key: preferred(rest, key) for key in SESSIONS}
+    assert all(after[k] == before[k] for k in SESSIONS if before[k] != gone)
+    moved = [after[k] for k in SESSIONS if before[k] == gone]
+    assert set(moved) == set(rest)  # spread over the remaining hosts, not piled on one

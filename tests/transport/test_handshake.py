@@ -14,7 +14,7 @@ from mesh_node.transport import handshake
 from mesh_node.transport.errors import ConnectionLost, ErrorCode, HandshakeError
 from mesh_node.transport.frames import frame_parts
 from mesh_node.transport.messages import Hello, Ping, Pong
-from mesh_node.transport.quic import QuicCarrier
+from mesh_node.transport.quic import QuicCarrier, QuicEndpoint, self_signed_certificate
 from tests.transport.conftest import REGISTRY, Service, connected, make_quic, quic_pair
 
 
@@ -278,3 +278,39 @@ async def test_dialing_a_host_that_could_never_resolve_fails_as_a_lost_connectio
             await endpoint.connect(("x" * 64 + ".example", 7300), timeout=5)
     finally:
         await endpoint.close()
+
+
+class CertificateOfAnotherKey(QuicEndpoint):
+    """Signs the handshake validly with its own node key, but serves TLS with a certificate
+    (and TLS key) of `tls_identity`: what a relay between a client and a real node shows."""
+
+    def __init__(self, identity: NodeIdentity, tls_identity: NodeIdentity, mesh, service):
+        super().__init__(
+            identity, mesh, registry=REGISTRY, handlers=service.handlers, host="127.0.0.1", port=0
+        )
+        self.tls_identity = tls_identity
+
+    def _configuration(self, is_client: bool):
+        config = super()._configuration(is_client)
+        if not is_client:
+            config.certificate = self_signed_certificate(self.tls_identity)
+            config.private_key = self.tls_identity.private_key
+        return config
+
+
+async def test_a_valid_handshake_signature_over_another_keys_certificate_is_rejected(mesh):
+    """The client binds the handshake to the TLS channel: a server whose HelloAck is signed
+    correctly by its node key is still refused when its certificate carries another key."""
+    node = NodeIdentity.generate()
+    server = CertificateOfAnotherKey(node, NodeIdentity.generate(), mesh, Service())
+    await server.start()
+    client = make_quic(mesh, Service())
+    await client.start()
+    try:
+        with pytest.raises(HandshakeError, match="TLS certificate") as refused:
+            await client.connect(server.address, timeout=5)
+        assert refused.value.code == ErrorCode.BAD_IDENTITY
+        assert client.connection_to(node.node_id) is None
+    finally:
+        await client.close()
+        await server.close()
