@@ -17,14 +17,18 @@ def _quiet_aioquic():
 
 @pytest.fixture(scope="session", autouse=True)
 def _private_cache(tmp_path_factory):
-    """Rankings and shard-quality caches go to a folder of this test session (node processes
-    inherit it), never to the user's ~/.cache."""
+    """Rankings and shard-quality caches (MESH_NODE_CACHE) and everything else kept under the
+    cache home (XDG_CACHE_HOME: the compiled native kernels, Hugging Face's cache) go to
+    folders of this test session (node processes inherit them), never to the user's ~/.cache."""
     import os
 
-    previous = os.environ.get("MESH_NODE_CACHE")
-    os.environ["MESH_NODE_CACHE"] = str(tmp_path_factory.mktemp("mesh-node-cache"))
+    names = ("MESH_NODE_CACHE", "XDG_CACHE_HOME")
+    previous = {name: os.environ.get(name) for name in names}
+    for name in names:
+        os.environ[name] = str(tmp_path_factory.mktemp(name.lower()))
     yield
-    if previous is None:
-        os.environ.pop("MESH_NODE_CACHE", None)
-    else:
-        os.environ["MESH_NODE_CACHE"] = previous
+    for name, value in previous.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value

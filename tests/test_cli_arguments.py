@@ -10,6 +10,10 @@ import pytest
 
 from mesh_node.cli.arguments import byte_size
 
+# flags that keep a node on loopback, should a check that ought to refuse the command regress
+# and let it start (ports picked by the system; no mDNS; no API or console)
+CONFINED = ["--host", "127.0.0.1", "--port", "0", "--no-mdns", "--no-api", "--no-console"]
+
 
 @pytest.mark.parametrize(
     ("text", "size"),
@@ -35,7 +39,7 @@ def test_bad_sizes_say_what_a_size_looks_like(text):
 
 def test_join_refuses_split_and_shards_together():
     result = subprocess.run(
-        [sys.executable, "-m", "mesh_node", "join", "x", "--moe-split", "--moe-shards"],
+        [sys.executable, "-m", "mesh_node", "join", "x", *CONFINED, "--moe-split", "--moe-shards"],
         capture_output=True,
         text=True,
         timeout=60,
@@ -54,7 +58,7 @@ def test_join_refuses_split_and_shards_together():
 )
 def test_join_refuses_split_flags_without_moe_split(flags, named):
     result = subprocess.run(
-        [sys.executable, "-m", "mesh_node", "join", "x", *flags],
+        [sys.executable, "-m", "mesh_node", "join", "x", *CONFINED, *flags],
         capture_output=True,
         text=True,
         timeout=60,
@@ -65,7 +69,7 @@ def test_join_refuses_split_flags_without_moe_split(flags, named):
 
 @pytest.mark.parametrize("how", ["flag", "environment"])
 def test_join_refuses_an_empty_api_key(how):
-    args = [sys.executable, "-m", "mesh_node", "join", "x"]
+    args = [sys.executable, "-m", "mesh_node", "join", "x", *CONFINED]
     env = None
     if how == "flag":
         args += ["--api-key", ""]
@@ -81,7 +85,7 @@ def test_join_refuses_an_empty_api_key(how):
 @pytest.mark.parametrize("name", ["http://proxy.example", "proxy.example:443", "a b", ""])
 def test_join_refuses_an_allowed_host_that_is_not_a_name(name):
     result = subprocess.run(
-        [sys.executable, "-m", "mesh_node", "join", "x", "--allow-host", name],
+        [sys.executable, "-m", "mesh_node", "join", "x", *CONFINED, "--allow-host", name],
         capture_output=True,
         text=True,
         timeout=60,

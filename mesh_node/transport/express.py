@@ -173,6 +173,14 @@ def _udp_socket(family: int) -> socket.socket:
     return sock
 
 
+def _local_for(family: int, host: str) -> tuple[int, str]:
+    """The socket to call `host` from: bound to loopback for a loopback address (its answers
+    can only come from there, and nothing else need listen), else to every interface."""
+    if ipaddress.ip_address(host.split("%")[0]).is_loopback:
+        return family, "::1" if family == socket.AF_INET6 else "127.0.0.1"
+    return family, "::" if family == socket.AF_INET6 else "0.0.0.0"
+
+
 def _family_of(host: str) -> tuple[int, str]:
     """(address family, address) to reach `host`; an IPv4-mapped IPv6 address as IPv4."""
     ip = ipaddress.ip_address(host.split("%")[0])
@@ -365,7 +373,7 @@ class ExpressServer:
 class _CallingLane:
     lane: bytes
     address: tuple[str, int]
-    family: int
+    local: tuple[int, str]  # (family, address) of the socket it calls from: see _local_for
     calls: AESGCM
     answers: AESGCM
     sent: int = 0
@@ -452,7 +460,7 @@ class ExpressClient:
         self.limits = limits or FrameLimits()
         self._lanes: dict[Hashable, _CallingLane] = {}
         self._by_id: dict[bytes, _CallingLane] = {}
-        self._sockets: dict[int, socket.socket] = {}
+        self._sockets: dict[tuple[int, str], socket.socket] = {}  # by (family, bound address)
         self._lock = threading.Lock()
         self._closed = False
         self._pending: dict[tuple[bytes, int], ExpressCall] = {}
@@ -478,21 +486,22 @@ class ExpressClient:
         if len(lane) != 8:
             raise ValueError(f"a lane id is 8 bytes, got {len(lane)}")
         family, host = _family_of(address[0])
+        local = _local_for(family, host)
         calls, answers = lane_keys(secret, lane)
         with self._lock:
             if self._closed:
                 raise RuntimeError("the express client is closed")
-            if family not in self._sockets:
+            if local not in self._sockets:
                 sock = _udp_socket(family)
-                sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", 0))
+                sock.bind((local[1], 0))
                 sock.setblocking(False)
-                self._sockets[family] = sock
+                self._sockets[local] = sock
             old = self._lanes.get(key)
             if old is not None:
                 self._by_id.pop(old.lane, None)
             state = start or LaneState()
             self._lanes[key] = _CallingLane(
-                lane, (host, address[1]), family, calls, answers, state.sent, state.seen, state.srtt
+                lane, (host, address[1]), local, calls, answers, state.sent, state.seen, state.srtt
             )
             self._by_id[lane] = self._lanes[key]
 
@@ -598,7 +607,7 @@ class ExpressClient:
         call.sent_at = time.monotonic()
         if call.attempts == 1:
             call.first_sent = call.sent_at
-        sock = self._sockets.get(lane.family)
+        sock = self._sockets.get(lane.local)
         try:
             if sock is None:
                 raise OSError("the lane sockets are closed")

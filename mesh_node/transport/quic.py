@@ -503,8 +503,13 @@ class QuicEndpoint(Endpoint):
         configuration = self._configuration(is_client=True)
         configuration.max_datagram_size = datagram_size(addr[0])
         quic = QuicConnection(configuration=configuration)
-        bind_host = self.host if family == socket.AF_INET and self.host != "0.0.0.0" else None
-        local = (bind_host or ("::" if family == socket.AF_INET6 else "0.0.0.0"), 0)
+        if ipaddress.ip_address(addr[0].split("%")[0]).is_loopback:  # (answers come only there)
+            bind_host = "::1" if family == socket.AF_INET6 else "127.0.0.1"
+        elif family == socket.AF_INET and self.host != "0.0.0.0":
+            bind_host = self.host
+        else:
+            bind_host = "::" if family == socket.AF_INET6 else "0.0.0.0"
+        local = (bind_host, 0)
         try:
             transport, carrier = await loop.create_datagram_endpoint(
                 lambda: QuicCarrier(
