@@ -66,6 +66,8 @@ from mesh_node.transport.errors import ErrorCode, RequestFailed, TransportError
 
 log = logging.getLogger("mesh_node.membership")
 
+NACK_SHARE = 0.8  # of its probe timeout, a node asked to probe for another tries (see below)
+
 
 @dataclass(frozen=True)
 class MembershipConfig:
@@ -528,7 +530,9 @@ class Membership:
         ):
             raise RequestFailed(ErrorCode.BAD_REQUEST, "bad probe target")
         target = NodeId(request.target)
-        timeout = self.config.probe_timeout * (1 + self.health)
+        # 80% of a probe's timeout (Lifeguard): the "no" must reach the asker within the rest
+        # of its probe slot, else it counts as no answer and raises the asker's health score
+        timeout = NACK_SHARE * self.config.probe_timeout * (1 + self.health)
         ok = await self._ping(target, list(request.addresses), timeout)
         return ProbeResult(ok, self._piggyback())
 

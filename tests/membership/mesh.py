@@ -59,10 +59,10 @@ class SimMesh:
         await endpoint.start()
         self.boots += 1
         # a restarted node starts at a later time: a higher incarnation than before
-        start = BOOT_MS + int(asyncio.get_running_loop().time() * 1000) + self.boots
+        boot = BOOT_MS + int(asyncio.get_running_loop().time() * 1000) + self.boots
         state = SelfState(
             identity.node_id.key,
-            start_version=start,
+            start_version=boot,
             name=f"n{len(self.nodes)}",
             software="mesh-node/test",
             role="worker",
