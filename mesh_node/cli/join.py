@@ -112,7 +112,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         type=byte_size,
         default=None,
         help="with --moe-split: memory this node offers for experts of each split model, e.g. "
-        "4GiB (default: 80%% of the free RAM at start, shared among the split models)",
+        "4GiB (default: 80%% of the free memory where experts load at start, the GPU's with a "
+        "GPU, else the RAM's, shared among the split models)",
     )
     parser.add_argument(
         "--advertise",

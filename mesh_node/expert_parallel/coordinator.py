@@ -232,14 +232,23 @@ class ExpertParallel:
         if models and self.config.enabled:
             budget = self.config.memory
             if budget is None:
-                hardware = self.membership.self_state.current.hardware
-                free = hardware.ram_free if hardware is not None else 0
-                budget = int(0.8 * free) // len(models)
+                budget = int(0.8 * self._free_for_experts()) // len(models)
             split = [
                 _with(i, expert_budget=max(1, budget)) if i.name in self.offered else i
                 for i in split
             ]
         return split
+
+    def _free_for_experts(self) -> int:
+        """Free memory where this node's experts load: the GPU's when they load on one (a node
+        with more RAM than GPU memory would otherwise be planned more experts than its GPU
+        holds, and fail to load them for ever), else the RAM's. Blocking (a CUDA query)."""
+        device = resolve_device(self.device)
+        if device.type == "cuda":
+            free, _total = torch.cuda.mem_get_info(device)
+            return free
+        hardware = self.membership.self_state.current.hardware
+        return hardware.ram_free if hardware is not None else 0
 
     def _shape_of(self, args) -> tuple[tuple[int, ...], int, int]:
         dtype = resolve_dtype(self.dtype, args, resolve_device(self.device))

@@ -614,3 +614,22 @@ async def test_a_node_that_lists_a_model_twice_does_not_stop_the_plan(mesh):
         timeout=30,
     )
     assert not any("builtin" in n.experts.errors for n in mesh.nodes)
+
+
+def _free_for_experts_on(device: str, ram_free: int) -> int:
+    hardware = mock.Mock(ram_free=ram_free)
+    experts = coordinator.ExpertParallel.__new__(coordinator.ExpertParallel)
+    experts.device = device
+    experts.membership = mock.Mock()
+    experts.membership.self_state.current.hardware = hardware
+    return experts._free_for_experts()
+
+
+def test_experts_loading_on_the_cpu_are_budgeted_from_free_ram():
+    assert _free_for_experts_on("cpu", 123 << 30) == 123 << 30
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_experts_loading_on_a_gpu_are_budgeted_from_its_free_memory_not_the_rams():
+    free = _free_for_experts_on("cuda", 1 << 50)  # far more RAM than any GPU holds
+    assert 0 < free <= torch.cuda.get_device_properties(0).total_memory
