@@ -42,7 +42,10 @@ async def measure(size: int, latency: float, seed: int) -> dict[str, float]:
     rng = random.Random(seed)
     loop = asyncio.get_running_loop()
     await mesh.add_converged(size)
-    await asyncio.sleep(5)  # let the first probes open their connections
+    # steady state: every node has probed every other once (one member a probe interval, in
+    # turn), so the connections probes use are open; measured sooner, the window held the
+    # handshakes of that first round (a mesh built converged has no connections yet)
+    await asyncio.sleep(5 + size * config.probe_interval)
 
     # steady state: bytes per node per second
     before = sum(network.bytes_sent.values())
