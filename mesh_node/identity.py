@@ -14,6 +14,7 @@ import base64
 import hashlib
 import hmac
 import os
+import re
 import secrets
 import stat
 from dataclasses import dataclass, field
@@ -160,6 +161,11 @@ def default_home() -> Path:
 def new_mesh_id() -> str:
     """A fresh mesh id: 160 random bits in lowercase base32 (32 characters)."""
     return base64.b32encode(secrets.token_bytes(20)).decode().lower()
+
+
+def looks_generated(mesh_id: str) -> bool:
+    """`mesh_id` has the form `new_mesh_id` gives (a person's phrase could be guessed)."""
+    return re.fullmatch(r"[a-z2-7]{32}", mesh_id.strip()) is not None
 
 
 def _hkdf(secret: bytes, info: bytes, length: int = 32) -> bytes:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 
@@ -92,3 +93,62 @@ def test_join_refuses_an_allowed_host_that_is_not_a_name(name):
     )
     assert result.returncode == 2
     assert "is not a host name (give the name alone" in result.stderr
+
+
+def join(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    environment = {k: v for k, v in os.environ.items() if k != "MESH_NODE_MESH_ID"}
+    return subprocess.run(
+        [sys.executable, "-m", "mesh_node", "join", *args, *CONFINED],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**environment, **(env or {})},
+    )
+
+
+def test_join_says_where_a_mesh_id_goes_when_none_or_two_are_given():
+    result = join()
+    assert result.returncode == 2 and "no mesh id: give it as MESH_ID, with --mesh-id-file" in (
+        result.stderr
+    )
+    result = join("a" * 32, env={"MESH_NODE_MESH_ID": "b" * 32})
+    assert result.returncode == 2
+    assert "MESH_ID and $MESH_NODE_MESH_ID both name a mesh id" in result.stderr
+
+
+def test_join_reads_the_mesh_id_from_a_file_or_the_environment(tmp_path):
+    """Off the command line (which every local user can read): the id is checked as given
+    (too short here, so the node stops before starting: proof that it was read)."""
+    secret = tmp_path / "mesh-id"
+    secret.write_text("too-short\n")
+    secret.chmod(0o644)
+    result = join("--mesh-id-file", str(secret))
+    assert result.returncode == 2 and "at least 16 characters (got 9)" in result.stderr
+    assert "may be read by other users" in result.stderr  # 0644: said
+    secret.chmod(0o600)
+    assert "may be read by other users" not in join("--mesh-id-file", str(secret)).stderr
+    result = join(env={"MESH_NODE_MESH_ID": "short-too"})
+    assert result.returncode == 2 and "at least 16 characters (got 9)" in result.stderr
+    result = join("--mesh-id-file", str(tmp_path / "absent"))
+    assert result.returncode == 2 and "cannot read the mesh id from" in result.stderr
+
+
+def test_join_warns_of_a_mesh_id_a_person_chose():
+    result = join("homelab-cluster-2024", "--moe-split", "--moe-shards")  # (refused after)
+    assert "was not made by `mesh-node new`" in result.stderr
+    generated = subprocess.run(
+        [sys.executable, "-m", "mesh_node", "new"], capture_output=True, text=True, timeout=60
+    ).stdout.strip()
+    result = join(generated, "--moe-split", "--moe-shards")
+    assert result.returncode == 2 and "was not made" not in result.stderr
+
+
+def test_new_saves_the_mesh_id_for_this_user_only_and_never_over_a_file(tmp_path):
+    target = tmp_path / "mesh-id"
+    command = [sys.executable, "-m", "mesh_node", "new", "--save", str(target)]
+    first = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert first.returncode == 0
+    assert target.read_text() == first.stdout and target.stat().st_mode & 0o777 == 0o600
+    second = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert second.returncode == 2 and "cannot save the mesh id" in second.stderr
+    assert target.read_text() == first.stdout  # the first one's id, untouched

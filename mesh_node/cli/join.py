@@ -7,11 +7,12 @@ import asyncio
 import logging
 import os
 import sys
+from pathlib import Path
 
 from mesh_node.cli.arguments import byte_size, host_name, host_port, ipv4_address, port_number
 from mesh_node.engine.errors import EngineError
 from mesh_node.expert_parallel.coordinator import ExpertParallelConfig
-from mesh_node.identity import IdentityError, default_home
+from mesh_node.identity import IdentityError, default_home, looks_generated
 from mesh_node.node import Node, NodeConfig
 from mesh_node.serving.hosting import HostingConfig
 
@@ -28,7 +29,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument(
         "mesh_id",
         metavar="MESH_ID",
-        help="the mesh's shared secret (from `mesh-node new`); never sent on the wire",
+        nargs="?",
+        help="the mesh's shared secret (from `mesh-node new`); never sent on the wire. On a "
+        "machine others log in to, give it with --mesh-id-file or $MESH_NODE_MESH_ID instead: "
+        "a command line is visible to every local user",
+    )
+    parser.add_argument(
+        "--mesh-id-file",
+        metavar="FILE",
+        help="read the mesh id from FILE (its first line), e.g. one `mesh-node new --save FILE` "
+        "wrote; a warning says so when others may read the file",
     )
     parser.add_argument(
         "--peer",
@@ -201,7 +211,58 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     return parser
 
 
+def _mesh_id(args: argparse.Namespace) -> str:
+    """The mesh id from exactly one of MESH_ID, --mesh-id-file and $MESH_NODE_MESH_ID;
+    ValueError saying what to give otherwise."""
+    environment = os.environ.get("MESH_NODE_MESH_ID")
+    given = [
+        name
+        for name, value in (
+            ("MESH_ID", args.mesh_id),
+            ("--mesh-id-file", args.mesh_id_file),
+            ("$MESH_NODE_MESH_ID", environment),
+        )
+        if value is not None
+    ]
+    if len(given) != 1:
+        what = "no mesh id" if not given else f"{' and '.join(given)} both name a mesh id"
+        raise ValueError(
+            f"{what}: give it as MESH_ID, with --mesh-id-file FILE or in $MESH_NODE_MESH_ID "
+            "(exactly one; make one with `mesh-node new`)"
+        )
+    if args.mesh_id is not None:
+        return args.mesh_id
+    if environment is not None:
+        return environment
+    path = Path(args.mesh_id_file)
+    try:
+        text = path.read_text(encoding="utf-8")
+        mode = path.stat().st_mode
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"cannot read the mesh id from {path}: {exc}") from None
+    if mode & 0o044:
+        print(
+            f"mesh-node: warning: {path} may be read by other users, and anyone who reads it "
+            f"can join this mesh (chmod 600 {path})",
+            file=sys.stderr,
+        )
+    lines = text.splitlines()
+    return lines[0] if lines else ""
+
+
 def run(args: argparse.Namespace) -> int:
+    try:
+        args.mesh_id = _mesh_id(args)
+    except ValueError as exc:
+        print(f"mesh-node: {exc}", file=sys.stderr)
+        return 2
+    if not looks_generated(args.mesh_id):
+        print(
+            "mesh-node: warning: this mesh id was not made by `mesh-node new`. If a person "
+            "chose it, anyone who sees this mesh's LAN announcements or reaches one of its "
+            "nodes can test guesses offline; a mesh id from `mesh-node new` cannot be guessed",
+            file=sys.stderr,
+        )
     if args.moe_split and args.moe_shards:
         print("mesh-node: choose one of --moe-split and --moe-shards", file=sys.stderr)
         return 2
