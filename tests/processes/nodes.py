@@ -59,7 +59,11 @@ class NodeProcess:
             env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
         )
         node = cls(proc)
-        await node._read_banner()
+        try:
+            await node._read_banner()
+        except BaseException:  # (timed out, exited, cancelled): no process is left behind
+            await node.stop(signal.SIGKILL)
+            raise
         return node
 
     async def _read_banner(self, timeout: float = 60.0) -> None:
@@ -134,10 +138,15 @@ class NodeProcess:
 
 async def start_mesh(mesh_id: str, count: int, *args: str) -> list[NodeProcess]:
     """`count` node processes: the first, then the others joining through it (--peer)."""
-    first = await NodeProcess.join(mesh_id, *args)
-    seed = "{}:{}".format(*first.address)
-    others = [await NodeProcess.join(mesh_id, "--peer", seed, *args) for _ in range(count - 1)]
-    return [first, *others]
+    nodes = [await NodeProcess.join(mesh_id, *args)]
+    seed = "{}:{}".format(*nodes[0].address)
+    try:
+        for _ in range(count - 1):
+            nodes.append(await NodeProcess.join(mesh_id, "--peer", seed, *args))
+    except BaseException:  # the ones started go too
+        await stop_all(nodes)
+        raise
+    return nodes
 
 
 async def stop_all(nodes: list[NodeProcess]) -> None:

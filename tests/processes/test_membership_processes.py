@@ -23,8 +23,10 @@ async def all_see_all(nodes: list[NodeProcess]) -> None:
 
 async def test_three_processes_find_each_other_with_mdns_on_loopback():
     mesh_id = new_mesh_id()
-    nodes = [await NodeProcess.join(mesh_id, "--mdns-interface", "127.0.0.1") for _ in range(3)]
+    nodes: list[NodeProcess] = []
     try:
+        for _ in range(3):  # (inside the try: the ones started are stopped whatever happens)
+            nodes.append(await NodeProcess.join(mesh_id, "--mdns-interface", "127.0.0.1"))
         await all_see_all(nodes)  # with no --peer at all: only mDNS can have done this
         found = [any("discovered node" in line for line in n.stderr_lines) for n in nodes]
         assert any(found)  # (a node found by the others first needs to discover no one)
