@@ -13,7 +13,7 @@ from pathlib import Path
 
 import msgpack
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from mesh_node.identity import NodeId
@@ -362,7 +362,15 @@ def planning_inputs(draw):
         coselection = tuple(matrices)
     demand = ExpertDemand(layers, experts, EB, mass, coselection, "d")
     count = draw(st.integers(1, 5))
-    budgets = draw(st.lists(st.integers(0, 3 * experts * EB), min_size=count, max_size=count))
+    if draw(st.booleans()):  # room for every expert (hypothesis favours small numbers: without
+        # this, nine cases in ten had too little room and tested only the refusal)
+        least = -(-len(layers) * experts // count)  # experts each, evenly
+        units = st.integers(least, least + 2 * len(layers) * experts)
+    else:  # anything, often too little
+        units = st.integers(0, 3 * experts)
+    budgets = [
+        draw(units) * EB + draw(st.integers(0, EB - 1)) for _ in range(count)
+    ]  # (a part of an expert's bytes left over, too)
     machines = draw(st.lists(st.sampled_from(["", "a", "b"]), min_size=count, max_size=count))
     peers = [
         PeerOffer(IDS[i], b, m) for i, (b, m) in enumerate(zip(budgets, machines, strict=True))
@@ -380,9 +388,11 @@ def test_plan_properties(inputs, rnd):
     kwargs = {"replicate_fraction": fraction, "min_replicas": replicas}
     room = sum(p.budget // EB for p in peers)
     if room < len(demand.layers) * demand.num_experts:
+        event("too little room: refused")
         with pytest.raises(PlanError, match="bytes are missing"):
             plan_experts(MODEL, host, peers, demand, **kwargs)
         return
+    event("planned")
     plan = plan_experts(MODEL, host, peers, demand, **kwargs)
     check_valid(plan, peers, demand, replicas)
     shuffled = list(peers)
