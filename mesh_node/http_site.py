@@ -100,9 +100,7 @@ class HostPolicy:
         if url is not None and url.absolute and url.scheme in ("http", "https") and host:
             name, port = _split_host(host)
             origin_name, origin_port = _split_host(url.raw_authority)
-            if origin_name == name and (
-                origin_port == port or (port is None and origin_port is None)
-            ):
+            if (origin_name, origin_port) == (name, port):
                 return None
         return (
             f"a page from another site ({origin!r}) may not use this site from a browser; "

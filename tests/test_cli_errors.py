@@ -9,6 +9,8 @@ import sys
 
 import pytest
 
+from tests.test_cli_arguments import CONFINED
+
 MESH = "abcdefghijklmnopqrstuvwxyz"
 
 
@@ -77,7 +79,7 @@ def test_models_lists_a_folder_with_a_malformed_config_as_unusable(tmp_path, con
 
 @pytest.mark.parametrize("address", ["not-an-address", "::1", "300.1.1.1"])
 def test_join_refuses_an_mdns_interface_that_is_not_an_ipv4_address(tmp_path, address):
-    confined = ["--host", "127.0.0.1", "--port", "0", "--no-api", "--no-console"]
+    confined = [flag for flag in CONFINED if flag != "--no-mdns"]  # (mDNS is the point here)
     result = mesh_node(tmp_path, "join", MESH, "--client", *confined, "--mdns-interface", address)
     assert "Traceback" not in result.stderr
     assert result.returncode == 2
@@ -96,8 +98,7 @@ def test_join_on_a_gpu_this_machine_lacks_is_one_line(tmp_path):
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
-    confined = ["--host", "127.0.0.1", "--port", "0", "--no-mdns", "--no-api", "--no-console"]
-    result = mesh_node(tmp_path, "join", MESH, "--ephemeral", *confined, "--device", "cuda")
+    result = mesh_node(tmp_path, "join", MESH, "--ephemeral", *CONFINED, "--device", "cuda")
     assert result.returncode == 2
     assert "torch sees no CUDA/ROCm device" in one_line_error(result)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import socket
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -26,6 +27,20 @@ def normalize_host(host: str) -> str:
     if isinstance(ip, ipaddress.IPv4Address) and ":" in host:
         return str(ip)
     return host
+
+
+def calling_address(family: int, remote: str, own: str | None = None) -> str:
+    """The local address a socket of `family` that calls `remote` (an IP literal) binds:
+    loopback's for a loopback address (its answers can only come from there, and nothing else
+    need listen); else `own`, for IPv4 when it is one address (a node bound to it calls from
+    it); else every interface."""
+    v6 = family == socket.AF_INET6
+    ip = ip_of(remote)
+    if ip is not None and ip.is_loopback and (ip.version == 6) == v6:
+        return "::1" if v6 else "127.0.0.1"
+    if own is not None and not v6 and own != "0.0.0.0":
+        return own
+    return "::" if v6 else "0.0.0.0"
 
 
 _LABEL = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)")

@@ -65,7 +65,7 @@ from cryptography.hazmat.primitives.hashes import SHA256
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from mesh_node.identity import NodeId
-from mesh_node.transport.addresses import port_error
+from mesh_node.transport.addresses import calling_address, port_error
 from mesh_node.transport.errors import (
     ErrorCode,
     ProtocolError,
@@ -171,14 +171,6 @@ def _udp_socket(family: int) -> socket.socket:
     for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
         sock.setsockopt(socket.SOL_SOCKET, option, 1 << 20)
     return sock
-
-
-def _local_for(family: int, host: str) -> tuple[int, str]:
-    """The socket to call `host` from: bound to loopback for a loopback address (its answers
-    can only come from there, and nothing else need listen), else to every interface."""
-    if ipaddress.ip_address(host.split("%")[0]).is_loopback:
-        return family, "::1" if family == socket.AF_INET6 else "127.0.0.1"
-    return family, "::" if family == socket.AF_INET6 else "0.0.0.0"
 
 
 def _family_of(host: str) -> tuple[int, str]:
@@ -373,7 +365,7 @@ class ExpressServer:
 class _CallingLane:
     lane: bytes
     address: tuple[str, int]
-    local: tuple[int, str]  # (family, address) of the socket it calls from: see _local_for
+    local: tuple[int, str]  # (family, address) of the socket it calls from (calling_address)
     calls: AESGCM
     answers: AESGCM
     sent: int = 0
@@ -486,7 +478,7 @@ class ExpressClient:
         if len(lane) != 8:
             raise ValueError(f"a lane id is 8 bytes, got {len(lane)}")
         family, host = _family_of(address[0])
-        local = _local_for(family, host)
+        local = (family, calling_address(family, host))
         calls, answers = lane_keys(secret, lane)
         with self._lock:
             if self._closed:

@@ -32,7 +32,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.x509.oid import NameOID
 
 from mesh_node.identity import MeshSecret, NodeId, NodeIdentity
-from mesh_node.transport.addresses import normalize_host
+from mesh_node.transport.addresses import calling_address, normalize_host
 from mesh_node.transport.connection import Connection
 from mesh_node.transport.datagram_size import datagram_size
 from mesh_node.transport.endpoint import Address, Endpoint
@@ -381,7 +381,7 @@ class QuicListener(QuicServer):
 
     def _opens_connection(self, data: bytes) -> bool:
         """What makes aioquic's server build a connection: a full-size Initial for a connection
-        id it does not know, carrying a (Retry) token."""
+        id it does not know, carrying a Retry token."""
         if len(data) < SMALLEST_MAX_DATAGRAM_SIZE or not data[0] & 0x80:
             return False
         try:
@@ -392,7 +392,7 @@ class QuicListener(QuicServer):
             return False
         return (
             header.packet_type == QuicPacketType.INITIAL
-            and (bool(header.token) or self._retry is None)
+            and bool(header.token)  # (Retry is always on: a first Initial carries none)
             and header.destination_cid not in self._protocols
         )
 
@@ -503,13 +503,7 @@ class QuicEndpoint(Endpoint):
         configuration = self._configuration(is_client=True)
         configuration.max_datagram_size = datagram_size(addr[0])
         quic = QuicConnection(configuration=configuration)
-        if ipaddress.ip_address(addr[0].split("%")[0]).is_loopback:  # (answers come only there)
-            bind_host = "::1" if family == socket.AF_INET6 else "127.0.0.1"
-        elif family == socket.AF_INET and self.host != "0.0.0.0":
-            bind_host = self.host
-        else:
-            bind_host = "::" if family == socket.AF_INET6 else "0.0.0.0"
-        local = (bind_host, 0)
+        local = (calling_address(family, addr[0], own=self.host), 0)
         try:
             transport, carrier = await loop.create_datagram_endpoint(
                 lambda: QuicCarrier(

@@ -185,13 +185,7 @@ async def test_an_old_holder_drops_nothing_for_a_plan_that_was_superseded(mesh, 
     monkeypatch.setattr(coordinator, "load_expert_banks", gated_load)
     grown = mesh.nodes[2]
     grown.experts._publish_model("builtin", expert_budget=SPLIT.memory * 2)
-    await mesh.wait(
-        lambda: all(
-            n.experts.plans["builtin"].plan.fingerprint != first.fingerprint for n in mesh.nodes
-        ),
-        timeout=30,
-    )
-    second = mesh.nodes[0].experts.plans["builtin"].plan
+    second = await plan_after(mesh, first)
     assert await asyncio.to_thread(loading.wait, 30)  # plan 2's new holders are loading
     losers = {
         n.node_id: {
@@ -236,6 +230,17 @@ async def test_an_old_holder_drops_nothing_for_a_plan_that_was_superseded(mesh, 
     await mesh.wait(settled, timeout=60)
     assert mesh.nodes[0].experts.plans["builtin"].plan.fingerprint == first.fingerprint
     assert lost == []
+
+
+async def plan_after(mesh, plan):
+    """The builtin model's next plan after `plan`, once every node has it."""
+    await mesh.wait(
+        lambda: all(
+            n.experts.plans["builtin"].plan.fingerprint != plan.fingerprint for n in mesh.nodes
+        ),
+        timeout=30,
+    )
+    return mesh.nodes[0].experts.plans["builtin"].plan
 
 
 def holding_one_plan(nodes, model: str) -> bool:
@@ -548,13 +553,7 @@ async def test_a_node_waiting_to_give_experts_up_follows_a_newer_plan_at_once(me
     taker = next(n for n in mesh.nodes if n.node_id != first.host)
     monkeypatch.setattr(taker.experts, "_publish_shards", lambda: None)  # says nothing
     taker.experts._publish_model("builtin", expert_budget=SPLIT.memory * 2)
-    await mesh.wait(
-        lambda: all(
-            n.experts.plans["builtin"].plan.fingerprint != first.fingerprint for n in mesh.nodes
-        ),
-        timeout=30,
-    )
-    second = mesh.nodes[0].experts.plans["builtin"].plan
+    second = await plan_after(mesh, first)
     giver = next(
         n
         for n in mesh.nodes
@@ -562,10 +561,7 @@ async def test_a_node_waiting_to_give_experts_up_follows_a_newer_plan_at_once(me
     )
     await mesh.wait(lambda: not giver.experts._reconciling["builtin"].done())  # waiting
     giver.experts._publish_model("builtin", expert_budget=SPLIT.memory * 4)
-    await mesh.wait(
-        lambda: mesh.nodes[0].experts.plans["builtin"].plan.fingerprint != second.fingerprint
-    )
-    third = mesh.nodes[0].experts.plans["builtin"].plan
+    third = await plan_after(mesh, second)
 
     def missing() -> set[tuple[int, int]]:  # plan 3's experts of the giver it does not hold
         held = giver.expert_service.held("builtin")

@@ -18,6 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mesh_node.identity import NodeIdentity
+from mesh_node.transport.addresses import calling_address
 from mesh_node.transport.errors import ErrorCode, ProtocolError, RemoteError, RequestFailed
 from mesh_node.transport.express import (
     MAX_PLAINTEXT,
@@ -615,3 +616,19 @@ def test_a_lane_to_a_loopback_address_calls_from_a_loopback_socket():
     finally:
         client.close()
         sink.close()
+
+
+@pytest.mark.parametrize(
+    ("family", "remote", "own", "bound"),
+    [
+        (socket.AF_INET, "127.0.0.1", None, "127.0.0.1"),
+        (socket.AF_INET, "127.0.0.5", "10.0.0.2", "127.0.0.1"),  # loopback wins over own
+        (socket.AF_INET6, "::1", None, "::1"),
+        (socket.AF_INET6, "::ffff:127.0.0.1", None, "::"),  # an IPv4 loopback: not ::1's
+        (socket.AF_INET, "10.0.0.7", "10.0.0.2", "10.0.0.2"),  # a node bound to one address
+        (socket.AF_INET, "10.0.0.7", "0.0.0.0", "0.0.0.0"),
+        (socket.AF_INET6, "2001:db8::7", "10.0.0.2", "::"),
+    ],
+)
+def test_a_calling_socket_binds_loopback_for_loopback_peers_only(family, remote, own, bound):
+    assert calling_address(family, remote, own) == bound
