@@ -68,12 +68,13 @@ def test_expert_plan_example_matches_the_spec():
         PeerOffer(other, 6 << 20, "c4ca4238a0b92382"),
     ]
     plan = plan_experts(info["name"], host, offers, demand)
-    assert plan.fingerprint == info["expert_plan"] == "b386eb7c52e0e772"
+    assert plan.fingerprint == info["expert_plan"] == "3ed25745896ee081"
     assert {s["layer"]: tuple(s["experts"]) for s in state["expert_shards"]} == dict(
         plan.experts_of(host)
     )
-    assert dict(plan.experts_of(other)) == {1: (0, 2, 3), 3: (0, 2, 3)}
-    assert plan.unreplicated == ((3, 1),)
+    assert dict(plan.experts_of(host)) == {1: (0, 1), 3: (0, 1)}
+    assert dict(plan.experts_of(other)) == {1: (0, 2, 3), 3: (1, 2, 3)}
+    assert plan.unreplicated == ()
 
 
 def test_an_error_from_a_node_that_sends_no_reason_decodes_with_none():

@@ -40,8 +40,13 @@ tie could go either way, so the same inputs give the same plan everywhere):
    expert), each on a peer with capacity left that does not hold the expert yet: on a
    machine without a copy where there is one (a machine that fails takes all its peers),
    below its target where there is one, the one furthest below first (then affinity, the
-   host for hot experts, node id). A replica with no such peer is dropped; a hot expert
-   left with fewer than `min_replicas` holders is listed in `ExpertPlan.unreplicated`.
+   host for hot experts, node id). When every peer with room holds the expert already, a
+   full peer without it swaps: it hands one of its copies to a peer with room that does not
+   hold that one, and takes the replica (`swap_in` says which copy and where; chiefly a cold
+   one, to a peer holding part of its layer already, such as the host, so no token calls
+   more peers). A replica with no such swap is dropped; a hot expert left with fewer than
+   `min_replicas` holders is listed in `ExpertPlan.unreplicated`. Whenever the capacities
+   allow every hot expert its `min_replicas` copies on distinct peers, it has them.
 5. Balance. A replica on a peer above its target moves to a peer below its target that
    can take it without its copies spanning fewer machines (a peer can be left with room
    only for replicas of its own layers). A peer usually ends within a few experts of
@@ -398,6 +403,64 @@ def plan_experts(
             affinity[li][p] += cosel[li][e]
         return p
 
+    hot_set = {(lx, x) for _, lx, x in hot}
+
+    def swap_in(li: int, e: int) -> bool:
+        """Make room for a replica of expert e of layer li when every node with room holds it
+        already: a full node q without it hands a copy (lx, x) to a node p with room that does
+        not hold x, and takes the replica. Preferred, in this order: q on a machine without a
+        copy of e; a layer p holds some of already (p's calls stay as they are: the host's part
+        of a layer costs no call), the one q holds least of (q gives up a part of a layer rather
+        than cut another: a layer it shares with the host empties first); a cold copy, the
+        coldest; p keeping x's copies on as many machines; the host."""
+        receivers = [p for p in range(len(nodes)) if slots[p]]
+        donors = [q for q in range(len(nodes)) if capacity[q] and not slots[q]]
+        donors = [q for q in donors if e not in held[q][li]]
+        if not receivers or not donors:
+            return False
+        copied = {machine_at[p] for p in range(len(nodes)) if e in held[p][li]}
+        best = None
+        for q in donors:
+            for p in receivers:
+                for lx in range(num_layers):
+                    movable = held[q][lx] - held[p][lx]
+                    if not movable:
+                        continue
+                    x = min(movable, key=lambda x, lx=lx: ((lx, x) in hot_set, gate[lx][x], x))
+                    spread = {machine_at[o] for o in range(len(nodes)) if x in held[o][lx]}
+                    kept = {machine_at[o] for o in range(len(nodes)) if o != q and x in held[o][lx]}
+                    narrower = len(kept | {machine_at[p]}) < len(spread)
+                    key = (
+                        machine_at[q] in copied,
+                        not held[p][lx],
+                        len(held[q][lx]),
+                        (lx, x) in hot_set,
+                        gate[lx][x],
+                        narrower,
+                        p != host_index,
+                        lx,
+                        x,
+                        q,
+                        p,
+                    )
+                    best = key if best is None else min(best, key)
+        if best is None:
+            return False
+        *_, lx, x, q, p = best
+        move(lx, x, q, p)
+        place(li, e, [q], [0] * len(nodes), True)
+        return True
+
+    def move(lx: int, x: int, q: int, p: int) -> None:
+        """Move q's copy of expert x of layer lx to p."""
+        held[q][lx].remove(x)
+        held[p][lx].add(x)
+        slots[p], placed[p] = slots[p] - 1, placed[p] + 1
+        slots[q], placed[q] = slots[q] + 1, placed[q] - 1
+        if affinity is not None:
+            affinity[lx][q] -= cosel[lx][x]
+            affinity[lx][p] += cosel[lx][x]
+
     for li in range(num_layers):
         room = first_copies[li]
         for e in order[li]:
@@ -408,7 +471,9 @@ def plan_experts(
         for _ in range(want - 1):
             candidates = [p for p in range(len(nodes)) if slots[p] and e not in held[p][li]]
             if not candidates:
-                break  # no distinct peer with room left: dropped
+                if swap_in(li, e):
+                    continue
+                break  # no distinct peer with room left, not even by a swap: dropped
             # on a machine without a copy where there is one (a machine that fails takes all
             # its nodes), then below its target where there is one
             copied = {machine_at[p] for p in range(len(nodes)) if e in held[p][li]}

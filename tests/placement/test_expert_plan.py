@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -158,19 +159,23 @@ def test_hot_experts_are_replicated_on_distinct_peers_and_the_host_gets_them_fir
     assert plan_experts(MODEL, IDS[1], peers, demand, replicate_fraction=0).replicated() == []
 
 
-def test_replicas_go_hottest_first_where_a_distinct_peer_has_room():
+def test_replicas_go_hottest_first_and_a_cold_copy_makes_room():
     mass_1 = [9, 8, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1]
     mass_3 = [1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 7, 6]
     demand = ExpertDemand((1, 3), 16, EB, (tuple(mass_1), tuple(mass_3)))
     # 34 copies: the 32 experts and 2 of the 4 replicas
     peers = offers(17 * EB, 17 * EB, machine="box")
     plan = plan_experts(MODEL, IDS[0], peers, demand)
-    # each peer holds one layer and has room for one copy more: (1, 0) goes to the peer not
-    # holding layer 1, which is then full, so (1, 1) finds no room; (3, 14) fits on the host
-    assert plan.replicated() == [(1, 0), (3, 14)]
-    assert plan.unreplicated == ((1, 1), (3, 15))
+    # each peer holds one layer and has room for one copy more: (1, 0) goes to the host, which
+    # holds layer 3 and is then full; the only peer with room holds (1, 1) already, so the
+    # host hands it its coldest copy, (3, 0), and takes the replica; (3, 14) and (3, 15), less
+    # hot, find no room at all
+    assert plan.replicated() == [(1, 0), (1, 1)]
+    assert plan.holders(3, 0) == (IDS[1],)
+    assert plan.experts_of(IDS[1]) == {1: tuple(range(16)), 3: (0,)}
+    assert plan.unreplicated == ((3, 14), (3, 15))
     check_valid(plan, peers, demand)
-    assert plan.to_dict()["unreplicated"] == [[1, 1], [3, 15]]
+    assert plan.to_dict()["unreplicated"] == [[3, 14], [3, 15]]
 
 
 def test_a_single_peer_holds_everything_once_and_reports_the_missing_replicas():
@@ -381,6 +386,39 @@ def planning_inputs(draw):
     return host, peers, demand, fraction, replicas
 
 
+def replicas_fit(copies, capacity):
+    """Whether experts wanting `copies[k]` copies each, on distinct peers, fit peers holding
+    `capacity[p]` copies: taking the peers with the most room left for the experts wanting the
+    most copies first finds a placement whenever one exists (Gale-Ryser)."""
+    room = list(capacity)
+    for want in sorted(copies, reverse=True):
+        chosen = sorted(range(len(room)), key=lambda p: -room[p])[:want]
+        if len(chosen) < want or min(room[p] for p in chosen) <= 0:
+            return False
+        for p in chosen:
+            room[p] -= 1
+    return True
+
+
+def test_replicas_fit_is_exact_on_small_cases():
+    # brute force: every way of putting each expert's copies on distinct peers
+    for copies, capacity in [
+        ([2, 2, 1], [2, 2, 1]),
+        ([2, 2, 2], [3, 3]),
+        ([2, 2, 2], [3, 2, 1]),
+        ([3, 1, 1], [2, 2, 2]),
+        ([2, 1, 1, 1], [4, 1]),
+        ([2, 2], [1, 1, 1, 1]),
+        ([3], [1, 1]),
+    ]:
+        choices = [list(itertools.combinations(range(len(capacity)), w)) for w in copies]
+        exists = any(
+            all(sum(p in pick for pick in picks) <= c for p, c in enumerate(capacity))
+            for picks in itertools.product(*choices)
+        )
+        assert replicas_fit(copies, capacity) == exists, (copies, capacity)
+
+
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(planning_inputs(), st.randoms(use_true_random=False))
 def test_plan_properties(inputs, rnd):
@@ -401,13 +439,18 @@ def test_plan_properties(inputs, rnd):
     # hot experts have their replicas unless reported
     hot = math.ceil(round(fraction * demand.num_experts, 9))
     with_room = sum(1 for p in peers if p.budget >= EB)
-    for li, layer in enumerate(demand.layers):
-        order = sorted(
-            range(demand.num_experts), key=lambda e, li=li: (-demand.gate_mass[li][e], e)
-        )
+    orders = [
+        sorted(range(demand.num_experts), key=lambda e, g=g: (-g[e], e)) for g in demand.gate_mass
+    ]
+    for layer, order in zip(demand.layers, orders, strict=True):
         for e in order[:hot]:
             holders = len(plan.holders(layer, e))
             assert holders >= min(replicas, with_room) or (layer, e) in plan.unreplicated
+    # where every hot expert can have its replicas, it has them
+    copies = [replicas if i < hot else 1 for order in orders for i in range(len(order))]
+    if replicas_fit(copies, [p.budget // EB for p in peers]):
+        event("every replica fits")
+        assert plan.unreplicated == ()
     assert ExpertPlan.from_wire(plan.to_wire()) == plan
     json.dumps(plan.to_dict())
     assert 0.0 <= expected_remote_peers(plan, demand) <= 2.0
