@@ -15,6 +15,8 @@ from mesh_node.cli.arguments import byte_size
 # and let it start (ports picked by the system; no mDNS; no API or console)
 CONFINED = ["--host", "127.0.0.1", "--port", "0", "--no-mdns", "--no-api", "--no-console"]
 
+MESH_ID = "k" * 32  # a mesh id the node takes: refusals here are of other flags
+
 
 @pytest.mark.parametrize(
     ("text", "size"),
@@ -40,7 +42,16 @@ def test_bad_sizes_say_what_a_size_looks_like(text):
 
 def test_join_refuses_split_and_shards_together():
     result = subprocess.run(
-        [sys.executable, "-m", "mesh_node", "join", "x", *CONFINED, "--moe-split", "--moe-shards"],
+        [
+            sys.executable,
+            "-m",
+            "mesh_node",
+            "join",
+            MESH_ID,
+            *CONFINED,
+            "--moe-split",
+            "--moe-shards",
+        ],
         capture_output=True,
         text=True,
         timeout=60,
@@ -59,7 +70,7 @@ def test_join_refuses_split_and_shards_together():
 )
 def test_join_refuses_split_flags_without_moe_split(flags, named):
     result = subprocess.run(
-        [sys.executable, "-m", "mesh_node", "join", "x", *CONFINED, *flags],
+        [sys.executable, "-m", "mesh_node", "join", MESH_ID, *CONFINED, *flags],
         capture_output=True,
         text=True,
         timeout=60,
@@ -70,7 +81,7 @@ def test_join_refuses_split_flags_without_moe_split(flags, named):
 
 @pytest.mark.parametrize("how", ["flag", "environment"])
 def test_join_refuses_an_empty_api_key(how):
-    args = [sys.executable, "-m", "mesh_node", "join", "x", *CONFINED]
+    args = [sys.executable, "-m", "mesh_node", "join", MESH_ID, *CONFINED]
     env = None
     if how == "flag":
         args += ["--api-key", ""]
@@ -86,7 +97,7 @@ def test_join_refuses_an_empty_api_key(how):
 @pytest.mark.parametrize("name", ["http://proxy.example", "proxy.example:443", "a b", ""])
 def test_join_refuses_an_allowed_host_that_is_not_a_name(name):
     result = subprocess.run(
-        [sys.executable, "-m", "mesh_node", "join", "x", *CONFINED, "--allow-host", name],
+        [sys.executable, "-m", "mesh_node", "join", MESH_ID, *CONFINED, "--allow-host", name],
         capture_output=True,
         text=True,
         timeout=60,
@@ -150,5 +161,24 @@ def test_new_saves_the_mesh_id_for_this_user_only_and_never_over_a_file(tmp_path
     assert first.returncode == 0
     assert target.read_text() == first.stdout and target.stat().st_mode & 0o777 == 0o600
     second = subprocess.run(command, capture_output=True, text=True, timeout=60)
-    assert second.returncode == 2 and "cannot save the mesh id" in second.stderr
+    assert second.returncode == 2 and second.stdout == ""
+    # (the quickstart run a second time: say how to join the mesh it made the first time)
+    assert f"{target} exists already" in second.stderr
+    assert f"mesh-node join --mesh-id-file {target}" in second.stderr
     assert target.read_text() == first.stdout  # the first one's id, untouched
+    (tmp_path / "folder").mkdir()
+    third = subprocess.run(
+        [*command[:-1], str(tmp_path / "folder" / "absent" / "id")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert third.returncode == 2 and "cannot save the mesh id to" in third.stderr
+
+
+def test_join_with_an_empty_mesh_id_says_only_that():
+    """`join "$(mesh-node new --save FILE)"` where the save failed: an empty id is refused,
+    without a warning that a person chose it."""
+    result = join("")
+    assert result.returncode == 2 and "at least 16 characters (got 0)" in result.stderr
+    assert "was not made" not in result.stderr

@@ -12,7 +12,7 @@ from pathlib import Path
 from mesh_node.cli.arguments import byte_size, host_name, host_port, ipv4_address, port_number
 from mesh_node.engine.errors import EngineError
 from mesh_node.expert_parallel.coordinator import ExpertParallelConfig
-from mesh_node.identity import IdentityError, default_home, looks_generated
+from mesh_node.identity import IdentityError, MeshSecret, default_home, looks_generated
 from mesh_node.node import Node, NodeConfig
 from mesh_node.serving.hosting import HostingConfig
 
@@ -253,7 +253,8 @@ def _mesh_id(args: argparse.Namespace) -> str:
 def run(args: argparse.Namespace) -> int:
     try:
         args.mesh_id = _mesh_id(args)
-    except ValueError as exc:
+        MeshSecret(args.mesh_id)  # (a mesh id that cannot be one: say so before warning)
+    except (ValueError, IdentityError) as exc:
         print(f"mesh-node: {exc}", file=sys.stderr)
         return 2
     if not looks_generated(args.mesh_id):

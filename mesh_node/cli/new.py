@@ -34,6 +34,14 @@ def run(args: argparse.Namespace) -> int:
     if args.save is not None:
         try:
             handle = os.open(args.save, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            print(
+                f"mesh-node: {args.save} exists already and is left alone (it may hold the id "
+                f"of a mesh you use): join that mesh with `mesh-node join --mesh-id-file "
+                f"{args.save}`, or save a new id to another file",
+                file=sys.stderr,
+            )
+            return 2
         except OSError as exc:
             print(f"mesh-node: cannot save the mesh id to {args.save}: {exc}", file=sys.stderr)
             return 2
