@@ -173,7 +173,18 @@ class Gateway:
         stale: dict[NodeId, int | None] = {}  # said they do not serve it: skipped till they change
         stale_tries = 0
         while True:
-            host = await self._choose(request, failed, stale, busy)
+            try:
+                host = await self._choose(request, failed, stale, busy)
+            except ModelNotFound:
+                if not failed:
+                    raise
+                # its hosts failed (they died or left) and no node has it now: the model
+                # existed, the generation broke off (a server error a client may retry)
+                where = f" after {len(delivered)} tokens" if delivered else ""
+                raise GenerationFailed(
+                    f"the generation broke off{where}: the hosts of {request.model} failed "
+                    "and no other node has it now"
+                ) from None
             attempt = dataclasses.replace(
                 request, generated_ids=request.generated_ids + tuple(delivered)
             )

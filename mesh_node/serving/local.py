@@ -77,10 +77,11 @@ def _engine_request(request: CompletionRequest) -> GenerationRequest:
 
 
 def _refused(exc: InvalidRequestError, request: CompletionRequest) -> BadRequest:
+    # (the engine refuses a request for its prompt only: empty, too long, not tokenizable)
+    param = "messages" if request.messages is not None else "prompt"
     if isinstance(exc, ContextLengthError):
-        param = "messages" if request.messages is not None else "prompt"
         return ContextLengthExceeded(str(exc), param)
-    return BadRequest(str(exc))
+    return BadRequest(str(exc), param)
 
 
 async def _deltas(stream: RequestStream, request: CompletionRequest) -> AsyncIterator[Delta]:

@@ -197,6 +197,8 @@ class _Fields:
         value = self.body.get(name)
         if value is None:
             return None
+        if isinstance(value, float) and not math.isfinite(value):  # (1e400 parses to inf)
+            raise BadRequest(f"{name} must be a finite number, got {value}", name)
         if not _is_number(value):
             raise BadRequest(f"{name} must be a number, not {_json_type(value)}", name)
         if value > high or value < low or (low_open and value == low):

@@ -146,6 +146,7 @@ INVALID_COMPLETIONS = [
     (completion(logprobs=2), "logprobs"),
     (completion(max_tokens=0), "max_tokens"),
     (completion(temperature=3), "temperature"),
+    (completion(prompt=""), "prompt"),  # (refused by the engine: it names the field too)
 ]
 
 
@@ -375,6 +376,15 @@ async def test_nan_and_infinity_are_not_json(http, server, constant):
     status, payload = await post(http, server, CHAT, body % (MODEL.encode(), constant.encode()))
     assert status == 400
     assert "not valid JSON" in assert_error(payload, "invalid_request_error")["message"]
+
+
+@pytest.mark.parametrize("name", ["temperature", "top_p", "presence_penalty"])
+async def test_a_number_too_large_for_a_double_is_refused_as_not_finite(http, server, name):
+    body = b'{"model": "%s", "messages": [{"role": "user", "content": "x"}], "%s": 1e400}'
+    status, payload = await post(http, server, CHAT, body % (MODEL.encode(), name.encode()))
+    assert status == 400
+    error = assert_error(payload, "invalid_request_error", name)
+    assert error["message"] == f"{name} must be a finite number, got inf"
 
 
 async def test_fields_that_change_nothing_are_accepted(http, server):

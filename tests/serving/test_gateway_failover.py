@@ -6,17 +6,24 @@ started is refused at once (429) when every host left is busy or failed."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from types import SimpleNamespace
 
 import pytest
 
 from mesh_node.engine.sampling import SamplingParams
 from mesh_node.identity import NodeIdentity
-from mesh_node.membership.claims import ALIVE, make_claim
+from mesh_node.membership.claims import ALIVE, LEFT, make_claim
 from mesh_node.membership.messages import Address, PeerState
 from mesh_node.membership.table import PeerTable
 from mesh_node.serving.gateway import Gateway, GatewayConfig
-from mesh_node.serving.requests import CompletionRequest, Delta, GenerationFailed, Overloaded
+from mesh_node.serving.requests import (
+    CompletionRequest,
+    Delta,
+    GenerationFailed,
+    ModelNotFound,
+    Overloaded,
+)
 from mesh_node.serving.tunnel import HostBusy, HostFailed, HostNotServing
 
 TAG = bytes(16)
@@ -127,6 +134,7 @@ def gateway_of(hosts: int, config: GatewayConfig) -> tuple[Gateway, list[str]]:
             PeerState(host.node_id.key, 1, 1, "h", "s", "host", address, models_served=[MODEL])
         )
     gateway = Gateway(me.node_id, None, table, SimpleNamespace(generators={}), config=config)
+    gateway.host_keys = identities  # (for a test to speak as a host)
     return gateway, []
 
 
@@ -162,3 +170,38 @@ async def test_a_request_gives_up_when_hosts_keep_saying_they_do_not_serve_it():
         async with asyncio.timeout(10):
             await read(gateway)
     assert len(asked) == 5 and len(set(asked)) == 5
+
+
+def only_host_leaves(after_tokens: int) -> Gateway:
+    """The mesh's only host of MODEL sends `after_tokens` tokens, then leaves (SIGTERM, or
+    it is declared dead) and its stream breaks: no node has MODEL any more."""
+    gateway, _ = gateway_of(1, GatewayConfig(host_wait=2.0))
+    (host,) = gateway.host_keys
+
+    async def run_on(chosen, request):
+        for i in range(after_tokens):
+            yield Delta(f"t{i} ", token_ids=(i,))
+        gateway.table.apply(make_claim(host, TAG, LEFT, host.node_id, 1))
+        raise HostFailed("connection closed (node left)")
+
+    gateway._run_on = run_on
+    return gateway
+
+
+@pytest.mark.parametrize("after_tokens", [0, 3])
+async def test_the_only_host_leaving_mid_answer_is_a_failed_generation_not_an_unknown_model(
+    after_tokens,
+):
+    """API.md: 502 generation_failed, "the generation broke off and no other host could
+    continue it" (a server error clients retry), not 404 model_not_found (a wrong request)."""
+    gateway = only_host_leaves(after_tokens)
+    with pytest.raises(GenerationFailed, match=r"broke off.*no other node has it now") as caught:
+        async with asyncio.timeout(10):
+            await read(gateway)
+    assert (f"after {after_tokens} tokens" in caught.value.message) == (after_tokens > 0)
+    # a model no node ever had is still unknown
+    with pytest.raises(ModelNotFound):
+        async with asyncio.timeout(10):
+            async with gateway.stream(dataclasses.replace(request(), model="other")) as deltas:
+                async for _ in deltas:
+                    pass
