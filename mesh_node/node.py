@@ -43,6 +43,7 @@ from mesh_node.transport.quic import QuicEndpoint
 log = logging.getLogger("mesh_node.node")
 
 HARDWARE_REFRESH = 30.0
+SHUTDOWN_GRACE = 5.0  # seconds answers under way get to finish when the node stops
 
 
 @dataclass(frozen=True)
@@ -101,7 +102,7 @@ class Node:
         self.local = LocalModels()
         self.hosting: Hosting | None = None
         self.gateway: Gateway | None = None
-        TunnelHost(self.endpoint.handlers, self.local)
+        self.tunnel = TunnelHost(self.endpoint.handlers, self.local)
         # express lanes for expert calls: a QUIC node that holds experts grants them
         self.lanes: ExpressServer | None = None
         if isinstance(endpoint, QuicEndpoint) and config.experts.enabled and config.experts.lanes:
@@ -203,6 +204,7 @@ class Node:
                 port=self.config.api_port,
                 api_key=self.config.api_key,
                 allowed_hosts=self.config.allowed_hosts,
+                shutdown_timeout=SHUTDOWN_GRACE,
             )
             await self.api.start()
         if self.config.console_port is not None:
@@ -276,9 +278,13 @@ class Node:
             await asyncio.sleep(HARDWARE_REFRESH)
 
     async def stop(self) -> None:
-        """Leave the mesh cleanly: peers are told at once, then connections close."""
+        """Leave the mesh cleanly: answers under way get SHUTDOWN_GRACE seconds to finish
+        (this node's API clients' and those tunnelled from other nodes alike), then peers are
+        told at once, then connections close."""
+        draining = [self.tunnel.drain(SHUTDOWN_GRACE)]
         if self.api is not None:
-            await self.api.stop()
+            draining.append(self.api.stop())
+        await asyncio.gather(*draining)
         if self.console is not None:
             await self.console.stop()
         if self.discovery is not None:

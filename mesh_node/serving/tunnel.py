@@ -8,6 +8,8 @@ stream, which cancels the generation on the host.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 
 from mesh_node.engine.sampling import SamplingParams
@@ -93,13 +95,39 @@ class TunnelHost:
 
     def __init__(self, handlers: Handlers, local: LocalModels):
         self.local = local
+        self._active = 0  # generations being served
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._closing = False
         handlers.on_stream(Generate, self._serve)
 
+    async def drain(self, timeout: float) -> None:
+        """Before the node leaves: refuse new generations (as not serving: their callers try
+        another host) and give those under way up to `timeout` seconds to finish, as the
+        API gives its own clients."""
+        self._closing = True
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await self._idle.wait()
+
     async def _serve(self, ctx: RequestContext, message: Generate) -> AsyncIterator[GenerateChunk]:
+        if self._closing:
+            raise RequestFailed(ErrorCode.NOT_FOUND, "this node is leaving the mesh")
         try:
             request = from_wire(message)
         except ValueError as exc:
             raise RequestFailed(ErrorCode.BAD_REQUEST, str(exc)) from None
+        self._active += 1
+        self._idle.clear()
+        try:
+            async for chunk in self._generate(request):
+                yield chunk
+        finally:
+            self._active -= 1
+            if not self._active:
+                self._idle.set()
+
+    async def _generate(self, request: CompletionRequest) -> AsyncIterator[GenerateChunk]:
         try:
             async with self.local.stream(request) as deltas:
                 async for delta in deltas:

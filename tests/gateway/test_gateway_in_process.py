@@ -229,3 +229,33 @@ async def test_a_nodes_api_and_console_answer_the_names_it_was_given(mesh):
             for host, status in (("proxy.example", 200), ("attacker.example", 403)):
                 async with http.get(url, headers={"Host": host}) as response:
                     assert response.status == status, (url, host)
+
+
+async def test_a_host_that_stops_lets_an_answer_tunnelled_through_another_node_finish(
+    mesh, slow_model, caplog
+):
+    """SIGTERM on the only host: an answer it streams to another node's client finishes, as
+    its own API clients' do (SHUTDOWN_GRACE), rather than breaking off with no host left."""
+    prompt = "Leaving gracefully"
+    with Generator.from_pretrained(str(slow_model)) as alone:
+        expected = alone.generate(
+            GenerationRequest(prompt=prompt, sampling=SamplingParams(max_tokens=60))
+        ).text
+    host = await mesh.add(models=[str(slow_model)])
+    caller = await mesh.add(client=True)
+    await mesh.wait(lambda: mesh.hosts_of(SLOW) == [host] and SLOW in caller.gateway.model_ids())
+    request = CompletionRequest(
+        model=SLOW, request_id="drain-1", prompt=prompt, sampling=SamplingParams(max_tokens=60)
+    )
+    text, pieces, stopping = "", 0, None
+    async with caller.gateway.stream(request) as stream:
+        async for delta in stream:
+            text += delta.text
+            pieces += 1
+            if pieces == 3:
+                mesh.nodes.remove(host)
+                stopping = asyncio.ensure_future(host.stop())
+    assert text == expected and delta.completion_tokens == 60
+    assert "failed after" not in caplog.text  # no failover: the host finished it
+    async with asyncio.timeout(30):
+        await stopping
