@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 
 import pytest
@@ -172,6 +173,9 @@ def test_invalid_requests(generator):
         run(generator, prompt_ids=[1, 99999])
     with pytest.raises(ValueError, match="max_tokens"):
         SamplingParams(max_tokens=0)
+    for temperature in (-0.5, math.nan, math.inf):
+        with pytest.raises(ValueError, match="temperature must be a finite number >= 0"):
+            SamplingParams(temperature=temperature)
 
 
 async def test_async_streams_do_not_block_the_event_loop(generator):
