@@ -4,9 +4,11 @@ Signed payload: "mesh-node/1 claim\\0" | mesh_tag(16) | msgpack([kind, subject, 
 speaker, [[host, port], ...]]). The mesh tag binds a claim to one mesh.
 
 Precedence (per subject; "dead" and "left" are tombstones): claims are ordered by
-(incarnation, kind) with alive < suspect < dead < left, and the higher one wins. So, as in
-SWIM, suspect(i) beats alive(i), alive(i+1) refutes suspect(i), dead(i) beats both, and a
-tombstone is lifted only by alive at a higher incarnation (the node came back).
+(incarnation, kind) with alive < suspect < dead < left, and the higher one wins, except that
+a suspicion never replaces a tombstone. So, as in SWIM, suspect(i) beats alive(i), alive(i+1)
+refutes suspect(i), dead(i) beats both, and a tombstone is lifted only by alive at a higher
+incarnation (the node came back): a suspicion is about a live node, and anyone may make one
+up, so it must not turn the dead or the departed into live members.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from mesh_node.transport.addresses import address_error
 
 ALIVE, SUSPECT, DEAD, LEFT = "alive", "suspect", "dead", "left"
 KINDS = (ALIVE, SUSPECT, DEAD, LEFT)
+TOMBSTONES = (DEAD, LEFT)
 SELF_SPOKEN = (ALIVE, LEFT)
 _LABEL = b"mesh-node/1 claim\x00"
 MAX_ADDRESSES = 8
@@ -119,10 +122,16 @@ _ORDER = {ALIVE: 0, SUSPECT: 1, DEAD: 2, LEFT: 3}
 
 def rank(kind: str, incarnation: int) -> tuple[int, int]:
     """Claims about a subject are totally ordered: the view holds the highest one seen, so
-    nodes that saw the same claims agree whatever order they came in."""
+    nodes that saw the same alive, dead and left claims agree whatever order they came in.
+    (A suspicion counts only while its subject is live in the view; one that arrived before
+    the subject's alive claim, or after its tombstone, is dropped. Views that differ so
+    agree again at the subject's refutation or death, which every view takes.)"""
     return (incarnation, _ORDER[kind])
 
 
 def outranks(kind: str, incarnation: int, old_kind: str, old_incarnation: int) -> bool:
-    """Does a claim (kind, incarnation) replace the current (old_kind, old_incarnation)?"""
+    """Does a claim (kind, incarnation) replace the current (old_kind, old_incarnation)?
+    The higher rank does, but a suspicion never replaces a tombstone (see above)."""
+    if kind == SUSPECT and old_kind in TOMBSTONES:
+        return False
     return rank(kind, incarnation) > rank(old_kind, old_incarnation)

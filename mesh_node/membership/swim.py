@@ -5,7 +5,10 @@ of claims, anti-entropy, and the exchange of node states.
   directly; failing that, ask `indirect_probes` others to probe it; failing that, suspect it.
 * Suspicion: a suspected member is declared dead after a timeout that shrinks as other
   members independently confirm the suspicion (Lifeguard). A member that hears it is
-  suspected refutes by raising its incarnation.
+  suspected refutes by raising its incarnation, and tells the node that told it first.
+* Coming back: a node that hears directly from a node it holds as dead or left, or has
+  forgotten, tells it so; it refutes, and its new alive claim lifts the tombstones. (After a
+  split longer than the tombstone TTL, nobody else would: both sides forgot the deaths.)
 * Local health (Lifeguard): failed probes, missed nacks, refutations and event-loop lag
   raise a score that stretches our probe interval and timeout, so a slow node does not
   accuse healthy ones.
@@ -15,12 +18,15 @@ of claims, anti-entropy, and the exchange of node states.
   push-pull when the digests differ. A joiner does a full push-pull with its seed.
 * State: fetched from each member directly (StateRequest); changes pushed by the owner to
   every member (StateDelta). Probes carry the sender's state version, so a missed change
-  is noticed within a probe cycle and fetched.
+  (or a missed new incarnation's state) is noticed within a probe cycle and fetched.
+* Dialing: a member's advertised addresses are tried in turn, each with a share of the
+  time, so an address others cannot reach does not hide the node.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import math
@@ -36,8 +42,10 @@ from mesh_node.membership.claims import (
     ALIVE,
     DEAD,
     LEFT,
+    MAX_ACCUSED,
     MAX_INCARNATION,
     SUSPECT,
+    TOMBSTONES,
     VERIFIER,
     make_claim,
     outranks,
@@ -67,6 +75,11 @@ from mesh_node.transport.errors import ErrorCode, RequestFailed, TransportError
 log = logging.getLogger("mesh_node.membership")
 
 NACK_SHARE = 0.8  # of its probe timeout, a node asked to probe for another tries (see below)
+# Another process with our key: this many alive claims about us above our own incarnation
+# within TWIN_WINDOW s (our past run leaves one or two), then hold back TWIN_HOLD s.
+TWIN_REFUTATIONS = 3
+TWIN_WINDOW = 60.0
+TWIN_HOLD = 600.0
 
 
 @dataclass(frozen=True)
@@ -128,6 +141,45 @@ class _Broadcasts:
         return [item[0] for _, item in chosen]
 
 
+class _TwinWatch:
+    """Notices another process running with this node's key (an old process that was frozen,
+    not dead, woken after its replacement started). An alive claim about us above our own
+    incarnation is normally our previous run's, and we go above it; claims that keep coming
+    back above us after that are a live twin going above our refutations: the two would
+    out-refute each other forever, the mesh sending our traffic now to one, now to the
+    other. So after a few within a minute we log the cause and, for a while, let the other
+    process's claim stand (suspicions and deaths of us are still refuted, so this node
+    cannot be declared dead meanwhile)."""
+
+    def __init__(self, clock: Callable[[], float]):
+        self._clock = clock
+        self._refuted: collections.deque[float] = collections.deque(maxlen=TWIN_REFUTATIONS)
+        self._hold_until = -math.inf
+
+    def may_refute(self, claim: Claim, incarnation: int) -> bool:
+        """Whether to go above `claim`, an alive claim about us above `incarnation`, ours."""
+        now = self._clock()
+        if now < self._hold_until:
+            return False
+        self._refuted.append(now)
+        if len(self._refuted) < TWIN_REFUTATIONS or now - self._refuted[0] > TWIN_WINDOW:
+            return True
+        self._refuted.clear()
+        self._hold_until = now + TWIN_HOLD
+        log.error(
+            "another process is running with this node's key: it announced this node alive "
+            "at %s (incarnation %d, ours %d), going above us %d times in %gs. Stop one of the "
+            "two processes; until then this one lets the other's claim stand for %gs",
+            ", ".join(f"{a.host}:{a.port}" for a in claim.addresses),
+            claim.incarnation,
+            incarnation,
+            TWIN_REFUTATIONS,
+            TWIN_WINDOW,
+            TWIN_HOLD,
+        )
+        return False
+
+
 class Membership:
     def __init__(
         self,
@@ -167,6 +219,8 @@ class Membership:
         self._suspicions: dict[NodeId, asyncio.TimerHandle] = {}
         self._fetching: set[NodeId] = set()
         self._known_alive: set[NodeId] = set()
+        self._reminded: collections.OrderedDict[NodeId, float] = collections.OrderedDict()
+        self._twins = _TwinWatch(self._loop.time)
         self._fetch_slots = asyncio.Semaphore(self.config.fetch_concurrency)
         self._pushed: PeerState = self_state.current
         self._state_dirty = asyncio.Event()
@@ -299,16 +353,18 @@ class Membership:
 
     # ------------------------------------------------------------------ claims in
 
-    def accept_claims(self, claims: list[Claim], source: str) -> None:
-        """Verify and apply claims received from a peer; re-gossip what is news."""
+    def accept_claims(self, claims: list[Claim], peer: NodeId) -> None:
+        """Verify and apply claims that `peer` sent us itself (on a connection authenticated
+        as it: a message, or its answer to ours); re-gossip what is news."""
         if len(claims) > self.config.max_members * 2:
             raise RequestFailed(ErrorCode.BAD_REQUEST, "too many claims")
+        incarnation = self.incarnation
         for claim in claims:
             problem = shape_error(claim)
             if problem is None and not VERIFIER.verify(self.mesh_tag, claim):
                 problem = "bad signature"
             if problem is not None:
-                log.warning("rejected a claim from %s: %s", source, problem)
+                log.warning("rejected a claim from %s: %s", peer.short, problem)
                 continue
             if claim.subject == self.node_id.key:
                 self._about_us(claim)
@@ -316,6 +372,49 @@ class Membership:
             changed = self.table.apply(claim)
             if changed is not None:
                 self._broadcast(claim)
+        if self.incarnation != incarnation:
+            # we refuted what `peer` told us: tell it first, for our gossip goes only to
+            # members we hold live, and it may not be one (two sides of a split that forgot
+            # each other)
+            self._tell(peer, [self._alive_claim()])
+        self._remind_if_gone(peer)
+
+    def _remind_if_gone(self, peer: NodeId) -> None:
+        """`peer` spoke to us, so it runs. If our table holds it as dead or left, or forgot
+        it, tell it (at most once a probe interval): at or below that incarnation it refutes,
+        and its new alive claim lifts the tombstone everywhere. Once a tombstone is
+        forgotten nobody else tells it, and every table refuses its alive claims at or below
+        the forgotten incarnation: without this it would stay out for good."""
+        member = self.table.get(peer)
+        if member is not None and member.status not in TOMBSTONES:
+            return
+        forgotten = self.table.forgotten(peer)
+        if member is None and forgotten is None:
+            return  # a node we never met: nothing to tell
+        now = self._loop.time()
+        last = self._reminded.get(peer)
+        if last is not None and now - last < self.config.probe_interval:
+            return
+        self._reminded[peer] = now
+        self._reminded.move_to_end(peer)
+        while len(self._reminded) > self.config.max_members:
+            self._reminded.popitem(last=False)
+        if member is not None:
+            claim = member.status_claim  # its death (by whoever saw it) or its own leave
+        else:  # the death we forgot, said again by us
+            incarnation = min(forgotten or 0, MAX_ACCUSED)
+            claim = make_claim(self.identity, self.mesh_tag, DEAD, peer, incarnation)
+        self._tell(peer, [claim])
+
+    def _tell(self, peer: NodeId, claims: list[Claim]) -> None:
+        """Send claims straight to `peer`, on an open connection to it (none is dialed)."""
+        conn = self.endpoint.connection_to(peer)
+        if conn is not None and self._running:
+            self._spawn(self._send_on(conn, Gossip(claims)))
+
+    async def _send_on(self, conn: Connection, message: Any) -> None:
+        with contextlib.suppress(TransportError, TimeoutError, OSError):
+            await conn.send(message, timeout=self.config.request_timeout)
 
     def _about_us(self, claim: Claim) -> None:
         if self._left:
@@ -324,6 +423,9 @@ class Membership:
             self._refute(claim.incarnation)
         elif claim.kind in (ALIVE, LEFT) and claim.incarnation > self.incarnation:
             # our own old self (before a restart) spoke at a higher incarnation: go above it
+            # (unless another process with our key keeps doing so: see _TwinWatch)
+            if claim.kind == ALIVE and not self._twins.may_refute(claim, self.incarnation):
+                return
             self._refute(claim.incarnation)
 
     def _on_table_change(self, member: Member, what: str) -> None:
@@ -431,19 +533,24 @@ class Membership:
             await asyncio.sleep(max(0.0, started + interval - self._loop.time()))
 
     async def _connect(self, member_id: NodeId, addresses: list[Address], timeout: float):
-        """A connection to the member at one of its addresses (raises TransportError)."""
+        """A connection to the member at one of its addresses, tried in turn within `timeout`
+        (raises TransportError). Each address gets an equal share of the time left, so one
+        that never answers (an interface of the node others cannot reach) leaves time for
+        the next; one that fails at once leaves its share to those after it."""
         existing = self.endpoint.connection_to(member_id)
         if existing is not None:
             return existing
         last: Exception | None = None
         deadline = self._loop.time() + timeout
-        for address in addresses:
+        for tried, address in enumerate(addresses):
             remaining = deadline - self._loop.time()
             if remaining <= 0:
                 break
             try:
                 return await self.endpoint.connect(
-                    (address.host, address.port), expect=member_id, timeout=remaining
+                    (address.host, address.port),
+                    expect=member_id,
+                    timeout=remaining / (len(addresses) - tried),
                 )
             except TransportError as exc:
                 last = exc
@@ -469,7 +576,7 @@ class Membership:
             return False
         self.table.contact(member_id, self._loop.time() - started)
         self._heard_version(conn, ack.state_version)
-        self.accept_claims(ack.claims, member_id.short)
+        self.accept_claims(ack.claims, member_id)
         return True
 
     async def _probe(self, member: Member, deadline: float) -> None:
@@ -508,7 +615,7 @@ class Membership:
             return None
         if not isinstance(result, ProbeResult):
             return None
-        self.accept_claims(result.claims, helper.node_id.short)
+        self.accept_claims(result.claims, helper.node_id)
         return result.ok
 
     # ------------------------------------------------------------------ handlers
@@ -517,12 +624,12 @@ class Membership:
         self._check_claim_count(probe.claims)
         self.table.contact(ctx.peer)
         self._heard_version(ctx.connection, probe.state_version)
-        self.accept_claims(probe.claims, ctx.peer.short)
+        self.accept_claims(probe.claims, ctx.peer)
         return ProbeAck(probe.seq, self.self_state.current.version, self._piggyback())
 
     async def _on_probe_request(self, ctx: RequestContext, request: ProbeRequest) -> ProbeResult:
         self._check_claim_count(request.claims)
-        self.accept_claims(request.claims, ctx.peer.short)
+        self.accept_claims(request.claims, ctx.peer)
         if (
             len(request.target) != 32
             or len(request.addresses) > 8
@@ -545,12 +652,12 @@ class Membership:
                 self.config.max_claims_per_message,
             )
             return
-        self.accept_claims(gossip.claims, ctx.peer.short)
+        self.accept_claims(gossip.claims, ctx.peer)
 
     def _on_sync(self, ctx: RequestContext, request: SyncRequest) -> SyncReply:
         if len(request.claims) > 2 * self.config.max_members:
             raise RequestFailed(ErrorCode.BAD_REQUEST, "too many claims")
-        self.accept_claims(request.claims, ctx.peer.short)
+        self.accept_claims(request.claims, ctx.peer)
         digest = self.table.digest()
         if request.digest == digest:
             return SyncReply(digest, [])
@@ -584,11 +691,18 @@ class Membership:
     # ------------------------------------------------------------------ state exchange
 
     def _heard_version(self, conn: Connection, version: int) -> None:
-        """A member told us (directly) its state version: fetch if ours is older."""
+        """A member told us (directly) its state version: fetch if ours is older. States are
+        ordered by (incarnation, version), and a node's state is of the incarnation of its
+        latest alive claim: one held from an older incarnation is older whatever its
+        version (a node restarted with its clock behind publishes lower versions)."""
         if conn.peer is None:
             return
         member = self.table.get(conn.peer)
-        if member is not None and member.live and member.state_version < version:
+        if member is None or not member.live:
+            return
+        held = member.state
+        current = member.alive_claim.incarnation if member.alive_claim else member.incarnation
+        if held is None or (held.incarnation, held.version) < (current, version):
             self._fetch_state(conn.peer)
 
     def _fetch_state(self, node_id: NodeId) -> None:
@@ -680,12 +794,16 @@ class Membership:
             conn = await self._connect(expect, [address], timeout)
         else:
             conn = await self.endpoint.connect((address.host, address.port), timeout=timeout)
+        return await self._exchange_views(conn, push)
+
+    async def _exchange_views(self, conn: Connection, push: bool) -> NodeId:
+        timeout = self.config.request_timeout
         claims = self.table.sync_claims() if push else []
         reply = await conn.request(SyncRequest(self.table.digest(), claims), timeout=timeout)
         if not isinstance(reply, SyncReply):
             raise RequestFailed(ErrorCode.UNEXPECTED_MESSAGE, "expected SyncReply")
         assert conn.peer is not None
-        self.accept_claims(reply.claims, conn.peer.short)
+        self.accept_claims(reply.claims, conn.peer)
         if not push and reply.digest != self.table.digest():
             await conn.request(
                 SyncRequest(self.table.digest(), self.table.sync_claims()), timeout=timeout
@@ -714,7 +832,9 @@ class Membership:
         """One background sync with `member`: an unreachable one is no news, and a bug is
         logged, never allowed to end the loop that asked."""
         try:
-            await self.sync_with(member.addresses[0], member.node_id, push=push)
+            timeout = self.config.request_timeout
+            conn = await self._connect(member.node_id, member.addresses, timeout)
+            await self._exchange_views(conn, push)
         except (TransportError, TimeoutError, OSError):
             pass
         except Exception:

@@ -8,6 +8,14 @@ tombstone is forgotten (after its TTL) the table still remembers, in a bounded l
 incarnation it was, so another node's copy of the tombstone, forgotten a little later,
 cannot bring it back either. A full table makes room for a live node by forgetting its
 oldest tombstone.
+
+Members come only from their own alive or left claims, or from a death (a tombstone: never
+a live member). A suspicion of a node the table does not hold is dropped: anyone can
+suspect a made-up id. A death of one is kept as a tombstone (bounded like any member, and
+never taking a live member's place), because a node joining late learns the dead only so
+(a view carries a dead member's death, not its old alive claim): without it its view, and
+so its digest, would differ from everyone else's until the others forget the tombstone, and
+a stale copy of the dead node's alive claim would bring it back there.
 """
 
 from __future__ import annotations
@@ -19,14 +27,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 
 from mesh_node.identity import NodeId
-from mesh_node.membership.claims import ALIVE, DEAD, LEFT, SUSPECT, outranks
+from mesh_node.membership.claims import ALIVE, SUSPECT, TOMBSTONES, outranks
 from mesh_node.membership.messages import Address, Claim, PeerState, StateDelta
 
 log = logging.getLogger("mesh_node.membership")
 
 MAX_ACCUSERS = 32  # confirmations kept per suspicion (Lifeguard needs a few)
-
-TOMBSTONES = (DEAD, LEFT)
 
 # what changed about a member, for listeners
 STATUS, STATE, CONTACT, REMOVED = "status", "state", "contact", "removed"
@@ -107,6 +113,11 @@ class PeerTable:
     def live_peers(self) -> list[Member]:
         return self.peers(ALIVE, SUSPECT)
 
+    def forgotten(self, node_id: NodeId) -> int | None:
+        """The incarnation at which this table forgot `node_id`'s tombstone, if it did (and
+        has not seen it rejoin since)."""
+        return self._forgotten.get(node_id)
+
     def digest(self) -> bytes:
         """A hash of who is in which status at which incarnation: equal views, equal digests."""
         if self._digest is None:
@@ -151,8 +162,9 @@ class PeerTable:
         """Apply a verified claim. Returns the member when the claim is news (its status or
         addresses changed, or one more node suspects it), None when stale or known.
 
-        The status is the highest-ranked claim seen (claims.rank), whatever the order of
-        arrival; where a node lives is its highest alive claim, kept separately."""
+        The status is the highest-ranked claim seen (claims.outranks: a suspicion counts
+        only while the member is live); where a node lives is its highest alive claim, kept
+        separately."""
         subject = NodeId(claim.subject)
         member = self._members.get(subject)
         now = self._clock()
@@ -189,8 +201,11 @@ class PeerTable:
         return member
 
     def _new_member(self, claim: Claim, now: float) -> Member | None:
-        """A member from its first claim; None when the table is full of live members, or
-        the node was forgotten at this incarnation."""
+        """A member from its first claim; None when that is a suspicion (of a node we do not
+        know, or forgot), the table is full of live members, or the node was forgotten at
+        this incarnation."""
+        if claim.kind == SUSPECT:
+            return None
         subject = NodeId(claim.subject)
         forgotten = self._forgotten.get(subject)
         if forgotten is not None:
@@ -205,8 +220,6 @@ class PeerTable:
         member = Member(subject, claim.kind, claim.incarnation, claim, now)
         if claim.kind == ALIVE:
             member.alive_claim = claim
-        if claim.kind == SUSPECT:
-            member.accusers = {claim.speaker}
         self._members[subject] = member
         self._changed(member, STATUS)
         return member

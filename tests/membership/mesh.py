@@ -41,6 +41,26 @@ class SimNode:
         return member.status if member else None
 
 
+class CutLinkNetwork(MemoryNetwork):
+    """An in-memory network that can cut single links: A-C down while A-B and B-C work
+    (`partition` puts nodes in groups, so it cannot express this)."""
+
+    def __init__(self, latency: float):
+        super().__init__(latency)
+        self._cut: set[frozenset] = set()
+
+    def cut(self, a: SimNode, b: SimNode) -> None:
+        self._cut.add(frozenset((a.address, b.address)))
+        self._paths_changed()
+
+    def restore(self, a: SimNode, b: SimNode) -> None:
+        self._cut.discard(frozenset((a.address, b.address)))
+        self._paths_changed()
+
+    def partitioned(self, a, b) -> bool:
+        return frozenset((a, b)) in self._cut or super().partitioned(a, b)
+
+
 class SimMesh:
     def __init__(self, network: MemoryNetwork, mesh: MeshSecret, config: MembershipConfig, seed=0):
         self.network = network
@@ -51,7 +71,12 @@ class SimMesh:
         self.boots = 0
         self.changed = asyncio.Event()  # set on any change in any node's table
 
-    async def add(self, seeds=None, identity=None, address=None, start=True) -> SimNode:
+    async def add(
+        self, seeds=None, identity=None, address=None, start=True, unreachable=()
+    ) -> SimNode:
+        """A node (a new one, or `identity` restarted) joining through `seeds` (default: the
+        first node). `unreachable`: addresses it advertises ahead of its own that nobody can
+        reach (an interface of its machine that others have no route to)."""
         identity = identity or NodeIdentity.generate()
         endpoint = self.network.endpoint(
             identity, self.mesh, registry=REGISTRY, handlers=Handlers(), address=address
@@ -66,7 +91,7 @@ class SimMesh:
             name=f"n{len(self.nodes)}",
             software="mesh-node/test",
             role="worker",
-            addresses=[Address(*endpoint.address)],
+            addresses=[*unreachable, Address(*endpoint.address)],
             hardware=Hardware(cpu_cores=2, ram_total=8 << 30, ram_free=4 << 30),
         )
         if seeds is None:

@@ -76,6 +76,9 @@ def test_shape_rules():
         ((LEFT, 3), (DEAD, 3), True),
         ((DEAD, 3), (LEFT, 3), False),
         ((ALIVE, 2), (ALIVE, 3), False),
+        ((SUSPECT, 4), (DEAD, 3), False),  # only alive lifts a tombstone...
+        ((SUSPECT, 4), (LEFT, 3), False),
+        ((DEAD, 4), (LEFT, 3), True),  # ...while a higher tombstone replaces one
     ],
 )
 def test_precedence(new, old, wins):
@@ -86,8 +89,16 @@ KIND = st.sampled_from([ALIVE, SUSPECT, DEAD, LEFT])
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.lists(st.tuples(KIND, st.integers(1, 4)), min_size=1, max_size=6), st.randoms())
+@given(
+    st.lists(
+        st.tuples(st.sampled_from([ALIVE, DEAD, LEFT]), st.integers(1, 4)), min_size=1, max_size=6
+    ),
+    st.randoms(),
+)
 def test_the_view_does_not_depend_on_arrival_order(events, rnd):
+    """Of alive, dead and left claims, the view holds the highest whatever their order.
+    (Suspicions are dropped when their subject is not live in the view, so the view does
+    depend on whether one came before or after: the next test.)"""
     claims = [claim(kind, inc) for kind, inc in events]
     results = set()
     for order in itertools.islice(itertools.permutations(claims), 6):
@@ -99,6 +110,45 @@ def test_the_view_does_not_depend_on_arrival_order(events, rnd):
         member = table.get(SUBJECT.node_id)
         results.add(None if member is None else (member.status, member.incarnation))
     assert len(results) == 1
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(KIND, st.integers(1, 4)), min_size=1, max_size=8))
+def test_only_alive_at_a_higher_incarnation_lifts_a_tombstone(events):
+    """Whatever comes in whatever order: a suspicion never makes a member, a tombstone
+    stays one until alive above its incarnation, and a suspicion is held only of a node
+    whose alive claim the table holds."""
+    table = PeerTable(OTHERS[2].node_id, lambda: 0.0)
+    for kind, inc in events:
+        before = table.get(SUBJECT.node_id)
+        before = None if before is None else (before.status, before.incarnation)
+        table.apply(claim(kind, inc))
+        member = table.get(SUBJECT.node_id)
+        if before is None:
+            assert member is None or member.status != SUSPECT
+        elif before[0] in (DEAD, LEFT) and member.live:
+            assert kind == ALIVE and inc > before[1]
+        if member is not None and member.status == SUSPECT:
+            assert member.alive_claim is not None
+
+
+def test_suspicions_of_unknown_nodes_are_dropped_and_deaths_kept_as_tombstones():
+    """Anyone may suspect a made-up id: that adds no member. A death adds a tombstone, never
+    a live member: a node joining late learns the dead only so (a view carries a dead
+    member's death, not its alive claim), and views must agree (their digests)."""
+    table = PeerTable(OTHERS[2].node_id, lambda: 0.0)
+    for made_up in (NodeIdentity.generate() for _ in range(5)):
+        suspicion = make_claim(OTHERS[0], TAG, SUSPECT, made_up.node_id, 5)
+        assert table.apply(suspicion) is None and table.get(made_up.node_id) is None
+    assert len(table) == 0
+    tombstone = table.apply(claim(DEAD, 3))
+    assert tombstone is not None and tombstone.status == DEAD and not tombstone.live
+    assert table.live_peers() == []
+    table.apply(claim(ALIVE, 3))  # an alive claim of that incarnation does not lift it
+    assert table.apply(claim(SUSPECT, 9)) is None  # nor does a suspicion of a later one
+    assert table.get(SUBJECT.node_id).status == DEAD and table.live_peers() == []
+    back = table.apply(claim(ALIVE, 4))
+    assert back is not None and back.status == ALIVE
 
 
 def state(version, **extra):

@@ -18,30 +18,14 @@ from mesh_node.membership.swim import MembershipConfig
 from mesh_node.membership.table import STATUS
 from mesh_node.transport import virtual_time
 from mesh_node.transport.memory import MemoryNetwork
-from tests.membership.mesh import SimMesh, SimNode
+from tests.membership.mesh import CutLinkNetwork, SimMesh, SimNode
 
 LAN = 0.0005  # one-way latency of the simulated LAN, seconds
 
 
-class CutLinkNetwork(MemoryNetwork):
-    """An in-memory network that can cut single links: A-C down while A-B and B-C work
-    (`partition` puts nodes in groups, so it cannot express this)."""
-
-    def __init__(self, latency: float = LAN):
-        super().__init__(latency)
-        self._cut: set[frozenset] = set()
-
-    def cut(self, a: SimNode, b: SimNode) -> None:
-        self._cut.add(frozenset((a.address, b.address)))
-        self._paths_changed()
-
-    def partitioned(self, a, b) -> bool:
-        return frozenset((a, b)) in self._cut or super().partitioned(a, b)
-
-
 def new_mesh(network: MemoryNetwork | None = None, config: MembershipConfig | None = None):
     return SimMesh(
-        network or CutLinkNetwork(),
+        network or CutLinkNetwork(LAN),
         MeshSecret(new_mesh_id()),
         config or MembershipConfig(),
         seed=5,
@@ -90,7 +74,7 @@ def test_a_node_reachable_only_through_another_is_never_suspected():
     minute neither A nor C suspects the other (SWIM's point of indirect probing)."""
 
     async def main():
-        network = CutLinkNetwork()
+        network = CutLinkNetwork(LAN)
         mesh = new_mesh(network)
         for _ in range(3):
             await mesh.add()
@@ -131,7 +115,7 @@ def probe_once(helper_reaches_target: bool) -> tuple[str | None, int]:
     A's status of C and A's health after one `_probe` of C."""
 
     async def main():
-        network = CutLinkNetwork()
+        network = CutLinkNetwork(LAN)
         mesh = new_mesh(network)
         try:
             a, b, c = await introduced(mesh, 3)
@@ -230,7 +214,7 @@ def simulate_suspicion(peers: int, confirmations: int) -> float:
                     make_claim(o, membership.mesh_tag, SUSPECT, target, 1)
                     for o in others[1 : 1 + confirmations]
                 ],
-                "gossip",
+                others[-1].node_id,  # relayed by another member
             )
             async with asyncio.timeout(60):
                 await died.wait()

@@ -18,10 +18,10 @@ from tests.membership.mesh import SimMesh
 LAN = 0.0005  # one-way latency of the simulated LAN, seconds
 
 
-def simulate(coro_fn, nodes=5, latency=LAN, config=None, seed=7):
+def simulate(coro_fn, nodes=5, latency=LAN, config=None, seed=7, network=None):
     async def main():
         mesh = SimMesh(
-            MemoryNetwork(latency=latency),
+            network or MemoryNetwork(latency=latency),
             MeshSecret(new_mesh_id()),
             config or MembershipConfig(),
             seed=seed,
@@ -265,7 +265,7 @@ def test_a_failed_probe_of_an_old_incarnation_does_not_suspect_the_new_one():
             refutation = make_claim(
                 target.identity, membership.mesh_tag, ALIVE, target.node_id, old + 1, ADDRS
             )
-            membership.accept_claims([refutation], "gossip")  # arrives meanwhile
+            membership.accept_claims([refutation], mesh.nodes[1].node_id)  # arrives meanwhile
             return False
 
         async def no_helper(helper, request, timeout):

@@ -268,3 +268,81 @@ def test_an_accusation_at_the_top_incarnations_cannot_shut_a_node_out(caplog):
         await endpoint.close()
 
     simulate(check)
+
+
+@pytest.mark.parametrize("gone", [DEAD, LEFT])
+def test_suspicions_cannot_bring_back_a_dead_or_departed_node(gone):
+    """Anyone with the mesh secret may suspect anyone, at any incarnation: suspicions, one a
+    second at ever higher incarnations, must not make a dead or departed node live again
+    (with its old state: the models it served), not even for a moment."""
+
+    async def check(mesh):
+        victim = mesh.nodes[4]
+        victim.membership.update_state(models_served=["m"])
+        await mesh.wait_for(mesh.converged, 10)
+        if gone == DEAD:
+            mesh.crash(victim)
+        else:
+            await mesh.leave(victim)
+        await mesh.wait_for(lambda: all(n.status_of(victim) == gone for n in mesh.nodes), 20)
+        changes = []
+        for node in mesh.nodes:
+            node.membership.table.subscribe(
+                lambda m, what: changes.append(m.status) if m.node_id == victim.node_id else None
+            )
+        identity, endpoint = await liar(mesh)
+        conn = await endpoint.connect(mesh.nodes[0].address)
+        incarnation = mesh.nodes[0].membership.table.get(victim.node_id).incarnation
+        for step in range(1, 11):
+            accusation = make_claim(
+                identity, tag(mesh), SUSPECT, victim.node_id, incarnation + step
+            )
+            await conn.send(Gossip([accusation]), timeout=5)
+            await asyncio.sleep(1)
+        assert changes == []
+        assert all(n.status_of(victim) == gone for n in mesh.nodes)
+        await endpoint.close()
+
+    simulate(check)
+
+
+def test_suspicions_of_made_up_ids_add_no_members_and_deaths_only_tombstones():
+    async def check(mesh):
+        identity, endpoint = await liar(mesh)
+        conn = await endpoint.connect(mesh.nodes[0].address)
+        made_up = [NodeIdentity.generate().node_id for _ in range(20)]
+        suspicions = [make_claim(identity, tag(mesh), SUSPECT, m, 5) for m in made_up]
+        deaths = [make_claim(identity, tag(mesh), DEAD, m, 5) for m in made_up[:10]]
+        await conn.send(Gossip(suspicions), timeout=5)
+        await conn.send(Gossip(deaths), timeout=5)
+        await asyncio.sleep(1)
+        for node in mesh.nodes:
+            table = node.membership.table
+            assert len(table.live_peers()) == 4
+            assert sorted(m.status for m in table if m.node_id in made_up) == [DEAD] * 10
+        assert mesh.converged()
+        await endpoint.close()
+
+    simulate(check)
+
+
+def test_a_replayed_alive_claim_does_not_bring_back_a_forgotten_node():
+    """A forgotten node comes back only by speaking for itself (it is then told to refute):
+    a genuine copy of its old alive claim, handed over by anyone else, does not do it."""
+
+    async def check(mesh):
+        victim = mesh.nodes[4]
+        recorded = mesh.nodes[0].membership.table.get(victim.node_id).alive_claim
+        mesh.crash(victim)
+        await mesh.wait_for(lambda: all(n.status_of(victim) == DEAD for n in mesh.nodes), 20)
+        await asyncio.sleep(200)  # > the TTL and a reap tick: forgotten everywhere
+        assert all(n.status_of(victim) is None for n in mesh.nodes)
+        _, endpoint = await liar(mesh)
+        for node in mesh.nodes:
+            conn = await endpoint.connect(node.address)
+            await conn.send(Gossip([recorded]), timeout=5)
+        await asyncio.sleep(5)
+        assert all(n.status_of(victim) is None for n in mesh.nodes)
+        await endpoint.close()
+
+    simulate(check, config=MembershipConfig(tombstone_ttl=60.0, sync_interval=2.0))
