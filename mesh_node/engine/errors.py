@@ -39,5 +39,10 @@ class RequestCancelledError(EngineError):
     """The request was cancelled before it finished."""
 
 
+class ExpertsUnavailable(EngineError):
+    """Some expert of a MoE layer spread over the mesh has no live holder (and none appeared
+    in time): another host of the model would meet the same mesh."""
+
+
 class GeneratorClosedError(EngineError):
     """The generator was shut down (or its worker died); it takes no more requests."""

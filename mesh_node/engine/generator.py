@@ -741,9 +741,13 @@ class Generator:
                 tokens, positions, self.cache, slot_start=sequence.slot, kv_len=end, last_only=True
             )
         except Exception as exc:
-            log.exception("prefill failed for %s", sequence.stream.request_id)
+            if isinstance(exc, EngineError):  # said on purpose (experts with no holder): as is
+                log.warning("prefill failed for %s: %s", sequence.stream.request_id, exc)
+            else:
+                log.exception("prefill failed for %s", sequence.stream.request_id)
+                exc = EngineError(f"prefill failed: {exc!r}")
             self._prefilling = None
-            self._fail(sequence, EngineError(f"prefill failed: {exc!r}"))
+            self._fail(sequence, exc)
             return end - start
         finally:
             if wide:
@@ -771,8 +775,12 @@ class Generator:
                 tokens, positions, self.cache, slot_start=0, kv_len=kv_len, last_only=True
             )
         except Exception as exc:
-            log.exception("decode step failed")
-            error = EngineError(f"decode step failed: {exc!r}")
+            if isinstance(exc, EngineError):  # said on purpose (experts with no holder): as is
+                log.warning("decode step failed: %s", exc)
+                error = exc
+            else:
+                log.exception("decode step failed")
+                error = EngineError(f"decode step failed: {exc!r}")
             for sequence in list(batch):
                 self._fail(sequence, error)
             batch.clear()

@@ -130,6 +130,7 @@ class ExpertParallelConfig:
     lanes: bool = True  # decode-sized calls on express lanes where peers grant them (lanes.py)
     connect_timeout: float = 5.0
     release_wait: float = 30.0  # keep given-up experts until their new holders have them
+    reoffer_after: float = 60.0  # a stuck expert service's offers back after it answers again
 
 
 @dataclass
@@ -278,6 +279,7 @@ class ExpertParallel:
     async def start(self) -> None:
         self.table.subscribe(self._on_table_change)
         self.spawn(self._loop())
+        self.spawn(self._watch_service())
         self._kick.set()
 
     def _on_table_change(self, member, what) -> None:
@@ -321,6 +323,46 @@ class ExpertParallel:
 
     def kick(self) -> None:
         self._kick.set()
+
+    async def _watch_service(self) -> None:
+        """A computation of the expert service that runs longer than any host waits for one
+        (`call_timeout`) is stuck: a hung GPU, a deadlock, swapping. The node still answers
+        probes, so the mesh keeps it in the plan, and every step that needs its experts
+        would wait for them, then fail. So while it is stuck the node withdraws its offers
+        (budget 0: the mesh plans without it, and its experts move to others, as when a node
+        leaves), and offers them again `reoffer_after` seconds after it answers again."""
+        limit = self.config.dispatch.call_timeout
+        loop = asyncio.get_running_loop()
+        withdrawn: dict[str, int] = {}  # model -> the budget it offered
+        answering_since: float | None = None
+        while True:
+            await asyncio.sleep(min(1.0, limit / 4))
+            stuck = self.service.busy_for() > limit
+            if stuck and not withdrawn:
+                withdrawn = {
+                    i.name: i.expert_budget
+                    for i in self.membership.self_state.current.models_on_disk
+                    if i.expert_budget > 0 and self.elected_host(i.name) != self.node_id
+                }
+                if withdrawn:
+                    log.warning(
+                        "an expert computation has run for over %gs: withdrawing this node's "
+                        "expert offers (%s) until it answers again",
+                        limit,
+                        ", ".join(sorted(withdrawn)),
+                    )
+                for model in withdrawn:
+                    self._publish_model(model, expert_budget=0)
+                answering_since = None
+            elif withdrawn and stuck:
+                answering_since = None
+            elif withdrawn:
+                answering_since = answering_since or loop.time()
+                if loop.time() - answering_since >= self.config.reoffer_after:
+                    log.info("the expert service answers again: offering experts again")
+                    for model, budget in withdrawn.items():
+                        self._publish_model(model, expert_budget=budget)
+                    withdrawn = {}
 
     async def wait_change(self, timeout: float) -> None:
         """Until the peer table changes or fetched rankings arrive (at most `timeout` s)."""

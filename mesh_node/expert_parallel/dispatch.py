@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -39,7 +40,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from mesh_node.engine.errors import EngineError
+from mesh_node.engine.errors import ExpertsUnavailable
 from mesh_node.engine.experts import ExpertBank
 from mesh_node.expert_parallel.messages import ExpertCall, ExpertOutput
 from mesh_node.identity import NodeId
@@ -60,10 +61,6 @@ def rows_per_call(rows: torch.Tensor) -> int:
 
 # answers that asking the same peer again cannot change
 _FINAL_REFUSALS = frozenset({ErrorCode.BAD_REQUEST, ErrorCode.NOT_SUPPORTED})
-
-
-class ExpertsUnavailable(EngineError):
-    """Some expert of a layer has no live holder (and none appeared in time)."""
 
 
 class PeerGone(Exception):
@@ -100,14 +97,25 @@ class DispatchConfig:
     holder_wait: float = 60.0  # how long a step waits for a missing expert to get a holder
 
 
+FAILURE_MEMORY = 30.0  # seconds a peer whose call failed is asked after the other holders
+
+
 class ExpertRoutes:
     """Who holds which expert of one model, as the engine thread reads it: a snapshot that the
-    event loop replaces whole (`update`), with a condition the engine can wait on."""
+    event loop replaces whole (`update`), with a condition the engine can wait on. It also
+    remembers, for every layer of the model, which peers' calls failed lately: they are asked
+    after the other holders of an expert, so a peer that stopped answering costs one call's
+    timeout, not one in every layer of every step (until its experts move, or it answers)."""
 
-    def __init__(self) -> None:
+    def __init__(
+        self, failure_memory: float = FAILURE_MEMORY, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self._holders: dict[tuple[int, int], tuple[NodeId, ...]] = {}
         self._version = 0
         self._cond = threading.Condition()
+        self._failure_memory = failure_memory
+        self._clock = clock
+        self._failed: dict[NodeId, float] = {}  # peer -> monotonic time its call failed
 
     def update(self, holders: dict[tuple[int, int], tuple[NodeId, ...]]) -> None:
         with self._cond:
@@ -122,8 +130,21 @@ class ExpertRoutes:
         return self._version
 
     def holders(self, layer: int, expert: int) -> tuple[NodeId, ...]:
-        """Remote nodes holding the expert, best first (alive before suspect, plan order)."""
-        return self._holders.get((layer, expert), ())
+        """Remote nodes holding the expert, best first (alive before suspect, plan order;
+        those whose calls failed lately last)."""
+        holders = self._holders.get((layer, expert), ())
+        if not self._failed or not any(h in self._failed for h in holders):
+            return holders
+        recent = self._clock() - self._failure_memory
+        return tuple(sorted(holders, key=lambda h: self._failed.get(h, -math.inf) > recent))
+
+    def call_failed(self, peer: NodeId) -> None:
+        self._failed[peer] = self._clock()
+        if len(self._failed) > 1024:  # (bounded: the oldest failures are forgotten)
+            del self._failed[min(self._failed, key=self._failed.__getitem__)]
+
+    def call_answered(self, peer: NodeId) -> None:
+        self._failed.pop(peer, None)
 
     def wait_change(self, version: int, timeout: float) -> bool:
         with self._cond:
@@ -254,6 +275,8 @@ class RemoteExperts(nn.Module):
                             future = self._on_loop(args)
                             calls[peer] = (tokens, future, args)
                             partial = future.result(waits[peer])
+                        if not torch.isfinite(partial).all():  # (a faulty device or kernel)
+                            raise PeerGone(f"{peer.short} answered non-finite sums")
                     except Exception as exc:  # any failure: another holder takes it
                         future.cancel()
                         reason = str(exc) or type(exc).__name__
@@ -267,8 +290,10 @@ class RemoteExperts(nn.Module):
                         last_error[peer] = reason
                         final = isinstance(exc, RemoteError) and exc.code in _FINAL_REFUSALS
                         (refused if final else failed).add(peer)
+                        self._routes.call_failed(peer)
                         pending = sorted(pending + by_peer[peer])
                         continue
+                    self._routes.call_answered(peer)
                     _add_rows(out, tokens.to(out.device), partial.to(out.device))
             except BaseException:  # nothing left behind: every call of this round ends here
                 for _, future, _ in calls.values():

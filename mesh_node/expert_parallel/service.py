@@ -28,6 +28,7 @@ import asyncio
 import concurrent.futures
 import logging
 import threading
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -64,6 +65,7 @@ class ExpertService:
         self.bytes_per_thread = BYTES_PER_THREAD  # a decode-sized call's weights per thread
         self.calls_served = 0
         self._computing = threading.Lock()  # one computation at a time: worker or lane thread
+        self._busy_since: float | None = None  # monotonic start of the computation running
         handlers.on_request(ExpertCall, self._serve)
         if lanes is not None:
             lanes.on_call(ExpertCall, self._serve_lane)
@@ -108,6 +110,11 @@ class ExpertService:
             self._call_threads.pop(model, None)
         else:
             self._call_threads[model] = max(1, threads)
+
+    def busy_for(self) -> float:
+        """Seconds the computation running now has run (0 when none is)."""
+        since = self._busy_since
+        return 0.0 if since is None else time.monotonic() - since
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
@@ -192,7 +199,11 @@ class ExpertService:
     def _answer(self, args: tuple[Any, ...]) -> ExpertOutput:
         """Compute a checked call (one at a time: worker or lane thread) and wrap its outputs."""
         with self._computing:
-            outputs = _compute(*args)
+            self._busy_since = time.monotonic()
+            try:
+                outputs = _compute(*args)
+            finally:
+                self._busy_since = None
         self.calls_served += 1
         return ExpertOutput(Tensor.from_torch(outputs))
 

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from mesh_node.engine import (
     ContextLengthError,
     EngineError,
+    ExpertsUnavailable,
     GenerationRequest,
     Generator,
     GeneratorClosedError,
@@ -20,6 +21,7 @@ from mesh_node.serving.requests import (
     CompletionRequest,
     ContextLengthExceeded,
     Delta,
+    ExpertsMissing,
     GenerationFailed,
     ModelNotFound,
     NoHostAvailable,
@@ -99,5 +101,7 @@ async def _deltas(stream: RequestStream, request: CompletionRequest) -> AsyncIte
         raise _refused(exc, request) from None
     except (GeneratorClosedError, OverloadedError) as exc:
         raise GenerationFailed(f"generation stopped: {exc}") from None
+    except ExpertsUnavailable as exc:  # (no other host would do better: the client is told)
+        raise ExpertsMissing(f"{request.model}: {exc}") from None
     except EngineError as exc:  # e.g. out of memory in a step: another host may manage
         raise GenerationFailed(f"generation failed: {exc}") from None

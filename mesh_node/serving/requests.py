@@ -67,6 +67,7 @@ class Backend(Protocol):
 
 
 CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"  # also the reason of the Error that says so
+EXPERTS_UNAVAILABLE = "experts_unavailable"  # likewise
 
 
 class ServingError(Exception):
@@ -116,6 +117,13 @@ class Overloaded(ServingError):
 
 class NoHostAvailable(ServingError):
     status, type, code = 503, "server_error", "no_host_available"
+
+
+class ExpertsMissing(ServingError):
+    """Experts of the model (spread over the mesh) have no live holder: no host can answer
+    until some node holds them again (the message says which)."""
+
+    status, type, code = 503, "server_error", EXPERTS_UNAVAILABLE
 
 
 class GenerationFailed(ServingError):

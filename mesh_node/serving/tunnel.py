@@ -17,11 +17,13 @@ from mesh_node.serving.local import LocalModels
 from mesh_node.serving.messages import ChatTurn, Generate, GenerateChunk
 from mesh_node.serving.requests import (
     CONTEXT_LENGTH_EXCEEDED,
+    EXPERTS_UNAVAILABLE,
     BadRequest,
     ChatMessage,
     CompletionRequest,
     ContextLengthExceeded,
     Delta,
+    ExpertsMissing,
     GenerationFailed,
     ModelNotFound,
     NoHostAvailable,
@@ -144,6 +146,8 @@ class TunnelHost:
             raise RequestFailed(ErrorCode.OVERLOADED, exc.message) from None
         except BadRequest as exc:
             raise RequestFailed(ErrorCode.BAD_REQUEST, exc.message, _reason(exc)) from None
+        except ExpertsMissing as exc:
+            raise RequestFailed(ErrorCode.UNAVAILABLE, exc.message, EXPERTS_UNAVAILABLE) from None
         except (NoHostAvailable, GenerationFailed) as exc:
             raise RequestFailed(ErrorCode.UNAVAILABLE, exc.message) from None
 
@@ -179,6 +183,8 @@ async def stream_from_host(
             raise ContextLengthExceeded(exc.message, param) from None
         if exc.code == ErrorCode.BAD_REQUEST:
             raise BadRequest(exc.message) from None
+        if exc.code == ErrorCode.UNAVAILABLE and exc.reason == EXPERTS_UNAVAILABLE:
+            raise ExpertsMissing(exc.message) from None  # another host would meet the same mesh
         if exc.code == ErrorCode.FRAME_TOO_LARGE:  # any host would refuse it: not a failure
             raise BadRequest(
                 f"the request is too large to pass to the host ({exc.message}): shorten it"

@@ -58,8 +58,8 @@ class Peers:
         return torch.full((rows.shape[0], HIDDEN), float(len(experts)))
 
 
-def remote(loop, peers: Peers, holders, **config):
-    routes = ExpertRoutes()
+def remote(loop, peers: Peers, holders, clock=time.monotonic, **config):
+    routes = ExpertRoutes(30.0, clock)
     routes.update({(0, e): tuple(holders) for e in range(4)})
     stats = DispatchStats()
     experts = RemoteExperts(
@@ -91,12 +91,18 @@ def test_a_replica_answers_for_a_holder_that_refuses(loop):
     peers = Peers(
         {refusing: [RemoteError(ErrorCode.NOT_SUPPORTED, "no expert service here")], good: ["ok"]}
     )
-    experts, stats = remote(loop, peers, [refusing, good], call_timeout=1.0, holder_wait=30.0)
+    now = [0.0]
+    experts, stats = remote(
+        loop, peers, [refusing, good], lambda: now[0], call_timeout=1.0, holder_wait=30.0
+    )
     for _ in range(2):
         assert torch.equal(step(experts), torch.full((1, HIDDEN), 2.0))
-    assert stats.failovers == 2
-    # each step asks the refusing peer once (a new step may find it mended), then the replica
-    assert [p for p, _ in peers.calls] == [refusing, good, refusing, good]
+    assert stats.failovers == 1
+    # the next step (and layer) asks the replica first: the refusal is remembered...
+    assert [p for p, _ in peers.calls] == [refusing, good, good]
+    now[0] = 30.1  # ...for failure_memory: then the peer is asked first again (mended?)
+    assert torch.equal(step(experts), torch.full((1, HIDDEN), 2.0))
+    assert [p for p, _ in peers.calls][3:] == [refusing, good] and stats.failovers == 2
 
 
 def test_a_passing_refusal_is_asked_again(loop):
