@@ -156,6 +156,7 @@ STATE = PeerState(
             expert_budget=BUDGET_A,
             rankings=RANKINGS.digest(),
             expert_plan=PLAN.fingerprint,
+            checkpoint="5e1d6c0a9f3b2e47",
         )
     ],
     models_served=["tiny-moe"],

@@ -182,6 +182,7 @@ class ExpertParallel:
         self._calls: dict[NodeId, set[asyncio.Task[Any]]] = {}  # expert calls in flight, by peer
         self._dropped: set[asyncio.Task[Any]] = set()  # calls cancelled: their peer is gone
         self.lanes: dict[str, ExpertLanes] = {}  # hosted model -> its express lanes
+        self._other_checkpoints: set[tuple[str, NodeId, str, str]] = set()  # (said once each)
         handlers.on_request(RankingsRequest, self._serve_rankings)
         endpoint.on_disconnected.append(self._connection_closed)
 
@@ -227,6 +228,7 @@ class ExpertParallel:
                     info.experts,
                     trunk_bytes=trunk,
                     expert_budget=0,  # filled below, shared between the split models
+                    checkpoint=rankings_mod.checkpoint_fingerprint(resolved.path)[:16],
                 )
             )
         models = [i for i in split if i.name in self.offered]
@@ -404,6 +406,8 @@ class ExpertParallel:
                 self._plan_errors[model] = f"cannot get the host's expert rankings: {why}"
             return False
         trunk = host_info.trunk_bytes
+        others = {n for n, i in infos if i.checkpoint != host_info.checkpoint}
+        self._say_other_checkpoints(model, host_info.checkpoint, others, dict(infos))
         offers = tuple(
             sorted(
                 (
@@ -413,7 +417,7 @@ class ExpertParallel:
                         self._machine_of(node),
                     )
                     for node, i in infos
-                    if i.expert_budget > 0 and self.participates(node)
+                    if i.expert_budget > 0 and self.participates(node) and node not in others
                 ),
                 key=lambda o: o.node_id,
             )
@@ -452,6 +456,25 @@ class ExpertParallel:
             plan.bytes_of(self.node_id),
         )
         return True
+
+    def _say_other_checkpoints(self, model, host_copy: str, others: set[NodeId], infos) -> None:
+        """Log, once per node and copy, a node whose copy of `model` is another checkpoint than
+        the host's (another revision or fine-tune under the same name): its experts would mix
+        another model's numbers into every answer, so the plan leaves it out."""
+        for node in sorted(others):
+            key = (model, node, infos[node].checkpoint, host_copy)
+            if key not in self._other_checkpoints:
+                if len(self._other_checkpoints) >= 1024:  # (bounded: a peer may gossip anything)
+                    self._other_checkpoints.clear()
+                self._other_checkpoints.add(key)
+                log.warning(
+                    "node %s has another checkpoint of %s than its host (%s, the host's %s): "
+                    "it holds none of its experts",
+                    node.short,
+                    model,
+                    infos[node].checkpoint or "unknown",
+                    host_copy or "unknown",
+                )
 
     def colocated_peers(self, model: str) -> int:
         """Live nodes of the model's expert plan, other than this one, that run on this

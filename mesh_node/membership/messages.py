@@ -71,6 +71,10 @@ class ModelInfo:
     # independent-shard mode: this node serves the model as one shard (trunk, the hot core,
     # its own experts; the router restricted to them)
     shard: bool = False
+    # 16 hex digits identifying this node's copy of the checkpoint (config, tokenizer, tensor
+    # layout, sampled weights: placement.rankings.checkpoint_fingerprint); "" when unknown.
+    # A split model's experts are planned only on nodes whose copy is the host's
+    checkpoint: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -98,7 +98,8 @@ def state_error(state: PeerState | StateDelta) -> str | None:
             label = item if isinstance(item, str) else item.name
             checks.append(text(label, MAX_TEXT, "model name"))
             if not isinstance(item, str):
-                checks.append(text(item.architecture, MAX_TEXT, "architecture"))
+                for what in ("architecture", "rankings", "expert_plan", "checkpoint"):
+                    checks.append(text(getattr(item, what), MAX_TEXT, what))
     shards = state.expert_shards
     if shards is not None:
         if len(shards) > MAX_SHARDS:

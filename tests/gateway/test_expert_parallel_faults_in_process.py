@@ -14,9 +14,11 @@ from mesh_node.engine.sampling import SamplingParams
 from mesh_node.expert_parallel import service
 from mesh_node.expert_parallel.coordinator import ExpertParallelConfig
 from mesh_node.expert_parallel.dispatch import DispatchConfig
+from mesh_node.identity import NodeIdentity
 from mesh_node.serving.gateway import GatewayConfig
-from mesh_node.serving.requests import ExpertsMissing, ServingError
+from mesh_node.serving.requests import CompletionRequest, ExpertsMissing, ServingError
 from tests.gateway.mesh import answer, chat
+from tests.gateway.slow_model import build_random_checkpoint
 from tests.gateway.test_expert_parallel_in_process import holding_one_plan
 
 PROMPT = "What is 348 + 276?"
@@ -106,3 +108,60 @@ def budget_of(observer, node) -> int:
     """The expert budget `observer` sees `node` offer for the built-in model."""
     state = observer.membership.table.get(node.node_id).state
     return next(i.expert_budget for i in state.models_on_disk if i.name == "builtin")
+
+
+TINY_MOE = dict(
+    hidden_size=256,
+    intermediate_size=512,
+    moe_intermediate_size=256,
+    num_experts=8,
+    num_experts_per_tok=2,
+    norm_topk_prob=True,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=64,
+)
+
+
+async def test_a_peer_with_another_checkpoint_of_the_same_name_is_not_used(mesh, tmp_path):
+    """Two nodes have a model of the same name and shape but different weights (another
+    revision or fine-tune saved under the same folder name). Their ModelInfos carry different
+    checkpoint fingerprints, so the plan leaves the other copy's node out: the host holds
+    every expert itself and its output is its own checkpoint's, not a mix of two models."""
+    ours = build_random_checkpoint(tmp_path / "a", "tiny-moe", "qwen3_moe", 1, **TINY_MOE)
+    theirs = build_random_checkpoint(tmp_path / "b", "tiny-moe", "qwen3_moe", 2, **TINY_MOE)
+    prompt = "Hello there"
+    with Generator.from_pretrained(str(ours), device="cpu") as alone:
+        expected = alone.generate(
+            GenerationRequest(prompt=prompt, sampling=SamplingParams(max_tokens=20))
+        ).text
+    low, high = sorted((NodeIdentity.generate() for _ in range(2)), key=lambda i: i.node_id)
+    host = await mesh.add(
+        identity=low,
+        models=[str(ours)],
+        experts=ExpertParallelConfig(enabled=True, memory=64 << 20),
+    )
+    await mesh.add(
+        identity=high,
+        models=[str(theirs)],
+        experts=ExpertParallelConfig(enabled=True, memory=10 << 20),
+    )
+    await mesh.wait(lambda: mesh.hosts_of("tiny-moe") == [host], timeout=60)
+    await mesh.wait(lambda: holding_one_plan(mesh.nodes, "tiny-moe"), timeout=60)
+    request = CompletionRequest(
+        model="tiny-moe",
+        request_id="two-checkpoints",
+        prompt=prompt,
+        sampling=SamplingParams(max_tokens=20),
+    )
+    try:
+        async with asyncio.timeout(60):
+            text, _ = await answer(host, request)
+    except ServingError:
+        return  # refused with an error: acceptable
+    remote = host.experts.stats["tiny-moe"].remote_calls
+    assert text == expected, f"{remote} expert calls to the other checkpoint's node changed it"
+    assert remote == 0
+    other = next(n for n in mesh.nodes if n is not host)
+    assert other.expert_service.held("tiny-moe") == {}
