@@ -9,6 +9,7 @@ open requests.
 from __future__ import annotations
 
 import asyncio
+import errno
 import ipaddress
 import logging
 import socket
@@ -17,6 +18,8 @@ from typing import Self
 
 import yarl
 from aiohttp import web
+
+from mesh_node.transport.addresses import PortInUse
 
 log = logging.getLogger("mesh_node.http")
 
@@ -157,6 +160,7 @@ class HttpServer:
     """
 
     what = "the HTTP server"  # for errors and log lines
+    service = "http"  # which port it is, for PortInUse
 
     def __init__(
         self, host: str, port: int, shutdown_timeout: float, allowed_hosts: Iterable[str] = ()
@@ -188,9 +192,14 @@ class HttpServer:
         self.app = self.create_app()
         policy = HostPolicy(self.host, self.allowed_hosts)
         self.app.middlewares.insert(0, _own_names_only(policy, self.error_body))
-        self._runner, self.port = await start_site(
-            self.app, self.host, self.port, self.shutdown_timeout
-        )
+        try:
+            self._runner, self.port = await start_site(
+                self.app, self.host, self.port, self.shutdown_timeout
+            )
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise PortInUse(self.service, self.what, self.host, self.port) from exc
+            raise
 
     async def stop(self) -> None:
         runner, self._runner = self._runner, None

@@ -4,6 +4,7 @@ traceback."""
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 
@@ -118,3 +119,47 @@ def test_a_reader_that_goes_away_ends_the_command_quietly():
     _, err = process.communicate(timeout=60)
     assert process.returncode == 141
     assert err == b""  # no BrokenPipeError traceback
+
+
+@pytest.fixture
+def busy_tcp_port():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        yield taken.getsockname()[1]
+
+
+@pytest.fixture
+def busy_udp_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        yield taken.getsockname()[1]
+
+
+@pytest.mark.parametrize(
+    ("service", "flag", "others"),
+    [
+        ("console", "--console-port", ["--port", "0", "--no-api"]),
+        ("API", "--api-port", ["--port", "0", "--no-console"]),
+    ],
+)
+def test_a_taken_http_port_says_whose_it_is_and_which_flag_moves_it(
+    tmp_path, busy_tcp_port, service, flag, others
+):
+    """A second node on one machine (the usual first experiment): the error names the
+    server and the flag, not a bare `[Errno 98] error while attempting to bind`."""
+    argv = ["join", MESH, "--host", "127.0.0.1", "--no-mdns", *others, flag, str(busy_tcp_port)]
+    result = mesh_node(tmp_path, *argv)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-600:]
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"mesh-node: the {service} server cannot listen on 127.0.0.1:")
+    assert f"the port is taken (another mesh-node running?): pick another with {flag}" in line
+
+
+def test_a_taken_udp_port_says_which_flag_moves_it(tmp_path, busy_udp_port):
+    argv = ["join", MESH, *CONFINED[:2], "--port", str(busy_udp_port), *CONFINED[4:]]
+    result = mesh_node(tmp_path, *argv)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-600:]
+    line = result.stderr.strip().splitlines()[-1]
+    assert f"QUIC (udp) cannot listen on 127.0.0.1:{busy_udp_port}: the port is taken" in line
+    assert "pick another with --port (0: any free port)" in line

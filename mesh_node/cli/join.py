@@ -15,6 +15,7 @@ from mesh_node.expert_parallel.coordinator import ExpertParallelConfig
 from mesh_node.identity import IdentityError, MeshSecret, default_home, looks_generated
 from mesh_node.node import Node, NodeConfig
 from mesh_node.serving.hosting import HostingConfig
+from mesh_node.transport.addresses import PortInUse
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -339,10 +340,18 @@ def run(args: argparse.Namespace) -> int:
     except EngineError as exc:  # e.g. a --model that cannot be found or fetched
         print(f"mesh-node: {exc}", file=sys.stderr)
         return _exit_now(2)
+    except PortInUse as exc:  # (another mesh-node on this machine, most often)
+        flag = PORT_FLAGS.get(exc.service, "")
+        hint = f": pick another with {flag} (0: any free port)" if flag else ""
+        print(f"mesh-node: {exc} (another mesh-node running?){hint}", file=sys.stderr)
+        return _exit_now(1)
     except OSError as exc:
         print(f"mesh-node: {exc}", file=sys.stderr)
         return _exit_now(1)
     return _exit_now(0)
+
+
+PORT_FLAGS = {"quic": "--port", "api": "--api-port", "console": "--console-port"}
 
 
 def _exit_now(code: int) -> int:

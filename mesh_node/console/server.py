@@ -26,6 +26,7 @@ class ConsoleServer(HttpServer):
     """
 
     what = "the console server"
+    service = "console"
 
     def __init__(
         self,

@@ -456,6 +456,7 @@ class ApiServer(HttpServer):
     """
 
     what = "the API server"
+    service = "api"
 
     def error_body(self, message: str, code: str) -> dict:
         error = Forbidden(message)

@@ -2,11 +2,26 @@
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import re
 import socket
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+class PortInUse(OSError):
+    """A port this node listens on is taken (another mesh-node on this machine, most often).
+    `service` says whose: "quic", "api" or "console"."""
+
+    def __init__(self, service: str, what: str, host: str, port: int):
+        super().__init__(
+            errno.EADDRINUSE, f"{what} cannot listen on {host}:{port}: the port is taken"
+        )
+        self.service, self.host, self.port = service, host, port
+
+    def __str__(self) -> str:
+        return str(self.strerror)
 
 
 def ip_of(host: str) -> IPAddress | None:

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import dataclasses
 import datetime
+import errno
 import ipaddress
 import logging
 import socket
@@ -32,7 +33,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.x509.oid import NameOID
 
 from mesh_node.identity import MeshSecret, NodeId, NodeIdentity
-from mesh_node.transport.addresses import calling_address, normalize_host
+from mesh_node.transport.addresses import PortInUse, calling_address, normalize_host
 from mesh_node.transport.connection import Connection
 from mesh_node.transport.datagram_size import datagram_size
 from mesh_node.transport.endpoint import Address, Endpoint
@@ -488,6 +489,8 @@ class QuicEndpoint(Endpoint):
                 local_addr=(self.host, self.port),
             )
         except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise PortInUse("quic", "QUIC (udp)", self.host, self.port) from exc
             raise OSError(f"cannot listen on {self.host}:{self.port} (udp): {exc}") from exc
         size_socket_buffers(self._server._transport)
         sock = self._server._transport.get_extra_info("socket")
