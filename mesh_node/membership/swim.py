@@ -70,7 +70,7 @@ from mesh_node.membership.table import STATUS, Member, PeerTable
 from mesh_node.transport.addresses import address_error
 from mesh_node.transport.connection import Connection, RequestContext
 from mesh_node.transport.endpoint import Endpoint
-from mesh_node.transport.errors import ErrorCode, RequestFailed, TransportError
+from mesh_node.transport.errors import ErrorCode, HandshakeError, RequestFailed, TransportError
 
 log = logging.getLogger("mesh_node.membership")
 
@@ -220,6 +220,7 @@ class Membership:
         self._fetching: set[NodeId] = set()
         self._known_alive: set[NodeId] = set()
         self._reminded: collections.OrderedDict[NodeId, float] = collections.OrderedDict()
+        self._join_failed: set[Address] = set()  # addresses a join through failed (said once)
         self._twins = _TwinWatch(self._loop.time)
         self._fetch_slots = asyncio.Semaphore(self.config.fetch_concurrency)
         self._pushed: PeerState = self_state.current
@@ -815,8 +816,20 @@ class Membership:
         try:
             peer = await self.sync_with(address, expect, push=True)
         except (TransportError, TimeoutError, OSError) as exc:
-            log.info("could not join through %s: %s", address, exc)
+            # the first failure through an address is a warning with a hint (a --peer with a
+            # typo, a firewall, another mesh's id would otherwise pass unseen): then info
+            first = address not in self._join_failed
+            if first and len(self._join_failed) < self.config.max_members:
+                self._join_failed.add(address)
+            log.log(
+                logging.WARNING if first else logging.INFO,
+                "could not join through %s: %s%s",
+                address,
+                exc,
+                _join_hint(exc) if first else "",
+            )
             return False
+        self._join_failed.discard(address)
         log.info("joined through %s (%s)", peer.short, address)
         return True
 
@@ -868,3 +881,20 @@ class Membership:
             await asyncio.sleep(min(self.config.tombstone_ttl / 10, 60.0))
             for member in self.table.reap():
                 log.info("forgot node %s (%s long enough)", member.node_id.short, member.status)
+
+
+def _join_hint(exc: BaseException) -> str:
+    """What to check when a join through an address fails (for the first warning)."""
+    if isinstance(exc, HandshakeError) and exc.code == ErrorCode.WRONG_MESH:
+        return (
+            " (the node there is in another mesh: compare the mesh ids, e.g. the files given "
+            "with --mesh-id-file)"
+        )
+    if isinstance(exc, HandshakeError):
+        return ""
+    if isinstance(exc, OSError) and not isinstance(exc, TimeoutError):
+        return " (check the address: a name that does not resolve, a bad port?)"
+    return (
+        " (is a node running there, and does UDP reach its port? a firewall drops QUIC "
+        "silently; retrying)"
+    )

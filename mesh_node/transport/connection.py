@@ -45,7 +45,7 @@ from mesh_node.transport.frames import (
     frame_size,
     single_frame,
 )
-from mesh_node.transport.handshake import ClientHandshake, ServerHandshake
+from mesh_node.transport.handshake import ClientHandshake, ServerHandshake, another_node
 from mesh_node.transport.messages import Auth, Credit, Error, Hello, HelloAck, Welcome
 from mesh_node.transport.schema import Encoded, Registry
 
@@ -599,7 +599,8 @@ class Connection:
     def connection_terminated(self, code: int, reason: str) -> None:
         """The peer closed the connection, or the layer below lost it."""
         if self._state == "handshake":
-            log.warning(
+            log.log(
+                logging.INFO if another_node(code, reason) else logging.WARNING,
                 "handshake with %s:%s failed: closed by peer (%s: %s)",
                 *self.remote_address[:2],
                 ErrorCode.describe(code),
@@ -722,7 +723,8 @@ class Connection:
 
     def _fail_handshake(self, exc: HandshakeError) -> None:
         side = "client" if self._carrier.is_client else "server"
-        log.warning(
+        log.log(  # (a node that restarted with a new key: news, not an attack)
+            logging.INFO if another_node(exc.code, exc.reason) else logging.WARNING,
             "handshake with %s:%s failed (%s side): %s",
             *self.remote_address[:2],
             side,

@@ -35,6 +35,14 @@ SOFTWARE = f"mesh-node/{__version__}"
 _LABEL = b"mesh-node/1 handshake\x00"
 SERVER_ROLE = b"server\x00"
 CLIENT_ROLE = b"client\x00"
+# the reason of a client's BAD_IDENTITY when another node answers at a known node's address
+# (it restarted with a new key, or the address went to another machine): news, not an attack
+ANOTHER_NODE = "expected node "
+
+
+def another_node(code: int, reason: str) -> bool:
+    """Whether a handshake failed only because another node answers where a known one was."""
+    return code == ErrorCode.BAD_IDENTITY and reason.startswith(ANOTHER_NODE)
 
 
 def transcript_hash(
@@ -95,7 +103,7 @@ class ClientHandshake:
         if self.expect is not None and peer != self.expect:
             raise HandshakeError(
                 ErrorCode.BAD_IDENTITY,
-                f"expected node {self.expect.short}, the server is {peer.short}",
+                f"{ANOTHER_NODE}{self.expect.short}, the server is {peer.short}",
             )
         th = transcript_hash(
             self.identity.node_id.key, self.nonce, ack.node_key, ack.nonce, ack.proto

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import struct
 import tracemalloc
 
@@ -15,6 +16,7 @@ from mesh_node.transport.errors import ConnectionLost, ErrorCode, HandshakeError
 from mesh_node.transport.frames import frame_parts
 from mesh_node.transport.messages import Hello, Ping, Pong
 from mesh_node.transport.quic import QuicCarrier, QuicEndpoint, self_signed_certificate
+from tests.conditions import until
 from tests.transport.conftest import REGISTRY, Service, connected, make_quic, quic_pair
 
 
@@ -108,12 +110,20 @@ async def test_server_claiming_another_key_than_its_certificate_is_rejected(mesh
         await server.close()
 
 
-async def test_expecting_another_node_is_rejected(mesh):
+async def test_expecting_another_node_is_rejected_and_logged_as_news(mesh, caplog):
+    """Another node where a known one was (it restarted with a new key): refused, and said at
+    INFO on both sides, not WARNING: a mesh retries dead members' addresses for hours."""
+    caplog.set_level(logging.INFO, logger="mesh_node.transport")
     async with quic_pair(mesh) as p:
         someone_else = NodeIdentity.generate().node_id
         with pytest.raises(HandshakeError) as refused:
             await p.a.connect(p.b.address, expect=someone_else, timeout=5)
         assert refused.value.code == ErrorCode.BAD_IDENTITY
+        await until(lambda: len([r for r in caplog.records if "expected node" in r.message]) == 2)
+    said = [r for r in caplog.records if "expected node" in r.message]
+    assert {r.levelno for r in said} == {logging.INFO}
+    assert {"client side" in r.message for r in said} == {True, False}  # both sides said it
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 
 async def test_connecting_to_ourselves_is_refused(mesh):
