@@ -37,7 +37,7 @@ def render_status(document: dict[str, Any], console: Console, now: float | None 
     others = sorted(k for k in document if k not in KNOWN_KEYS)
     if others:
         console.print(
-            Text(f"Also in the status document: {', '.join(others)} (see /api/status)", "dim")
+            Text(f"Also in the status document: {', '.join(others)} (mesh-node status --json)", "dim")
         )
 
 
