@@ -37,7 +37,10 @@ def render_status(document: dict[str, Any], console: Console, now: float | None 
     others = sorted(k for k in document if k not in KNOWN_KEYS)
     if others:
         console.print(
-            Text(f"Also in the status document: {', '.join(others)} (mesh-node status --json)", "dim")
+            Text(
+                f"Also in the status document: {', '.join(others)} (mesh-node status --json)",
+                "dim",
+            )
         )
 
 

@@ -275,7 +275,9 @@ class RemoteExperts(nn.Module):
                             future = self._on_loop(args)
                             calls[peer] = (tokens, future, args)
                             partial = future.result(waits[peer])
-                        if not torch.isfinite(partial).all():  # (a faulty device or kernel)
+                        # a NaN or infinity anywhere makes the sum so (a faulty device or
+                        # kernel); one float sum costs ~2 us where isfinite().all() costs 10
+                        if not math.isfinite(float(partial.sum())):
                             raise PeerGone(f"{peer.short} answered non-finite sums")
                     except Exception as exc:  # any failure: another holder takes it
                         future.cancel()
