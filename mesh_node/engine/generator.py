@@ -741,13 +741,8 @@ class Generator:
                 tokens, positions, self.cache, slot_start=sequence.slot, kv_len=end, last_only=True
             )
         except Exception as exc:
-            if isinstance(exc, EngineError):  # said on purpose (experts with no holder): as is
-                log.warning("prefill failed for %s: %s", sequence.stream.request_id, exc)
-            else:
-                log.exception("prefill failed for %s", sequence.stream.request_id)
-                exc = EngineError(f"prefill failed: {exc!r}")
             self._prefilling = None
-            self._fail(sequence, exc)
+            self._fail(sequence, _forward_error(exc, f"prefill for {sequence.stream.request_id}"))
             return end - start
         finally:
             if wide:
@@ -775,12 +770,7 @@ class Generator:
                 tokens, positions, self.cache, slot_start=0, kv_len=kv_len, last_only=True
             )
         except Exception as exc:
-            if isinstance(exc, EngineError):  # said on purpose (experts with no holder): as is
-                log.warning("decode step failed: %s", exc)
-                error = exc
-            else:
-                log.exception("decode step failed")
-                error = EngineError(f"decode step failed: {exc!r}")
+            error = _forward_error(exc, "decode step")
             for sequence in list(batch):
                 self._fail(sequence, error)
             batch.clear()
@@ -848,3 +838,14 @@ class Generator:
             return True
         sequence.stream._push(TokenChunk(delta, (token,)))
         return False
+
+
+def _forward_error(exc: Exception, what: str) -> EngineError:
+    """The error a failed forward pass fails its sequences with, logged: the engine's own
+    (said on purpose: experts with no live holder) as it is, anything else wrapped, with its
+    traceback in the log."""
+    if isinstance(exc, EngineError):
+        log.warning("%s failed: %s", what, exc)
+        return exc
+    log.exception("%s failed", what)
+    return EngineError(f"{what} failed: {exc!r}")

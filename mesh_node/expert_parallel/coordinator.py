@@ -339,8 +339,10 @@ class ExpertParallel:
         answering_since: float | None = None
         while True:
             await asyncio.sleep(min(1.0, limit / 4))
-            stuck = self.service.busy_for() > limit
-            if stuck and not withdrawn:
+            if self.service.busy_for() > limit:
+                answering_since = None
+                if withdrawn:
+                    continue
                 withdrawn = {
                     i.name: i.expert_budget
                     for i in self.membership.self_state.current.models_on_disk
@@ -355,9 +357,6 @@ class ExpertParallel:
                     )
                 for model in withdrawn:
                     self._publish_model(model, expert_budget=0)
-                answering_since = None
-            elif withdrawn and stuck:
-                answering_since = None
             elif withdrawn:
                 answering_since = answering_since or loop.time()
                 if loop.time() - answering_since >= self.config.reoffer_after:

@@ -427,9 +427,9 @@ def plan_experts(
                     if not movable:
                         continue
                     x = min(movable, key=lambda x, lx=lx: ((lx, x) in hot_set, gate[lx][x], x))
-                    spread = {machine_at[o] for o in range(len(nodes)) if x in held[o][lx]}
-                    kept = {machine_at[o] for o in range(len(nodes)) if o != q and x in held[o][lx]}
-                    narrower = len(kept | {machine_at[p]}) < len(spread)
+                    holders = [o for o in range(len(nodes)) if x in held[o][lx]]
+                    kept = {machine_at[o] for o in holders if o != q} | {machine_at[p]}
+                    narrower = len(kept) < len({machine_at[o] for o in holders})
                     key = (
                         machine_at[q] in copied,
                         not held[p][lx],
@@ -498,11 +498,7 @@ def plan_experts(
         kept = {machine_at[p] for p in holders if p != src}
         under = [p for p in under if len(kept | {machine_at[p]}) >= spread]
         if under:
-            dst = min(under, key=lambda p: (placed[p] - target[p], p))
-            held[src][li].remove(e)
-            held[dst][li].add(e)
-            placed[src], slots[src] = placed[src] - 1, slots[src] + 1
-            placed[dst], slots[dst] = placed[dst] + 1, slots[dst] - 1
+            move(li, e, src, min(under, key=lambda p: (placed[p] - target[p], p)))
 
     assignments = {
         node: {layers[li]: tuple(sorted(held[p][li])) for li in range(num_layers)}

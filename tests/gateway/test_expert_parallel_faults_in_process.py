@@ -19,6 +19,7 @@ from mesh_node.serving.gateway import GatewayConfig
 from mesh_node.serving.requests import CompletionRequest, ExpertsMissing, ServingError
 from tests.gateway.mesh import answer, chat
 from tests.gateway.slow_model import build_random_checkpoint
+from tests.gateway.slow_moe_model import TINY_MOE
 from tests.gateway.test_expert_parallel_in_process import holding_one_plan
 
 PROMPT = "What is 348 + 276?"
@@ -110,18 +111,7 @@ def budget_of(observer, node) -> int:
     return next(i.expert_budget for i in state.models_on_disk if i.name == "builtin")
 
 
-TINY_MOE = dict(
-    hidden_size=256,
-    intermediate_size=512,
-    moe_intermediate_size=256,
-    num_experts=8,
-    num_experts_per_tok=2,
-    norm_topk_prob=True,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=64,
-)
+TWO_LAYERS = {**TINY_MOE, "num_hidden_layers": 2}
 
 
 async def test_a_peer_with_another_checkpoint_of_the_same_name_is_not_used(mesh, tmp_path):
@@ -129,8 +119,8 @@ async def test_a_peer_with_another_checkpoint_of_the_same_name_is_not_used(mesh,
     revision or fine-tune saved under the same folder name). Their ModelInfos carry different
     checkpoint fingerprints, so the plan leaves the other copy's node out: the host holds
     every expert itself and its output is its own checkpoint's, not a mix of two models."""
-    ours = build_random_checkpoint(tmp_path / "a", "tiny-moe", "qwen3_moe", 1, **TINY_MOE)
-    theirs = build_random_checkpoint(tmp_path / "b", "tiny-moe", "qwen3_moe", 2, **TINY_MOE)
+    ours = build_random_checkpoint(tmp_path / "a", "tiny-moe", "qwen3_moe", 1, **TWO_LAYERS)
+    theirs = build_random_checkpoint(tmp_path / "b", "tiny-moe", "qwen3_moe", 2, **TWO_LAYERS)
     prompt = "Hello there"
     with Generator.from_pretrained(str(ours), device="cpu") as alone:
         expected = alone.generate(

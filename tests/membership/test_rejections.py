@@ -72,17 +72,23 @@ def test_forged_claims_are_rejected(caplog):
     simulate(check)
 
 
+def statuses_of(victim, mesh) -> list[str]:
+    """The statuses `victim` takes in any node's table from now on (filled as they change)."""
+    seen: list[str] = []
+    for node in mesh.nodes:
+        node.membership.table.subscribe(
+            lambda m, what: seen.append(m.status) if m.node_id == victim.node_id else None
+        )
+    return seen
+
+
 def test_replayed_alive_claims_cannot_bring_back_the_dead():
     async def check(mesh):
         victim, observer = mesh.nodes[4], mesh.nodes[0]
         recorded = observer.membership.table.get(victim.node_id).alive_claim
         mesh.crash(victim)
         await mesh.wait_for(lambda: all(n.status_of(victim) == DEAD for n in mesh.nodes), 20)
-        flickers = []
-        for node in mesh.nodes:
-            node.membership.table.subscribe(
-                lambda m, what: flickers.append(m.status) if m.node_id == victim.node_id else None
-            )
+        flickers = statuses_of(victim, mesh)
         _, endpoint = await liar(mesh)
         conn = await endpoint.connect(observer.address)
         await conn.send(Gossip([recorded]), timeout=5)  # stale but genuinely signed
@@ -285,11 +291,7 @@ def test_suspicions_cannot_bring_back_a_dead_or_departed_node(gone):
         else:
             await mesh.leave(victim)
         await mesh.wait_for(lambda: all(n.status_of(victim) == gone for n in mesh.nodes), 20)
-        changes = []
-        for node in mesh.nodes:
-            node.membership.table.subscribe(
-                lambda m, what: changes.append(m.status) if m.node_id == victim.node_id else None
-            )
+        changes = statuses_of(victim, mesh)
         identity, endpoint = await liar(mesh)
         conn = await endpoint.connect(mesh.nodes[0].address)
         incarnation = mesh.nodes[0].membership.table.get(victim.node_id).incarnation

@@ -13,6 +13,7 @@ from mesh_node.identity import MeshSecret, NodeIdentity, new_mesh_id
 from mesh_node.membership.claims import ALIVE, DEAD, make_claim
 from mesh_node.membership.messages import Address
 from mesh_node.membership.swim import TWIN_HOLD, TWIN_REFUTATIONS, MembershipConfig, _TwinWatch
+from tests.conditions import until
 from tests.membership.mesh import CutLinkNetwork, SimMesh
 from tests.membership.test_mesh_in_process import LAN, simulate
 
@@ -164,7 +165,8 @@ def test_another_process_with_the_same_key_is_reported_and_does_not_climb_foreve
         before = new.membership.incarnation
         with caplog.at_level(logging.ERROR, "mesh_node.membership"):
             mesh.network.heal()  # the old process wakes up
-            await asyncio.sleep(60)  # the two find each other, and one gives way
+            # the two find each other, and one gives way
+            await until(lambda: "another process is running" in caplog.text, 60)
             settled_at = new.membership.incarnation
             addresses = set()
             for _ in range(60):
