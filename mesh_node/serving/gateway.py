@@ -109,6 +109,23 @@ class Gateway:
             return election is not None and bool(election.hosts)
         return False
 
+    def _copy_on(self, node_id: NodeId, model: str) -> str:
+        """The checkpoint (ModelInfo.checkpoint) of the node's copy of the model; "" when it
+        gossips none (unknown, as from a node that does not say)."""
+        member = self.table.get(node_id)
+        if member is None or member.state is None:
+            return ""
+        return next((m.checkpoint for m in member.state.models_on_disk if m.name == model), "")
+
+    def _holds_copy(self, model: str, copy: str, exclude: set[NodeId]) -> bool:
+        """Some live node outside `exclude` has the model's `copy` on disk (may come to host it)."""
+        return any(
+            member.status in (ALIVE, SUSPECT)
+            and member.node_id not in exclude
+            and self._copy_on(member.node_id, model) == copy
+            for member in self.table
+        )
+
     def _state_version(self, node_id: NodeId) -> int | None:
         member = self.table.get(node_id)
         return None if member is None else member.state_version
@@ -119,10 +136,13 @@ class Gateway:
         exclude: set[NodeId],
         stale: dict[NodeId, int | None],
         busy: dict[NodeId, float] | None = None,
+        copy: str | None = None,
     ) -> NodeId:
         """A ready host for the request, not in `exclude`, nor in `stale` (a host that said it
         does not serve the model) while its gossiped state is the one it had when it said so,
-        nor in `busy` before the loop time it maps to (a host that said it was full)."""
+        nor in `busy` before the loop time it maps to (a host that said it was full); with a
+        `copy`, one whose checkpoint is that (an answer under way continues on the model it
+        began on: another checkpoint under the same name would splice two models' text)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.host_wait
         key = affinity_key(request)
@@ -133,6 +153,8 @@ class Gateway:
             skip = exclude | backing_off
             skip |= {n for n, v in stale.items() if self._state_version(n) == v}
             hosts = [h for h in self._ready_hosts(request.model) if h.node_id not in skip]
+            if copy is not None:
+                hosts = [h for h in hosts if self._copy_on(h.node_id, request.model) == copy]
             if hosts and self.hosting is not None and self.hosting.is_sharded(request.model):
                 # independent shards answer differently: a session stays on its shard
                 chosen = shard_for_session(key.hex(), [str(h.node_id) for h in hosts])
@@ -141,6 +163,12 @@ class Gateway:
                 return rank_hosts(hosts, key, self.config.affinity_slack)[0]
             if request.model not in self.model_ids():
                 raise ModelNotFound(f"no node in the mesh has model {request.model!r}", "model")
+            if copy is not None and not self._holds_copy(request.model, copy, exclude):
+                raise GenerationFailed(
+                    f"no other node has the checkpoint of {request.model} this answer began on "
+                    f"({copy or 'unknown'}); its other hosts hold another copy under that name, "
+                    "and continuing there would mix two models"
+                )
             if not self._electable(request.model) and not exclude and not busy:
                 raise NoHostAvailable(
                     f"no node can host {request.model} now (none has it with enough free memory)"
@@ -172,9 +200,10 @@ class Gateway:
         first_busy: float | None = None
         stale: dict[NodeId, int | None] = {}  # said they do not serve it: skipped till they change
         stale_tries = 0
+        copy: str | None = None  # checkpoint of the host that sent the first tokens
         while True:
             try:
-                host = await self._choose(request, failed, stale, busy)
+                host = await self._choose(request, failed, stale, busy, copy)
             except ModelNotFound:
                 if not failed:
                     raise
@@ -191,6 +220,8 @@ class Gateway:
             self._sent[host] += 1
             try:
                 async for delta in self._run_on(host, attempt):
+                    if copy is None and delta.token_ids:
+                        copy = self._copy_on(host, request.model)
                     delivered.extend(delta.token_ids)
                     yield delta
                     if delta.finish_reason is not None:

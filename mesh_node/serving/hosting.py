@@ -30,6 +30,7 @@ from mesh_node.membership.messages import Load, ModelInfo
 from mesh_node.membership.swim import Membership
 from mesh_node.membership.table import CONTACT, PeerTable
 from mesh_node.placement.election import Election, NodeView, elect
+from mesh_node.placement.rankings import checkpoint_fingerprint
 from mesh_node.serving.local import LocalModels
 
 log = logging.getLogger("mesh_node.hosting")
@@ -118,6 +119,7 @@ class Hosting:
         self._kick = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._changed_callbacks: list[Callable[[], None]] = []
+        self._other_copies: set[tuple[str, Any, str]] = set()  # (said once each)
 
     @property
     def node_id(self):
@@ -129,10 +131,13 @@ class Hosting:
 
     async def start(self) -> None:
         infos = await asyncio.to_thread(
-            lambda: [describe_model(m.name, m.path, m.source) for m in self.offered.values()]
+            lambda: [
+                (describe_model(m.name, m.path, m.source), _copy_of(m))
+                for m in self.offered.values()
+            ]
         )
         on_disk = []
-        for info in infos:
+        for info, copy in infos:
             if info.error:
                 log.error("cannot offer model %s: %s", info.name, info.error)
                 self.failed[info.name] = info.error
@@ -140,7 +145,12 @@ class Hosting:
                 continue
             on_disk.append(
                 ModelInfo(
-                    info.name, info.architecture, info.size_bytes, info.parameters, info.experts
+                    info.name,
+                    info.architecture,
+                    info.size_bytes,
+                    info.parameters,
+                    info.experts,
+                    checkpoint=copy,
                 )
             )
         if self.experts is not None:
@@ -237,9 +247,40 @@ class Hosting:
         for model, generator in self.local.generators.items():
             if self._split(model):
                 self._share_cores(model, generator)
+        self._say_other_copies()
         if changed:
             for callback in self._changed_callbacks:
                 callback()
+
+    def _say_other_copies(self) -> None:
+        """Warn, once per node and copy, of a live node holding another checkpoint under the
+        name of a model this node offers: the text a client gets then depends on the host it
+        reaches, and an answer under way does not fail over between the two (a split model's
+        plan says so itself)."""
+        mine = {m.name: m.checkpoint for m in self.membership.self_state.current.models_on_disk}
+        for member in self.membership.table:
+            if member.node_id == self.node_id or not member.live or member.state is None:
+                continue
+            for info in member.state.models_on_disk:
+                copy = mine.get(info.name)
+                if not copy or info.checkpoint in ("", copy) or self._split(info.name):
+                    continue
+                key = (info.name, member.node_id, info.checkpoint)
+                if key in self._other_copies:
+                    continue
+                if len(self._other_copies) >= 1024:  # (bounded: a peer may gossip anything)
+                    self._other_copies.clear()
+                self._other_copies.add(key)
+                log.warning(
+                    "node %s holds another checkpoint of %s (%s) than this node (%s): clients "
+                    "get either model's text, by the host they reach, and an answer does not "
+                    "fail over from one to the other; keep one under another name (a folder's name "
+                    "is its model's name)",
+                    member.node_id.short,
+                    info.name,
+                    info.checkpoint,
+                    copy,
+                )
 
     def _split(self, model: str) -> bool:
         return self.experts is not None and self.experts.is_split(model)
@@ -486,6 +527,15 @@ class Hosting:
                 for model in member.state.models_served:
                     ready.setdefault(model, []).append(member.node_id)
         return ready
+
+
+def _copy_of(model: ResolvedModel) -> str:
+    """ModelInfo.checkpoint of this node's copy of `model` (blocking: reads its headers and a
+    few sampled blocks); "" when it cannot be read (describe_model then says why)."""
+    try:
+        return checkpoint_fingerprint(model.path)[:16]
+    except OSError:
+        return ""
 
 
 def _room_needed(info: ModelInfo) -> int:

@@ -45,12 +45,13 @@ def build_random_checkpoint(
     return folder
 
 
-def build_slow_model(parent: Path) -> Path:
+def build_slow_model(parent: Path, seed: int = 1234) -> Path:
+    """`parent/slow-qwen3`; another seed gives another checkpoint of that name and shape."""
     return build_random_checkpoint(
         parent,
         NAME,
         "qwen3",
-        1234,
+        seed,
         hidden_size=512,
         intermediate_size=1536,
         num_hidden_layers=8,

@@ -15,7 +15,8 @@ from mesh_node.engine import GenerationRequest, Generator, GeneratorClosedError
 from mesh_node.engine.builtin_skills import held_out_set
 from mesh_node.engine.sampling import SamplingParams
 from mesh_node.membership.messages import Load
-from mesh_node.serving.requests import BadRequest, CompletionRequest
+from mesh_node.placement.rankings import checkpoint_fingerprint
+from mesh_node.serving.requests import BadRequest, CompletionRequest, GenerationFailed
 from tests.gateway.mesh import answer, chat
 from tests.gateway.slow_model import NAME as SLOW
 from tests.gateway.slow_model import build_slow_model
@@ -131,6 +132,47 @@ async def test_the_host_dies_mid_answer_and_the_answer_goes_on_identically(
     assert f"host {crashed.node_id.short} failed after" in caplog.text  # it did fail over
     assert mesh.hosts_of(SLOW) and crashed not in mesh.hosts_of(SLOW)
     await crashed.hosting.stop()  # its engine thread, still running in this process
+
+
+async def test_a_host_dying_mid_answer_is_not_followed_by_another_checkpoint_of_its_name(
+    mesh, slow_model, tmp_path, caplog
+):
+    """Two nodes hold different weights under one model name: each gossips its copy's
+    checkpoint, and an answer whose host dies is not continued by the other copy (the text
+    would splice two models); it fails at once, saying why."""
+    other = build_slow_model(tmp_path, seed=4321)
+    first = await mesh.add(models=[str(slow_model)])
+    await mesh.wait(lambda: mesh.hosts_of(SLOW) == [first])
+    second = await mesh.add(models=[str(other)])
+    caller = await mesh.add(client=True)
+    copies = {checkpoint_fingerprint(f)[:16] for f in (slow_model, other)}
+
+    def gossiped() -> set[str]:
+        return {
+            info.checkpoint
+            for node in (first, second)
+            if (member := caller.membership.table.get(node.node_id)) and member.state
+            for info in member.state.models_on_disk
+        }
+
+    await mesh.wait(lambda: gossiped() == copies and SLOW in caller.gateway.model_ids())
+    assert len(copies) == 2
+    request = CompletionRequest(
+        model=SLOW, request_id="splice", prompt="One mesh", sampling=SamplingParams(max_tokens=160)
+    )
+    hosts, pieces = mesh.hosts_of(SLOW), 0
+    with pytest.raises(GenerationFailed, match="this answer began on") as refused:
+        async with caller.gateway.stream(request) as stream:
+            async for _ in stream:
+                pieces += 1
+                if pieces == 3:  # every host of the moment vanishes mid-answer
+                    for host in hosts:
+                        mesh.network.crash(host.endpoint.address)
+                        mesh.nodes.remove(host)
+    assert "would mix two models" in refused.value.message
+    assert f"node {second.node_id.short} holds another checkpoint of {SLOW}" in caplog.text
+    for host in hosts:
+        await host.hosting.stop()
 
 
 async def test_fifty_concurrent_requests_spread_over_the_nodes(mesh):

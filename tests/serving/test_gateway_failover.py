@@ -14,7 +14,7 @@ import pytest
 from mesh_node.engine.sampling import SamplingParams
 from mesh_node.identity import NodeIdentity
 from mesh_node.membership.claims import ALIVE, LEFT, make_claim
-from mesh_node.membership.messages import Address, PeerState
+from mesh_node.membership.messages import Address, ModelInfo, PeerState
 from mesh_node.membership.table import PeerTable
 from mesh_node.serving.gateway import Gateway, GatewayConfig
 from mesh_node.serving.requests import (
@@ -121,17 +121,25 @@ async def test_an_answer_under_way_gives_up_when_its_hosts_stay_busy():
     assert gateway.log.count("B busy") >= 2
 
 
-def gateway_of(hosts: int, config: GatewayConfig) -> tuple[Gateway, list[str]]:
-    """A gateway with `hosts` alive hosts of MODEL, and the log of the hosts it asks (the
-    work on a host is set by the test)."""
+def gateway_of(
+    hosts: int, config: GatewayConfig, copies: list[str] | None = None
+) -> tuple[Gateway, list[str]]:
+    """A gateway with `hosts` alive hosts of MODEL (host i's copy of it the checkpoint
+    copies[i], when given), and the log of the hosts it asks (the work on a host is set by
+    the test)."""
     identities = [NodeIdentity.generate() for _ in range(hosts)]
     me = NodeIdentity.generate()
     table = PeerTable(me.node_id, lambda: 0.0)
-    for host in identities:
+    for i, host in enumerate(identities):
         address = [Address("10.0.0.1", 7300)]
+        on_disk = [ModelInfo(MODEL, "llama", 1, 1, checkpoint=copies[i])] if copies else []
         table.apply(make_claim(host, TAG, ALIVE, host.node_id, 1, address))
         table.apply_state(
-            PeerState(host.node_id.key, 1, 1, "h", "s", "host", address, models_served=[MODEL])
+            PeerState(
+                *(host.node_id.key, 1, 1, "h", "s", "host", address),
+                models_on_disk=on_disk,
+                models_served=[MODEL],
+            )
         )
     gateway = Gateway(me.node_id, None, table, SimpleNamespace(generators={}), config=config)
     gateway.host_keys = identities  # (for a test to speak as a host)
@@ -205,3 +213,70 @@ async def test_the_only_host_leaving_mid_answer_is_a_failed_generation_not_an_un
             async with gateway.stream(dataclasses.replace(request(), model="other")) as deltas:
                 async for _ in deltas:
                     pass
+
+
+COPIES = ["aaaa", "aaaa", "bbbb", "bbbb"]  # two checkpoints stored under one model name
+
+
+def first_host_dies_after_two_tokens(gateway: Gateway, asked: list) -> None:
+    async def run_on(host, request):
+        asked.append(host)
+        if len(asked) == 1:
+            yield Delta("t0 t1 ", token_ids=(0, 1))
+            raise HostFailed("connection lost")
+        yield Delta("rest", token_ids=(9,), finish_reason="stop")
+
+    gateway._run_on = run_on
+
+
+async def test_an_answer_under_way_fails_over_only_to_a_copy_of_the_same_checkpoint():
+    """Hosts of one name hold two different checkpoints: a host that dies mid-answer is
+    followed by a host of its own checkpoint (another would continue the text with another
+    model), whatever host the request's affinity picks first."""
+    for n in range(12):
+        gateway, asked = gateway_of(4, GatewayConfig(host_wait=5.0), COPIES)
+        first_host_dies_after_two_tokens(gateway, asked)
+        copy_of = {k.node_id: c for k, c in zip(gateway.host_keys, COPIES, strict=True)}
+        prompt = f"prompt {n}"  # (another affinity: another first host)
+        text = ""
+        async with asyncio.timeout(10):
+            async with gateway.stream(dataclasses.replace(request(), prompt=prompt)) as deltas:
+                async for delta in deltas:
+                    text += delta.text
+        assert text == "t0 t1 rest"
+        assert len(asked) == 2 and copy_of[asked[1]] == copy_of[asked[0]]
+
+
+async def test_an_answer_under_way_ends_when_no_other_node_has_its_checkpoint():
+    """The only host of its checkpoint dies mid-answer: the request fails at once, saying so,
+    rather than splicing another model's text onto it (or waiting host_wait)."""
+    gateway, asked = gateway_of(3, GatewayConfig(host_wait=30.0), ["aaaa", "bbbb", "bbbb"])
+    first_host_dies_after_two_tokens(gateway, asked)
+    only = gateway.host_keys[0].node_id
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    # the request goes first to the only host of "aaaa" (the others are fully loaded)
+    for key in gateway.host_keys:
+        if key.node_id != only:
+            gateway._sent[key.node_id] += 10
+    with pytest.raises(GenerationFailed, match=r"checkpoint of m this answer began on \(aaaa\)"):
+        async with asyncio.timeout(10):
+            await read(gateway)
+    assert asked == [only] and loop.time() - started < 2
+
+
+async def test_a_host_failing_before_the_first_token_may_pass_the_request_to_any_copy():
+    """Before any token reached the client nothing can be spliced: the next host may hold
+    another checkpoint."""
+    gateway, asked = gateway_of(2, GatewayConfig(host_wait=5.0), ["aaaa", "bbbb"])
+
+    async def run_on(host, request):
+        asked.append(host)
+        if len(asked) == 1:
+            raise HostFailed("connection lost")
+        yield Delta("all", token_ids=(9,), finish_reason="stop")
+
+    gateway._run_on = run_on
+    async with asyncio.timeout(10):
+        assert await read(gateway) == "all"
+    assert len(set(asked)) == 2
