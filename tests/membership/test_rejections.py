@@ -5,12 +5,15 @@ transport handshake requires the mesh secret.)"""
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 from dataclasses import replace
+from types import SimpleNamespace
 
 import pytest
 
-from mesh_node.identity import NodeIdentity
+from mesh_node.identity import MeshSecret, NodeIdentity, new_mesh_id
+from mesh_node.membership import claims
 from mesh_node.membership.claims import ALIVE, DEAD, LEFT, SUSPECT, make_claim
 from mesh_node.membership.messages import (
     Address,
@@ -20,11 +23,14 @@ from mesh_node.membership.messages import (
     ProbeRequest,
     StateDelta,
     StateRequest,
+    SyncRequest,
 )
 from mesh_node.membership.swim import MembershipConfig
 from mesh_node.protocol import REGISTRY
 from mesh_node.transport.connection import Handlers
 from mesh_node.transport.errors import ErrorCode, RemoteError
+from mesh_node.transport.memory import MemoryNetwork
+from tests.membership.mesh import SimMesh
 from tests.membership.test_mesh_in_process import simulate
 
 
@@ -348,3 +354,38 @@ def test_a_replayed_alive_claim_does_not_bring_back_a_forgotten_node():
         await endpoint.close()
 
     simulate(check, config=MembershipConfig(tombstone_ttl=60.0, sync_interval=2.0))
+
+
+async def test_a_large_view_exchange_lets_the_node_run_between_its_signature_checks(monkeypatch):
+    """A SyncRequest may carry 2 * max_members claims, each a signature to check (8192: ~1.6 s
+    of CPU): the node's other tasks run between slices of them, not after all."""
+    checks = {"since_tick": 0, "most": 0}
+    verify = claims.Verifier.verify
+
+    def counted(self, mesh_tag, claim):
+        checks["since_tick"] += 1
+        checks["most"] = max(checks["most"], checks["since_tick"])
+        return verify(self, mesh_tag, claim)
+
+    monkeypatch.setattr(claims.Verifier, "verify", counted)
+    mesh = SimMesh(MemoryNetwork(), MeshSecret(new_mesh_id()), MembershipConfig())
+    victim, sender = await mesh.add(seeds=[], start=False), NodeIdentity.generate()
+    others = [NodeIdentity.generate() for _ in range(600)]
+    tag = victim.membership.mesh_tag
+    news = [make_claim(o, tag, ALIVE, o.node_id, 1, [Address("10.9.0.1", 1)]) for o in others]
+
+    async def tick():
+        while True:
+            checks["since_tick"] = 0
+            await asyncio.sleep(0)
+
+    ticker = asyncio.ensure_future(tick())
+    try:
+        context = SimpleNamespace(peer=sender.node_id)
+        reply = victim.membership._on_sync(context, SyncRequest(b"", news))
+        reply = await reply if inspect.isawaitable(reply) else reply  # (a handler may be either)
+    finally:
+        ticker.cancel()
+    assert len(reply.claims) == 601  # the victim's view: itself and every claim it was sent
+    assert checks["most"] <= 32, checks
+    await victim.endpoint.close()
