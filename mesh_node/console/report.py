@@ -11,6 +11,7 @@ from typing import IO, Any
 
 from rich import box
 from rich.console import Console
+from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 
@@ -32,8 +33,8 @@ def render_status(document: dict[str, Any], console: Console, now: float | None 
     document = _printable(document)  # peers' names reach this terminal: no escape sequences
     peers = sorted(document.get("peers", []), key=_peer_order)
     console.print(_summary(document, peers))
-    console.print(nodes_table(peers, now))
-    console.print(models_table(document.get("models", []), {p["id"]: p for p in peers}))
+    console.print(nodes_table(peers, now, console))
+    console.print(models_table(document.get("models", []), {p["id"]: p for p in peers}, console))
     others = sorted(k for k in document if k not in KNOWN_KEYS)
     if others:
         console.print(
@@ -57,50 +58,94 @@ def _printable(value: Any) -> Any:
     return value
 
 
-def nodes_table(peers: list[dict[str, Any]], now: float) -> Table:
+def nodes_table(peers: list[dict[str, Any]], now: float, console: Console) -> Table:
+    """A column per fact and a line per device where that fits in the console's width, else
+    the compact table (for an 80-column terminal): each node's name under its id, its RAM and
+    GPUs under its core count, its round-trip time under its last-seen age."""
+    wide = _nodes_table(peers, now, compact=False)
+    if _natural_width(wide, console) <= console.width:
+        return wide
+    return _nodes_table(peers, now, compact=True)
+
+
+def _natural_width(table: Table, console: Console) -> int:
+    """The width `table` takes with no cell wrapped."""
+    return Measurement.get(console, console.options.update_width(1 << 16), table).maximum
+
+
+def _nodes_table(peers: list[dict[str, Any]], now: float, *, compact: bool) -> Table:
     table = Table(title="Nodes", title_justify="left", box=box.SIMPLE_HEAD)
-    table.add_column("node", no_wrap=True, min_width=10)
+    if compact:  # (a node's facts on several lines: a blank line between nodes)
+        table.pad_edge, table.collapse_padding, table.leading = False, True, 1
+    # (compact: a long name folds onto more lines rather than take the hardware's room)
+    table.add_column(
+        "node",
+        no_wrap=not compact,
+        min_width=10,
+        max_width=16 if compact else None,
+        overflow="fold",
+    )
     table.add_column("status", no_wrap=True)
-    table.add_column("role")
-    table.add_column("hardware")
-    table.add_column("load")
-    table.add_column("last seen", no_wrap=True)
-    table.add_column("rtt", justify="right", no_wrap=True)
+    table.add_column("role", no_wrap=True)
+    table.add_column("hardware", overflow="fold")
+    table.add_column("load", overflow="fold")
+    if compact:
+        table.add_column("seen, rtt", no_wrap=True)
+    else:
+        table.add_column("last seen", no_wrap=True)
+        table.add_column("rtt", justify="right", no_wrap=True)
     for peer in peers:
         status = str(peer.get("status", "?"))
         node = Text(_short(peer), "bold" if peer.get("self") else "")
+        space = "\n" if compact else " "  # (compact: the id, name and "(this node)" one a line)
         if peer.get("name"):
-            node.append(f" {peer['name']}")
+            node.append(f"{space}{peer['name']}")
         if peer.get("self"):
-            node.append(" (this node)", "dim")
+            node.append(f"{space}(this node)", "dim")
+        timing = [Text(_last_seen(peer, now)), Text(_rtt(peer.get("rtt_ms")))]
+        if compact:
+            timing = [Text("\n").join(t for t in timing if t.plain != "-")]
         table.add_row(
             node,
             Text(status, STATUS_STYLES.get(status, "")),
             Text(str(peer.get("role", "?"))),
-            Text(_hardware(peer.get("hardware"))),
-            Text(_load(peer.get("load"))),
-            Text(_last_seen(peer, now)),
-            Text(_rtt(peer.get("rtt_ms"))),
+            Text(_hardware(peer.get("hardware"), compact)),
+            Text(_load(peer.get("load"), compact)),
+            *timing,
             style="dim" if status in GONE else None,
         )
     if not peers:
-        table.add_row(Text("no nodes known", "dim"), "", "", "", "", "", "")
+        table.add_row(Text("no nodes known", "dim"), *[""] * (len(table.columns) - 1))
     return table
 
 
-def models_table(models: list[dict[str, Any]], peers: dict[str, dict[str, Any]]) -> Table:
+def models_table(
+    models: list[dict[str, Any]], peers: dict[str, dict[str, Any]], console: Console
+) -> Table:
+    """The nodes serving and holding each model, listed on a line where that fits in the
+    console's width, else one per line."""
+    table = _models_table(models, peers, ", ")
+    if _natural_width(table, console) <= console.width:
+        return table
+    return _models_table(models, peers, "\n")
+
+
+def _models_table(
+    models: list[dict[str, Any]], peers: dict[str, dict[str, Any]], separator: str
+) -> Table:
     table = Table(title="Models", title_justify="left", box=box.SIMPLE_HEAD)
-    table.add_column("model", no_wrap=True)
-    table.add_column("served by")
-    table.add_column("on disk at")
+    table.add_column("model", no_wrap=True, overflow="fold")
+    table.add_column("served by", overflow="fold")
+    table.add_column("on disk at", overflow="fold")
     for model in models:
         served_by = model.get("served_by") or []
         table.add_row(
             Text(str(model.get("name"))),
             Text(
-                _node_list(served_by, peers) if served_by else "nobody", "" if served_by else "dim"
+                _node_list(served_by, peers, separator) if served_by else "nobody",
+                "" if served_by else "dim",
             ),
-            Text(_node_list(model.get("on_disk") or [], peers)),
+            Text(_node_list(model.get("on_disk") or [], peers, separator)),
         )
     if not models:
         table.add_row(Text("no models on any node yet", "dim"), "", "")
@@ -132,7 +177,7 @@ def _short(peer: dict[str, Any]) -> str:
     return str(peer.get("short") or str(peer.get("id", ""))[:10])
 
 
-def _node_list(ids: Any, peers: dict[str, dict[str, Any]]) -> str:
+def _node_list(ids: Any, peers: dict[str, dict[str, Any]], separator: str) -> str:
     names = []
     for node_id in ids if isinstance(ids, list) else []:
         peer = peers.get(node_id) if isinstance(node_id, str) else None
@@ -140,37 +185,45 @@ def _node_list(ids: Any, peers: dict[str, dict[str, Any]]) -> str:
         names.append(
             f"{name} ({peer.get('status')})" if peer and peer.get("status") in GONE else name
         )
-    return ", ".join(names)
+    return separator.join(names)
 
 
-def _gib(n: Any) -> str:
-    return f"{n / (1 << 30):.1f}" if isinstance(n, int | float) else "?"
+def _gib(n: Any, compact: bool = False) -> str:
+    if not isinstance(n, int | float):
+        return "?"
+    gib = n / (1 << 30)
+    return f"{gib:.0f}" if compact and gib >= 10 else f"{gib:.1f}"
 
 
-def _hardware(hardware: Any) -> str:
+def _hardware(hardware: Any, compact: bool = False) -> str:
+    """Wide: a line for the CPU and RAM, one per GPU. Compact: the core count, the RAM, and each
+    GPU's name and memory on lines of their own, with whole GiB from 10 GiB up."""
     if not isinstance(hardware, dict):
         return "not known yet"
-    lines = [
-        f"{hardware.get('cpu_cores', '?')} cores, RAM {_gib(hardware.get('ram_free'))}"
-        f"/{_gib(hardware.get('ram_total'))} GiB free"
-    ]
+
+    def memory(free: Any, total: Any) -> str:
+        return f"{_gib(free, compact)}/{_gib(total, compact)} GiB free"
+
+    cores = f"{hardware.get('cpu_cores', '?')} cores"
+    ram = memory(hardware.get("ram_free"), hardware.get("ram_total"))
+    lines = [cores, f"RAM {ram}"] if compact else [f"{cores}, RAM {ram}"]
     gpus = hardware.get("gpus")
     for gpu in gpus if isinstance(gpus, list) else []:
         if not isinstance(gpu, dict):
             continue
-        lines.append(
-            f"{gpu.get('name', 'GPU')} {_gib(gpu.get('vram_free'))}"
-            f"/{_gib(gpu.get('vram_total'))} GiB free"
-        )
+        vram = memory(gpu.get("vram_free"), gpu.get("vram_total"))
+        name = str(gpu.get("name", "GPU"))
+        lines += [name, f"VRAM {vram}"] if compact else [f"{name} {vram}"]
     return "\n".join(lines)
 
 
-def _load(load: Any) -> str:
+def _load(load: Any, compact: bool = False) -> str:
     if not isinstance(load, dict):
         return "-"
     tokens = load.get("tokens_per_s", 0)
     rate = f"{tokens:.1f}" if isinstance(tokens, int | float) else "?"
-    return f"{load.get('inflight', 0)} in flight, {rate} tok/s"
+    separator = "\n" if compact else ", "
+    return f"{load.get('inflight', 0)} in flight{separator}{rate} tok/s"
 
 
 def _last_seen(peer: dict[str, Any], now: float) -> str:

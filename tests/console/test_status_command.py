@@ -4,8 +4,10 @@ import asyncio
 import io
 import json
 import os
+import re
 import socket
 import sys
+import time
 
 import pytest
 from aiohttp import web
@@ -194,3 +196,84 @@ def test_status_of_a_document_that_cannot_be_shown_is_one_line(monkeypatch, caps
     assert status_cmd.run(args) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "cannot be shown (TypeError" in err
+
+
+def rendered(document: dict, width: int) -> str:
+    out = io.StringIO()
+    render_status(document, Console(file=out, width=width, color_system=None), now=time.time())
+    return out.getvalue()
+
+
+def column(text: str, title: str, heading: str) -> str:
+    """What the column `heading` of the table `title` in `text` holds, whitespace left out (so
+    that words wrapped or folded across lines join up again)."""
+    lines = text[text.index(title) :].splitlines()[1:]
+    header = next(i for i, line in enumerate(lines) if f" {heading} " in line)
+    start = lines[header].index(f" {heading} ") + 1
+    after = lines[header][start + len(heading) :]
+    end = len(lines[header]) - len(after.lstrip()) if after.strip() else None
+    cells = []
+    for line in lines[header + 2 :]:
+        if line[:1].strip():  # the next table's title
+            break
+        cells.append(line[start:end])
+    return squashed("".join(cells))
+
+
+def squashed(text: str) -> str:
+    return "".join(text.split())
+
+
+def three_nodes() -> dict:
+    peers = [make_peer(0, is_self=True), make_peer(1), make_peer(2, role="client")]
+    document = ScriptedSource(peers).status()
+    document["models"] = [
+        {"name": "tiny-moe", "served_by": [peers[0]["id"]], "on_disk": [p["id"] for p in peers]}
+    ]
+    return document
+
+
+def test_report_on_an_80_column_terminal_cuts_no_word_short():
+    """Was: `client` shown as `cli…` and the hardware as `8 / cor… / RAM / 20.… / GiB / free`."""
+    text = rendered(three_nodes(), 80)
+    assert "…" not in text, text
+    assert max(map(len, text.splitlines())) <= 80
+    for role in ("host", "worker", "client"):
+        assert re.search(rf"\b{role}\b", text), text
+    assert text.count("8 cores") == 3, text
+    for fact in ("node-2", "(this node)", "RAM 20/32 GiB free", "Test GPU 24G", "25.0 tok/s"):
+        assert fact in text, text
+    assert "2.4 ms" in text and "ago" in text, text
+    models = text[text.index("Models") :]
+    assert re.search(r"tiny-moe\s+node-0\s+node-0, node-1, node-2", models), models
+
+
+def test_report_on_a_wide_terminal_puts_each_node_on_one_line():
+    text = rendered(three_nodes(), 160)
+    row = next(line for line in text.splitlines() if "node-2" in line)
+    for fact in ("alive", "client", "8 cores, RAM 20.0/32.0 GiB free", "2 in flight", "2.4 ms"):
+        assert fact in row, text
+    assert "Test GPU 24G 20.0/24.0 GiB free" in text
+
+
+def test_report_on_an_80_column_terminal_folds_long_names_rather_than_cutting_them():
+    name, gpu = "build-server-17.lab.example.org", "NVIDIA H100 80GB HBM3"
+    model = "deepseek-ai/DeepSeek-Coder-V2-Lite-Instruct"
+    big = {"cpu_cores": 128, "ram_total": 1 << 40, "ram_free": 900 << 30}
+    peers = [
+        make_peer(0, is_self=True, name=name),
+        make_peer(1, status="dead", hardware={**big, "gpus": [{"name": gpu}] * 2}),
+    ]
+    document = ScriptedSource(peers).status()
+    document["models"] = [
+        {"name": model, "served_by": [peers[0]["id"]], "on_disk": [p["id"] for p in peers]}
+    ]
+    text = rendered(document, 80)
+    assert "…" not in text, text
+    assert max(map(len, text.splitlines())) <= 80
+    assert squashed(name) in column(text, "Nodes", "node"), text
+    hardware = column(text, "Nodes", "hardware")
+    assert "128cores" in hardware and squashed(f"{gpu} VRAM") in hardware, text
+    assert model in column(text, "Models", "model"), text
+    assert squashed(name) in column(text, "Models", "served by"), text
+    assert squashed(f"{name} node-1 (dead)") in column(text, "Models", "on disk at"), text
