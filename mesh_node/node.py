@@ -57,6 +57,7 @@ class NodeConfig:
     home: Path = field(default_factory=default_home)
     ephemeral: bool = False
     models: tuple[str, ...] = ()  # --model values; none: the built-in model
+    model_cache: Path | None = None  # Hugging Face cache for repo ids (None: the hub's default)
     client: bool = False  # never hosts, still serves the API
     mdns: bool = True
     mdns_interfaces: tuple[str, ...] = ()
@@ -234,8 +235,10 @@ class Node:
 
     async def _resolve_models(self) -> list[ResolvedModel]:
         """--model values to local folders (downloading what is missing, off the loop)."""
-        specs = self.config.models or (None,)
-        return await asyncio.to_thread(lambda: [resolve_model(spec) for spec in specs])
+        specs, cache = self.config.models or (None,), self.config.model_cache
+        return await asyncio.to_thread(
+            lambda: [resolve_model(spec, cache_dir=cache) for spec in specs]
+        )
 
     def _status_sections(self) -> dict[str, Any]:
         return {

@@ -163,3 +163,17 @@ def test_a_taken_udp_port_says_which_flag_moves_it(tmp_path, busy_udp_port):
     line = result.stderr.strip().splitlines()[-1]
     assert f"QUIC (udp) cannot listen on 127.0.0.1:{busy_udp_port}: the port is taken" in line
     assert "pick another with --port (0: any free port)" in line
+
+
+def test_models_with_a_missing_cache_dir(tmp_path):
+    """Was: an empty listing, as if the cache held no models."""
+    error = one_line_error(mesh_node(tmp_path, "models", "--cache-dir", str(tmp_path / "typo")))
+    assert f"{tmp_path / 'typo'} does not exist" in error
+
+
+def test_join_with_a_missing_cache_dir(tmp_path):
+    result = mesh_node(
+        tmp_path, "join", MESH, "--ephemeral", *CONFINED, "--cache-dir", str(tmp_path / "typo")
+    )
+    error = one_line_error(result)
+    assert "--cache-dir" in error and f"{tmp_path / 'typo'} does not exist" in error

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from mesh_node.cli.arguments import byte_size, host_name, host_port, ipv4_address, port_number
+from mesh_node.engine.catalog import check_cache_folder
 from mesh_node.engine.errors import EngineError
 from mesh_node.expert_parallel.coordinator import ExpertParallelConfig
 from mesh_node.identity import IdentityError, MeshSecret, default_home, looks_generated
@@ -70,6 +71,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "Face model folder, or a Hugging Face repo id (taken from the local cache, else "
         "downloaded) (repeatable; default: builtin). The mesh elects one or more hosts per "
         "model among the nodes that have it and enough free memory",
+    )
+    parser.add_argument(
+        "--cache-dir",
+        metavar="DIR",
+        type=Path,
+        default=None,
+        help="the Hugging Face cache (an existing folder) a --model repo id is taken from, "
+        "and downloaded into when missing: give the folder `mesh-node models --cache-dir` "
+        "listed (default: the hub cache: HF_HUB_CACHE, else $HF_HOME/hub, else "
+        "~/.cache/huggingface/hub)",
     )
     parser.add_argument(
         "--client",
@@ -287,6 +298,12 @@ def run(args: argparse.Namespace) -> int:
     if split_only and not args.moe_split:
         print(f"mesh-node: {' and '.join(split_only)} need --moe-split", file=sys.stderr)
         return 2
+    if args.cache_dir is not None:
+        try:
+            args.cache_dir = check_cache_folder(args.cache_dir)
+        except EngineError as exc:
+            print(f"mesh-node: --cache-dir: {exc}", file=sys.stderr)
+            return 2
     if args.api_key is not None and not args.api_key.strip():
         # e.g. MESH_NODE_API_KEY=${KEY} with KEY unset: an open API is not what was asked for
         print(
@@ -311,6 +328,7 @@ def run(args: argparse.Namespace) -> int:
             home=default_home(),
             ephemeral=args.ephemeral,
             models=tuple(args.model),
+            model_cache=args.cache_dir,
             client=args.client,
             experts=ExpertParallelConfig(
                 enabled=args.moe_split,

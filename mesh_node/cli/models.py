@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
+from pathlib import Path
 
 from mesh_node.engine.catalog import list_local_models
 from mesh_node.engine.errors import EngineError
@@ -17,7 +19,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
             "List the models available on this machine: the built-in tiny MoE model, models in "
             "the local Hugging Face cache, and model folders given with --path. For each: "
             "architecture, size on disk, parameter count (total and active per token) and "
-            "routed experts. Any of them can be passed to `mesh-node join --model`."
+            "routed experts. Any of them can be passed to `mesh-node join --model`, with the "
+            "same --cache-dir for those listed from a --cache-dir (the output ends with the "
+            "command). Exits with 2 and a message when a --path or --cache-dir folder is missing."
         ),
     )
     parser.add_argument(
@@ -34,8 +38,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "--cache-dir",
         default=None,
         metavar="DIR",
-        help="Hugging Face cache to scan (default: the hub cache: HF_HUB_CACHE, else "
-        "$HF_HOME/hub, else ~/.cache/huggingface/hub)",
+        help="Hugging Face cache to scan, an existing folder (default: the hub cache: "
+        "HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub); `mesh-node join` "
+        "takes the same --cache-dir to serve a model from it",
     )
     parser.add_argument(
         "--no-hf-cache",
@@ -103,4 +108,14 @@ def run(args: argparse.Namespace) -> int:
             console.print(f"{model.name}: {model.path}", overflow="fold", highlight=False)
     for problem in problems:
         console.print(f"[yellow]unusable[/yellow] {problem}")
+    cached = [m.name for m in models if m.source == "hf-cache" and not m.error]
+    if args.cache_dir is not None and cached:  # (join looks in the default cache otherwise)
+        folder = Path(args.cache_dir).expanduser().absolute()
+        console.print(
+            f"To serve one from this cache: mesh-node join MESH_ID --model {cached[0]} "
+            f"--cache-dir {shlex.quote(str(folder))}",
+            soft_wrap=True,  # (one line to copy, however narrow the terminal)
+            highlight=False,
+            markup=False,
+        )
     return 0

@@ -61,6 +61,26 @@ def resolve_model(
     return _from_hub(text, cache_dir, allow_download)
 
 
+def hf_cache_folder(cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """The Hugging Face hub cache: `cache_dir`, else the default one (HF_HUB_CACHE, else
+    $HF_HOME/hub, else ~/.cache/huggingface/hub)."""
+    if cache_dir is not None:
+        return Path(cache_dir).expanduser()
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE)
+
+
+def check_cache_folder(cache_dir: str | os.PathLike[str]) -> Path:
+    """`cache_dir`, a Hugging Face cache someone named; ModelNotFoundError unless it is a folder
+    (a typo would otherwise list nothing, or download whole models into a new folder)."""
+    path = hf_cache_folder(cache_dir)
+    if not path.is_dir():
+        what = "is not a folder" if path.exists() else "does not exist"
+        raise ModelNotFoundError(f"the Hugging Face cache {path} {what}")
+    return path
+
+
 def _from_hub(repo_id: str, cache_dir, allow_download: bool) -> ResolvedModel:
     from huggingface_hub import snapshot_download
 
@@ -78,6 +98,10 @@ def _from_hub(repo_id: str, cache_dir, allow_download: bool) -> ResolvedModel:
     except Exception:  # not cached (or incomplete): fetch below
         pass
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    cache = (
+        f"the local Hugging Face cache at {hf_cache_folder(cache_dir)} (HF_HUB_CACHE, or "
+        f"`mesh-node join --cache-dir`, names another)"
+    )
     how = (
         f"To use a copy you already have, pass its folder: --model /path/to/folder "
         f"(with config.json, *.safetensors and tokenizer files), or download it on a machine "
@@ -85,7 +109,7 @@ def _from_hub(repo_id: str, cache_dir, allow_download: bool) -> ResolvedModel:
     )
     if offline or not allow_download:
         raise ModelNotFoundError(
-            f"model {repo_id!r} is not in the local Hugging Face cache and downloading is off "
+            f"model {repo_id!r} is not in {cache} and downloading is off "
             f"(offline{' : HF_HUB_OFFLINE is set' if offline else ''}). {how}"
         )
     try:
@@ -97,8 +121,8 @@ def _from_hub(repo_id: str, cache_dir, allow_download: bool) -> ResolvedModel:
                 f"Hugging Face repo {repo_id!r} was not found or needs access rights ({kind})"
             ) from exc
         raise ModelNotFoundError(
-            f"cannot fetch {repo_id!r} from the Hugging Face hub, and it is not in the local "
-            f"cache: {kind}: {exc}. If this machine is offline: {how}"
+            f"cannot fetch {repo_id!r} from the Hugging Face hub, and it is not in {cache}: "
+            f"{kind}: {exc}. If this machine is offline: {how}"
         ) from exc
     return ResolvedModel(repo_id, Path(folder), "downloaded")
 
@@ -148,8 +172,11 @@ def list_local_models(
     cache_dir: str | os.PathLike[str] | None = None,
     include_hf_cache: bool = True,
 ) -> list[ModelInfo]:
-    """The built-in model, models in the Hugging Face cache, and the given folders (each either a
-    model folder or a folder of model folders)."""
+    """The built-in model, models in the Hugging Face cache (`cache_dir`, which must exist, else
+    the default one if there is one), and the given folders (each either a model folder or a
+    folder of model folders)."""
+    if include_hf_cache and cache_dir is not None:
+        cache_dir = check_cache_folder(cache_dir)
     models = [describe_model(BUILTIN_NAME, BUILTIN_DIR, "builtin")]
     for folder in folders:
         path = Path(folder).expanduser()

@@ -59,7 +59,9 @@ def test_repo_id_offline_says_so_and_how_to_use_a_folder(tmp_path, monkeypatch):
     with pytest.raises(ModelNotFoundError) as info:
         resolve_model("acme/not-cached", cache_dir=tmp_path / "empty-cache")
     message = str(info.value)
-    assert "'acme/not-cached' is not in the local Hugging Face cache" in message
+    cache = tmp_path / "empty-cache"
+    assert f"'acme/not-cached' is not in the local Hugging Face cache at {cache}" in message
+    assert "HF_HUB_CACHE" in message
     assert "offline" in message and "--model /path/to/folder" in message
 
 
@@ -84,6 +86,9 @@ def test_list_local_models_and_cli(references, tmp_path, capsys):
     out = capsys.readouterr().out
     for text in ("builtin", "qwen3_moe", "qwen2_moe", "llama", "acme/tiny-moe", "dense"):
         assert text in out
+    assert f"mesh-node join MESH_ID --model acme/tiny-moe --cache-dir {cache}" in out
+    with pytest.raises(ModelNotFoundError, match=f"{tmp_path / 'typo'} does not exist"):
+        list_local_models(cache_dir=tmp_path / "typo")
 
 
 @pytest.mark.parametrize(
@@ -118,6 +123,6 @@ def test_a_folder_no_check_foresaw_is_listed_as_unusable(references, tmp_path, m
         return opened(cls, path)
 
     monkeypatch.setattr(checkpoint.Checkpoint, "open", classmethod(surprising))
-    found = {m.name: m for m in list_local_models([shelf], cache_dir=tmp_path / "none")}
+    found = {m.name: m for m in list_local_models([shelf], include_hf_cache=False)}
     assert found["llama"].error is None
     assert "LookupError: nobody expected this" in found["odd"].error

@@ -1,0 +1,74 @@
+"""`mesh-node models --cache-dir C` and `mesh-node join --cache-dir C`: a model listed from a
+Hugging Face cache C serves with the command `models` prints, and join without it says which
+cache it looked in."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shlex
+import subprocess
+import sys
+
+from mesh_node.engine.catalog import BUILTIN_DIR
+from mesh_node.identity import new_mesh_id
+from tests.engine.test_catalog import fake_hf_cache
+from tests.processes.nodes import NodeProcess
+from tests.test_cli_arguments import CONFINED, MESH_ID
+
+
+def offline(tmp_path) -> dict[str, str]:
+    """An environment whose default Hugging Face cache is an empty folder of its own."""
+    environment = {k: v for k, v in os.environ.items() if k != "HF_HUB_CACHE"}
+    return {**environment, "HF_HOME": str(tmp_path / "hf-home"), "HF_HUB_OFFLINE": "1"}
+
+
+def mesh_node(*argv: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "mesh_node", *argv],
+        env={"COLUMNS": "80", **env},
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
+
+
+async def test_a_model_listed_from_a_cache_dir_serves_with_the_command_models_prints(tmp_path):
+    cache = fake_hf_cache(tmp_path, BUILTIN_DIR)
+    env = offline(tmp_path)
+    listed = mesh_node("models", "--cache-dir", str(cache), env=env)
+    assert listed.returncode == 0, listed.stderr
+    hint = next(line for line in listed.stdout.splitlines() if line.startswith("To serve one"))
+    command = shlex.split(hint.partition(": ")[2])
+    assert command == [
+        *("mesh-node", "join", "MESH_ID", "--model", "acme/tiny-moe"),
+        *("--cache-dir", str(cache)),
+    ]
+    node = await NodeProcess.join(new_mesh_id(), *command[3:], env=env)
+    try:
+        async with asyncio.timeout(30):
+            while True:  # (the model on disk, in the node's own status)
+                models = [m.get("name") for m in (await node.status())["models"]]
+                if "acme/tiny-moe" in models:
+                    break
+                await asyncio.sleep(0.2)  # polling another process's HTTP status (bounded)
+    finally:
+        await node.stop()
+
+
+def test_join_without_the_cache_dir_says_which_cache_it_looked_in(tmp_path):
+    fake_hf_cache(tmp_path, BUILTIN_DIR)
+    result = mesh_node(
+        "join", MESH_ID, "--ephemeral", *CONFINED, "--model", "acme/tiny-moe", env=offline(tmp_path)
+    )
+    assert result.returncode == 2, result.stderr[-600:]
+    error = result.stderr.splitlines()[-1]
+    assert f"not in the local Hugging Face cache at {tmp_path / 'hf-home' / 'hub'}" in error
+    assert "HF_HUB_CACHE" in error and "--cache-dir" in error
+
+
+def test_join_help_explains_the_cache_dir(tmp_path):
+    result = mesh_node("join", "--help", env={**offline(tmp_path), "COLUMNS": "400"})
+    text = " ".join(result.stdout.split())
+    assert "--cache-dir DIR the Hugging Face cache" in text
+    assert "the folder `mesh-node models --cache-dir` listed" in text
