@@ -246,6 +246,11 @@ class IndependentShards:
                     "experts": {
                         str(layer): list(ids) for layer, ids in plan.experts(variant.index).items()
                     },
+                    "num_experts": plan.num_experts,
+                    "core": {str(layer): list(plan.core_experts(layer)) for layer in plan.layers},
+                    "experts_per_shard": [
+                        min(map(len, plan.experts(i).values())) for i in range(plan.num_shards)
+                    ],
                     "quality": self.quality.get(model, "measuring"),
                 }
             )
