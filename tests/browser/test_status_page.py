@@ -5,9 +5,12 @@ import json
 import pytest
 
 from mesh_node.console.server import ConsoleServer
+from mesh_node.expert_parallel.coordinator import ExpertParallelConfig
+from mesh_node.identity import new_mesh_id
+from mesh_node.transport.memory import MemoryNetwork
 from tests.console.scripted_source import ScriptedSource, make_peer
 from tests.console.split_mesh import split_mesh
-from tests.gateway.mesh import answer, chat
+from tests.gateway.mesh import Mesh, answer, chat
 
 ROWS = "document.querySelectorAll('tr[data-node-id]')"
 
@@ -233,3 +236,166 @@ async def test_experts_panel_escapes_names_and_collapses_big_grids(browser):
         source.extra["experts"] = []
         source.emit("status", source.status())
         await page.wait_for(f"{EXPERTS}.innerText.includes('No split MoE models')")
+
+
+SHARDS = "document.querySelector('section[data-section=shards]')"
+
+
+def shard_block(model: str) -> str:
+    return f"{SHARDS}?.querySelector('[data-shards-model=\"{model}\"]')"
+
+
+async def test_page_shows_independent_shards_as_a_panel(browser):
+    """`--moe-shards`: a Shards panel per model, with which node serves which shard (names,
+    not raw ids), the experts per shard and the shared core, the plan and rankings, and the
+    measured quality line; an entry from an older node (fewer fields) and one whose shard
+    nodes changed since its split are shown too."""
+    me, other, evil = make_peer(0, is_self=True), make_peer(1), make_peer(2, name="<i>x</i>")
+    nodes = [other["id"], me["id"], evil["id"]]
+    quality = "independent-shard mode: 3 shards, exact-match 71.5% vs 98.5% full"
+    full = {
+        "model": "tiny-moe",
+        "shard": 1,
+        "shards": 3,
+        "nodes": nodes,
+        "rankings": "973479b277642ce3",
+        "plan": "b9bb8d29ef029a3e",
+        "experts": {"0": [0, 1, 3, 4], "1": [0, 2, 5, 6]},
+        "num_experts": 8,
+        "core": {"0": [0, 1], "1": [0, 2]},
+        "experts_per_shard": [4, 4, 3],
+        "quality": quality,
+    }
+    older = {  # no num_experts, core or experts_per_shard; split before the third node came
+        "model": "old-moe",
+        "shard": 0,
+        "shards": 2,
+        "nodes": [me["id"], other["id"], evil["id"]],
+        "experts": {"0": [1, 2, 3]},
+        "quality": "measuring",
+    }
+    source = ScriptedSource(
+        [me, other, evil],
+        extra={"hosting": [], "experts": [], "shards": [full, older, {"model": "bare"}]},
+    )
+    async with ConsoleServer(source, "127.0.0.1", 0) as console:
+        page = await browser.new_page(f"{console.url}/")
+        await page.wait_for(f"{SHARDS}?.querySelectorAll('[data-shards-model]').length === 3")
+        sections = await page.evaluate(
+            "[...document.querySelectorAll('section[data-section]')].map(s => s.dataset.section)"
+        )
+        assert sections == ["peers", "models", "hosting", "experts", "shards"]
+        text = await page.evaluate(f"{SHARDS}.innerText")
+        assert text.startswith("Shards")
+        for peer in (me, other, evil):
+            assert peer["id"] not in text  # short ids and names, never the 52 characters
+        block = shard_block("tiny-moe")
+        rows = await page.evaluate(
+            f"[...{block}.querySelectorAll('tr[data-shard-node]')]"
+            ".map(r => [r.dataset.shard, r.dataset.shardNode, r.innerText])"
+        )
+        assert [(shard, node) for shard, node, _ in rows] == [
+            ("0", nodes[0]),
+            ("1", nodes[1]),
+            ("2", nodes[2]),
+        ]
+        assert "shard 1" in rows[0][2] and "node-1" in rows[0][2] and "4 of 8" in rows[0][2]
+        assert "node-0" in rows[1][2] and "this node" in rows[1][2]
+        assert "4 of 8 (2 core + 2 own)" in rows[1][2]
+        assert "<i>x</i>" in rows[2][2] and "3 of 8 (2 core + 1 own)" in rows[2][2]
+        chips = await page.evaluate(
+            f"[...{block}.querySelectorAll('.chip[data-ref-node]')].map(c => c.dataset.refNode)"
+        )
+        assert chips == nodes
+        facts = await page.evaluate(f"{block}.querySelector('table.facts').innerText")
+        for fragment in (
+            "3 shard(s) · this node serves shard 2",
+            "8 experts per layer",
+            "2 expert(s) per layer, the hottest, on every shard",
+            "b9bb8d29ef029a3e",
+            "973479b277642ce3",
+        ):
+            assert fragment in facts
+        assert await page.evaluate(f"{block}.querySelector('[data-quality]').innerText") == (
+            quality
+        )
+        assert (
+            await page.evaluate(f"{block}.querySelector('[data-plan]').dataset.plan")
+            == (full["plan"])
+        )
+        assert not await page.evaluate(f"!!{block}.querySelector('[data-resplit]')")
+        # this node's experts, layer by layer, the shared core in bold
+        held = await page.evaluate(
+            f"[...{block}.querySelectorAll('[data-held] tr[data-layer]')].map(r => "
+            "[r.dataset.layer, [...r.querySelectorAll('.expert-ids span')].map(s => "
+            "[s.textContent, s.classList.contains('core')])])"
+        )
+        assert held == [
+            ["0", [["0", True], ["1", True], ["3", False], ["4", False]]],
+            ["1", [["0", True], ["2", True], ["5", False], ["6", False]]],
+        ]
+
+        old = shard_block("old-moe")
+        assert await page.evaluate(f"{old}.querySelector('[data-quality]').innerText") == (
+            "measuring… (each shard against the whole model)"
+        )
+        assert await page.evaluate(f"!!{old}.querySelector('[data-resplit]')")
+        counts = await page.evaluate(
+            f"[...{old}.querySelectorAll('tr[data-shard-node] td.num')].map(c => c.innerText)"
+        )
+        assert counts == ["3", "–", "–"]  # this node's share; the others' unknown while resplit
+        assert "uniform" in await page.evaluate(f"{old}.innerText")
+        assert "No shard nodes known" in await page.evaluate(f"{shard_block('bare')}.innerText")
+        assert not await page.evaluate(f"!!{SHARDS}.querySelector('i, img, script')")
+
+        source.extra["shards"] = []
+        source.emit("status", source.status())
+        await page.wait_for(f"{SHARDS}.innerText.includes('No model served as independent shards')")
+
+
+async def test_page_shows_the_shards_of_a_sharded_mesh(browser, tmp_path, monkeypatch):
+    """The Shards panel with real data: two in-process nodes serving the built-in model as
+    independent shards; each node's page shows both shard nodes in shard order, its own
+    share of experts, the plan, and the quality line once measured."""
+    monkeypatch.setenv("MESH_NODE_CACHE", str(tmp_path))
+    mesh = Mesh(MemoryNetwork(latency=0.0002), new_mesh_id())
+    try:
+        for _ in range(2):
+            await mesh.add(experts=ExpertParallelConfig(shards=True), console_port=0)
+        await mesh.wait(
+            lambda: all(
+                n.shards.loaded("builtin") is not None
+                and n.shards.loaded("builtin") == n.shards.wanted("builtin")
+                and n.shards.loaded("builtin").count == 2
+                and n.shards.status()[0]["quality"] != "measuring"
+                for n in mesh.nodes
+            ),
+            timeout=120,
+        )
+        for node in mesh.nodes:
+            (section,) = node.view.status()["shards"]
+            page = await browser.new_page(f"{node.console.url}/")
+            block = shard_block("builtin")
+            await page.wait_for(f"{block}?.querySelectorAll('tr[data-shard-node]').length === 2")
+            rows = await page.evaluate(
+                f"[...{block}.querySelectorAll('tr[data-shard-node]')]"
+                ".map(r => r.dataset.shardNode)"
+            )
+            assert rows == section["nodes"]
+            me = f"{block}.querySelector('tr[data-shard-node=\"{node.node_id}\"]')"
+            assert await page.evaluate(f"{me}.dataset.shard") == str(section["shard"])
+            held = len(next(iter(section["experts"].values())))
+            core = len(next(iter(section["core"].values())))
+            assert f"{held} of 8 ({core} core + {held - core} own)" in await page.evaluate(
+                f"{me}.innerText"
+            )
+            assert (
+                await page.evaluate(f"{block}.querySelector('[data-plan]').dataset.plan")
+                == (section["plan"])
+            )
+            shown = await page.evaluate(f"{block}.querySelector('[data-quality]').innerText")
+            assert shown == section["quality"] and "2 shards" in shown
+            assert not await page.evaluate(f"!!{block}.querySelector('[data-resplit]')")
+            await page.close()
+    finally:
+        await mesh.stop()

@@ -3,7 +3,7 @@
 // State: the last status document, with its peers kept in a Map by id. The event stream
 // (api/events) starts with a `status` event (whole document), then sends `peer` upserts,
 // `removed` ({id}) and `status` resyncs. Peer events update the nodes table at once; the
-// other sections (models, hosting, experts, keys added later) are derived by the node,
+// other sections (models, hosting, experts, shards, keys added later) are derived by the node,
 // so after peer changes the page re-reads api/status (debounced) for everything but peers.
 //
 // Test hooks: every node row is `tr[data-node-id][data-status]`, <body data-connection>
@@ -26,6 +26,7 @@
     { key: "models", title: "Models", render: renderModels },
     { key: "hosting", title: "Hosting", render: renderHosting },
     { key: "experts", title: "Experts", render: renderExperts },
+    { key: "shards", title: "Shards", render: renderShards },
   ];
 
   const state = {
@@ -449,6 +450,131 @@
     body.replaceChildren(...experts.map((plan) => {
       const block = expertModel(plan);
       if (closed.has(plan.model)) block.querySelector("details")?.removeAttribute("open");
+      return block;
+    }));
+  }
+
+  // ---------------------------------------------------------------- shards
+
+  // Independent-shard mode (`--moe-shards`): one block per model this node serves as a shard
+  // (IndependentShards.status() on the node, proto/CONSOLE.md "shards"). Node i of `nodes`
+  // serves shard i; the experts themselves are known for this node's shard only. Every field
+  // but `model` may be missing (a node from before it was added shows less, not nothing).
+  const DIGEST_CHARS = 16;
+
+  const shortDigest = (value) => {
+    const text = String(value);
+    return el("code", { title: text.length > DIGEST_CHARS ? text : null },
+      text.length > DIGEST_CHARS ? `${text.slice(0, DIGEST_CHARS)}…` : text);
+  };
+
+  const isObject = (value) => value !== null && typeof value === "object" && !Array.isArray(value);
+
+  // Experts per layer of `model` as a peer announced it (for nodes that do not send num_experts).
+  function modelExperts(model) {
+    for (const peer of state.peers.values()) {
+      const m = (peer.models_on_disk || []).find((x) => x && x.name === model);
+      if (m && typeof m.experts === "number" && m.experts > 0) return m.experts;
+    }
+    return null;
+  }
+
+  function shardModel(entry) {
+    const self = state.doc && state.doc.node;
+    const nodes = Array.isArray(entry.nodes) ? entry.nodes.map(String) : [];
+    const count = typeof entry.shards === "number" ? entry.shards : nodes.length;
+    const mine = typeof entry.shard === "number" ? entry.shard : null;
+    const total = typeof entry.num_experts === "number" ? entry.num_experts : modelExperts(entry.model);
+    const held = isObject(entry.experts) ? entry.experts : {};
+    const layers = Object.keys(held).filter((l) => Array.isArray(held[l]))
+      .sort((a, b) => Number(a) - Number(b));
+    const core = isObject(entry.core) ? entry.core : null;
+    const coreSizes = core ? Object.values(core).filter(Array.isArray).map((ids) => ids.length) : [];
+    const coreSize = coreSizes.length ? Math.min(...coreSizes) : null;
+    const perShard = Array.isArray(entry.experts_per_shard) ? entry.experts_per_shard : [];
+    // The shard nodes now against the split this node has loaded: they differ while it reloads.
+    const changed = nodes.length !== count || (mine !== null && self && nodes[mine] !== self);
+
+    const expertsLabel = (n) => {
+      if (typeof n !== "number") return muted("–");
+      const parts = [`${n}`];
+      if (total) parts.push(muted(` of ${total}`));
+      if (coreSize !== null) parts.push(muted(` (${coreSize} core + ${n - coreSize} own)`));
+      return el("span", {}, parts);
+    };
+    const heldCount = layers.length ? Math.min(...layers.map((l) => held[l].length)) : null;
+
+    const quality = typeof entry.quality === "string" ? entry.quality : "";
+    let qualityCell;
+    if (!quality) qualityCell = muted("not reported");
+    else if (quality === "measuring") qualityCell = muted("measuring… (each shard against the whole model)");
+    else qualityCell = el("span", { class: quality.startsWith("quality not measured") ? "behind" : null }, quality);
+
+    const facts = [
+      ["Split", el("span", {},
+        `${count} shard(s)`,
+        mine !== null ? ` · this node serves shard ${mine + 1}` : null,
+        total ? muted(` · ${total} experts per layer in the whole model`) : null)],
+      ["Quality", el("span", { "data-quality": quality }, qualityCell)],
+    ];
+    if (coreSize !== null) {
+      facts.push(["Shared core", `${coreSize} expert(s) per layer, the hottest, on every shard`]);
+    }
+    facts.push(["Plan", entry.plan ? el("span", { "data-plan": String(entry.plan) }, shortDigest(entry.plan)) : muted("none")]);
+    facts.push(["Rankings", entry.rankings === "uniform" || !entry.rankings
+      ? muted("uniform (no rankings)") : shortDigest(entry.rankings)]);
+
+    const parts = [el("h3", {}, el("code", {}, entry.model))];
+    parts.push(el("table", { class: "facts" },
+      el("tbody", {}, facts.map(([k, v]) => el("tr", {}, el("th", {}, k), el("td", {}, v))))));
+    if (changed) {
+      parts.push(el("p", { class: "behind", "data-resplit": "" },
+        `The shard nodes changed (${nodes.length} now, ${count} in the split loaded here): `
+        + "the shards are being split again."));
+    }
+    const rows = nodes.map((id, i) => el("tr", { "data-shard-node": id, "data-shard": i },
+      el("td", {}, `shard ${i + 1}`),
+      el("td", {},
+        el("code", { class: "id", title: id }, id.slice(0, 10)), " ", peerLabel(id),
+        id === self ? el("span", { class: "badge" }, "this node") : null),
+      el("td", { class: "num" }, expertsLabel(
+        id === self && heldCount !== null ? heldCount : changed ? null : perShard[i]))));
+    parts.push(nodes.length
+      ? el("table", { class: "shard-nodes" },
+        el("thead", {}, el("tr", {}, el("th", {}, "Shard"), el("th", {}, "Node"),
+          el("th", { class: "num" }, "Experts per layer"))),
+        el("tbody", {}, rows))
+      : el("p", { class: "empty" }, "No shard nodes known."));
+    if (layers.length) {
+      const coreOf = (layer) => new Set(core && Array.isArray(core[layer]) ? core[layer] : []);
+      parts.push(el("details", { class: "grid", "data-held": "" },
+        el("summary", {}, `Experts this node holds, layer by layer (${layers.length} MoE layers`
+          + (coreSize !== null ? "; bold: the shared core)" : ")")),
+        el("div", { class: "scroll" }, el("table", { class: "expert-layers" },
+          el("tbody", {}, layers.map((layer) => {
+            const shared = coreOf(layer);
+            return el("tr", { "data-layer": layer },
+              el("th", {}, `layer ${layer}`),
+              el("td", { class: "num" }, String(held[layer].length)),
+              el("td", { class: "expert-ids" }, held[layer].map((e) =>
+                el("span", { class: shared.has(e) ? "core" : null }, String(e)))));
+          }))))));
+    }
+    return el("div", { class: "shard-model", "data-shards-model": entry.model }, parts);
+  }
+
+  function renderShards(body, shards) {
+    const entries = Array.isArray(shards) ? shards.filter(isObject) : [];
+    if (!entries.length) {
+      body.replaceChildren(el("p", { class: "empty" }, "No model served as independent shards."));
+      return;
+    }
+    // Keep each model's expert list open across refreshes when the user opened it.
+    const open = new Set([...body.querySelectorAll("[data-shards-model] > details[open]")]
+      .map((d) => d.parentElement.dataset.shardsModel));
+    body.replaceChildren(...entries.map((entry) => {
+      const block = shardModel(entry);
+      if (open.has(String(entry.model))) block.querySelector("details")?.setAttribute("open", "");
       return block;
     }));
   }
