@@ -43,8 +43,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         description=(
             "Fetch the status document from a node's console (GET /api/status) and print the "
             "nodes (status, role, hardware, load, last seen, round-trip time) and the models "
-            "with the nodes that serve them. Exits with 1 and a one-line message when the "
-            "console cannot be reached or does not answer a status document."
+            "with the nodes that serve them, and with --moe-shards which node serves which "
+            "shard and what the split costs in quality. Exits with 1 and a one-line message "
+            "when the console cannot be reached or does not answer a status document."
         ),
     )
     parser.add_argument(

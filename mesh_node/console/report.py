@@ -10,14 +10,14 @@ import time
 from typing import IO, Any
 
 from rich import box
-from rich.console import Console
+from rich.console import Console, Group
 from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 
 STATUS_STYLES = {"alive": "bold green", "suspect": "bold yellow", "dead": "bold red", "left": "dim"}
 GONE = frozenset({"dead", "left"})
-KNOWN_KEYS = frozenset({"node", "mesh", "peers", "models"})
+KNOWN_KEYS = frozenset({"node", "mesh", "peers", "models", "shards"})
 _WIDTH_WHEN_NOT_A_TERMINAL = 200
 
 
@@ -28,13 +28,17 @@ def terminal_console(file: IO[str]) -> Console:
 
 
 def render_status(document: dict[str, Any], console: Console, now: float | None = None) -> None:
-    """Print the summary line, the nodes table, the models table, and other keys' names."""
+    """Print the summary line, the nodes table, the models table, the shards (if any), and
+    other keys' names."""
     now = time.time() if now is None else now
     document = _printable(document)  # peers' names reach this terminal: no escape sequences
     peers = sorted(document.get("peers", []), key=_peer_order)
     console.print(_summary(document, peers))
     console.print(nodes_table(peers, now, console))
     console.print(models_table(document.get("models", []), {p["id"]: p for p in peers}, console))
+    shards = shards_section(document.get("shards"), peers, document.get("node"))
+    if shards is not None:
+        console.print(shards)
     others = sorted(k for k in document if k not in KNOWN_KEYS)
     if others:
         console.print(
@@ -150,6 +154,84 @@ def _models_table(
     if not models:
         table.add_row(Text("no models on any node yet", "dim"), "", "")
     return table
+
+
+def shards_section(shards: Any, peers: list[dict[str, Any]], this_node: Any) -> Group | None:
+    """Independent-shard mode (`--moe-shards`): a table of each model's shard nodes in shard
+    order with the experts per layer of their shard, then per model its quality line and the
+    split's digests. None when this node serves no model as shards."""
+    entries = [e for e in shards if isinstance(e, dict)] if isinstance(shards, list) else []
+    if not entries:
+        return None
+    by_id = {p.get("id"): p for p in peers}
+    table = Table(title="Shards", title_justify="left", box=box.SIMPLE_HEAD)
+    table.add_column("model", no_wrap=True)
+    table.add_column("shard", no_wrap=True)
+    table.add_column("node")
+    table.add_column("experts per layer")
+    notes = []
+    for entry in entries:
+        model = str(entry.get("model", "?"))
+        nodes = entry.get("nodes") if isinstance(entry.get("nodes"), list) else []
+        count = entry.get("shards") if isinstance(entry.get("shards"), int) else len(nodes)
+        mine = entry.get("shard") if isinstance(entry.get("shard"), int) else None
+        changed = len(nodes) != count or (
+            mine is not None and this_node is not None and nodes[mine : mine + 1] != [this_node]
+        )
+        held = _shard_count(entry.get("experts"))
+        per_shard = entry.get("experts_per_shard")
+        for i, node in enumerate(nodes):
+            if node == this_node and held is not None:
+                experts = held
+            elif isinstance(per_shard, list) and i < len(per_shard) and not changed:
+                experts = per_shard[i]
+            else:
+                experts = None
+            name = Text(_node_list([node], by_id))
+            if node == this_node:
+                name.append(" (this node)", "dim")
+            table.add_row(
+                Text(model if i == 0 else ""),
+                Text(f"{i + 1} of {len(nodes)}"),
+                name,
+                Text(_shard_experts(experts, entry)),
+            )
+        if not nodes:
+            table.add_row(Text(model), Text("-"), Text("no shard nodes known", "dim"), Text("-"))
+        note = Text(f"{model}: ")
+        quality = entry.get("quality")
+        if quality == "measuring":
+            quality = "quality being measured (each shard against the whole model)"
+        note.append(str(quality or "quality not reported"))
+        digests = [f"{k} {entry[k]}" for k in ("plan", "rankings") if entry.get(k)]
+        if digests:
+            note.append(f" ({', '.join(digests)})", "dim")
+        if changed:
+            note.append(
+                f"; the shard nodes changed ({len(nodes)} now, {count} in the split loaded here):"
+                " splitting again",
+                "yellow",
+            )
+        notes.append(note)
+    return Group(table, *notes)
+
+
+def _shard_count(experts: Any) -> int | None:
+    """Experts per layer of a shard from its `{"<layer>": [int]}` (the fewest, should layers
+    differ); None when not known."""
+    if not isinstance(experts, dict):
+        return None
+    sizes = [len(ids) for ids in experts.values() if isinstance(ids, list)]
+    return min(sizes) if sizes else None
+
+
+def _shard_experts(count: Any, entry: dict[str, Any]) -> str:
+    if not isinstance(count, int):
+        return "-"
+    total = entry.get("num_experts")
+    text = f"{count} of {total}" if isinstance(total, int) else str(count)
+    core = _shard_count(entry.get("core"))
+    return f"{text} ({core} core + {count - core} own)" if core is not None else text
 
 
 def _summary(document: dict[str, Any], peers: list[dict[str, Any]]) -> Text:

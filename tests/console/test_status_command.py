@@ -277,3 +277,69 @@ def test_report_on_an_80_column_terminal_folds_long_names_rather_than_cutting_th
     assert model in column(text, "Models", "model"), text
     assert squashed(name) in column(text, "Models", "served by"), text
     assert squashed(f"{name} node-1 (dead)") in column(text, "Models", "on disk at"), text
+
+
+def shard_entry(nodes: list[str], **fields) -> dict:
+    """One entry of the `shards` section as IndependentShards.status() writes it."""
+    return {
+        "model": "tiny-moe",
+        "shard": 1,
+        "shards": len(nodes),
+        "nodes": nodes,
+        "rankings": "973479b277642ce3",
+        "plan": "b9bb8d29ef029a3e",
+        "experts": {"0": [0, 1, 3, 4], "1": [0, 2, 5, 6]},
+        "num_experts": 8,
+        "core": {"0": [0, 1], "1": [0, 2]},
+        "experts_per_shard": [4, 4, 3][: len(nodes)],
+        "quality": "independent-shard mode: 3 shards, exact-match 71.5% vs 98.5% full",
+        **fields,
+    }
+
+
+async def test_status_prints_independent_shards(console, source):
+    """`--moe-shards`: which node serves which shard (names, not raw ids), the experts per
+    layer of each shard and the shared core, the quality line and the split's digests."""
+    nodes = [make_peer(1)["id"], make_peer(0)["id"], make_peer(2)["id"]]
+    source.extra["shards"] = [shard_entry(nodes)]
+    code, out, err = await mesh_node("status", "--console", console.url)
+    assert (code, err) == (0, "")
+    shards = out[out.index("Shards") :]
+    rows = [line for line in shards.splitlines() if " of 3 " in line]
+    assert len(rows) == 3
+    for row, name, experts in zip(
+        rows,
+        ("node-1", "node-0 (this node)", "node-2"),
+        ("4 of 8 (2 core + 2 own)", "4 of 8 (2 core + 2 own)", "3 of 8 (2 core + 1 own)"),
+        strict=True,
+    ):
+        assert name in row and experts in row, row
+    assert rows[0].split()[:3] == ["tiny-moe", "1", "of"]
+    assert "tiny-moe: independent-shard mode: 3 shards, exact-match 71.5% vs 98.5% full" in out
+    assert "plan b9bb8d29ef029a3e, rankings 973479b277642ce3" in out
+    assert not any(node in out for node in nodes)
+    assert "Also in the status document" not in out  # shards is no longer left out
+
+
+def test_report_shows_partial_and_resplit_shards_in_80_columns():
+    """Entries with fewer fields (an older node), odd types, and shard nodes that changed
+    since the split this node loaded are shown, not a traceback; 80 columns are enough."""
+    me, other = make_peer(0, is_self=True), make_peer(1)
+    older = {"model": "old-moe", "shard": 0, "shards": 1, "nodes": [me["id"], other["id"]]}
+    older["experts"] = {"0": [1, 2, 3], "1": "x"}
+    older["quality"] = "measuring"
+    odd = {"model": "odd-moe", "nodes": 5, "experts_per_shard": "x", "core": [], "quality": 3}
+    document = ScriptedSource(
+        [me, other], extra={"shards": [older, odd, "not an entry"], "experts": []}
+    ).status()
+    assert status_document_problem(document) is None
+    out = io.StringIO()
+    render_status(document, Console(file=out, width=80, color_system=None), now=0)
+    text = out.getvalue()
+    shards = text[text.index("Shards") :]
+    assert "…" not in shards
+    mine = next(line for line in shards.splitlines() if "old-moe" in line and "1 of 2" in line)
+    assert "node-0 (this node)" in mine and mine.rstrip().endswith("3")
+    assert "quality being measured" in shards
+    assert "the shard nodes changed (2 now, 1 in the split loaded here)" in " ".join(shards.split())
+    assert "no shard nodes known" in shards and "odd-moe: 3" in shards
