@@ -15,6 +15,8 @@ from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 
+from mesh_node.english import counted
+
 STATUS_STYLES = {"alive": "bold green", "suspect": "bold yellow", "dead": "bold red", "left": "dim"}
 GONE = frozenset({"dead", "left"})
 KNOWN_KEYS = frozenset({"node", "mesh", "peers", "models", "shards"})
@@ -187,7 +189,7 @@ def shards_section(shards: Any, peers: list[dict[str, Any]], this_node: Any) -> 
                 experts = per_shard[i]
             else:
                 experts = None
-            name = Text(_node_list([node], by_id))
+            name = Text(_node_list([node], by_id, ", "))
             if node == this_node:
                 name.append(" (this node)", "dim")
             table.add_row(
@@ -238,7 +240,8 @@ def _summary(document: dict[str, Any], peers: list[dict[str, Any]]) -> Text:
     counts = {s: sum(1 for p in peers if p.get("status") == s) for s in STATUS_STYLES}
     mesh = document.get("mesh") if isinstance(document.get("mesh"), dict) else {}
     text = Text("mesh: ")
-    text.append(f"{mesh.get('nodes', len(peers))} nodes", "bold")
+    nodes = mesh.get("nodes", len(peers))
+    text.append(counted(nodes, "node") if isinstance(nodes, int) else f"{nodes} nodes", "bold")
     for status, style in STATUS_STYLES.items():
         text.append(", ")
         text.append(f"{mesh.get(status, counts[status])} {status}", style)

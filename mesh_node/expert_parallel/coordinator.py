@@ -48,6 +48,7 @@ from mesh_node.engine.loading import (
     resolve_device,
     resolve_dtype,
 )
+from mesh_node.english import counted
 from mesh_node.expert_parallel.core_share import decode_threads, on_this_machine
 from mesh_node.expert_parallel.dispatch import (
     DispatchConfig,
@@ -63,7 +64,7 @@ from mesh_node.expert_parallel.lanes import ExpertLanes
 from mesh_node.expert_parallel.messages import RankingsData, RankingsRequest
 from mesh_node.expert_parallel.service import ExpertService
 from mesh_node.identity import NodeId
-from mesh_node.membership.claims import ALIVE
+from mesh_node.membership.claims import ALIVE, STATUS_PHRASES
 from mesh_node.membership.dialing import connect_member
 from mesh_node.membership.messages import ExpertShard, ModelInfo
 from mesh_node.membership.swim import Membership
@@ -438,11 +439,11 @@ class ExpertParallel:
         self._publish_model(model, expert_plan=plan.fingerprint)
         mine = plan.experts_of(self.node_id)
         log.info(
-            "expert plan %s for %s: %d peers, this node holds %d experts (%d bytes)",
+            "expert plan %s for %s: %s, this node holds %s (%d bytes)",
             plan.fingerprint,
             model,
-            len(offers),
-            sum(len(v) for v in mine.values()),
+            counted(len(offers), "peer"),
+            counted(sum(len(v) for v in mine.values()), "expert"),
             plan.bytes_of(self.node_id),
         )
         return True
@@ -1006,7 +1007,7 @@ class ExpertParallel:
 
     def _gone(self, peer: NodeId) -> PeerGone:
         member = self.table.get(peer)
-        return PeerGone(f"{peer.short} is {member.status if member else 'gone'}")
+        return PeerGone(f"{peer.short} {STATUS_PHRASES[member.status] if member else 'is gone'}")
 
     async def wait_covered(self, model: str, timeout: float) -> None:
         """Until every expert of `model` has a holder (this node or a live peer); TimeoutError
@@ -1022,8 +1023,8 @@ class ExpertParallel:
             if remaining <= 0:
                 error = self.errors.get(model)
                 raise TimeoutError(
-                    f"{len(missing)} experts of {model} are held by no node after {timeout:.0f}s"
-                    + (f": {error}" if error else "")
+                    f"{counted(len(missing), 'expert')} of {model} held by no node after "
+                    f"{timeout:.0f}s" + (f": {error}" if error else "")
                 )
             # peers publish what they load; this node's own loads signal it too. Not
             # asyncio.wait_for: on Python 3.11 it returns the event's result when a cancellation
@@ -1033,7 +1034,8 @@ class ExpertParallel:
                 async with asyncio.timeout(min(remaining, 10.0)):
                     await self._table_changed.wait()
             except TimeoutError:
-                log.info("%s: waiting for %d experts to be loaded somewhere", model, len(missing))
+                waiting = counted(len(missing), "expert")
+                log.info("%s: waiting for %s to be loaded somewhere", model, waiting)
 
     # ---- status
     def status(self) -> list[dict[str, Any]]:

@@ -25,6 +25,8 @@ from mesh_node.transport.addresses import address_error
 ALIVE, SUSPECT, DEAD, LEFT = "alive", "suspect", "dead", "left"
 KINDS = (ALIVE, SUSPECT, DEAD, LEFT)
 TOMBSTONES = (DEAD, LEFT)
+# "node X ..." in log lines and errors
+STATUS_PHRASES = {ALIVE: "is alive", SUSPECT: "is suspected", DEAD: "is dead", LEFT: "has left"}
 SELF_SPOKEN = (ALIVE, LEFT)
 _LABEL = b"mesh-node/1 claim\x00"
 MAX_ADDRESSES = 8

@@ -44,6 +44,7 @@ from mesh_node.membership.claims import (
     LEFT,
     MAX_ACCUSED,
     MAX_INCARNATION,
+    STATUS_PHRASES,
     SUSPECT,
     TOMBSTONES,
     VERIFIER,
@@ -468,7 +469,7 @@ class Membership:
             if member.state is None or member.state.incarnation < member.incarnation:
                 self._fetch_state(member.node_id)
         if member.status in (DEAD, LEFT):
-            log.info("node %s is %s", member.node_id.short, member.status)
+            log.info("node %s %s", member.node_id.short, STATUS_PHRASES[member.status])
             self.endpoint.close_peer(member.node_id, f"node declared {member.status}")
 
     # ------------------------------------------------------------------ suspicion

@@ -19,6 +19,7 @@ import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+from mesh_node.english import counted
 from mesh_node.identity import NodeId
 from mesh_node.membership.claims import ALIVE, SUSPECT
 from mesh_node.membership.dialing import connect_member
@@ -209,7 +210,7 @@ class Gateway:
                     raise
                 # its hosts failed (they died or left) and no node has it now: the model
                 # existed, the generation broke off (a server error a client may retry)
-                where = f" after {len(delivered)} tokens" if delivered else ""
+                where = f" after {counted(len(delivered), 'token')}" if delivered else ""
                 raise GenerationFailed(
                     f"the generation broke off{where}: the hosts of {request.model} failed "
                     "and no other node has it now"
@@ -256,12 +257,14 @@ class Gateway:
             except HostFailed as exc:
                 failed.add(host)
                 where = (
-                    "before the first token" if not delivered else f"after {len(delivered)} tokens"
+                    "before the first token"
+                    if not delivered
+                    else f"after {counted(len(delivered), 'token')}"
                 )
                 log.warning("host %s failed %s: %s", host.short, where, exc)
                 if len(failed) > self.config.max_failovers:
                     raise GenerationFailed(
-                        f"{len(failed)} hosts failed this request; giving up"
+                        f"{counted(len(failed), 'host')} failed this request; giving up"
                     ) from None
             finally:
                 self._sent[host] -= 1

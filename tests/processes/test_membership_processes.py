@@ -69,7 +69,7 @@ async def test_sigterm_leaves_at_once():
         leaver = others[0]
         started = time.monotonic()
         leaver.proc.send_signal(signal.SIGTERM)
-        left = rf"node {leaver.node_id.short} is left"
+        left = rf"node {leaver.node_id.short} has left"
         await asyncio.gather(*(n.wait_log(left, timeout=5) for n in (first, others[1])))
         assert time.monotonic() - started < 1.0  # the others know at once
         async with asyncio.timeout(5):

@@ -27,7 +27,7 @@ async def test_two_node_processes_link_and_leave_cleanly():
             async with asyncio.timeout(5):
                 await conn.wait_closed()
             assert conn.close_code == ErrorCode.NO_ERROR
-            await second.wait_log(rf"node {first.node_id.short} is left")
+            await second.wait_log(rf"node {first.node_id.short} has left")
         finally:
             await ours.close()
     finally:
