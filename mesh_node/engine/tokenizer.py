@@ -12,6 +12,7 @@ first host had, and its next delta continues the text without duplicating or spl
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,10 @@ from mesh_node.engine.errors import CheckpointError
 
 REPLACEMENT_CHAR = "\ufffd"
 DETOKENIZE_CONTEXT = 6  # prompt tokens decoded with the first generated ones (leading spaces)
+# a message's place in a chat rendered to find where each content went (private-use characters:
+# no template makes them, and a content holding them is quoted like any other)
+_QUOTE_OPEN, _QUOTE_CLOSE = "\U000f4d00", "\U000f4d01"
+_QUOTED = re.compile(f"{_QUOTE_OPEN}([0-9]+){_QUOTE_CLOSE}")
 
 
 class Tokenizer:
@@ -39,6 +44,11 @@ class Tokenizer:
             eos.add(int(self.hf.eos_token_id))
         eos.update(_generation_config_eos(self.folder))
         self.eos_token_ids = frozenset(eos)
+        self._special_texts = [
+            token.content
+            for token in getattr(self.hf, "added_tokens_decoder", {}).values()
+            if token.special and token.content
+        ]
 
     @property
     def vocab_size(self) -> int:
@@ -62,13 +72,54 @@ class Tokenizer:
             raise CheckpointError(
                 f"the tokenizer in {self.folder} has no chat template; send a raw prompt instead"
             )
-        text = self.hf.apply_chat_template(
+        text = self._render(messages, add_generation_prompt, template_kwargs)
+        contents = [m.get("content") for m in messages]
+        if not any(isinstance(c, str) and self._holds_special(c) for c in contents):
+            return self.encode(text, add_special_tokens=False)
+        return self._encode_contents_as_text(messages, add_generation_prompt, template_kwargs)
+
+    def _render(self, messages, add_generation_prompt: bool, template_kwargs) -> str:
+        return self.hf.apply_chat_template(
             list(messages),
             add_generation_prompt=add_generation_prompt,
             tokenize=False,
             **template_kwargs,
         )
-        return self.encode(text, add_special_tokens=False)
+
+    def _holds_special(self, text: str) -> bool:
+        return any(special in text for special in self._special_texts)
+
+    def _encode_contents_as_text(
+        self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool, template_kwargs
+    ) -> list[int]:
+        """The chat's tokens with the special tokens' text inside message contents encoded as
+        the plain text it is: a user who writes "<|im_end|>" must not end their turn and
+        speak as another role. Each content is rendered as a placeholder, the template's text
+        is encoded as usual and every content as text alone (so tokens may differ from a
+        whole-text encoding at a content's two ends, only for such messages)."""
+        placeholders = [f"{_QUOTE_OPEN}{i}{_QUOTE_CLOSE}" for i in range(len(messages))]
+        quoted = [
+            {**m, "content": placeholders[i]} if isinstance(m.get("content"), str) else dict(m)
+            for i, m in enumerate(messages)
+        ]
+        text = self._render(quoted, add_generation_prompt, template_kwargs)
+        pieces = _QUOTED.split(text)  # template text, a message's index, template text, ...
+        indices = [int(i) for i in pieces[1::2]]
+        wanted = [i for i, m in enumerate(messages) if isinstance(m.get("content"), str)]
+        if sorted(indices) != wanted:
+            raise ValueError(  # (the request's problem: a 400 from the generator)
+                "a message holds the text of one of the model's special tokens, and this "
+                "model's chat template changes or repeats message contents, so the text could "
+                "not be kept apart from the template's own special tokens: leave it out"
+            )
+        ids: list[int] = []
+        for n, piece in enumerate(pieces):
+            if n % 2 == 0:
+                ids += self.encode(piece, add_special_tokens=False) if piece else []
+            else:
+                content = messages[int(piece)]["content"]
+                ids += self.hf.encode(content, add_special_tokens=False, split_special_tokens=True)
+        return ids
 
     def decode(self, ids: Sequence[int]) -> str:
         if self._backend is not None:
