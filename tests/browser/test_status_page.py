@@ -8,7 +8,7 @@ from mesh_node.console.server import ConsoleServer
 from mesh_node.expert_parallel.coordinator import ExpertParallelConfig
 from mesh_node.identity import new_mesh_id
 from mesh_node.transport.memory import MemoryNetwork
-from tests.console.scripted_source import ScriptedSource, make_peer
+from tests.console.scripted_source import ScriptedSource, make_peer, shard_entry
 from tests.console.split_mesh import split_mesh
 from tests.gateway.mesh import Mesh, answer, chat
 
@@ -252,20 +252,8 @@ async def test_page_shows_independent_shards_as_a_panel(browser):
     nodes changed since its split are shown too."""
     me, other, evil = make_peer(0, is_self=True), make_peer(1), make_peer(2, name="<i>x</i>")
     nodes = [other["id"], me["id"], evil["id"]]
-    quality = "independent-shard mode: 3 shards, exact-match 71.5% vs 98.5% full"
-    full = {
-        "model": "tiny-moe",
-        "shard": 1,
-        "shards": 3,
-        "nodes": nodes,
-        "rankings": "973479b277642ce3",
-        "plan": "b9bb8d29ef029a3e",
-        "experts": {"0": [0, 1, 3, 4], "1": [0, 2, 5, 6]},
-        "num_experts": 8,
-        "core": {"0": [0, 1], "1": [0, 2]},
-        "experts_per_shard": [4, 4, 3],
-        "quality": quality,
-    }
+    full = shard_entry(nodes)
+    quality = full["quality"]
     older = {  # no num_experts, core or experts_per_shard; split before the third node came
         "model": "old-moe",
         "shard": 0,

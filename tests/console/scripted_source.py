@@ -184,3 +184,21 @@ class ScriptedSource:
     @property
     def open_subscriptions(self) -> int:
         return len(self.subscriptions)
+
+
+def shard_entry(nodes: list[str], **fields) -> dict:
+    """One entry of the `shards` section as IndependentShards.status() writes it."""
+    return {
+        "model": "tiny-moe",
+        "shard": 1,
+        "shards": len(nodes),
+        "nodes": nodes,
+        "rankings": "973479b277642ce3",
+        "plan": "b9bb8d29ef029a3e",
+        "experts": {"0": [0, 1, 3, 4], "1": [0, 2, 5, 6]},
+        "num_experts": 8,
+        "core": {"0": [0, 1], "1": [0, 2]},
+        "experts_per_shard": [4, 4, 3][: len(nodes)],
+        "quality": "independent-shard mode: 3 shards, exact-match 71.5% vs 98.5% full",
+        **fields,
+    }

@@ -15,7 +15,7 @@ from rich.console import Console
 
 from mesh_node.console.client import status_document_problem
 from mesh_node.console.report import render_status
-from tests.console.scripted_source import ScriptedSource, make_peer
+from tests.console.scripted_source import ScriptedSource, make_peer, shard_entry
 
 
 async def mesh_node(*args: str, timeout: float = 30.0) -> tuple[int, str, str]:
@@ -277,24 +277,6 @@ def test_report_on_an_80_column_terminal_folds_long_names_rather_than_cutting_th
     assert model in column(text, "Models", "model"), text
     assert squashed(name) in column(text, "Models", "served by"), text
     assert squashed(f"{name} node-1 (dead)") in column(text, "Models", "on disk at"), text
-
-
-def shard_entry(nodes: list[str], **fields) -> dict:
-    """One entry of the `shards` section as IndependentShards.status() writes it."""
-    return {
-        "model": "tiny-moe",
-        "shard": 1,
-        "shards": len(nodes),
-        "nodes": nodes,
-        "rankings": "973479b277642ce3",
-        "plan": "b9bb8d29ef029a3e",
-        "experts": {"0": [0, 1, 3, 4], "1": [0, 2, 5, 6]},
-        "num_experts": 8,
-        "core": {"0": [0, 1], "1": [0, 2]},
-        "experts_per_shard": [4, 4, 3][: len(nodes)],
-        "quality": "independent-shard mode: 3 shards, exact-match 71.5% vs 98.5% full",
-        **fields,
-    }
 
 
 async def test_status_prints_independent_shards(console, source):
