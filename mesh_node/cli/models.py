@@ -7,8 +7,13 @@ import shlex
 import sys
 from pathlib import Path
 
-from mesh_node.engine.catalog import list_local_models
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from mesh_node.engine.catalog import ModelInfo, list_local_models
 from mesh_node.engine.errors import EngineError
+from mesh_node.terminal import fits
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -67,10 +72,39 @@ def _count(n: int) -> str:
     return str(n)
 
 
-def run(args: argparse.Namespace) -> int:
-    from rich.console import Console
-    from rich.table import Table
+def _table(models: list[ModelInfo], *, compact: bool) -> Table:
+    """A column per fact and a line per model; compact (when that is wider than the terminal):
+    the architecture under the name, and a long name folded onto more lines, so that the
+    numbers stay whole."""
+    table = Table(title="Local models")
+    if compact:  # (a model's facts on two lines or more: a blank line between models)
+        table.leading = 1
+        table.add_column("name, architecture", overflow="fold")
+    else:
+        table.add_column("name", no_wrap=True)
+        table.add_column("architecture", no_wrap=True)
+    for column in ("size", "params", "active"):
+        table.add_column(column, justify="right", no_wrap=True)
+    table.add_column("experts", no_wrap=True)
+    table.add_column("source", no_wrap=True)
+    for model in models:
+        if compact:
+            names = [Text(model.name).append(f"\n{model.architecture}", "dim")]
+        else:
+            names = [Text(model.name), Text(model.architecture)]
+        experts = f"{model.experts} top-{model.experts_per_token}" if model.experts else "dense"
+        table.add_row(
+            *names,
+            _size(model.size_bytes),
+            _count(model.parameters),
+            _count(model.active_parameters),
+            experts,
+            Text(model.source),
+        )
+    return table
 
+
+def run(args: argparse.Namespace) -> int:
     try:
         models = list_local_models(
             args.path, cache_dir=args.cache_dir, include_hf_cache=not args.no_hf_cache
@@ -78,36 +112,18 @@ def run(args: argparse.Namespace) -> int:
     except (EngineError, OSError) as exc:
         print(f"mesh-node: {exc}", file=sys.stderr)
         return 2
-    table = Table(title="Local models")
-    for column in ("name", "architecture", "size", "params", "active", "experts", "source"):
-        table.add_column(
-            column,
-            justify="right" if column in ("size", "params", "active") else "left",
-            no_wrap=True,
-        )
-
-    problems = []
-    for model in models:
-        if model.error:
-            problems.append(f"{model.name} ({model.path}): {model.error}")
-            continue
-        experts = f"{model.experts} top-{model.experts_per_token}" if model.experts else "dense"
-        table.add_row(
-            model.name,
-            model.architecture,
-            _size(model.size_bytes),
-            _count(model.parameters),
-            _count(model.active_parameters),
-            experts,
-            model.source,
-        )
     console = Console()
+    usable = [model for model in models if not model.error]
+    table = _table(usable, compact=False)
+    if not fits(table, console):
+        table = _table(usable, compact=True)
     console.print(table)
     for model in models:
         if not model.error:
             console.print(f"{model.name}: {model.path}", overflow="fold", highlight=False)
-    for problem in problems:
-        console.print(f"[yellow]unusable[/yellow] {problem}")
+    for model in models:
+        if model.error:
+            console.print(f"[yellow]unusable[/yellow] {model.name} ({model.path}): {model.error}")
     cached = [m.name for m in models if m.source == "hf-cache" and not m.error]
     if args.cache_dir is not None and cached:  # (join looks in the default cache otherwise)
         folder = Path(args.cache_dir).expanduser().absolute()

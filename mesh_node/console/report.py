@@ -11,11 +11,11 @@ from typing import IO, Any
 
 from rich import box
 from rich.console import Console, Group
-from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 
 from mesh_node.english import counted
+from mesh_node.terminal import fits
 
 STATUS_STYLES = {"alive": "bold green", "suspect": "bold yellow", "dead": "bold red", "left": "dim"}
 GONE = frozenset({"dead", "left"})
@@ -69,14 +69,9 @@ def nodes_table(peers: list[dict[str, Any]], now: float, console: Console) -> Ta
     the compact table (for an 80-column terminal): each node's name under its id, its RAM and
     GPUs under its core count, its round-trip time under its last-seen age."""
     wide = _nodes_table(peers, now, compact=False)
-    if _natural_width(wide, console) <= console.width:
+    if fits(wide, console):
         return wide
     return _nodes_table(peers, now, compact=True)
-
-
-def _natural_width(table: Table, console: Console) -> int:
-    """The width `table` takes with no cell wrapped."""
-    return Measurement.get(console, console.options.update_width(1 << 16), table).maximum
 
 
 def _nodes_table(peers: list[dict[str, Any]], now: float, *, compact: bool) -> Table:
@@ -131,7 +126,7 @@ def models_table(
     """The nodes serving and holding each model, listed on a line where that fits in the
     console's width, else one per line."""
     table = _models_table(models, peers, ", ")
-    if _natural_width(table, console) <= console.width:
+    if fits(table, console):
         return table
     return _models_table(models, peers, "\n")
 

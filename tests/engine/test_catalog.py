@@ -91,6 +91,38 @@ def test_list_local_models_and_cli(references, tmp_path, capsys):
         list_local_models(cache_dir=tmp_path / "typo")
 
 
+def test_models_on_an_80_column_terminal_folds_a_long_name_and_keeps_numbers_whole(
+    tmp_path, capsys, monkeypatch
+):
+    """Was: every column cut short (`archit…`, `s…`, `…`) beside a long repo id."""
+    repo_id = "deepseek-ai/DeepSeek-Coder-V2-Lite-Instruct"
+    cache = fake_hf_cache(tmp_path, BUILTIN_DIR, repo_id)
+    (info,) = [m for m in list_local_models(cache_dir=cache) if m.name == repo_id]
+    parser = argparse.ArgumentParser()
+    models_cmd.add_parser(parser.add_subparsers())
+    args = parser.parse_args(["models", "--cache-dir", str(cache)])
+    numbers = [models_cmd._size(info.size_bytes), models_cmd._count(info.parameters)]
+    numbers.append(models_cmd._count(info.active_parameters))
+
+    monkeypatch.setenv("COLUMNS", "80")
+    assert args.run(args) == 0
+    out = capsys.readouterr().out
+    table = out[: out.index("builtin:")]
+    assert "…" not in table, table
+    assert max(map(len, table.splitlines())) <= 80, table
+    names = "".join(line.split("│")[1].strip() for line in table.splitlines() if "│" in line)
+    assert repo_id in names and "qwen3_moe" in names, table
+    row = next(line for line in table.splitlines() if line.startswith("│ deepseek"))
+    for text in (*numbers, f"{info.experts} top-{info.experts_per_token}", "hf-cache"):
+        assert text in row, table
+
+    monkeypatch.setenv("COLUMNS", "160")  # (room enough: a line per model)
+    assert args.run(args) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if repo_id in line)
+    for text in (info.architecture, *numbers, "hf-cache"):
+        assert text in row, row
+
+
 @pytest.mark.parametrize(
     ("config", "why"),
     [
