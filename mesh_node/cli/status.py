@@ -44,7 +44,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
             "Fetch the status document from a node's console (GET /api/status) and print the "
             "nodes (status, role, hardware, load, last seen, round-trip time) and the models "
             "with the nodes that serve them, and with --moe-shards which node serves which "
-            "shard and what the split costs in quality. Exits with 1 and a one-line message "
+            "shard and what the split costs in quality. Into a pipe or a file the tables are "
+            "as wide as COLUMNS says, else 200 columns. Exits with 1 and a one-line message "
             "when the console cannot be reached or does not answer a status document."
         ),
     )

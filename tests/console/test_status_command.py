@@ -14,7 +14,7 @@ from aiohttp import web
 from rich.console import Console
 
 from mesh_node.console.client import status_document_problem
-from mesh_node.console.report import render_status
+from mesh_node.console.report import render_status, terminal_console
 from tests.console.scripted_source import ScriptedSource, make_peer, shard_entry
 
 
@@ -196,6 +196,19 @@ def test_status_of_a_document_that_cannot_be_shown_is_one_line(monkeypatch, caps
     assert status_cmd.run(args) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "cannot be shown (TypeError" in err
+
+
+@pytest.mark.parametrize(
+    ("columns", "width"),
+    [("100", 100), ("80", 80), *[(c, 200) for c in (None, "", "wide", "0", "-5")]],
+)
+def test_status_into_a_pipe_is_as_wide_as_columns_says(monkeypatch, columns, width):
+    """Was: always 200 columns, COLUMNS ignored; without a usable COLUMNS, still 200."""
+    if columns is None:
+        monkeypatch.delenv("COLUMNS", raising=False)
+    else:
+        monkeypatch.setenv("COLUMNS", columns)
+    assert terminal_console(io.StringIO()).width == width
 
 
 def rendered(document: dict, width: int) -> str:
