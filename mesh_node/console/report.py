@@ -20,6 +20,7 @@ from mesh_node.terminal import fits
 
 STATUS_STYLES = {"alive": "bold green", "suspect": "bold yellow", "dead": "bold red", "left": "dim"}
 GONE = frozenset({"dead", "left"})
+NOT_ALIVE = GONE | {"suspect"}  # (named beside a node in the lists of nodes)
 KNOWN_KEYS = frozenset({"node", "mesh", "peers", "models", "shards"})
 _WIDTH_WHEN_NOT_A_TERMINAL = 200
 
@@ -271,7 +272,7 @@ def _node_list(ids: Any, peers: dict[str, dict[str, Any]], separator: str) -> st
         peer = peers.get(node_id) if isinstance(node_id, str) else None
         name = str(peer.get("name") or _short(peer)) if peer else str(node_id)[:10]
         names.append(
-            f"{name} ({peer.get('status')})" if peer and peer.get("status") in GONE else name
+            f"{name} ({peer.get('status')})" if peer and peer.get("status") in NOT_ALIVE else name
         )
     return separator.join(names)
 

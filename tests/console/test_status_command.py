@@ -338,3 +338,21 @@ def test_report_shows_partial_and_resplit_shards_in_80_columns():
     assert "quality being measured" in shards
     assert "the shard nodes changed (2 now, 1 in the split loaded here)" in " ".join(shards.split())
     assert "no shard nodes known" in shards and "odd-moe: 3" in shards
+
+
+def test_report_names_suspect_nodes_as_it_names_dead_and_left_ones():
+    """Was: "(dead)" and "(left)" beside a node's name in the models and shards tables, but
+    nothing for a node suspected of having failed."""
+    peers = [make_peer(0, is_self=True), make_peer(1, status="suspect"), make_peer(2)]
+    peers.append(make_peer(3, status="left"))
+    ids = [p["id"] for p in peers]
+    document = ScriptedSource(peers, extra={"shards": [shard_entry(ids[:3])]}).status()
+    document["models"] = [{"name": "tiny-moe", "served_by": ids[1:2], "on_disk": ids}]
+    text = rendered(document, 160)
+    models = text[text.index("Models") : text.index("Shards")]
+    assert re.search(
+        r"tiny-moe\s+node-1 \(suspect\)\s+node-0, node-1 \(suspect\), node-2, ", models
+    ), models
+    assert "node-3 (left)" in models, models
+    shards = text[text.index("Shards") :]
+    assert "node-1 (suspect)" in shards and "node-2 (" not in shards, shards
