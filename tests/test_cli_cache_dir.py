@@ -1,17 +1,20 @@
-"""`mesh-node models --cache-dir C` and `mesh-node join --cache-dir C`: a model listed from a
-Hugging Face cache C serves with the command `models` prints, and join without it says which
-cache it looked in."""
+"""`mesh-node models --cache-dir C`, `mesh-node join --cache-dir C` and `mesh-node moe analyze
+--cache-dir C`: a model listed from a Hugging Face cache C serves with the command `models`
+prints, and join without it says which cache it looked in."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shlex
 import subprocess
 import sys
 
+from mesh_node.cli.main import main
 from mesh_node.engine.catalog import BUILTIN_DIR
 from mesh_node.identity import new_mesh_id
+from mesh_node.placement.rankings import checkpoint_fingerprint
 from tests.engine.test_catalog import fake_hf_cache
 from tests.processes.nodes import NodeProcess
 from tests.test_cli_arguments import CONFINED, MESH_ID
@@ -69,6 +72,37 @@ def test_join_without_the_cache_dir_says_which_cache_it_looked_in(tmp_path):
 
 def test_join_help_explains_the_cache_dir(tmp_path):
     result = mesh_node("join", "--help", env={**offline(tmp_path), "COLUMNS": "400"})
+    text = " ".join(result.stdout.split())
+    assert "--cache-dir DIR the Hugging Face cache" in text
+    assert "the folder `mesh-node models --cache-dir` listed" in text
+
+
+def test_moe_analyze_takes_a_repo_id_from_a_cache_dir(tmp_path, monkeypatch, capsys):
+    """Was: no --cache-dir (`unrecognized arguments`), only the default cache."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cache = fake_hf_cache(tmp_path, BUILTIN_DIR)
+    assert main(["moe", "analyze", "acme/tiny-moe", "--cache-dir", str(cache), "--json"]) == 0
+    document = json.loads(capsys.readouterr().out)
+    assert document["fingerprint"] == checkpoint_fingerprint(BUILTIN_DIR)
+    (tmp_path / "other").mkdir()
+    argv = ["moe", "analyze", "acme/tiny-moe", "--cache-dir", str(tmp_path / "other")]
+    assert main(argv) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("mesh-node moe analyze: ") and error.count("\n") == 1, error
+    assert f"not in the local Hugging Face cache at {tmp_path / 'other'} (" in error
+    assert "--cache-dir" in error
+
+
+def test_moe_analyze_with_a_missing_cache_dir(tmp_path, capsys):
+    assert main(["moe", "analyze", "acme/tiny-moe", "--cache-dir", str(tmp_path / "typo")]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1, error
+    assert error.startswith("mesh-node moe analyze: the Hugging Face cache ")
+    assert f"{tmp_path / 'typo'} does not exist" in error
+
+
+def test_moe_analyze_help_explains_the_cache_dir(tmp_path):
+    result = mesh_node("moe", "analyze", "--help", env={**offline(tmp_path), "COLUMNS": "400"})
     text = " ".join(result.stdout.split())
     assert "--cache-dir DIR the Hugging Face cache" in text
     assert "the folder `mesh-node models --cache-dir` listed" in text

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
+from mesh_node.engine.catalog import check_cache_folder, resolve_model
 from mesh_node.placement.rankings import ExpertRankings, cached_or_analyze
 
 
@@ -24,13 +26,23 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
             "from most to least used with their share of router probability (gate mass) and "
             "the share of tokens that chose them. Results are cached by checkpoint fingerprint "
             "(under $MESH_NODE_CACHE, $XDG_CACHE_HOME/mesh-node or ~/.cache/mesh-node), so a "
-            "second run answers at once. Exits with 2 and a message for an unknown model or a "
-            "model without experts."
+            "second run answers at once. Exits with 2 and a message for an unknown model, a "
+            "model without experts or a --cache-dir folder that is missing."
         ),
     )
     analyze.add_argument(
         "model",
-        help="'builtin', a model folder, or a Hugging Face repo id already in the local cache",
+        help="'builtin', a model folder, or a Hugging Face repo id already in the local cache "
+        "(see --cache-dir)",
+    )
+    analyze.add_argument(
+        "--cache-dir",
+        metavar="DIR",
+        type=Path,
+        default=None,
+        help="the Hugging Face cache (an existing folder) a repo id is taken from (never "
+        "downloaded): give the folder `mesh-node models --cache-dir` listed (default: the hub "
+        "cache: HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub)",
     )
     size = analyze.add_mutually_exclusive_group()
     size.add_argument(
@@ -99,8 +111,9 @@ def run(args: argparse.Namespace) -> int:
     from mesh_node.placement.rankings import NoExpertsError
 
     try:
+        cache = None if args.cache_dir is None else check_cache_folder(args.cache_dir)
         rankings, from_cache = cached_or_analyze(
-            args.model,
+            resolve_model(args.model, cache_dir=cache, allow_download=False),
             args.kind,
             device=args.device,
             dtype=args.dtype,

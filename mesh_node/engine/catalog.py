@@ -100,7 +100,7 @@ def _from_hub(repo_id: str, cache_dir, allow_download: bool) -> ResolvedModel:
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
     cache = (
         f"the local Hugging Face cache at {hf_cache_folder(cache_dir)} (HF_HUB_CACHE, or "
-        f"`mesh-node join --cache-dir`, names another)"
+        f"--cache-dir, names another)"
     )
     how = (
         f"To use a copy you already have, pass its folder: --model /path/to/folder "
