@@ -59,6 +59,19 @@ async def test_a_model_listed_from_a_cache_dir_serves_with_the_command_models_pr
         await node.stop()
 
 
+def test_models_given_a_hugging_face_home_lists_its_hub_cache(tmp_path):
+    """`--cache-dir ~/.cache/huggingface` (HF_HOME, the hub cache in its hub/ folder) was an
+    empty listing; it lists the hub cache, says so, and the join command names that cache."""
+    home = tmp_path / "hf-home"
+    hub = fake_hf_cache(home, BUILTIN_DIR)
+    listed = mesh_node("models", "--cache-dir", str(home), env=offline(tmp_path))
+    assert listed.returncode == 0, listed.stderr
+    assert "acme/tiny-moe" in listed.stdout and "hf-cache" in listed.stdout, listed.stdout
+    text = " ".join(listed.stdout.split())
+    assert f"{home} is a Hugging Face home: listed its hub cache {hub}" in text, text
+    assert text.endswith(f"--model acme/tiny-moe --cache-dir {hub}"), text
+
+
 def test_join_without_the_cache_dir_says_which_cache_it_looked_in(tmp_path):
     fake_hf_cache(tmp_path, BUILTIN_DIR)
     result = mesh_node(

@@ -79,7 +79,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         default=None,
         help="the Hugging Face cache (an existing folder) a --model repo id is taken from, "
         "and downloaded into when missing: give the folder `mesh-node models --cache-dir` "
-        "listed (default: the hub cache: HF_HUB_CACHE, else $HF_HOME/hub, else "
+        "listed; a Hugging Face home (HF_HOME) stands for the cache in its hub folder "
+        "(default: the hub cache: HF_HUB_CACHE, else $HF_HOME/hub, else "
         "~/.cache/huggingface/hub)",
     )
     parser.add_argument(

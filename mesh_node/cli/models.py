@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from mesh_node.engine.catalog import ModelInfo, list_local_models
+from mesh_node.engine.catalog import ModelInfo, check_cache_folder, list_local_models
 from mesh_node.engine.errors import EngineError
 from mesh_node.terminal import fits
 
@@ -43,9 +43,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "--cache-dir",
         default=None,
         metavar="DIR",
-        help="Hugging Face cache to scan, an existing folder (default: the hub cache: "
-        "HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub); `mesh-node join` "
-        "takes the same --cache-dir to serve a model from it",
+        help="Hugging Face cache to scan, an existing folder; a Hugging Face home (HF_HOME, "
+        "e.g. ~/.cache/huggingface) stands for the cache in its hub folder, and a line says so "
+        "(default: the hub cache: HF_HUB_CACHE, else $HF_HOME/hub, else "
+        "~/.cache/huggingface/hub); `mesh-node join` takes the same --cache-dir to serve a "
+        "model from it",
     )
     parser.add_argument(
         "--no-hf-cache",
@@ -105,9 +107,12 @@ def _table(models: list[ModelInfo], *, compact: bool) -> Table:
 
 
 def run(args: argparse.Namespace) -> int:
+    cache = None
     try:
+        if args.cache_dir is not None and not args.no_hf_cache:
+            cache = check_cache_folder(args.cache_dir)
         models = list_local_models(
-            args.path, cache_dir=args.cache_dir, include_hf_cache=not args.no_hf_cache
+            args.path, cache_dir=cache, include_hf_cache=not args.no_hf_cache
         )
     except (EngineError, OSError) as exc:
         print(f"mesh-node: {exc}", file=sys.stderr)
@@ -124,12 +129,18 @@ def run(args: argparse.Namespace) -> int:
     for model in models:
         if model.error:
             console.print(f"[yellow]unusable[/yellow] {model.name} ({model.path}): {model.error}")
+    given = Path(args.cache_dir).expanduser() if args.cache_dir is not None else None
+    if cache is not None and cache != given:
+        console.print(
+            f"{given} is a Hugging Face home: listed its hub cache {cache}",
+            highlight=False,
+            markup=False,
+        )
     cached = [m.name for m in models if m.source == "hf-cache" and not m.error]
-    if args.cache_dir is not None and cached:  # (join looks in the default cache otherwise)
-        folder = Path(args.cache_dir).expanduser().absolute()
+    if cache is not None and cached:  # (join looks in the default cache otherwise)
         console.print(
             f"To serve one from this cache: mesh-node join MESH_ID --model {cached[0]} "
-            f"--cache-dir {shlex.quote(str(folder))}",
+            f"--cache-dir {shlex.quote(str(cache.absolute()))}",
             soft_wrap=True,  # (one line to copy, however narrow the terminal)
             highlight=False,
             markup=False,

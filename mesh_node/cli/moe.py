@@ -41,8 +41,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         type=Path,
         default=None,
         help="the Hugging Face cache (an existing folder) a repo id is taken from (never "
-        "downloaded): give the folder `mesh-node models --cache-dir` listed (default: the hub "
-        "cache: HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub)",
+        "downloaded): give the folder `mesh-node models --cache-dir` listed; a Hugging Face "
+        "home (HF_HOME) stands for the cache in its hub folder (default: the hub cache: "
+        "HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub)",
     )
     size = analyze.add_mutually_exclusive_group()
     size.add_argument(

@@ -73,12 +73,21 @@ def hf_cache_folder(cache_dir: str | os.PathLike[str] | None = None) -> Path:
 
 def check_cache_folder(cache_dir: str | os.PathLike[str]) -> Path:
     """`cache_dir`, a Hugging Face cache someone named; ModelNotFoundError unless it is a folder
-    (a typo would otherwise list nothing, or download whole models into a new folder)."""
+    (a typo would otherwise list nothing, or download whole models into a new folder). A
+    Hugging Face home (HF_HOME, e.g. ~/.cache/huggingface: no models of its own, and a `hub`
+    folder that has some) stands for its hub cache, that `hub` folder."""
     path = hf_cache_folder(cache_dir)
     if not path.is_dir():
         what = "is not a folder" if path.exists() else "does not exist"
         raise ModelNotFoundError(f"the Hugging Face cache {path} {what}")
+    if not _holds_models(path) and _holds_models(path / "hub"):
+        return path / "hub"
     return path
+
+
+def _holds_models(folder: Path) -> bool:
+    """Whether `folder` holds a model as a Hugging Face hub cache lays it out (models--*)."""
+    return folder.is_dir() and any(folder.glob("models--*"))
 
 
 def _from_hub(repo_id: str, cache_dir, allow_download: bool) -> ResolvedModel:

@@ -8,7 +8,12 @@ import shutil
 import pytest
 
 from mesh_node.cli import models as models_cmd
-from mesh_node.engine.catalog import BUILTIN_DIR, list_local_models, resolve_model
+from mesh_node.engine.catalog import (
+    BUILTIN_DIR,
+    check_cache_folder,
+    list_local_models,
+    resolve_model,
+)
 from mesh_node.engine.config import ModelArgs
 from mesh_node.engine.errors import CheckpointError, ModelNotFoundError
 
@@ -63,6 +68,22 @@ def test_repo_id_offline_says_so_and_how_to_use_a_folder(tmp_path, monkeypatch):
     assert f"'acme/not-cached' is not in the local Hugging Face cache at {cache}" in message
     assert "HF_HUB_CACHE" in message
     assert "offline" in message and "--model /path/to/folder" in message
+
+
+def test_a_hugging_face_home_given_as_the_cache_stands_for_its_hub_folder(tmp_path):
+    """HF_HOME (~/.cache/huggingface) keeps the hub cache in hub/: given for a cache, with no
+    models of its own, it is taken as that hub cache (by models, join and moe analyze)."""
+    home = tmp_path / "hf-home"
+    hub = fake_hf_cache(home, BUILTIN_DIR)
+    assert check_cache_folder(home) == hub and check_cache_folder(hub) == hub
+    found = list_local_models(cache_dir=home)
+    assert [m.name for m in found if m.source == "hf-cache"] == ["acme/tiny-moe"]
+    resolved = resolve_model("acme/tiny-moe", cache_dir=check_cache_folder(home))
+    assert resolved.source == "hf-cache"
+    fake_hf_cache(hub, BUILTIN_DIR, "acme/other")  # (a cache in hub/hub: hub has its own)
+    assert check_cache_folder(hub) == hub
+    (tmp_path / "empty" / "hub").mkdir(parents=True)
+    assert check_cache_folder(tmp_path / "empty") == tmp_path / "empty"
 
 
 def test_list_local_models_and_cli(references, tmp_path, capsys):
