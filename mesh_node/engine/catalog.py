@@ -117,9 +117,9 @@ def _from_hub(repo_id: str, cache_dir, allow_download: bool) -> ResolvedModel:
         f"with network access (`hf download {repo_id}`) and copy the folder over."
     )
     if offline or not allow_download:
+        why = "HF_HUB_OFFLINE is set" if offline else "this command only reads the cache"
         raise ModelNotFoundError(
-            f"model {repo_id!r} is not in {cache} and downloading is off "
-            f"(offline{' : HF_HUB_OFFLINE is set' if offline else ''}). {how}"
+            f"model {repo_id!r} is not in {cache}, and it is not downloaded ({why}). {how}"
         )
     try:
         folder = download()

@@ -67,7 +67,17 @@ def test_repo_id_offline_says_so_and_how_to_use_a_folder(tmp_path, monkeypatch):
     cache = tmp_path / "empty-cache"
     assert f"'acme/not-cached' is not in the local Hugging Face cache at {cache}" in message
     assert "HF_HUB_CACHE" in message
-    assert "offline" in message and "--model /path/to/folder" in message
+    assert "not downloaded (HF_HUB_OFFLINE is set)" in message
+    assert "--model /path/to/folder" in message
+
+
+def test_a_repo_id_a_command_only_looks_up_says_it_was_not_downloaded(tmp_path, monkeypatch):
+    """moe analyze reads the cache only: not "offline" on a machine that is online."""
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    with pytest.raises(ModelNotFoundError) as info:
+        resolve_model("acme/not-cached", cache_dir=tmp_path, allow_download=False)
+    assert "not downloaded (this command only reads the cache)" in str(info.value)
+    assert "offline" not in str(info.value)
 
 
 def test_a_hugging_face_home_given_as_the_cache_stands_for_its_hub_folder(tmp_path):
