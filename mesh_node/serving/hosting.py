@@ -486,25 +486,39 @@ class Hosting:
 
     # ---- load reports
     async def _load_loop(self) -> None:
-        last_tokens: dict[str, int] = {}
+        # tokens counted by each generator (not model: a model loaded again is a new
+        # generator, counting from 0) at the last report
+        last_tokens: dict[int, int] = {}
         last_time = time.monotonic()
         while True:
             await asyncio.sleep(self.config.load_interval)
-            for name, generator in list(self.local.generators.items()):
-                if generator.failure is not None and name not in self._busy:
-                    self._busy.add(name)
-                    self._spawn(self._replace_dead(name, generator))
-            now = time.monotonic()
-            inflight = 0
-            produced = 0
-            for name, generator in list(self.local.generators.items()):
-                stats = generator.stats()
-                inflight += stats.active + stats.queued
-                produced += stats.tokens_generated - last_tokens.get(name, stats.tokens_generated)
-                last_tokens[name] = stats.tokens_generated
-            rate = round(produced / max(now - last_time, 1e-6), 1)
-            last_time = now
-            self.membership.update_state(load=Load(inflight, rate))
+            try:
+                last_time = self._report_load(last_tokens, last_time)
+            except Exception:  # a bug must not stop load reports (and dead-engine checks)
+                log.exception("load report failed")
+
+    def _report_load(self, last_tokens: dict[int, int], last_time: float) -> float:
+        generators = list(self.local.generators.items())
+        for name, generator in generators:
+            if generator.failure is not None and name not in self._busy:
+                self._busy.add(name)
+                self._spawn(self._replace_dead(name, generator))
+        now = time.monotonic()
+        inflight = 0
+        produced = 0
+        counts = {}
+        for _, generator in generators:
+            stats = generator.stats()
+            inflight += stats.active + stats.queued
+            counts[id(generator)] = stats.tokens_generated
+            produced += stats.tokens_generated - last_tokens.get(
+                id(generator), stats.tokens_generated
+            )
+        last_tokens.clear()
+        last_tokens.update(counts)
+        rate = round(max(produced, 0) / max(now - last_time, 1e-6), 1)
+        self.membership.update_state(load=Load(inflight, rate))
+        return now
 
     def status(self) -> list[dict[str, Any]]:
         """The "hosting" section of the console's status document."""
