@@ -50,6 +50,8 @@ class GatewayConfig:
     max_failovers: int = 3  # hosts that may fail under one request before it gives up
     max_stale_tries: int = 16  # hosts that may say "not serving it" to one request
     busy_backoff: float = 0.25  # a host that said "busy" is asked again after this (doubling)
+    failed_rest: float = 0.5  # a host that failed a request, still a member, is asked again
+    # after this (doubling), when no other host can take it
     affinity_slack: int = 2
 
 
@@ -118,12 +120,10 @@ class Gateway:
             return ""
         return next((m.checkpoint for m in member.state.models_on_disk if m.name == model), "")
 
-    def _holds_copy(self, model: str, copy: str, exclude: set[NodeId]) -> bool:
-        """Some live node outside `exclude` has the model's `copy` on disk (may come to host it)."""
+    def _holds_copy(self, model: str, copy: str) -> bool:
+        """Some live node has the model's `copy` on disk (hosts it, or may come to)."""
         return any(
-            member.status in (ALIVE, SUSPECT)
-            and member.node_id not in exclude
-            and self._copy_on(member.node_id, model) == copy
+            member.status in (ALIVE, SUSPECT) and self._copy_on(member.node_id, model) == copy
             for member in self.table
         )
 
@@ -134,24 +134,25 @@ class Gateway:
     async def _choose(
         self,
         request: CompletionRequest,
-        exclude: set[NodeId],
         stale: dict[NodeId, int | None],
-        busy: dict[NodeId, float] | None = None,
+        resting: dict[NodeId, float] | None = None,
         copy: str | None = None,
     ) -> NodeId:
-        """A ready host for the request, not in `exclude`, nor in `stale` (a host that said it
-        does not serve the model) while its gossiped state is the one it had when it said so,
-        nor in `busy` before the loop time it maps to (a host that said it was full); with a
-        `copy`, one whose checkpoint is that (an answer under way continues on the model it
-        began on: another checkpoint under the same name would splice two models' text)."""
+        """A ready host for the request, not in `stale` (a host that said it does not serve
+        the model) while its gossiped state is the one it had when it said so, nor in
+        `resting` before the loop time it maps to (a host that said it was full, or failed
+        this request: asked again later while it is a live member, for its failure may have
+        been a blip); with a `copy`, one whose checkpoint is that (an answer under way goes
+        on with the model it began on: another checkpoint under the same name would splice
+        two models' text)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.host_wait
         key = affinity_key(request)
-        busy = busy or {}
+        resting = resting or {}
         while True:
             now = loop.time()
-            backing_off = {n for n, until in busy.items() if until > now}
-            skip = exclude | backing_off
+            backing_off = {n for n, until in resting.items() if until > now}
+            skip = set(backing_off)
             skip |= {n for n, v in stale.items() if self._state_version(n) == v}
             hosts = [h for h in self._ready_hosts(request.model) if h.node_id not in skip]
             if copy is not None:
@@ -164,20 +165,20 @@ class Gateway:
                 return rank_hosts(hosts, key, self.config.affinity_slack)[0]
             if request.model not in self.model_ids():
                 raise ModelNotFound(f"no node in the mesh has model {request.model!r}", "model")
-            if copy is not None and not self._holds_copy(request.model, copy, exclude):
+            if copy is not None and not self._holds_copy(request.model, copy):
                 raise GenerationFailed(
-                    f"no other node has the checkpoint of {request.model} this answer began on "
-                    f"({copy or 'unknown'}); its other hosts hold another copy under that name, "
-                    "and continuing there would mix two models"
+                    f"no live node has the checkpoint of {request.model} this answer began on "
+                    f"({copy or 'unknown'}); the nodes that have {request.model} hold another "
+                    "copy under that name, and continuing there would mix two models"
                 )
-            if not self._electable(request.model) and not exclude and not busy:
+            if not self._electable(request.model) and not resting:
                 raise NoHostAvailable(
                     f"no node can host {request.model} now (none has it with enough free memory)"
                 )
             remaining = deadline - loop.time()
             if remaining <= 0:
                 raise NoHostAvailable(f"no host of {request.model} became ready in time")
-            wait = min(remaining, 1.0, *(busy[n] - now for n in backing_off))
+            wait = min(remaining, 1.0, *(resting[n] - now for n in backing_off))
             self._changed.clear()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(max(wait, 0.0)):
@@ -195,8 +196,9 @@ class Gateway:
     async def _generate(self, request: CompletionRequest) -> AsyncIterator[Delta]:
         delivered: list[int] = []  # token ids the client already has
         loop = asyncio.get_running_loop()
-        failed: set[NodeId] = set()
+        failures: collections.Counter[NodeId] = collections.Counter()  # hosts that failed it
         busy: dict[NodeId, float] = {}  # said they were full: not asked again before this time
+        resting: dict[NodeId, float] = {}  # failed it: not asked again before this time
         backoff = self.config.busy_backoff
         first_busy: float | None = None
         stale: dict[NodeId, int | None] = {}  # said they do not serve it: skipped till they change
@@ -204,9 +206,9 @@ class Gateway:
         copy: str | None = None  # checkpoint of the host that sent the first tokens
         while True:
             try:
-                host = await self._choose(request, failed, stale, busy, copy)
+                host = await self._choose(request, stale, _later_of(busy, resting), copy)
             except ModelNotFound:
-                if not failed:
+                if not failures:
                     raise
                 # its hosts failed (they died or left) and no node has it now: the model
                 # existed, the generation broke off (a server error a client may retry)
@@ -236,7 +238,7 @@ class Gateway:
                 others = [
                     h
                     for h in self._ready_hosts(request.model)
-                    if h.node_id not in failed and h.node_id not in busy
+                    if h.node_id not in failures and h.node_id not in busy
                 ]
                 # before the first token the client may as well retry later itself (429);
                 # an answer already under way waits a little for a host to have room
@@ -255,17 +257,23 @@ class Gateway:
                         f"hosts of {request.model} kept saying they do not serve it; giving up"
                     ) from None
             except HostFailed as exc:
-                failed.add(host)
+                failures[host] += 1
                 where = (
                     "before the first token"
                     if not delivered
                     else f"after {counted(len(delivered), 'token')}"
                 )
                 log.warning("host %s failed %s: %s", host.short, where, exc)
-                if len(failed) > self.config.max_failovers:
+                total = sum(failures.values())
+                if total > self.config.max_failovers:
+                    on = counted(len(failures), "host")
                     raise GenerationFailed(
-                        f"{counted(len(failed), 'host')} failed this request; giving up"
+                        f"this request failed {counted(total, 'time')} (on {on}); giving up"
                     ) from None
+                # other hosts first; this one again later if it is still a member (a link
+                # that blipped for a second does not end the answer when it is the only host)
+                rest = self.config.failed_rest * 2 ** (failures[host] - 1)
+                resting[host] = loop.time() + rest
             finally:
                 self._sent[host] -= 1
                 if not self._sent[host]:
@@ -291,3 +299,12 @@ class Gateway:
             raise HostFailed("host unreachable")
         async for delta in stream_from_host(conn, request, item_timeout=self.config.item_timeout):
             yield delta
+
+
+def _later_of(*times: dict[NodeId, float]) -> dict[NodeId, float]:
+    """Per node, the latest of the loop times the maps give."""
+    merged: dict[NodeId, float] = {}
+    for each in times:
+        for node, until in each.items():
+            merged[node] = max(until, merged.get(node, until))
+    return merged

@@ -175,6 +175,40 @@ async def test_a_host_dying_mid_answer_is_not_followed_by_another_checkpoint_of_
         await host.hosting.stop()
 
 
+async def test_an_answer_survives_a_short_blip_between_the_caller_and_the_only_host(
+    mesh, slow_model
+):
+    """The host is cut off from the caller for 1 s (shorter than it takes to find it dead:
+    it stays a member, elected, serving). The caller's prober closes the connection that
+    carried the stream ("no answer to probes"); the answer goes on with the same host once it
+    answers again, and equals an uninterrupted run (soak review: it waited host_wait for
+    another host, never elected, and ended with "no host became ready in time")."""
+    prompt = "The mesh keeps going"
+    with Generator.from_pretrained(str(slow_model)) as alone:
+        expected = alone.generate(
+            GenerationRequest(prompt=prompt, sampling=SamplingParams(max_tokens=300))
+        ).text
+    host = await mesh.add(models=[str(slow_model)])
+    caller = await mesh.add(client=True)
+    await mesh.wait(
+        lambda: any(m.state and SLOW in m.state.models_served for m in caller.membership.table)
+    )
+    request = CompletionRequest(
+        model=SLOW, request_id="blip-1", prompt=prompt, sampling=SamplingParams(max_tokens=300)
+    )
+    text, pieces = "", 0
+    async with asyncio.timeout(25):  # (an uninterrupted run takes a few seconds)
+        async with caller.gateway.stream(request) as stream:
+            async for delta in stream:
+                text += delta.text
+                pieces += 1
+                if pieces == 5:  # a 1 s blip between the two nodes
+                    mesh.network.partition([host.endpoint.address], [caller.endpoint.address])
+                    await asyncio.sleep(1.0)
+                    mesh.network.heal()
+    assert text == expected
+
+
 async def test_fifty_concurrent_requests_spread_over_the_nodes(mesh):
     for _ in range(3):
         await mesh.add()

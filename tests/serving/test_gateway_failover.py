@@ -13,7 +13,7 @@ import pytest
 
 from mesh_node.engine.sampling import SamplingParams
 from mesh_node.identity import NodeIdentity
-from mesh_node.membership.claims import ALIVE, LEFT, make_claim
+from mesh_node.membership.claims import ALIVE, DEAD, LEFT, make_claim
 from mesh_node.membership.messages import Address, ModelInfo, PeerState
 from mesh_node.membership.table import PeerTable
 from mesh_node.serving.gateway import Gateway, GatewayConfig
@@ -157,7 +157,7 @@ async def test_a_request_gives_up_after_max_failovers_hosts_failed_it():
         yield  # an async generator
 
     gateway._run_on = run_on
-    with pytest.raises(GenerationFailed, match="3 hosts failed this request; giving up"):
+    with pytest.raises(GenerationFailed, match=r"failed 3 times \(on 3 hosts\); giving up"):
         async with asyncio.timeout(10):
             await read(gateway)
     assert len(asked) == 3 and len(set(asked)) == 3  # each failed host asked once
@@ -252,8 +252,16 @@ async def test_an_answer_under_way_ends_when_no_other_node_has_its_checkpoint():
     """The only host of its checkpoint dies mid-answer: the request fails at once, saying so,
     rather than splicing another model's text onto it (or waiting host_wait)."""
     gateway, asked = gateway_of(3, GatewayConfig(host_wait=30.0), ["aaaa", "bbbb", "bbbb"])
-    first_host_dies_after_two_tokens(gateway, asked)
-    only = gateway.host_keys[0].node_id
+    dying = gateway.host_keys[0]
+    only = dying.node_id
+
+    async def run_on(host, request):
+        asked.append(host)
+        yield Delta("t0 t1 ", token_ids=(0, 1))
+        gateway.table.apply(make_claim(dying, TAG, DEAD, only, 1))  # (found dead meanwhile)
+        raise HostFailed("connection lost")
+
+    gateway._run_on = run_on
     loop = asyncio.get_running_loop()
     started = loop.time()
     # the request goes first to the only host of "aaaa" (the others are fully loaded)
@@ -281,3 +289,24 @@ async def test_a_host_failing_before_the_first_token_may_pass_the_request_to_any
     async with asyncio.timeout(10):
         assert await read(gateway) == "all"
     assert len(set(asked)) == 2
+
+
+async def test_the_only_host_failing_mid_answer_while_still_a_member_is_asked_again():
+    """A blip (its connection closed for a second, the host never found dead): the only host
+    is asked again after a short rest, and the answer goes on from the tokens sent, rather
+    than waiting host_wait for another host that will never be elected."""
+    gateway, _ = gateway_of(1, GatewayConfig(host_wait=30.0, failed_rest=0.2))
+    tries = []
+
+    async def run_on(host, request):
+        tries.append((asyncio.get_running_loop().time(), request.generated_ids))
+        if len(tries) == 1:
+            yield Delta("t0 t1 ", token_ids=(0, 1))
+            raise HostFailed("connection closed (no answer to probes)")
+        yield Delta("rest", token_ids=(9,), finish_reason="stop")
+
+    gateway._run_on = run_on
+    async with asyncio.timeout(10):
+        assert await read(gateway) == "t0 t1 rest"
+    assert [ids for _, ids in tries] == [(), (0, 1)]
+    assert 0.2 <= tries[1][0] - tries[0][0] < 2  # after its rest, not host_wait
