@@ -295,6 +295,8 @@ class Node:
         if self.dialer is not None:
             await self.dialer.close()
         await cancel_and_wait(list(self._tasks))
+        if self.experts is not None:  # (past the grace: what is still computing ends now)
+            self.experts.close_routes("this node is stopping")
         if self.membership is not None:
             await self.membership.leave()
         if self.hosting is not None:

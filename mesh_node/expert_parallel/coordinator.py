@@ -288,6 +288,13 @@ class ExpertParallel:
                 self._dropped.add(task)
                 task.cancel()
 
+    def close_routes(self, reason: str) -> None:
+        """A step of a split model under way here makes no more expert calls: it fails with
+        `reason` (the node is stopping: peers are replanning without it, and its steps would
+        otherwise retry their refusals until holder_wait, holding up the stop)."""
+        for routes in self.routes.values():
+            routes.close(reason)
+
     async def stop(self) -> None:
         await cancel_and_wait(list(self._tasks) + list(self._reconciling.values()))
         for lanes in self.lanes.values():

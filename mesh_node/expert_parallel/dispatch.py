@@ -40,7 +40,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from mesh_node.engine.errors import ExpertsUnavailable
+from mesh_node.engine.errors import ExpertsUnavailable, GeneratorClosedError
 from mesh_node.engine.experts import ExpertBank
 from mesh_node.expert_parallel.messages import ExpertCall, ExpertOutput
 from mesh_node.identity import NodeId
@@ -116,6 +116,15 @@ class ExpertRoutes:
         self._failure_memory = failure_memory
         self._clock = clock
         self._failed: dict[NodeId, float] = {}  # peer -> monotonic time its call failed
+        self.closed: str | None = None  # why no call is made any more (the node is stopping)
+
+    def close(self, reason: str) -> None:
+        """No more calls: a step waiting for a holder (or about to call one) ends at once
+        with `reason`, rather than retry until holder_wait while its node stops."""
+        with self._cond:
+            self.closed = reason
+            self._version += 1
+            self._cond.notify_all()
 
     def update(self, holders: dict[tuple[int, int], tuple[NodeId, ...]]) -> None:
         with self._cond:
@@ -239,6 +248,11 @@ class RemoteExperts(nn.Module):
         last_error: dict[NodeId, str] = {}
         deadline = time.monotonic() + self.config.holder_wait
         while pending:
+            if self._routes.closed is not None:  # (as a closed generator: callers fail over)
+                raise GeneratorClosedError(
+                    f"experts {pending} of layer {self.layer} were not computed: "
+                    f"{self._routes.closed}"
+                )
             version = self._routes.version
             bank = self._local()  # once per round: the loop may swap the bank meanwhile
             local, by_peer, orphans = self._assign(pending, failed | refused, bank)

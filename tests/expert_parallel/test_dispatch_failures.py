@@ -14,6 +14,7 @@ import time
 import pytest
 import torch
 
+from mesh_node.engine.errors import GeneratorClosedError
 from mesh_node.expert_parallel.dispatch import (
     DispatchConfig,
     DispatchStats,
@@ -152,3 +153,25 @@ def test_a_call_made_in_pieces_is_waited_for_piece_by_piece(loop, monkeypatch):
     with pytest.raises(ExpertsUnavailable, match="TimeoutError"):
         step(experts)
     assert stats.failovers == 1
+
+
+def test_a_step_waiting_for_holders_ends_at_once_when_its_node_stops(loop):
+    """A stopping host's peers replan without it and answer NOT_FOUND: its steps retried
+    until holder_wait (60 s), holding up the stop (soak review: 18 s after SIGTERM). Closed
+    routes end the step with the reason."""
+    peer = NodeIdentity.generate().node_id
+    gone = RemoteError(ErrorCode.NOT_FOUND, "experts [0, 1] of layer 0 are not held here")
+    peers = Peers({peer: [gone]})
+    experts, _ = remote(loop, peers, [peer], call_timeout=1.0, holder_wait=30.0)
+    routes = experts._routes
+    closer = threading.Timer(0.3, routes.close, ("this node is stopping",))
+    closer.start()
+    started = time.monotonic()
+    # (not ExpertsUnavailable, which a client is told: an answer under way here fails over)
+    with pytest.raises(GeneratorClosedError, match="not computed: this node is stopping"):
+        step(experts)
+    assert time.monotonic() - started < 10  # not after holder_wait (30 s)
+    calls = len(peers.calls)
+    with pytest.raises(GeneratorClosedError, match="this node is stopping"):
+        step(experts)  # and no call is made any more
+    assert len(peers.calls) == calls
