@@ -44,6 +44,9 @@ log = logging.getLogger("mesh_node.node")
 
 HARDWARE_REFRESH = 30.0
 SHUTDOWN_GRACE = 5.0  # seconds answers under way get to finish when the node stops
+# seconds a node that may find its mesh by mDNS waits for it before its first host election
+# (a joiner that elects itself as if alone loads what the mesh already hosts, or takes it over)
+MDNS_INTRODUCTIONS = 2.0
 
 
 @dataclass(frozen=True)
@@ -195,6 +198,8 @@ class Node:
         self.hosting.on_change(self.experts.kick)
         self.experts.on_change(self.view.publish_status)
         await self.membership.start()
+        if self.config.mdns:  # (started below: the first election waits for what it finds)
+            self.membership.expect_introductions(MDNS_INTRODUCTIONS)
         await self.hosting.start()
         await self.experts.start()
         self._spawn(self._hardware_loop())

@@ -203,6 +203,7 @@ class Membership:
         self.self_state = self_state
         self.seeds = [Address(h, p) for h, p in seeds]
         self._initial_joins: list[asyncio.Task[Any]] = []
+        self._introductions_until = 0.0  # (loop time) discovery may introduce peers till then
         self.rng = rng or random.Random()
         self.wall_clock = wall_clock
         self._loop = asyncio.get_running_loop()
@@ -262,10 +263,16 @@ class Membership:
             self._tasks.append(asyncio.create_task(loop_fn(), name=f"membership{loop_fn.__name__}"))
         self._initial_joins = [self._spawn(self.join(seed)) for seed in self.seeds]
 
+    def expect_introductions(self, seconds: float) -> None:
+        """Discovery (mDNS) may introduce peers in the next `seconds`: until then settled()
+        does not take a view with nobody in it for the mesh's."""
+        self._introductions_until = asyncio.get_running_loop().time() + seconds
+
     async def settled(self, timeout: float) -> None:
-        """Until the first joins through the seeds are over and the state of every live peer
-        is known (at most `timeout` s): what a node decides from the mesh's state (elections)
-        should wait for this, or a joiner acts as if it were alone."""
+        """Until the first joins through the seeds are over, someone was met (or discovery
+        had its time: expect_introductions) and the state of every live peer is known (at
+        most `timeout` s): what a node decides from the mesh's state (elections) should wait
+        for this, or a joiner acts as if it were alone."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         joins = [j for j in self._initial_joins if not j.done()]
@@ -278,6 +285,14 @@ class Membership:
 
         self.table.subscribe(listener)
         try:
+            while not self.table.live_peers():
+                remaining = min(deadline, self._introductions_until) - loop.time()
+                if remaining <= 0:
+                    break
+                changed.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(remaining):
+                        await changed.wait()
             while any(m.state is None for m in self.table.live_peers()):
                 remaining = deadline - loop.time()
                 if remaining <= 0:
