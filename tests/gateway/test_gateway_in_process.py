@@ -27,6 +27,14 @@ def slow_model(tmp_path_factory):
     return build_slow_model(tmp_path_factory.mktemp("models"))
 
 
+def uninterrupted(model, prompt: str, max_tokens: int) -> str:
+    """The text one engine alone gives for the prompt (greedy): what an answer that failed
+    over must equal."""
+    with Generator.from_pretrained(str(model)) as alone:
+        sampling = SamplingParams(max_tokens=max_tokens)
+        return alone.generate(GenerationRequest(prompt=prompt, sampling=sampling)).text
+
+
 async def test_a_node_that_does_not_host_answers_through_the_host(mesh):
     for _ in range(3):
         await mesh.add()
@@ -103,10 +111,7 @@ async def test_the_host_dies_mid_answer_and_the_answer_goes_on_identically(
     mesh, slow_model, caplog
 ):
     prompt = "The mesh keeps going"
-    with Generator.from_pretrained(str(slow_model)) as alone:
-        expected = alone.generate(
-            GenerationRequest(prompt=prompt, sampling=SamplingParams(max_tokens=160))
-        ).text
+    expected = uninterrupted(slow_model, prompt, max_tokens=160)
     for _ in range(3):
         await mesh.add(models=[str(slow_model)])
     await mesh.wait(lambda: len(mesh.hosts_of(SLOW)) == 1 and _agreed(mesh, SLOW))
@@ -184,10 +189,7 @@ async def test_an_answer_survives_a_short_blip_between_the_caller_and_the_only_h
     answers again, and equals an uninterrupted run (soak review: it waited host_wait for
     another host, never elected, and ended with "no host became ready in time")."""
     prompt = "The mesh keeps going"
-    with Generator.from_pretrained(str(slow_model)) as alone:
-        expected = alone.generate(
-            GenerationRequest(prompt=prompt, sampling=SamplingParams(max_tokens=300))
-        ).text
+    expected = uninterrupted(slow_model, prompt, max_tokens=300)
     host = await mesh.add(models=[str(slow_model)])
     caller = await mesh.add(client=True)
     await mesh.wait(
@@ -313,10 +315,7 @@ async def test_a_host_that_stops_lets_an_answer_tunnelled_through_another_node_f
     """SIGTERM on the only host: an answer it streams to another node's client finishes, as
     its own API clients' do (SHUTDOWN_GRACE), rather than breaking off with no host left."""
     prompt = "Leaving gracefully"
-    with Generator.from_pretrained(str(slow_model)) as alone:
-        expected = alone.generate(
-            GenerationRequest(prompt=prompt, sampling=SamplingParams(max_tokens=60))
-        ).text
+    expected = uninterrupted(slow_model, prompt, max_tokens=60)
     host = await mesh.add(models=[str(slow_model)])
     caller = await mesh.add(client=True)
     await mesh.wait(lambda: mesh.hosts_of(SLOW) == [host] and SLOW in caller.gateway.model_ids())
