@@ -220,9 +220,9 @@ class ExpertParallel:
             trunk = info.bytes * counts["trunk"] // max(counts["total"], 1)
             self.offered[info.name] = resolved
             self._shapes[info.name] = self._shape_of(args)
-            copy = info.checkpoint or rankings_mod.checkpoint_fingerprint(resolved.path)[:16]
-            # expert_budget is filled below, shared between the split models
-            split.append(_with(info, trunk_bytes=trunk, expert_budget=0, checkpoint=copy))
+            # expert_budget is filled below, shared between the split models (the checkpoint
+            # is hosting's: Hosting.start)
+            split.append(_with(info, trunk_bytes=trunk, expert_budget=0))
         models = [i for i in split if i.name in self.offered]
         if models and self.config.enabled:
             budget = self.config.memory

@@ -285,16 +285,13 @@ class Membership:
 
         self.table.subscribe(listener)
         try:
-            while not self.table.live_peers():
-                remaining = min(deadline, self._introductions_until) - loop.time()
-                if remaining <= 0:
-                    break
-                changed.clear()
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(remaining):
-                        await changed.wait()
-            while any(m.state is None for m in self.table.live_peers()):
-                remaining = deadline - loop.time()
+            while True:
+                peers = self.table.live_peers()
+                if peers and all(m.state is not None for m in peers):
+                    return
+                # nobody met yet: worth waiting only while discovery may introduce someone
+                until = deadline if peers else min(deadline, self._introductions_until)
+                remaining = until - loop.time()
                 if remaining <= 0:
                     return
                 changed.clear()

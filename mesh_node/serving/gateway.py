@@ -113,19 +113,11 @@ class Gateway:
         return False
 
     def _copy_on(self, node_id: NodeId, model: str) -> str:
-        """The checkpoint (ModelInfo.checkpoint) of the node's copy of the model; "" when it
-        gossips none (unknown, as from a node that does not say)."""
-        member = self.table.get(node_id)
-        if member is None or member.state is None:
-            return ""
-        return next((m.checkpoint for m in member.state.models_on_disk if m.name == model), "")
+        return _copy_of(self.table.get(node_id), model)
 
     def _holds_copy(self, model: str, copy: str) -> bool:
         """Some live node has the model's `copy` on disk (hosts it, or may come to)."""
-        return any(
-            member.status in (ALIVE, SUSPECT) and self._copy_on(member.node_id, model) == copy
-            for member in self.table
-        )
+        return any(member.live and _copy_of(member, model) == copy for member in self.table)
 
     def _state_version(self, node_id: NodeId) -> int | None:
         member = self.table.get(node_id)
@@ -299,6 +291,14 @@ class Gateway:
             raise HostFailed("host unreachable")
         async for delta in stream_from_host(conn, request, item_timeout=self.config.item_timeout):
             yield delta
+
+
+def _copy_of(member, model: str) -> str:
+    """The checkpoint (ModelInfo.checkpoint) of the member's copy of the model; "" when it
+    gossips none (unknown, as from a node that does not say)."""
+    if member is None or member.state is None:
+        return ""
+    return next((m.checkpoint for m in member.state.models_on_disk if m.name == model), "")
 
 
 def _later_of(*times: dict[NodeId, float]) -> dict[NodeId, float]:

@@ -25,14 +25,17 @@ async def test_load_reports_go_on_after_a_host_loads_its_model_again(mesh):
         sampling=SamplingParams(max_tokens=150, ignore_eos=True),
     )
     await answer(caller, long)
-    await asyncio.sleep(0.5)  # a load report counts those tokens
+    # a load report counted those tokens
+    await mesh.wait(lambda: host.membership.self_state.current.load.tokens_per_s > 0)
 
     # the model is unloaded and loaded again (as when a node loses, then wins, an election)
     first = host.local.generators["builtin"]
     host.hosting._busy.add("builtin")
     await host.hosting._unload("builtin")
     await mesh.wait(lambda: host.local.generators.get("builtin") not in (None, first))
-    await asyncio.sleep(1.0)  # a few load intervals with the new generator
+    # the case itself, not a stand-in for a condition: load intervals with the new generator
+    # idle (its count, 0, below the old one's)
+    await asyncio.sleep(5 * quick.load_interval)
 
     loop_tasks = [t for t in host.hosting._tasks if "_load_loop" in repr(t.get_coro())]
     assert loop_tasks, "the load loop task has ended"

@@ -22,7 +22,7 @@ async def test_a_node_joining_through_mdns_does_not_load_a_model_the_mesh_alread
         joiner = await NodeProcess.join(mesh_id, "--mdns-interface", "127.0.0.1")
         nodes.append(joiner)
         await joiner.wait_log(rf"node {first.node_id.short} is alive", timeout=20)
-        await asyncio.sleep(3)
+        await asyncio.sleep(3)  # (its first election comes within join_settle, 3 s, of its start)
         elected = [line for line in joiner.stderr_lines if "elected to host builtin" in line]
         assert not elected, f"the joiner loaded builtin as if alone: {elected}"
     finally:
