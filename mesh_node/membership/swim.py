@@ -72,6 +72,7 @@ from mesh_node.transport.addresses import address_error
 from mesh_node.transport.connection import Connection, RequestContext
 from mesh_node.transport.endpoint import Endpoint
 from mesh_node.transport.errors import ErrorCode, HandshakeError, RequestFailed, TransportError
+from mesh_node.transport.handshake import another_node
 
 log = logging.getLogger("mesh_node.membership")
 
@@ -226,6 +227,8 @@ class Membership:
         self._known_alive: set[NodeId] = set()
         self._reminded: collections.OrderedDict[NodeId, float] = collections.OrderedDict()
         self._join_failed: set[Address] = set()  # addresses a join through failed (said once)
+        # addresses of dead members where another node answered: not retried for them
+        self._taken: dict[NodeId, set[Address]] = {}
         self._twins = _TwinWatch(self._loop.time)
         self._fetch_slots = asyncio.Semaphore(self.config.fetch_concurrency)
         self._pushed: PeerState = self_state.current
@@ -582,6 +585,8 @@ class Membership:
                     timeout=remaining / (len(addresses) - tried),
                 )
             except TransportError as exc:
+                if isinstance(exc, HandshakeError) and another_node(exc.code, exc.reason):
+                    self._taken.setdefault(member_id, set()).add(address)
                 last = exc
         raise last or TimeoutError(f"no address of {member_id.short} answered")
 
@@ -867,12 +872,16 @@ class Membership:
                 continue
             await self._try_sync(self.rng.choice(members))
 
-    async def _try_sync(self, member: Member, push: bool = False) -> None:
-        """One background sync with `member`: an unreachable one is no news, and a bug is
-        logged, never allowed to end the loop that asked."""
+    async def _try_sync(
+        self, member: Member, push: bool = False, addresses: list[Address] | None = None
+    ) -> None:
+        """One background sync with `member` (at `addresses`, default all of its own): an
+        unreachable one is no news, and a bug is logged, never allowed to end the loop that
+        asked."""
         try:
             timeout = self.config.request_timeout
-            conn = await self._connect(member.node_id, member.addresses, timeout)
+            addresses = member.addresses if addresses is None else addresses
+            conn = await self._connect(member.node_id, addresses, timeout)
             await self._exchange_views(conn, push)
         except (TransportError, TimeoutError, OSError):
             pass
@@ -888,9 +897,26 @@ class Membership:
                 for seed in self.seeds:
                     if await self.join(seed):
                         break
-            dead = [m for m in self.table.peers(DEAD) if m.addresses]
+            dead = self._redialable_dead()
             if dead:
-                await self._try_sync(self.rng.choice(dead), push=True)
+                member, addresses = self.rng.choice(dead)
+                await self._try_sync(member, push=True, addresses=addresses)
+
+    def _redialable_dead(self) -> list[tuple[Member, list[Address]]]:
+        """The dead members worth a try, each with its addresses where no other node was
+        found answering: a node that took a dead one's address (a restart with a new key, a
+        new machine) is not dialled again and again for it until the tombstone goes."""
+        dead = self.table.peers(DEAD)
+        ids = {m.node_id for m in dead}
+        for gone in [i for i in self._taken if i not in ids]:  # alive again, or forgotten
+            del self._taken[gone]
+        tries = []
+        for member in dead:
+            taken = self._taken.get(member.node_id, ())
+            addresses = [a for a in member.addresses if a not in taken]
+            if addresses:
+                tries.append((member, addresses))
+        return tries
 
     async def _lag_loop(self) -> None:
         """Lifeguard-style self-awareness: a late wake-up means our event loop is loaded."""

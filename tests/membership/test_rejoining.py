@@ -202,3 +202,27 @@ def test_alive_claims_above_us_are_refuted_unless_they_keep_coming(caplog):
         now[0] = 102.0 + TWIN_HOLD
         assert watch.may_refute(claim, 5)
     assert caplog.text.count("another process") == 1
+
+
+def test_a_dead_nodes_address_taken_by_a_new_node_is_not_dialled_again_for_it(caplog):
+    """A node dies and another (a new key: a restart without its identity, or another
+    machine) starts at its address. Every member now and then tries its dead members, in
+    case a split healed; at this address another node answers. That is said once per
+    member, not every few seconds until the tombstone goes."""
+
+    async def check(mesh):
+        gone = mesh.nodes[3]
+        address = gone.address
+        mesh.crash(gone)
+        members = list(mesh.nodes)
+        await mesh.wait_for(lambda: all(n.status_of(gone) == DEAD for n in members), 60)
+        with caplog.at_level(logging.INFO, "mesh_node.transport"):
+            await mesh.add(address=address, seeds=[mesh.nodes[0].address])
+            await asyncio.sleep(120)  # ~60 rounds of the reconnect loop on every node
+        told = [r for r in caplog.records if "expected node " + gone.node_id.short in r.message]
+        clients = [r for r in told if "client side" in r.message]
+        # each of the 3 members that knew the dead one finds the newcomer there at most once
+        assert 1 <= len(clients) <= 3, [r.message for r in told]
+        assert all(n.status_of(gone) == DEAD for n in members)  # (its tombstone stays)
+
+    simulate(check, nodes=4, config=MembershipConfig(reconnect_interval=2.0))
