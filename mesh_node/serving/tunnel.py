@@ -30,7 +30,13 @@ from mesh_node.serving.requests import (
     Overloaded,
 )
 from mesh_node.transport.connection import INITIAL_CREDIT, Connection, Handlers, RequestContext
-from mesh_node.transport.errors import ErrorCode, RemoteError, RequestFailed, TransportError
+from mesh_node.transport.errors import (
+    ErrorCode,
+    ProtocolError,
+    RemoteError,
+    RequestFailed,
+    TransportError,
+)
 
 
 class HostFailed(Exception):
@@ -186,13 +192,19 @@ async def stream_from_host(
         if exc.code == ErrorCode.UNAVAILABLE and exc.reason == EXPERTS_UNAVAILABLE:
             raise ExpertsMissing(exc.message) from None  # another host would meet the same mesh
         if exc.code == ErrorCode.FRAME_TOO_LARGE:  # any host would refuse it: not a failure
-            raise BadRequest(
-                f"the request is too large to pass to the host ({exc.message}): shorten it"
-            ) from None
+            raise _too_large(exc.message) from None
         if exc.code == ErrorCode.OVERLOADED:
             raise HostBusy(exc.message) from None
         if exc.code == ErrorCode.NOT_FOUND:
             raise HostNotServing(exc.message) from None
         raise HostFailed(f"{ErrorCode.describe(exc.code)}: {exc.message}") from None
+    except ProtocolError as exc:
+        if exc.code == ErrorCode.FRAME_TOO_LARGE:  # refused before sending: no host takes it
+            raise _too_large(exc.message) from None
+        raise HostFailed(str(exc)) from None
     except (TransportError, TimeoutError) as exc:
         raise HostFailed(str(exc)) from None
+
+
+def _too_large(why: str) -> BadRequest:
+    return BadRequest(f"the request is too large to pass to the host ({why}): shorten it")

@@ -354,7 +354,7 @@ class Connection:
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        encoded = self._registry.encode(message)
+        encoded = self._encode(message)
         if not self._outbound.take():  # all call slots busy: wait for one, within the deadline
             try:
                 async with asyncio.timeout_at(deadline):
@@ -434,7 +434,7 @@ class Connection:
                 stream = _Stream(stream_id, self._limits)
                 self._streams[stream_id] = stream
                 try:
-                    await self._write_frame(stream, self._registry.encode(message), end=True)
+                    await self._write_frame(stream, self._encode(message), end=True)
                     await self._drain(stream, 1)
                 except _StreamClosed:
                     self._check_open()
@@ -445,6 +445,20 @@ class Connection:
             raise RequestTimeout(
                 f"{type(message).__name__} to {self._peer_label()} not delivered in {timeout:g}s"
             ) from None
+
+    def _encode(self, message: Any) -> Encoded:
+        """The message's frame, or ProtocolError(FRAME_TOO_LARGE) when it is over the frame
+        limits: the peer would reset the stream only after every byte had crossed."""
+        encoded = self._registry.encode(message)
+        frames = self._limits.frames
+        if len(encoded.body) > frames.max_body or encoded.blob_size > frames.max_blob:
+            raise ProtocolError(
+                ErrorCode.FRAME_TOO_LARGE,
+                f"{type(message).__name__} of {frame_size(encoded)} bytes is over the frame "
+                f"limits ({frames.max_body} bytes of body, {frames.max_blob} of tensors): "
+                "not sent",
+            )
+        return encoded
 
     def stream(self, message: Any, *, timeout: float, window: int | None = None) -> ResponseStream:
         """Open a streamed response. Use as `async with conn.stream(req, timeout=5) as s:`
@@ -894,7 +908,7 @@ class Connection:
 
     def _serve_inline(self, stream_id: int, fn: Callable[..., Any], msg: Any) -> None:
         try:
-            encoded = self._registry.encode(fn(self._context, msg))
+            encoded = self._encode(fn(self._context, msg))
         except Exception as exc:
             stream = self._streams.get(stream_id) or self._accept_stream(stream_id)
             self._spawn(self._answer_failure(stream, exc, msg))
@@ -927,7 +941,7 @@ class Connection:
     async def _serve_unary(self, stream: _Stream, fn: UnaryHandler, ctx: RequestContext, msg):
         try:
             reply = await fn(ctx, msg)
-            await self._write_frame(stream, self._registry.encode(reply), end=True)
+            await self._write_frame(stream, self._encode(reply), end=True)
         except _StreamClosed:
             pass
         except Exception as exc:
@@ -937,7 +951,7 @@ class Connection:
         items = fn(ctx, msg)
         try:
             async for item in items:
-                encoded = self._registry.encode(item)
+                encoded = self._encode(item)
                 await self._wait_credit(stream)
                 stream.credit -= frame_size(encoded)
                 await self._write_frame(stream, encoded)
@@ -960,6 +974,9 @@ class Connection:
         reason = ""
         if isinstance(exc, RequestFailed):
             code, text, reason = exc.code, exc.message, exc.reason
+        elif isinstance(exc, ProtocolError) and exc.code == ErrorCode.FRAME_TOO_LARGE:
+            log.warning("answer to %s not sent: %s", type(msg).__name__, exc.message)
+            code, text = exc.code, exc.message  # (our answer would not fit a frame)
         else:
             self._log_failure(exc, msg)
             code, text = ErrorCode.INTERNAL_ERROR, f"internal error handling {type(msg).__name__}"
@@ -1099,6 +1116,7 @@ class ResponseStream:
 
     async def __aenter__(self) -> ResponseStream:
         conn = self._conn
+        encoded = conn._encode(self._message)  # (one too large for a frame is not sent)
         try:
             async with asyncio.timeout(self._timeout):
                 await conn._outbound.acquire()
@@ -1110,7 +1128,7 @@ class ResponseStream:
             self._stream = stream
             stream.window = self._window
             with contextlib.suppress(_StreamClosed):  # the item queue says why
-                await conn._write_frame(stream, conn._registry.encode(self._message))
+                await conn._write_frame(stream, encoded)
             extra = self._window - INITIAL_CREDIT
             if extra > 0 and stream.reset_code is None:
                 stream.credit += extra

@@ -107,6 +107,21 @@ async def test_a_prompt_too_long_for_the_hosts_context_says_so_in_openais_terms(
         assert "maximum context length is 256 tokens" in refused.value.message
 
 
+async def test_a_prompt_over_the_frame_limit_is_refused_without_troubling_the_host(mesh, caplog):
+    """The client node refuses it (400, the request's fault) before sending a byte: the
+    host would only reset the stream after the whole prompt had crossed."""
+    client = await mesh.add(client=True)
+    await mesh.add()
+    await mesh.wait(lambda: len(mesh.hosts_of("builtin")) == 1)
+    too_large = pytest.raises(BadRequest, match="too large to pass to the host")
+    with caplog.at_level(logging.INFO, "mesh_node.transport"), too_large as refused:
+        await answer(client, chat("builtin", "apple " * 200_000))
+    assert "not sent" in refused.value.message
+    assert "FRAME_TOO_LARGE" not in caplog.text  # (the host's reset, before)
+    text, _ = await answer(client, chat("builtin", "What is 348 + 276?"))
+    assert text == "624"
+
+
 async def test_the_host_dies_mid_answer_and_the_answer_goes_on_identically(
     mesh, slow_model, caplog
 ):

@@ -17,24 +17,36 @@ from mesh_node.serving.requests import (
     GenerationFailed,
 )
 from mesh_node.serving.tunnel import stream_from_host
-from mesh_node.transport.errors import ErrorCode, RemoteError
+from mesh_node.transport.errors import ErrorCode, ProtocolError, RemoteError
 
 HI = (ChatMessage("user", "What is 348 + 276?"),)
 
 
 class _RefusingHost:
-    """A connection whose host resets the request stream: the frame is over its limit."""
+    """A connection that refuses the request's frame: over the host's limit (the host resets
+    the stream), or over ours (refused before it is sent)."""
+
+    def __init__(self, error: Exception):
+        self.error = error
 
     @contextlib.asynccontextmanager
     async def stream(self, message, timeout, window):
-        raise RemoteError(ErrorCode.FRAME_TOO_LARGE, "frame body of 1500000 bytes exceeds 1048576")
+        raise self.error
         yield
 
 
-async def test_a_request_too_large_for_the_host_is_the_requests_fault_not_the_hosts():
+@pytest.mark.parametrize(
+    "error",
+    [
+        RemoteError(ErrorCode.FRAME_TOO_LARGE, "frame body of 1500000 bytes exceeds 1048576"),
+        ProtocolError(ErrorCode.FRAME_TOO_LARGE, "GenerateRequest of 1500000 bytes: not sent"),
+    ],
+    ids=["host's limit", "ours"],
+)
+async def test_a_request_too_large_for_the_host_is_the_requests_fault_not_the_hosts(error):
     request = CompletionRequest(model="builtin", request_id="r", messages=HI)
     with pytest.raises(BadRequest, match="too large to pass to the host"):
-        async for _ in stream_from_host(_RefusingHost(), request, item_timeout=5):
+        async for _ in stream_from_host(_RefusingHost(error), request, item_timeout=5):
             pass
 
 

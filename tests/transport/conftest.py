@@ -172,9 +172,10 @@ def make_quic(mesh, service, limits=None, identity=None):
 
 
 @contextlib.asynccontextmanager
-async def quic_pair(mesh, limits=None, mesh_b=None):
+async def quic_pair(mesh, limits=None, mesh_b=None, limits_b=None):
+    """Two endpoints; `limits_b`: the second one's, when they differ (default `limits`)."""
     sa, sb = Service(), Service()
-    a, b = make_quic(mesh, sa, limits), make_quic(mesh_b or mesh, sb, limits)
+    a, b = make_quic(mesh, sa, limits), make_quic(mesh_b or mesh, sb, limits_b or limits)
     await a.start()
     await b.start()
     try:

@@ -14,10 +14,11 @@ from mesh_node.transport.connection import Limits
 from mesh_node.transport.errors import (
     ConnectionLost,
     ErrorCode,
+    ProtocolError,
     RemoteError,
     RequestTimeout,
 )
-from mesh_node.transport.frames import frame_size
+from mesh_node.transport.frames import FrameLimits, frame_size
 from mesh_node.transport.messages import Ping, Pong
 from mesh_node.transport.tensors import Tensor
 from tests.conditions import until
@@ -95,6 +96,35 @@ async def test_cancelling_the_caller_cancels_the_remote_handler(pair_factory, me
             await call
         async with asyncio.timeout(5):
             assert await p.service_b.cancelled.get() == "sleep"
+
+
+async def test_a_message_over_the_frame_limit_is_refused_before_it_is_sent(pair_factory, mesh):
+    """The peer would reset the stream only after every byte had crossed: a request, a
+    stream's request or a one-way message over the limit fails at once, on our side, and
+    the connection goes on."""
+    big = Echo("x" * (Limits().frames.max_body + 1))
+    async with pair_factory(mesh) as p:
+        conn = await p.connect()
+        with pytest.raises(ProtocolError, match="over the frame limits") as refused:
+            await conn.request(big, timeout=5)
+        assert refused.value.code == ErrorCode.FRAME_TOO_LARGE
+        with pytest.raises(ProtocolError, match="not sent"):
+            async with conn.stream(big, timeout=5):
+                pass
+        with pytest.raises(ProtocolError, match="not sent"):
+            await conn.send(big, timeout=5)
+        assert await conn.request(Ping(1), timeout=5) == Pong(1)
+        assert conn.is_open
+
+
+async def test_an_answer_over_the_frame_limit_is_answered_frame_too_large(pair_factory, mesh):
+    async with pair_factory(mesh) as p:
+        conn = await p.connect()
+        with pytest.raises(RemoteError, match="over the frame limits") as refused:
+            async with conn.stream(Count(1, size=Limits().frames.max_body + 1), timeout=5) as s:
+                _ = [item async for item in s]
+        assert refused.value.code == ErrorCode.FRAME_TOO_LARGE
+        assert await conn.request(Ping(2), timeout=5) == Pong(2)
 
 
 async def test_one_way_messages(pair_factory, mesh):
@@ -427,15 +457,17 @@ async def test_a_peer_skipping_too_many_stream_ids_is_disconnected(mesh):
 
 
 async def test_a_refused_one_way_message_fails_at_once(mesh):
-    """A message the peer refuses (here: over its frame limit) is reported as soon as the
-    refusal arrives, not when the sender's timeout runs out. (Over QUIC: the in-memory
-    network acknowledges the bytes at once, so the send is over before any refusal.)"""
-    async with quic_pair(mesh) as p:
+    """A message the peer refuses (here: over its frame limit, lower than ours) is reported
+    as soon as the refusal arrives, not when the sender's timeout runs out. (Over QUIC: the
+    in-memory network acknowledges the bytes at once, so the send is over before any
+    refusal.)"""
+    lower = Limits(frames=FrameLimits(max_body=256 << 10))
+    async with quic_pair(mesh, limits_b=lower) as p:
         conn = await p.connect()
         loop = asyncio.get_running_loop()
         started = loop.time()
         with pytest.raises(ConnectionLost, match="refused the message"):
-            await conn.send(Note("x" * (2 << 20)), timeout=5)  # a body over the 1 MiB limit
+            await conn.send(Note("x" * (512 << 10)), timeout=5)  # over the peer's limit
         assert loop.time() - started < 4
         assert not conn._drain_waiters
         await conn.send(Note("small"), timeout=5)
