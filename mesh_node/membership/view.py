@@ -45,6 +45,7 @@ class MeshView:
         state = member.state
         node_id = member.node_id
         addresses = state.addresses if state is not None else member.addresses
+        working = state is not None and member.live
         return {
             "id": str(node_id),
             "short": node_id.short,
@@ -60,9 +61,10 @@ class MeshView:
             "hardware": to_plain(state.hardware) if state and state.hardware else None,
             "machine": state.machine if state else "",
             "models_on_disk": to_plain(state.models_on_disk) if state else [],
-            "models_served": list(state.models_served) if state else [],
-            "expert_shards": to_plain(state.expert_shards) if state else [],
-            "load": to_plain(state.load) if state else {"inflight": 0, "tokens_per_s": 0.0},
+            # what a dead or departed member did is over: its last state says it still serves
+            "models_served": list(state.models_served) if working else [],
+            "expert_shards": to_plain(state.expert_shards) if working else [],
+            "load": to_plain(state.load) if working else {"inflight": 0, "tokens_per_s": 0.0},
             "last_seen": self._wall(member.last_seen),
             "rtt_ms": round(member.rtt * 1000, 3) if member.rtt is not None else None,
         }

@@ -8,7 +8,7 @@ import asyncio
 from mesh_node.console.client import status_document_problem
 from mesh_node.identity import MeshSecret, new_mesh_id
 from mesh_node.membership.claims import DEAD
-from mesh_node.membership.messages import ModelInfo
+from mesh_node.membership.messages import ExpertShard, Load, ModelInfo
 from mesh_node.membership.swim import MembershipConfig
 from mesh_node.membership.view import SUBSCRIBER_QUEUE, MeshView
 from mesh_node.transport import virtual_time
@@ -51,6 +51,37 @@ def test_documents_follow_the_console_spec():
         for peer in doc["peers"]:
             assert peer["hardware"]["cpu_cores"] == 2 and peer["status"] == "alive"
             assert peer["self"] or peer["rtt_ms"] is not None
+
+    run_mesh(check)
+
+
+def test_a_dead_member_no_longer_shows_as_serving_holding_or_loaded():
+    """What it announced while alive stays (its name, hardware, files, role); what it was
+    doing is over, and the document says so (before, a dead host still served its model)."""
+
+    async def check(mesh):
+        host = mesh.nodes[2]
+        host.membership.update_state(
+            role="host",
+            models_on_disk=[ModelInfo("tiny-moe", "qwen3_moe", 100, 10, 8)],
+            models_served=["tiny-moe"],
+            expert_shards=[ExpertShard("tiny-moe", 0, [1, 2])],
+            load=Load(inflight=3, tokens_per_s=12.5),
+        )
+        await mesh.wait_for(mesh.converged, 5)
+        view = MeshView(mesh.nodes[0].membership.table)
+        (alive,) = [p for p in view.status()["peers"] if p["id"] == str(host.node_id)]
+        assert alive["models_served"] == ["tiny-moe"] and alive["load"]["inflight"] == 3
+        mesh.crash(host)
+        await mesh.wait_for(lambda: mesh.nodes[0].status_of(host) == DEAD, 30)
+        doc = view.status()
+        (dead,) = [p for p in doc["peers"] if p["id"] == str(host.node_id)]
+        assert dead["status"] == DEAD and dead["role"] == "host"
+        assert dead["models_on_disk"] == alive["models_on_disk"]
+        assert dead["models_served"] == [] and dead["expert_shards"] == []
+        assert dead["load"] == {"inflight": 0, "tokens_per_s": 0.0}
+        assert doc["models"] == []  # (neither served nor on the disk of a live node)
+        assert status_document_problem(doc) is None
 
     run_mesh(check)
 
