@@ -119,3 +119,12 @@ def test_moe_analyze_help_explains_the_cache_dir(tmp_path):
     text = " ".join(result.stdout.split())
     assert "--cache-dir DIR the Hugging Face cache" in text
     assert "the folder `mesh-node models --cache-dir` listed" in text
+
+
+def test_models_refuses_a_cache_dir_with_no_hf_cache(tmp_path):
+    """Was: the --cache-dir was silently not scanned."""
+    result = mesh_node(
+        "models", "--cache-dir", str(tmp_path), "--no-hf-cache", env=offline(tmp_path)
+    )
+    assert result.returncode == 2
+    assert "--no-hf-cache: not allowed with argument --cache-dir" in result.stderr

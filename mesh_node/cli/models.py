@@ -7,13 +7,12 @@ import shlex
 import sys
 from pathlib import Path
 
-from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
 from mesh_node.engine.catalog import ModelInfo, check_cache_folder, list_local_models
 from mesh_node.engine.errors import EngineError
-from mesh_node.terminal import fits
+from mesh_node.terminal import fits, terminal_console
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -39,7 +38,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
             "model folders; may be repeated"
         ),
     )
-    parser.add_argument(
+    cache = parser.add_mutually_exclusive_group()
+    cache.add_argument(
         "--cache-dir",
         default=None,
         metavar="DIR",
@@ -49,10 +49,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "~/.cache/huggingface/hub); `mesh-node join` takes the same --cache-dir to serve a "
         "model from it",
     )
-    parser.add_argument(
+    cache.add_argument(
         "--no-hf-cache",
         action="store_true",
-        help="do not scan the Hugging Face cache",
+        help="do not scan the Hugging Face cache (not with --cache-dir, which names one to scan)",
     )
     parser.set_defaults(run=run)
     return parser
@@ -109,7 +109,7 @@ def _table(models: list[ModelInfo], *, compact: bool) -> Table:
 def run(args: argparse.Namespace) -> int:
     cache = None
     try:
-        if args.cache_dir is not None and not args.no_hf_cache:
+        if args.cache_dir is not None:
             cache = check_cache_folder(args.cache_dir)
         models = list_local_models(
             args.path, cache_dir=cache, include_hf_cache=not args.no_hf_cache
@@ -117,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
     except (EngineError, OSError) as exc:
         print(f"mesh-node: {exc}", file=sys.stderr)
         return 2
-    console = Console()
+    console = terminal_console(sys.stdout)
     usable = [model for model in models if not model.error]
     table = _table(usable, compact=False)
     if not fits(table, console):

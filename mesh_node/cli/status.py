@@ -8,7 +8,8 @@ import sys
 import urllib.parse
 
 from mesh_node.console.client import ConsoleError, fetch_status
-from mesh_node.console.report import render_status, terminal_console
+from mesh_node.console.report import render_status
+from mesh_node.terminal import terminal_console
 
 DEFAULT_CONSOLE = "http://127.0.0.1:3131"
 

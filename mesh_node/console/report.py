@@ -6,9 +6,8 @@ Data from the mesh is never interpreted as rich markup (a node may call itself
 
 from __future__ import annotations
 
-import os
 import time
-from typing import IO, Any
+from typing import Any
 
 from rich import box
 from rich.console import Console, Group
@@ -22,20 +21,6 @@ STATUS_STYLES = {"alive": "bold green", "suspect": "bold yellow", "dead": "bold 
 GONE = frozenset({"dead", "left"})
 NOT_ALIVE = GONE | {"suspect"}  # (named beside a node in the lists of nodes)
 KNOWN_KEYS = frozenset({"node", "mesh", "peers", "models", "shards"})
-_WIDTH_WHEN_NOT_A_TERMINAL = 200
-
-
-def terminal_console(file: IO[str]) -> Console:
-    """A rich Console for `file`; output to a pipe or file is as wide as COLUMNS says (a
-    positive whole number), else 200 columns, not wrapped at 80."""
-    width = None if file.isatty() else _columns() or _WIDTH_WHEN_NOT_A_TERMINAL
-    return Console(file=file, width=width, highlight=False)
-
-
-def _columns() -> int | None:
-    """The width the COLUMNS environment variable asks for; None when unset or unusable."""
-    text = os.environ.get("COLUMNS", "").strip()
-    return int(text) if text.isdecimal() and int(text) > 0 else None
 
 
 def render_status(document: dict[str, Any], console: Console, now: float | None = None) -> None:

@@ -1,12 +1,15 @@
 """`mesh-node status`: a subprocess against a running console, and its errors."""
 
 import asyncio
+import fcntl
 import io
 import json
 import os
 import re
 import socket
+import struct
 import sys
+import termios
 import time
 
 import pytest
@@ -14,7 +17,8 @@ from aiohttp import web
 from rich.console import Console
 
 from mesh_node.console.client import status_document_problem
-from mesh_node.console.report import render_status, terminal_console
+from mesh_node.console.report import render_status
+from mesh_node.terminal import terminal_console
 from tests.console.scripted_source import ScriptedSource, make_peer, shard_entry
 
 
@@ -200,7 +204,7 @@ def test_status_of_a_document_that_cannot_be_shown_is_one_line(monkeypatch, caps
 
 @pytest.mark.parametrize(
     ("columns", "width"),
-    [("100", 100), ("80", 80), *[(c, 200) for c in (None, "", "wide", "0", "-5")]],
+    [("100", 100), ("80", 80), *[(c, 200) for c in (None, "", "wide", "0", "-5", "²", "٣")]],
 )
 def test_status_into_a_pipe_is_as_wide_as_columns_says(monkeypatch, columns, width):
     """Was: always 200 columns, COLUMNS ignored; without a usable COLUMNS, still 200."""
@@ -209,6 +213,23 @@ def test_status_into_a_pipe_is_as_wide_as_columns_says(monkeypatch, columns, wid
     else:
         monkeypatch.setenv("COLUMNS", columns)
     assert terminal_console(io.StringIO()).width == width
+
+
+@pytest.mark.parametrize("columns", [None, "²", "٣", "0", "90"])
+def test_status_on_a_terminal_is_as_wide_as_it_and_never_trips_on_columns(monkeypatch, columns):
+    """Was: rich read COLUMNS and LINES itself, and `mesh-node status` or `models` ended in a
+    traceback when one held "²" (a character that says it is a digit)."""
+    monkeypatch.setenv("LINES", "²")
+    if columns is None:
+        monkeypatch.delenv("COLUMNS", raising=False)
+    else:
+        monkeypatch.setenv("COLUMNS", columns)
+    leader, follower = os.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 72, 0, 0))
+    with os.fdopen(leader, "rb") as _, os.fdopen(follower, "w") as terminal:
+        console = terminal_console(terminal)
+        assert console.width == (90 if columns == "90" else 72) and console.height == 30
+        console.print("a line")  # (a short one: nobody reads the terminal's other end)
 
 
 def rendered(document: dict, width: int) -> str:
