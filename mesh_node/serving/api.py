@@ -30,6 +30,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 
+from mesh_node.cancellation import cancel_and_wait
 from mesh_node.http_site import HttpServer
 from mesh_node.serving.openai_format import (
     DEFAULT_MAX_TOKENS_LIMIT,
@@ -53,6 +54,7 @@ from mesh_node.serving.requests import (
     Delta,
     GenerationFailed,
     ModelNotFound,
+    NoHostAvailable,
     Overloaded,
     ServingError,
     Unauthorized,
@@ -134,6 +136,10 @@ class OpenAIApi:
         self.max_in_flight = max_in_flight
         self.write_timeout = write_timeout
         self.in_flight = 0  # completions being read, generated or streamed now
+        self._serving: set[asyncio.Task] = set()  # the handlers of those completions
+        self._none_serving = asyncio.Event()
+        self._none_serving.set()
+        self._ending: set[asyncio.Task] = set()  # cancelled by end_completions, not yet answered
         self.created = int(time.time())  # the `created` of every model: when we started
 
     # -- models -------------------------------------------------------------------------------
@@ -168,10 +174,50 @@ class OpenAIApi:
                 f"{self.max_in_flight}): try again shortly"
             )
         self.in_flight += 1
+        task = asyncio.current_task()
+        assert task is not None
+        self._serving.add(task)
+        self._none_serving.clear()
         try:
             return await self._complete_one(request, parse, id_prefix, format_class)
+        except asyncio.CancelledError:
+            if not self._ended_here():
+                raise
+            raise _shutting_down() from None
         finally:
             self.in_flight -= 1
+            self._serving.discard(task)
+            self._ending.discard(task)
+            if not self._serving:
+                self._none_serving.set()
+
+    async def end_completions(self, grace: float) -> None:
+        """Gives the completions in progress `grace` seconds to finish, then ends the rest: each
+        answers a 503 saying this node is shutting down (a stream already started ends with it
+        as a last error event). For stopping: aiohttp alone would wait twice as long, then cut
+        the connections without a word."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(grace):
+                await self._none_serving.wait()
+        if not self._serving:
+            return
+        log.info("ending %d completion(s) still in progress: shutting down", len(self._serving))
+        self._ending = set(self._serving)
+        for task in self._ending:
+            task.cancel()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.write_timeout):
+                await self._none_serving.wait()
+
+    def _ended_here(self) -> bool:
+        """Whether the cancellation being handled is end_completions' alone: then it is taken
+        back (the handler answers the client instead); a client gone or a second cancel is not."""
+        task = asyncio.current_task()
+        if task not in self._ending or task is None or task.cancelling() != 1:
+            return False
+        self._ending.discard(task)
+        task.uncancel()
+        return True
 
     async def _complete_one(
         self,
@@ -244,6 +290,10 @@ class OpenAIApi:
         except _ClientGone:
             log.debug("%s: the client went away", parsed.completion.request_id)
             return response  # type: ignore[return-value]  # prepared: _ClientGone comes later
+        except asyncio.CancelledError:
+            if response is None or not self._ended_here():
+                raise  # (before the headers, _complete answers a plain 503)
+            error = _shutting_down()
         except ServingError as exc:
             if response is None:
                 raise
@@ -378,6 +428,10 @@ def _http_error(
     return error, None
 
 
+def _shutting_down() -> NoHostAvailable:
+    return NoHostAvailable("this node is shutting down: send the request to another node")
+
+
 def _finish_reason(last: Delta | None) -> str:
     reason = last.finish_reason if last is not None else None
     if reason is None:
@@ -507,3 +561,14 @@ class ApiServer(HttpServer):
     async def start(self) -> None:
         await super().start()
         log.info("OpenAI-compatible API listening on %s/v1", self.url)
+
+    async def stop(self) -> None:
+        """Stops listening, gives the completions in progress `shutdown_timeout` seconds, ends
+        the rest with a 503 (see `OpenAIApi.end_completions`), then closes the connections."""
+        if self.app is None or self._runner is None:
+            return await super().stop()
+        ending = asyncio.ensure_future(self.app[API_KEY].end_completions(self.shutdown_timeout))
+        try:
+            await super().stop()  # (it waits for the handlers that `ending` ends)
+        finally:
+            await cancel_and_wait([ending])

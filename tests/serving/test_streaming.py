@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import socket
 import time
 
@@ -210,6 +211,42 @@ async def test_stop_ends_open_streams():
     assert time.monotonic() - started < 2.5
     assert backend.active == 0
     await hang_up(writer)
+
+
+async def test_answers_still_running_when_the_grace_ends_get_a_clear_503(caplog):
+    """Stopping gives answers under way `shutdown_timeout` seconds; then each ends with a 503
+    saying the node is shutting down (a last error event on a stream already started) and the
+    server stops. aiohttp alone would wait twice the grace and then only cut the connections
+    (a grace over 2 s outlasted `stop`'s bound: handlers went on running, unanswered)."""
+    backend = ScriptedBackend()
+    server = ApiServer(backend, port=0, shutdown_timeout=2.5)
+    await server.start()
+
+    async def ask(http: aiohttp.ClientSession, stream: bool) -> tuple[int, str]:
+        body = {"model": "stall", "messages": QUESTION, "stream": stream}
+        async with http.post(server.url + CHAT, json=body) as response:
+            return response.status, await response.text()
+
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http:
+            streamed = asyncio.ensure_future(ask(http, True))
+            whole = asyncio.ensure_future(ask(http, False))
+            await backend._wait_until(lambda: backend.active == 2, timeout=5.0)
+            with caplog.at_level(logging.WARNING, logger="mesh_node.http"):
+                await server.stop()
+            assert "did not stop" not in caplog.text
+            assert backend.active == 0
+            status, text = await asyncio.wait_for(streamed, 5.0)
+            assert status == 200
+            *_, last, done = events(text)
+            assert done == "[DONE]"
+            assert last["error"]["code"] == "no_host_available"
+            assert "shutting down" in last["error"]["message"]
+            status, text = await asyncio.wait_for(whole, 5.0)
+            assert status == 503
+            assert json.loads(text)["error"]["code"] == "no_host_available"
+    finally:
+        await server.stop()
 
 
 async def test_a_client_that_stops_reading_is_dropped_and_frees_its_slot():
