@@ -2,8 +2,9 @@
 
 The console and the OpenAI-compatible API are both such sites (`HttpServer` subclasses).
 A client that goes away cancels its handler at once (`handler_cancellation`: an abandoned
-generation or event stream stops); stopping waits at most `shutdown_timeout` (+2 s) for
-open requests.
+generation or event stream stops); a connection idle, or still sending its request's headers,
+`idle_timeout` seconds after it opened or after its last answer is closed; stopping waits at
+most `shutdown_timeout` (+2 s) for open requests.
 """
 
 from __future__ import annotations
@@ -22,6 +23,10 @@ from aiohttp import web
 from mesh_node.transport.addresses import PortInUse
 
 log = logging.getLogger("mesh_node.http")
+
+# seconds a connection may stay idle or take to send a request's headers (a slowloris holds up
+# to 128 header lines of 8 KB each meanwhile); aiohttp's own default is an hour
+IDLE_TIMEOUT = 30.0
 
 
 def _is_loopback(host: str) -> bool:
@@ -128,11 +133,19 @@ def _own_names_only(policy: HostPolicy, error_body):
 
 
 async def start_site(
-    app: web.Application, host: str, port: int, shutdown_timeout: float
+    app: web.Application,
+    host: str,
+    port: int,
+    shutdown_timeout: float,
+    idle_timeout: float = IDLE_TIMEOUT,
 ) -> tuple[web.AppRunner, int]:
     """Serves `app` on host:port (0 picks a port); returns the runner and the port bound."""
     runner = web.AppRunner(
-        app, handler_cancellation=True, shutdown_timeout=shutdown_timeout, access_log=None
+        app,
+        handler_cancellation=True,
+        shutdown_timeout=shutdown_timeout,
+        keepalive_timeout=idle_timeout,  # (also counts from a connection's opening)
+        access_log=None,
     )
     await runner.setup()
     try:
@@ -161,6 +174,7 @@ class HttpServer:
 
     what = "the HTTP server"  # for errors and log lines
     service = "http"  # which port it is, for PortInUse
+    idle_timeout = IDLE_TIMEOUT
 
     def __init__(
         self, host: str, port: int, shutdown_timeout: float, allowed_hosts: Iterable[str] = ()
@@ -194,7 +208,7 @@ class HttpServer:
         self.app.middlewares.insert(0, _own_names_only(policy, self.error_body))
         try:
             self._runner, self.port = await start_site(
-                self.app, self.host, self.port, self.shutdown_timeout
+                self.app, self.host, self.port, self.shutdown_timeout, self.idle_timeout
             )
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:

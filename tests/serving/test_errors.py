@@ -420,6 +420,30 @@ async def test_a_body_that_does_not_arrive_in_time_is_answered_408(local_models)
         assert status == b"408"
 
 
+@pytest.mark.parametrize(
+    "sent",
+    [
+        b"",  # connected, sends nothing
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Pad: ",  # stalls mid-header
+    ],
+)
+async def test_a_connection_that_never_completes_its_headers_is_closed(sent):
+    """Slowloris: headers trickled (up to 128 of 8 KB each are held in memory) or never sent
+    keep a connection only `idle_timeout` seconds (aiohttp's own default: an hour)."""
+    server = ApiServer(ScriptedBackend(), port=0)
+    server.idle_timeout = 0.3
+    async with server:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        try:
+            writer.write(sent)
+            await writer.drain()
+            async with asyncio.timeout(5.0):
+                while await reader.read(4096):  # (aiohttp may answer 4xx first: read to EOF)
+                    pass
+        finally:
+            writer.close()
+
+
 async def test_completions_beyond_the_in_flight_limit_are_answered_429(http):
     backend = ScriptedBackend()
     async with ApiServer(backend, port=0, max_in_flight=2) as server:
