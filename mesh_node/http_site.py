@@ -19,6 +19,7 @@ from typing import Self
 
 import yarl
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from mesh_node.transport.addresses import PortInUse
 
@@ -132,6 +133,28 @@ def _own_names_only(policy: HostPolicy, error_body):
     return middleware
 
 
+class _QuietClientErrors(logging.Filter):
+    """aiohttp logs each request it cannot parse (a malformed header, a line over 8190 bytes,
+    over 128 headers), which it answers 400, as an ERROR with a traceback: a client's fault,
+    which any client could repeat to fill the log with false alarms. Such a record becomes
+    one DEBUG line; the server's own errors stay as they are."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if not isinstance(error, HttpProcessingError) or not 400 <= error.code < 500:
+            return True
+        record.msg = f"{record.getMessage()}: {error.code} {error.message}"
+        record.args = None
+        record.exc_info = record.exc_text = None
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return _server_log.isEnabledFor(logging.DEBUG)
+
+
+# the log of the HTTP servers' connections (aiohttp's "aiohttp.server" otherwise)
+_server_log = logging.getLogger("mesh_node.http.server")
+_server_log.addFilter(_QuietClientErrors())
+
+
 async def start_site(
     app: web.Application,
     host: str,
@@ -146,6 +169,7 @@ async def start_site(
         shutdown_timeout=shutdown_timeout,
         keepalive_timeout=idle_timeout,  # (also counts from a connection's opening)
         access_log=None,
+        logger=_server_log,
     )
     await runner.setup()
     try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 
 import aiohttp
 import openai
@@ -340,6 +341,29 @@ async def raw_status(server: ApiServer, request: bytes) -> bytes:
     finally:
         writer.close()
     return status.split()[1]
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: abc\r\n\r\n",
+        b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+        b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\n" + b"X-A: b\r\n" * 200 + b"\r\n",
+    ],
+    ids=["bad-content-length", "line-too-long", "too-many-headers"],
+)
+async def test_http_that_does_not_parse_is_no_error_in_the_nodes_log(caplog, request_bytes):
+    """aiohttp logs each request it cannot parse, a client's fault it answers 400, as an ERROR
+    with a traceback: any client could fill the node's log with false alarms."""
+    async with ApiServer(ScriptedBackend(), port=0) as server:
+        with caplog.at_level(logging.DEBUG):
+            # (aiohttp logs before it answers)
+            assert await raw_status(server, request_bytes) == b"400"
+        async with aiohttp.ClientSession() as http, http.get(server.base_url + "/models") as ok:
+            assert ok.status == 200
+    loud = [r for r in caplog.records if r.levelno >= logging.WARNING or r.exc_info]
+    assert not loud, [r.getMessage() for r in loud]
+    assert "400" in caplog.text  # still said, quietly
 
 
 @pytest.mark.parametrize("encoding", [b"gzip", b"deflate"])
