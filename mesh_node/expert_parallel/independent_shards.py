@@ -59,8 +59,9 @@ class IndependentShards:
         self.experts = experts
         self.enabled = enabled
         self.plans: dict[str, tuple[ShardVariant, ShardPlan]] = {}  # what is loaded here
-        self.quality: dict[str, str] = {}  # model -> the measured cost, as shown to the user
-        self._measuring: set[tuple[str, int]] = set()
+        # model -> (the split measured: its plan's fingerprint, the cost as shown to the user)
+        self.quality: dict[str, tuple[str, str]] = {}
+        self._measuring: set[tuple[str, str]] = set()
 
     @property
     def table(self):
@@ -186,25 +187,27 @@ class IndependentShards:
             close_quietly,
         )
         self.plans[model] = (variant, plan)
-        self._measure(resolved, variant.count)
+        self._measure(resolved, plan)
         return generator
 
     def forget(self, model: str) -> None:
         self.plans.pop(model, None)
 
-    def _measure(self, resolved: ResolvedModel, count: int) -> None:
-        """Measures (or reads the cached) quality cost of `count` shards, then shows it."""
-        key = (resolved.name, count)
+    def _measure(self, resolved: ResolvedModel, plan: ShardPlan) -> None:
+        """Measures (or reads the cached) quality cost of the split `plan`, then shows it (the
+        figure of a split no longer loaded is never shown for the one that replaced it)."""
+        model, count = resolved.name, plan.num_shards
+        key = (model, plan.fingerprint)
         if count < 2:
-            self.quality[resolved.name] = "one shard: the whole model, no loss"
+            self.quality[model] = (plan.fingerprint, "one shard: the whole model, no loss")
             return
         if key in self._measuring:
             return
         self._measuring.add(key)
 
-        def current() -> bool:  # still `count` shards (not split again while measuring)
-            loaded = self.loaded(resolved.name)
-            return loaded is not None and loaded.count == count
+        def current() -> bool:  # still this split (not split again while measuring)
+            entry = self.plans.get(model)
+            return entry is not None and entry[1].fingerprint == plan.fingerprint
 
         async def measure() -> None:
             try:
@@ -217,19 +220,24 @@ class IndependentShards:
                     "shard-quality",
                 )
                 if current():
-                    self.quality[resolved.name] = quality.describe()
-                    log.warning("%s: %s", resolved.name, quality.describe())
+                    self.quality[model] = (plan.fingerprint, quality.describe())
+                    log.warning("%s: %s", model, quality.describe())
             except Exception as exc:  # the mode works without the figure; say why it is missing
                 if current():
-                    self.quality[resolved.name] = f"quality not measured: {exc}"
-                log.warning(
-                    "%s: could not measure the shard mode's quality: %s", resolved.name, exc
-                )
+                    self.quality[model] = (plan.fingerprint, f"quality not measured: {exc}")
+                log.warning("%s: could not measure the shard mode's quality: %s", model, exc)
             finally:
                 self._measuring.discard(key)
                 self.experts.kick()
 
         self.experts.spawn(measure())
+
+    def quality_of(self, model: str) -> str:
+        """The quality line of the split loaded now ("measuring" until it is known)."""
+        entry, measured = self.plans.get(model), self.quality.get(model)
+        if entry is None or measured is None or measured[0] != entry[1].fingerprint:
+            return "measuring"
+        return measured[1]
 
     def status(self) -> list[dict[str, Any]]:
         """The "shards" section of the status document."""
@@ -251,7 +259,7 @@ class IndependentShards:
                     "experts_per_shard": [
                         min(map(len, plan.experts(i).values())) for i in range(plan.num_shards)
                     ],
-                    "quality": self.quality.get(model, "measuring"),
+                    "quality": self.quality_of(model),
                 }
             )
         return sections

@@ -3,9 +3,22 @@ split, against the scripted mesh of test_shard_loading."""
 
 from __future__ import annotations
 
+import asyncio
+import threading
+
+from mesh_node.expert_parallel import independent_shards
+from mesh_node.expert_parallel.coordinator import UNIFORM
 from mesh_node.expert_parallel.independent_shards import IndependentShards, ShardVariant
 from mesh_node.placement.shards import plan_shards
-from tests.expert_parallel.test_shard_loading import MODEL, Clock, ScriptedMesh, nodes_in_order
+from mesh_node.serving.hosting import HostingConfig
+from tests.expert_parallel.test_shard_loading import (
+    BUILTIN,
+    MODEL,
+    Clock,
+    ScriptedMesh,
+    nodes_in_order,
+)
+from tests.placement.test_shard_quality import fake_quality
 
 
 def test_the_section_names_the_split_its_core_and_every_shards_size():
@@ -29,3 +42,39 @@ def test_the_section_names_the_split_its_core_and_every_shards_size():
         assert set(section["core"][layer]) <= set(held)
         assert len(held) == section["experts_per_shard"][1]
     assert section["quality"] == "measuring"
+
+
+async def test_once_the_shards_split_again_the_old_splits_quality_is_not_shown(monkeypatch):
+    """Three shard nodes, then two: while the two-way split's cost is being measured, the
+    status says so, rather than the three-way split's figure beside the two-way split."""
+    first, me, third = nodes_in_order(3)
+    mesh = ScriptedMesh(me, Clock())
+    mesh.offers = {first: UNIFORM, me: UNIFORM, third: UNIFORM}
+    tasks: list[asyncio.Task] = []
+    mesh.spawn = lambda coro: tasks.append(asyncio.ensure_future(coro))
+    mesh.kick = lambda: None
+    two_way_measured = threading.Event()
+
+    def summary(path, count, **kwargs):
+        if count == 2:
+            assert two_way_measured.wait(30)
+        return fake_quality(count)
+
+    monkeypatch.setattr(independent_shards, "shard_quality_summary", summary)
+    shards = IndependentShards(mesh, enabled=True)
+    config = HostingConfig(device="cpu", max_seq_len=64)
+    (await shards.load(BUILTIN, config)).close()
+    async with asyncio.timeout(30):
+        await tasks[0]
+    assert shards.status()[0]["quality"].startswith("independent-shard mode: 3 shards")
+    del mesh.offers[third]
+    (await shards.load(BUILTIN, config)).close()
+    try:
+        (section,) = shards.status()
+        assert section["shards"] == 2
+        assert section["quality"] == "measuring"
+    finally:
+        two_way_measured.set()
+        async with asyncio.timeout(30):
+            await asyncio.gather(*tasks)
+    assert shards.status()[0]["quality"].startswith("independent-shard mode: 2 shards")
