@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from mesh_node.blocking import close_quietly, run_blocking
@@ -187,15 +188,18 @@ class IndependentShards:
             close_quietly,
         )
         self.plans[model] = (variant, plan)
-        self._measure(resolved, plan)
+        self._measure(resolved, plan, mass)
         return generator
 
     def forget(self, model: str) -> None:
         self.plans.pop(model, None)
 
-    def _measure(self, resolved: ResolvedModel, plan: ShardPlan) -> None:
-        """Measures (or reads the cached) quality cost of the split `plan`, then shows it (the
-        figure of a split no longer loaded is never shown for the one that replaced it)."""
+    def _measure(
+        self, resolved: ResolvedModel, plan: ShardPlan, mass: Mapping[int, Sequence[float]]
+    ) -> None:
+        """Measures (or reads the cached) quality cost of the split `plan`, planned from the
+        gate `mass` of the rankings in use, then shows it (the figure of a split no longer
+        loaded is never shown for the one that replaced it)."""
         model, count = resolved.name, plan.num_shards
         key = (model, plan.fingerprint)
         if count < 2:
@@ -216,6 +220,7 @@ class IndependentShards:
                         str(resolved.path),
                         count,
                         memory=probe_hardware(with_gpus=False).ram_free or None,
+                        gate_mass=mass,
                     ),
                     "shard-quality",
                 )

@@ -4,19 +4,21 @@
     log.info(quality.describe())
     # independent-shard mode: 3 shards, exact-match 60.5% vs 98.5% full (perplexity 1.91 vs 1.01)
 
-The measurement (`measure_shard_quality`): rank each layer's experts by gate mass over calibration
-prompts (training-split chat turns, `measure_expert_usage`), split them with `plan_shards`, load
-each shard as a node would (`LoadPlan(experts=plan.experts(s), restrict_router=True)`), and score
-it with `mesh_node.engine.evaluation` on held-out prompts: each shard on every prompt, and
-"routed": each prompt on the shard `shard_for_session` gives it (the prompt text is the session
-key), which is what users of the mesh get and the headline figure.
+The measurement (`measure_shard_quality`): rank each layer's experts by gate mass (a shard node
+passes the gate mass of the rankings it splits by, so the split measured is the one it loads;
+else over calibration prompts: training-split chat turns, `measure_expert_usage`), split them
+with `plan_shards`, load each shard as a node would (`LoadPlan(experts=plan.experts(s),
+restrict_router=True)`), and score it with `mesh_node.engine.evaluation` on held-out prompts:
+each shard on every prompt, and "routed": each prompt on the shard `shard_for_session` gives it
+(the prompt text is the session key), which is what users of the mesh get and the headline figure.
 
 Unlike the rest of placement this module runs the model (seconds for the built-in model on CPU,
 one load and evaluation per shard), so `shard_quality_summary` keeps results in
 `$XDG_CACHE_HOME/mesh-node/shard-quality/<key>.json` (default `~/.cache/...`), keyed by the model
-files (names, sizes, modification times) and every parameter of the measurement. The prompts are
-the built-in model's skills, so exact match is meaningful for models trained on them; for other
-models pass prompts with exact answers (`examples`) to `measure_shard_quality`.
+files (names, sizes, modification times) and every parameter of the measurement (a gate mass
+given included). The prompts are the built-in model's skills, so exact match is meaningful for
+models trained on them; for other models pass prompts with exact answers (`examples`) to
+`measure_shard_quality`.
 """
 
 from __future__ import annotations
@@ -219,13 +221,16 @@ def shard_quality_summary(
     cache_dir: str | Path | None = None,
     refresh: bool = False,
     memory: int | None = None,
+    gate_mass: Mapping[int, Sequence[float]] | None = None,
 ) -> ShardQuality:
     """The measured quality of independent-shard mode for `model` (None: the built-in model; a
     folder; a repo id in the local cache) split in `num_shards`: from the cache when this exact
     measurement was made before, else measured now (the caller runs it off the event loop) and
     cached. `describe()` gives the line to show the user. A measurement loads the whole model
     (to compare with): with `memory` (bytes free for it), one that needs more is refused with
-    MemoryError instead of made."""
+    MemoryError instead of made. `gate_mass` (layer -> each expert's): the usage the split is
+    planned from, as a shard node plans it (its rankings); by default the gate mass over
+    CALIBRATION_PROMPTS prompts (`expert_gate_mass`), which may rank the experts otherwise."""
     from mesh_node.engine.catalog import resolve_model
 
     resolved = resolve_model(model)
@@ -238,6 +243,10 @@ def shard_quality_summary(
         "per_skill": DEFAULT_PER_SKILL,
         "calibration": CALIBRATION_PROMPTS,
     }
+    if gate_mass is not None:
+        parameters["gate_mass"] = sorted(
+            (int(k), [float(m) for m in v]) for k, v in gate_mass.items()
+        )
     path = Path(cache_dir or cache_directory()) / f"{_cache_key(folder, parameters)}.json"
     if not refresh and path.is_file():
         try:
@@ -258,6 +267,7 @@ def shard_quality_summary(
         assignment=assignment,
         core_fraction=core_fraction,
         seed=seed,
+        gate_mass=gate_mass,
         model_name=resolved.name,
     )
     path.parent.mkdir(parents=True, exist_ok=True)

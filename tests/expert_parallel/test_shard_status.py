@@ -4,11 +4,15 @@ split, against the scripted mesh of test_shard_loading."""
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 
+from mesh_node.engine.evaluation import PromptScore, QualityReport
+from mesh_node.engine.loading import LoadPlan
 from mesh_node.expert_parallel import independent_shards
 from mesh_node.expert_parallel.coordinator import UNIFORM
 from mesh_node.expert_parallel.independent_shards import IndependentShards, ShardVariant
+from mesh_node.placement import shard_quality
 from mesh_node.placement.shards import plan_shards
 from mesh_node.serving.hosting import HostingConfig
 from tests.expert_parallel.test_shard_loading import (
@@ -78,3 +82,33 @@ async def test_once_the_shards_split_again_the_old_splits_quality_is_not_shown(m
         async with asyncio.timeout(30):
             await asyncio.gather(*tasks)
     assert shards.status()[0]["quality"].startswith("independent-shard mode: 2 shards")
+
+
+async def test_the_quality_shown_is_that_of_the_split_loaded(monkeypatch, tmp_path):
+    """A shard node splits by the leader's rankings (here none: every expert alike); the
+    figure it shows must be measured on that split, not on one planned from other usage
+    figures (the measurement's own calibration prompts rank the experts otherwise)."""
+    monkeypatch.setenv("MESH_NODE_CACHE", str(tmp_path))
+    scored: list[LoadPlan | None] = []
+
+    def evaluate(path, plan=None, examples=(), **kwargs):  # (the scores do not matter here)
+        scored.append(plan)
+        return QualityReport(tuple(examples), tuple(PromptScore(True, 0.1, 1) for _ in examples), 0)
+
+    monkeypatch.setattr(shard_quality, "evaluate_quality", evaluate)
+    first, me = nodes_in_order(2)
+    mesh = ScriptedMesh(me, Clock())
+    mesh.offers = {first: UNIFORM, me: UNIFORM}
+    tasks: list[asyncio.Task] = []
+    mesh.spawn = lambda coro: tasks.append(asyncio.ensure_future(coro))
+    mesh.kick = lambda: None
+    shards = IndependentShards(mesh, enabled=True)
+    (await shards.load(BUILTIN, HostingConfig(device="cpu", max_seq_len=64))).close()
+    async with asyncio.timeout(60):
+        await asyncio.gather(*tasks)
+    (section,) = shards.status()
+    assert section["quality"].startswith("independent-shard mode: 2 shards")
+    (entry,) = (tmp_path / "shard-quality").glob("*.json")
+    assert json.loads(entry.read_text())["plan_fingerprint"] == section["plan"]
+    held = {int(layer): tuple(ids) for layer, ids in section["experts"].items()}
+    assert held in [plan.experts for plan in scored if plan is not None]

@@ -99,3 +99,14 @@ def test_describe_shows_shard_and_full_exact_match():
     )
     assert ShardQuality.from_json(quality.to_json()) == quality
     assert round(quality.exact_match_loss, 3) == round(1 - 0.605 / 0.985, 3)
+
+
+def test_a_split_planned_from_other_gate_mass_is_measured_apart(calls):
+    """Another ranking of the experts is another split: its figure is not the cached one."""
+    hot_first = {0: [0.5, 0.3, 0.1, 0.1], 1: [0.4, 0.3, 0.2, 0.1]}
+    hot_last = {0: [0.1, 0.1, 0.3, 0.5], 1: [0.1, 0.2, 0.3, 0.4]}
+    shard_quality_summary(None, 2, gate_mass=hot_first)
+    shard_quality_summary(None, 2, gate_mass=hot_last)
+    shard_quality_summary(None, 2, gate_mass=dict(hot_first))
+    shard_quality_summary(None, 2)
+    assert calls == [2, 2, 2]
