@@ -23,8 +23,10 @@ models trained on them; for other models pass prompts with exact answers (`examp
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -50,6 +52,8 @@ from mesh_node.engine.loading import LoadPlan, load_model, resolve_dtype
 from mesh_node.engine.tokenizer import Tokenizer
 from mesh_node.placement.rankings import cache_root
 from mesh_node.placement.shards import ShardPlan, plan_shards, shard_for_session
+
+log = logging.getLogger(__name__)
 
 MEASUREMENT_VERSION = 1  # bump when what is measured changes: old cache entries are then unused
 CALIBRATION_PROMPTS = 200
@@ -251,8 +255,8 @@ def shard_quality_summary(
     if not refresh and path.is_file():
         try:
             return ShardQuality.from_json(json.loads(path.read_text()))
-        except (ValueError, KeyError, TypeError):
-            pass  # a damaged entry: measure again and overwrite it
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # a damaged or unreadable entry: measure again and overwrite it
     if memory is not None:
         needed = measurement_bytes(folder)
         if needed > memory:
@@ -270,8 +274,13 @@ def shard_quality_summary(
         gate_mass=gate_mass,
         model_name=resolved.name,
     )
-    path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(f".{os.getpid()}.tmp")
-    partial.write_text(json.dumps(quality.to_json(), indent=1))
-    partial.replace(path)  # atomic: a concurrent reader sees the old entry or the whole new one
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial.write_text(json.dumps(quality.to_json(), indent=1))
+        partial.replace(path)  # atomic: a concurrent reader sees the old entry or the whole new one
+    except OSError as exc:  # (read-only, full): the figure stands, measured again next time
+        log.warning("could not cache the shard mode's quality in %s: %s", path.parent, exc)
+        with contextlib.suppress(OSError):
+            partial.unlink(missing_ok=True)
     return quality

@@ -110,3 +110,14 @@ def test_a_split_planned_from_other_gate_mass_is_measured_apart(calls):
     shard_quality_summary(None, 2, gate_mass=dict(hot_first))
     shard_quality_summary(None, 2)
     assert calls == [2, 2, 2]
+
+
+def test_a_cache_that_cannot_be_written_costs_a_warning_not_the_measurement(
+    calls, tmp_path, caplog
+):
+    """(A read-only or full disk: the figure measured is still what the user is shown.)"""
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("")
+    quality = shard_quality_summary(None, 3, cache_dir=blocked)
+    assert quality == fake_quality(3)
+    assert "could not cache the shard mode's quality" in caplog.text
