@@ -184,6 +184,7 @@ class ExpertParallel:
         self._dropped: set[asyncio.Task[Any]] = set()  # calls cancelled: their peer is gone
         self.lanes: dict[str, ExpertLanes] = {}  # hosted model -> its express lanes
         self._other_checkpoints: set[tuple[str, NodeId, str, str]] = set()  # (said once each)
+        self._sharded_said: set[str] = set()  # models offered split here but served as shards
         handlers.on_request(RankingsRequest, self._serve_rankings)
         endpoint.on_disconnected.append(self._connection_closed)
 
@@ -250,8 +251,11 @@ class ExpertParallel:
         return args.sparse_layer_indices, args.moe.num_experts, expert_nbytes(args, dtype)
 
     def is_split(self, model: str) -> bool:
-        """Some live node offers `model` in expert-parallel mode."""
-        return any(i.expert_budget > 0 for _, i in self.offers_of(model))
+        """Some live node offers `model` in expert-parallel mode, and none as an independent
+        shard (that mode wins when both are offered: the shard nodes host it, see
+        Hosting.evaluate, and a split's plan would only hold experts no host calls)."""
+        offers = self.offers_of(model)
+        return any(i.expert_budget > 0 for _, i in offers) and not any(i.shard for _, i in offers)
 
     def _machine_of(self, node: NodeId) -> str:
         """The machine label a node gossips ("" when unknown)."""
@@ -380,7 +384,9 @@ class ExpertParallel:
         models &= set(self._shapes)
         for model in sorted(models):
             if not self.is_split(model):
+                changed |= self._unsplit(model)
                 continue
+            self._sharded_said.discard(model)
             changed |= self._plan(model)
             self._update_routes(model)
             self._share_cores(model)
@@ -389,6 +395,47 @@ class ExpertParallel:
         if changed:
             for callback in self._changed:
                 callback()
+
+    def _unsplit(self, model: str) -> bool:
+        """`model` is not split: when a node offering it as an independent shard made it so,
+        this node forgets the split's plan and gives up the experts it held for it, once the
+        split's host no longer serves it (its answers under way finish with them) and a load
+        under way here has ended (it looks again then). Whether anything changed."""
+        if not any(i.shard for _, i in self.offers_of(model)):
+            return False  # (no split offered any more: nothing planned, as before)
+        if model in self.offered and model not in self._sharded_said:
+            mine = next((i for n, i in self.offers_of(model) if n == self.node_id), None)
+            if mine is not None and mine.expert_budget > 0:
+                self._sharded_said.add(model)
+                log.warning(
+                    "%s is served in independent-shard mode (a node offers it with "
+                    "--moe-shards, which wins over --moe-split): this node holds none of its "
+                    "experts and hosts no shard of it",
+                    model,
+                )
+        entry = self.plans.get(model)
+        if entry is not None and self._serves(entry.plan.host, model):
+            return False  # (the host is draining: it unloads, then this node looks again)
+        changed = self.plans.pop(model, None) is not None
+        self._plan_errors.pop(model, None)
+        running = self._reconciling.get(model)
+        if self.service.held(model) and (running is None or running.done()):
+            self.service.replace(model, {})
+            self._publish_shards()
+            log.info("gave up the experts of %s: it is served in independent-shard mode", model)
+            changed = True
+        if changed:
+            self._publish_model(model, expert_plan="")
+        return changed
+
+    def _serves(self, node: NodeId, model: str) -> bool:
+        member = self.table.get(node)
+        return (
+            member is not None
+            and member.live
+            and member.state is not None
+            and model in member.state.models_served
+        )
 
     def _plan(self, model: str) -> bool:
         host = self.elected_host(model)

@@ -181,3 +181,35 @@ async def test_shard_nodes_without_room_for_the_whole_model_do_not_measure_it(
         quality = node.shards.status()[0]["quality"]
         assert quality.startswith("quality not measured: measuring it loads the whole model")
     assert not list(tmp_path.glob("shard-quality/*.json"))  # nothing measured, nothing cached
+
+
+async def test_a_split_node_in_a_mesh_of_shards_holds_no_experts(mesh, tmp_path, monkeypatch):
+    """--moe-shards wins over --moe-split (the shard nodes host the model): a --moe-split node
+    joining shard nodes plans no split (it loaded all the experts nobody called, and the shard
+    nodes cut their decode threads for its 'expert peers'); one that held a split's experts
+    when shard nodes came gives them up."""
+    monkeypatch.setenv("MESH_NODE_CACHE", str(tmp_path))
+    split = ExpertParallelConfig(enabled=True)
+    await mesh.add(experts=split)
+    peer = await mesh.add(experts=split)
+    await mesh.wait(lambda: peer.experts.service.held("builtin"), timeout=90)
+    shard = await mesh.add(experts=SHARDS)
+    late = await mesh.add(experts=split)
+
+    def sharded() -> bool:
+        return (
+            all(len(n.experts.offers_of("builtin")) == 4 for n in mesh.nodes)
+            and not any(n.experts.service.held("builtin") for n in mesh.nodes)
+            # the split's host has unloaded it: only the shard node serves it, as all see
+            and all(n.hosting.status()[0]["ready"] == [str(shard.node_id)] for n in mesh.nodes)
+        )
+
+    await mesh.wait(sharded, timeout=90)
+    for node in mesh.nodes:
+        assert not node.experts.is_split("builtin") and not node.experts.plans
+        assert not node.experts.status()
+    assert late.experts.service.held("builtin") == {}
+    generator = shard.local.generators["builtin"]
+    assert generator.decode_threads_override is None  # (no expert peers to share cores with)
+    text, _ = await answer(peer, chat("builtin", "What is 348 + 276?"))
+    assert text
