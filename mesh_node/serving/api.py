@@ -391,7 +391,9 @@ async def _openai_errors(request: web.Request, handler) -> web.StreamResponse:
     except ServingError as exc:
         if exc.status >= 500:
             log.info("%s %s -> %d: %s", request.method, request.path, exc.status, exc.message)
-        headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, Unauthorized) else None
+        headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, Unauthorized) else {}
+        if isinstance(exc, Overloaded):
+            headers["Retry-After"] = str(exc.retry_after)
         response = web.json_response(exc.body(), status=exc.status, headers=headers)
         if isinstance(exc, (UnreadableBody, RequestTooLarge, RequestTimeout)):
             response.force_close()  # the body's end is unknown: the connection cannot go on

@@ -113,6 +113,7 @@ class ModelNotFound(ServingError):
 
 class Overloaded(ServingError):
     status, type, code = 429, "rate_limit_error", "overloaded"
+    retry_after = 1  # seconds (the Retry-After header: clients that honour it wait so long)
 
 
 class NoHostAvailable(ServingError):

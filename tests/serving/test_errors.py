@@ -477,7 +477,7 @@ async def test_completions_beyond_the_in_flight_limit_are_answered_429(http):
             await backend.wait_active()
             await until(lambda: backend.active == 2, what="both requests held")
             async with http.post(server.url + CHAT, json={**body, "model": "echo"}) as refused:
-                assert refused.status == 429
+                assert refused.status == 429 and refused.headers["Retry-After"] == "1"
                 assert_error(await refused.json(), "rate_limit_error")
         finally:
             for request in held:
