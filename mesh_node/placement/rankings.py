@@ -563,18 +563,25 @@ def save_or_warn(rankings: ExpertRankings, cache_dir: Path | None = None) -> Non
 def save(rankings: ExpertRankings, cache_dir: Path | None = None) -> Path:
     """Writes the rankings to the cache atomically (temporary file, then rename)."""
     path = cache_path(rankings.fingerprint, rankings.kind, cache_dir)
+    write_atomically(path, rankings.to_bytes())
+    return path
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Writes a cache file so that a concurrent reader sees the old file or the whole new one
+    (a temporary file beside it, then a rename); makes its folder when missing. OSError when
+    the cache cannot be written (nothing is left behind)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(fd, "wb") as handle:
-            handle.write(rankings.to_bytes())
+            handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
-    return path
 
 
 def load_cached(

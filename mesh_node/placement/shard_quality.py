@@ -23,11 +23,9 @@ models trained on them; for other models pass prompts with exact answers (`examp
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
-import os
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -50,7 +48,7 @@ from mesh_node.engine.evaluation import (
 from mesh_node.engine.expert_usage import measure_expert_usage
 from mesh_node.engine.loading import LoadPlan, load_model, resolve_dtype
 from mesh_node.engine.tokenizer import Tokenizer
-from mesh_node.placement.rankings import cache_root
+from mesh_node.placement.rankings import cache_root, write_atomically
 from mesh_node.placement.shards import ShardPlan, plan_shards, shard_for_session
 
 log = logging.getLogger(__name__)
@@ -274,13 +272,8 @@ def shard_quality_summary(
         gate_mass=gate_mass,
         model_name=resolved.name,
     )
-    partial = path.with_suffix(f".{os.getpid()}.tmp")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial.write_text(json.dumps(quality.to_json(), indent=1))
-        partial.replace(path)  # atomic: a concurrent reader sees the old entry or the whole new one
+        write_atomically(path, json.dumps(quality.to_json(), indent=1).encode())
     except OSError as exc:  # (read-only, full): the figure stands, measured again next time
         log.warning("could not cache the shard mode's quality in %s: %s", path.parent, exc)
-        with contextlib.suppress(OSError):
-            partial.unlink(missing_ok=True)
     return quality

@@ -135,12 +135,16 @@ class OpenAIApi:
         self.body_timeout = body_timeout
         self.max_in_flight = max_in_flight
         self.write_timeout = write_timeout
-        self.in_flight = 0  # completions being read, generated or streamed now
-        self._serving: set[asyncio.Task] = set()  # the handlers of those completions
+        self._serving: set[asyncio.Task] = set()  # handlers of completions under way
         self._none_serving = asyncio.Event()
         self._none_serving.set()
         self._ending: set[asyncio.Task] = set()  # cancelled by end_completions, not yet answered
         self.created = int(time.time())  # the `created` of every model: when we started
+
+    @property
+    def in_flight(self) -> int:
+        """Completions being read, generated or streamed now."""
+        return len(self._serving)
 
     # -- models -------------------------------------------------------------------------------
 
@@ -173,7 +177,6 @@ class OpenAIApi:
                 f"{self.in_flight} requests are in progress on this node (at most "
                 f"{self.max_in_flight}): try again shortly"
             )
-        self.in_flight += 1
         task = asyncio.current_task()
         assert task is not None
         self._serving.add(task)
@@ -185,7 +188,6 @@ class OpenAIApi:
                 raise
             raise _shutting_down() from None
         finally:
-            self.in_flight -= 1
             self._serving.discard(task)
             self._ending.discard(task)
             if not self._serving:
@@ -392,7 +394,7 @@ async def _openai_errors(request: web.Request, handler) -> web.StreamResponse:
         if exc.status >= 500:
             log.info("%s %s -> %d: %s", request.method, request.path, exc.status, exc.message)
         headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, Unauthorized) else {}
-        if isinstance(exc, Overloaded):
+        if exc.retry_after is not None:
             headers["Retry-After"] = str(exc.retry_after)
         response = web.json_response(exc.body(), status=exc.status, headers=headers)
         if isinstance(exc, (UnreadableBody, RequestTooLarge, RequestTimeout)):

@@ -76,6 +76,7 @@ class ServingError(Exception):
     status = 500
     type = "server_error"
     code: str | None = None
+    retry_after: int | None = None  # seconds, sent as Retry-After (clients that honour it wait)
 
     def __init__(self, message: str, param: str | None = None):
         super().__init__(message)
@@ -113,7 +114,7 @@ class ModelNotFound(ServingError):
 
 class Overloaded(ServingError):
     status, type, code = 429, "rate_limit_error", "overloaded"
-    retry_after = 1  # seconds (the Retry-After header: clients that honour it wait so long)
+    retry_after = 1
 
 
 class NoHostAvailable(ServingError):

@@ -116,8 +116,9 @@ class ScriptedBackend:
     async def wait_idle(self, timeout: float = 2.0) -> None:
         await self._wait_until(lambda: self.active == 0, timeout)
 
-    async def wait_active(self, timeout: float = 5.0) -> None:
-        await self._wait_until(lambda: self.active > 0, timeout)
+    async def wait_active(self, timeout: float = 5.0, count: int = 1) -> None:
+        """Until `count` requests are under way (at least)."""
+        await self._wait_until(lambda: self.active >= count, timeout)
 
     async def _wait_until(self, predicate: Callable[[], bool], timeout: float) -> None:
         async with asyncio.timeout(timeout):

@@ -231,7 +231,7 @@ async def test_answers_still_running_when_the_grace_ends_get_a_clear_503(caplog)
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http:
             streamed = asyncio.ensure_future(ask(http, True))
             whole = asyncio.ensure_future(ask(http, False))
-            await backend._wait_until(lambda: backend.active == 2, timeout=5.0)
+            await backend.wait_active(count=2)
             with caplog.at_level(logging.WARNING, logger="mesh_node.http"):
                 await server.stop()
             assert "did not stop" not in caplog.text
