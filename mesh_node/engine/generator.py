@@ -12,8 +12,10 @@ one joining request, then one decode step for every running sequence together, s
 
 `submit` never blocks: it raises `OverloadedError` when `max_batch + max_queue` requests are already
 active or queued, and `GeneratorClosedError` after `close`. Tokenization and chat templating happen
-on a second thread (the tokenizer releases the GIL), so neither the caller's event loop nor the
-running requests wait for a long prompt to be read. A stream can be cancelled at any
+on two more threads (the tokenizer releases the GIL), so neither the caller's event loop nor the
+running requests wait for a long prompt to be read: one reads requests whose text is longer than
+`LARGE_INPUT_CHARS` (a 4 MB prompt takes seconds), the other the rest, each in arrival order, so
+a short request is not held behind a long one either. A stream can be cancelled at any
 time (`stream.cancel()`); the request leaves the batch before the next decode step.
 
 Failover: a request may carry `generated_ids`, tokens another host already produced after the same
@@ -51,6 +53,9 @@ from mesh_node.engine.tokenizer import TextStream, Tokenizer
 
 log = logging.getLogger(__name__)
 _request_numbers = itertools.count(1)
+# Requests with more characters of text than this are tokenized on a thread of their own (about
+# 30 ms of tokenizing here; a 4 MB body about 4 s), so short ones never queue behind them.
+LARGE_INPUT_CHARS = 32 * 1024
 
 
 class InvalidRequestError(EngineError, ValueError):
@@ -289,6 +294,37 @@ class _Sequence:
         self.released = False  # no longer counted toward the overload bound
 
 
+def _input_chars(request: GenerationRequest) -> int:
+    """About how much text the request gives the tokenizer (to pick its preparer)."""
+    if request.prompt is not None:
+        return len(request.prompt)
+    if request.messages is None:
+        return 0  # token ids: nothing to tokenize
+    total = 0
+    for message in request.messages:
+        content = message.get("content") if isinstance(message, Mapping) else None
+        if isinstance(content, str):
+            total += len(content)
+        elif isinstance(content, Sequence):
+            total += sum(
+                len(part["text"])
+                for part in content
+                if isinstance(part, Mapping) and isinstance(part.get("text"), str)
+            )
+    return total
+
+
+class _Preparer:
+    """A tokenizer thread's queue: requests not yet read, and the one it is reading."""
+
+    def __init__(self, lock: threading.RLock, name: str):
+        self.name = name
+        self.cond = threading.Condition(lock)  # its thread waits on it
+        self.inbox: collections.deque[_Sequence] = collections.deque()  # not yet tokenized
+        self.preparing: _Sequence | None = None
+        self.thread: threading.Thread | None = None
+
+
 @dataclass(frozen=True)
 class GeneratorStats:
     active: int
@@ -331,9 +367,8 @@ class Generator:
         self._wanted_threads: int | None = None  # set_decode_threads
         lock = threading.RLock()  # (as a bare Condition has)
         self._cond = threading.Condition(lock)  # the worker waits on it
-        self._inbox_cond = threading.Condition(lock)  # the preparer waits on it
-        self._inbox: collections.deque[_Sequence] = collections.deque()  # not yet tokenized
-        self._preparing: _Sequence | None = None
+        # short requests, long ones (LARGE_INPUT_CHARS)
+        self._preparers = (_Preparer(lock, f"{name}-tokenizer"), _Preparer(lock, f"{name}-reader"))
         self._prepared: collections.deque[_Sequence] = collections.deque()  # for the worker
         self._failure: BaseException | None = None  # what killed the worker
         self._cancels: set[RequestStream] = set()
@@ -358,10 +393,11 @@ class Generator:
         if self._setup_error is not None:
             self._thread.join()
             raise self._setup_error
-        self._preparer = threading.Thread(
-            target=self._prepare_loop, name=f"{name}-tokenizer", daemon=True
-        )
-        self._preparer.start()
+        for preparer in self._preparers:
+            preparer.thread = threading.Thread(
+                target=self._prepare_loop, args=(preparer,), name=preparer.name, daemon=True
+            )
+            preparer.thread.start()
 
     def _setup(self, model: Transformer, tokenizer: Tokenizer, max_seq_len: int | None) -> None:
         if model.embed_tokens is None or not model.has_head:
@@ -427,8 +463,9 @@ class Generator:
                     f"retry later or on another node"
                 )
             self._count += 1
-            self._inbox.append(sequence)
-            self._inbox_cond.notify()
+            preparer = self._preparers[_input_chars(request) > LARGE_INPUT_CHARS]
+            preparer.inbox.append(sequence)
+            preparer.cond.notify()
         return stream
 
     def generate(self, request: GenerationRequest) -> GenerationResult:
@@ -438,8 +475,10 @@ class Generator:
     def stats(self) -> GeneratorStats:
         with self._cond:
             queued = (
-                len(self._inbox)
-                + (self._preparing is not None and not self._preparing.released)
+                sum(
+                    len(p.inbox) + (p.preparing is not None and not p.preparing.released)
+                    for p in self._preparers
+                )
                 + len(self._prepared)
                 + len(self._waiting)
             )
@@ -478,12 +517,14 @@ class Generator:
         with self._cond:
             self._closed = True
             self._cond.notify()
-            self._inbox_cond.notify()
+            for preparer in self._preparers:
+                preparer.cond.notify()
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout)
-        preparer = getattr(self, "_preparer", None)
-        if preparer is not None and threading.current_thread() is not preparer:
-            preparer.join(timeout)
+        for preparer in self._preparers:
+            thread = preparer.thread
+            if thread is not None and threading.current_thread() is not thread:
+                thread.join(timeout)
 
     def __enter__(self) -> Generator:
         return self
@@ -521,13 +562,15 @@ class Generator:
             self._closed = True
             if died is not None:
                 self._died(died, "the engine worker")
-            # closed, or what died (the preparer fails the request it is reading with it)
+            # closed, or what died (a preparer fails the request it is reading with it)
             error = self._close_error
-            self._inbox_cond.notify()
-            pending = [*self._inbox, *self._prepared, *self._waiting, *self._decoding]
+            pending = [*self._prepared, *self._waiting, *self._decoding]
+            for preparer in self._preparers:
+                preparer.cond.notify()
+                pending.extend(preparer.inbox)
+                preparer.inbox.clear()
             if self._prefilling is not None:
                 pending.append(self._prefilling)
-            self._inbox.clear()
             self._prepared.clear()
             self._waiting.clear()
             self._decoding.clear()
@@ -664,19 +707,21 @@ class Generator:
             return False
         return True
 
-    def _prepare_loop(self) -> None:
-        """The preparer thread: tokenizes requests in arrival order and hands them to the
+    def _prepare_loop(self, preparer: _Preparer) -> None:
+        """A preparer thread: tokenizes its requests in arrival order and hands them to the
         worker; a request cancelled meanwhile ends here. Should it die, the generator is
         closed with `failure` set, as when the worker dies: no request waits for ever."""
         try:
-            self._prepare_requests()
+            self._prepare_requests(preparer)
         except BaseException as exc:
             log.exception("engine tokenizer thread died")
             with self._cond:
                 self._died(exc, "the engine's tokenizer thread")
                 self._closed = True
                 self._cond.notify()  # the worker fails every request left
-                preparing, self._preparing = self._preparing, None
+                for other in self._preparers:
+                    other.cond.notify()
+                preparing, preparer.preparing = preparer.preparing, None
             if preparing is not None:
                 self._fail(preparing, self._close_error)
 
@@ -687,14 +732,14 @@ class Generator:
             self._failure = exc
             self._close_error = GeneratorClosedError(f"{what} died: {exc!r}")
 
-    def _prepare_requests(self) -> None:
+    def _prepare_requests(self, preparer: _Preparer) -> None:
         while True:
             with self._cond:
-                while not self._closed and not self._inbox:
-                    self._inbox_cond.wait()
+                while not self._closed and not preparer.inbox:
+                    preparer.cond.wait()
                 if self._closed:
                     return
-                sequence = self._preparing = self._inbox.popleft()
+                sequence = preparer.preparing = preparer.inbox.popleft()
                 skip = sequence.stream._cancel_asked
             if skip:
                 ready = False
@@ -707,7 +752,7 @@ class Generator:
                     self._fail(sequence, EngineError(f"cannot prepare the request: {exc!r}"))
                     ready = False
             with self._cond:
-                self._preparing = None
+                preparer.preparing = None
                 closed, cancelled = self._closed, sequence.stream._cancel_asked
                 if ready and not closed and not cancelled:
                     self._prepared.append(sequence)

@@ -66,6 +66,51 @@ def test_running_requests_go_on_while_a_long_prompt_is_tokenized(llama):
         assert (generator.stats().active, generator.stats().queued) == (0, 0)
 
 
+class GatedLongTokenizer(GatedTokenizer):
+    """Reading a text longer than LARGE_INPUT_CHARS waits until the test opens the gate."""
+
+    def encode(self, text, add_special_tokens=True):
+        return super().encode(self._held(text), add_special_tokens)
+
+    def apply_chat_template(self, messages, **kwargs):
+        self._held(" ".join(m["content"] for m in messages))
+        return super().apply_chat_template(messages, **kwargs)
+
+    def _held(self, text):
+        if len(text) > generator_module.LARGE_INPUT_CHARS:
+            self.entered.set()
+            assert self.gate.wait(WAIT), "the test never opened the gate"
+        return text
+
+
+@pytest.mark.parametrize("chat", [False, True], ids=["prompt", "messages"])
+def test_short_requests_are_not_held_behind_a_long_prompt_being_tokenized(llama, chat):
+    folder, model = llama
+    tokenizer = GatedLongTokenizer(folder)
+    long_text = "word " * (generator_module.LARGE_INPUT_CHARS // 5 + 1)
+    asked = (
+        {"messages": [{"role": "user", "content": long_text}], "prompt_ids": None}
+        if chat
+        else {"prompt": long_text, "prompt_ids": None}
+    )
+    with Generator(model, tokenizer, max_batch=4) as generator:
+        expected = submit(generator, prompt="Hello wo", prompt_ids=None).result(WAIT)
+        long = submit(generator, **asked)
+        assert tokenizer.entered.wait(WAIT)
+        # a short text and a chat arrive after it and are answered while it is still read
+        short = submit(generator, prompt="Hello wo", prompt_ids=None)
+        assert short.result(WAIT).token_ids == expected.token_ids
+        chat_reply = submit(
+            generator, messages=[{"role": "user", "content": "hi"}], prompt_ids=None
+        )
+        assert chat_reply.result(WAIT).finish_reason == "length"
+        assert generator.stats().queued == 1  # the long one, still being read
+        tokenizer.gate.set()
+        with pytest.raises(EngineError, match="maximum context length is 128 tokens"):
+            long.result(WAIT)
+        assert (generator.stats().active, generator.stats().queued) == (0, 0)
+
+
 def test_closing_while_a_prompt_is_tokenized_fails_it_cleanly(llama):
     folder, model = llama
     tokenizer = GatedTokenizer(folder)
