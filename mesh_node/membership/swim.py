@@ -77,6 +77,11 @@ from mesh_node.transport.handshake import another_node
 log = logging.getLogger("mesh_node.membership")
 
 NACK_SHARE = 0.8  # of its probe timeout, a node asked to probe for another tries (see below)
+# A failed probe closes its connection as dead only when nothing at all came back on it
+# (not even a QUIC acknowledgement) while it waited this many round trips: a probe and the
+# resend of a lost one. Over a link whose round trip nears the probe timeout, a late
+# answer is not a dead connection (closing it ends the answers it carries).
+SILENT_RTTS = 3
 # claims of a view exchange checked between two turns of the event loop (~6 ms of signature
 # checks when all are new)
 CLAIMS_PER_SLICE = 32
@@ -601,8 +606,13 @@ class Membership:
                 probe = Probe(self._probe_seq, self.self_state.current.version, self._piggyback())
                 ack = await conn.request(probe, timeout=timeout)
         except (TransportError, TimeoutError, OSError):
-            if conn is not None and conn.is_open and self._loop.time() - conn.last_heard > timeout:
-                # silent for longer than a probe: perhaps a connection to a process that is
+            if (
+                conn is not None
+                and conn.is_open
+                and conn.last_heard <= started
+                and self._loop.time() - started >= SILENT_RTTS * (conn.rtt() or 0.0)
+            ):
+                # silent all through the probe: perhaps a connection to a process that is
                 # gone (the node may have restarted elsewhere); dial afresh next time
                 conn.close(ErrorCode.NO_ERROR, "no answer to probes")
             return False

@@ -290,7 +290,9 @@ class Connection:
         self.closed = asyncio.Event()
         self.close_code: int | None = None
         self.close_reason = ""
-        self.last_heard = asyncio.get_running_loop().time()  # loop time of the last data in
+        # loop time of the last data in (a carrier that sees packets, QUIC, also counts
+        # those holding only acknowledgements: the peer is there)
+        self.last_heard = asyncio.get_running_loop().time()
         # set when inbound data woke a task here: it answered one of our calls (a caller
         # resumes) or started a request's handler; a carrier clears it before handing over
         # a datagram's events and reads it after

@@ -295,7 +295,7 @@ class QuicCarrier(QuicConnectionProtocol):
         self._wrote = False
         self.connection.woke = False
         try:
-            now = self._loop.time()
+            now = self.connection.last_heard = self._loop.time()  # (acknowledgements count)
             space = self._space or self._app_space()
             # (cheap for the datagrams of a burst: an acknowledgement pending, none held)
             ack_before = None if space is None else space.ack_at

@@ -177,6 +177,28 @@ def test_views_stay_stable_without_false_deaths_on_a_lossy_slow_network():
     simulate(check, latency=0.04)
 
 
+def test_a_link_slower_than_a_probe_keeps_its_connections_and_no_node_dies():
+    """150 ms each way (RTT 300 ms, intercontinental) against a 250 ms probe timeout: direct
+    probes time out, but the peer is heard from all along, so no connection is closed as
+    silent (one carrying an answer would end it: WAN review saw answers restarted and a
+    healthy host declared dead, its connections closed again and again, the prober unable
+    to dial within a probe's time), and no node dies."""
+
+    async def check(mesh):
+        closed, deaths = [], []
+        for node in mesh.nodes:
+            node.endpoint.on_disconnected.append(lambda conn: closed.append(conn.close_reason))
+            node.membership.table.subscribe(
+                lambda m, what: deaths.append(m) if m.status == DEAD else None
+            )
+        await asyncio.sleep(60)
+        assert [r for r in closed if "no answer to probes" in r] == []
+        assert deaths == []
+        assert mesh.converged()
+
+    simulate(check, nodes=3, latency=0.15)
+
+
 @pytest.mark.parametrize("nodes", [2, 3])
 def test_small_meshes_detect_failures_too(nodes):
     async def check(mesh):
