@@ -260,7 +260,8 @@ class Gateway:
                 if total > self.config.max_failovers:
                     on = counted(len(failures), "host")
                     raise GenerationFailed(
-                        f"this request failed {counted(total, 'time')} (on {on}); giving up"
+                        f"this request failed {counted(total, 'time')} (on {on}); giving up "
+                        f"(the last: host {host.short} failed {where}: {exc})"
                     ) from None
                 # other hosts first; this one again later if it is still a member (a link
                 # that blipped for a second does not end the answer when it is the only host)
@@ -288,7 +289,7 @@ class Gateway:
             self.endpoint, self.table, host, timeout=self.config.connect_timeout
         )
         if conn is None:
-            raise HostFailed("host unreachable")
+            raise HostFailed("this node could not connect to it")
         async for delta in stream_from_host(conn, request, item_timeout=self.config.item_timeout):
             yield delta
 

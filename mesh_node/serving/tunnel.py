@@ -203,7 +203,7 @@ async def stream_from_host(
             raise _too_large(exc.message) from None
         raise HostFailed(str(exc)) from None
     except (TransportError, TimeoutError) as exc:
-        raise HostFailed(str(exc)) from None
+        raise HostFailed(str(exc) or "no answer in time") from None
 
 
 def _too_large(why: str) -> BadRequest:
