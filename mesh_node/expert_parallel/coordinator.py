@@ -747,11 +747,18 @@ class ExpertParallel:
 
     # ---- routes
     def _update_routes(self, model: str) -> None:
+        """Who this node's engine may call for each expert of `model`: the live nodes that
+        publish holding it, planned holders first, and only nodes whose copy of `model` is
+        this node's checkpoint (a node of another copy may still hold experts of a plan made
+        for a host of its own copy: its numbers would be another model's)."""
         routes = self.routes.setdefault(model, ExpertRoutes())
         entry = self.plans.get(model)
+        mine = _checkpoint_of(self.membership.self_state.current.models_on_disk, model)
         holders: dict[tuple[int, int], list[tuple[tuple[int, int, bytes], NodeId]]] = {}
         for member in self.table:
             if member.node_id == self.node_id or not member.live or member.state is None:
+                continue
+            if _checkpoint_of(member.state.models_on_disk, model) != mine:
                 continue
             for shard in member.state.expert_shards:
                 if shard.model != model:
@@ -1133,6 +1140,12 @@ class ExpertParallel:
             str(node): per_expert * sum(len(experts) for experts in layers.values())
             for node, layers in self._published(model).items()
         }
+
+
+def _checkpoint_of(infos: Sequence[ModelInfo], model: str) -> str | None:
+    """The checkpoint a node gossips for its copy of `model` (its first entry, as offers_of
+    reads it); None when it lists no such model."""
+    return next((i.checkpoint for i in infos if i.name == model), None)
 
 
 def _with(info: ModelInfo, **changes: Any) -> ModelInfo:

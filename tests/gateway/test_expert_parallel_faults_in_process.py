@@ -1,6 +1,7 @@
 """Expert parallelism across real nodes in one process (in-memory network, real engine), under
 faults: what the client gets when experts have no holder, a peer that stalls but stays
-alive, and a peer whose copy of the model is another checkpoint of the same name."""
+alive, and a peer whose copy of the model is another checkpoint of the same name (in the plan,
+or holding an old plan's experts when a host of another copy takes over)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,9 @@ from mesh_node.expert_parallel import service
 from mesh_node.expert_parallel.coordinator import ExpertParallelConfig
 from mesh_node.expert_parallel.dispatch import DispatchConfig
 from mesh_node.identity import NodeIdentity
+from mesh_node.placement.election import Election
 from mesh_node.serving.gateway import GatewayConfig
+from mesh_node.serving.hosting import HostingConfig
 from mesh_node.serving.requests import CompletionRequest, ExpertsMissing, ServingError
 from tests.gateway.mesh import answer, chat
 from tests.gateway.slow_model import build_random_checkpoint
@@ -112,6 +115,7 @@ def budget_of(observer, node) -> int:
 
 
 TWO_LAYERS = {**TINY_MOE, "num_hidden_layers": 2}
+NOBODY = Election("", (), ())
 
 
 async def test_a_peer_with_another_checkpoint_of_the_same_name_is_not_used(mesh, tmp_path):
@@ -155,3 +159,63 @@ async def test_a_peer_with_another_checkpoint_of_the_same_name_is_not_used(mesh,
     assert remote == 0
     other = next(n for n in mesh.nodes if n is not host)
     assert other.expert_service.held("tiny-moe") == {}
+
+
+async def test_a_new_host_calls_no_experts_an_old_plan_left_on_a_node_of_another_checkpoint(
+    mesh, tmp_path
+):
+    """Two nodes with one checkpoint of a model split it (the first hosts, the last holds
+    every expert); a node with another checkpoint of the same name joins, without an expert
+    budget. When the host leaves, the newcomer is elected (lower node id), and no plan fits
+    (the other copy's node is left out of it): the holder keeps the experts of its last plan
+    and publishes them. The new host must not count them as covering its model, nor call
+    them: its answers would be its trunk with another model's experts. It says the experts
+    have no holder instead."""
+    fast = DispatchConfig(holder_wait=2.0, call_timeout=5.0)
+    ours = build_random_checkpoint(tmp_path / "a", "tiny-moe", "qwen3_moe", 1, **TWO_LAYERS)
+    theirs = build_random_checkpoint(tmp_path / "b", "tiny-moe", "qwen3_moe", 2, **TWO_LAYERS)
+    first, newcomer, holder = sorted(
+        (NodeIdentity.generate() for _ in range(3)), key=lambda i: i.node_id
+    )
+    short = HostingConfig(cover_timeout=5.0)
+    old_host = await mesh.add(
+        identity=first,
+        models=[str(theirs)],
+        hosting=short,
+        experts=ExpertParallelConfig(enabled=False, dispatch=fast),
+        gateway=SHORT_HOST_WAIT,
+    )
+    holding = await mesh.add(
+        identity=holder,
+        models=[str(theirs)],
+        hosting=short,
+        experts=ExpertParallelConfig(enabled=True, memory=64 << 20, dispatch=fast),
+        gateway=SHORT_HOST_WAIT,
+    )
+    await mesh.wait(lambda: mesh.hosts_of("tiny-moe") == [old_host], timeout=60)
+    await mesh.wait(lambda: holding_one_plan(mesh.nodes, "tiny-moe"), timeout=60)
+    new_host = await mesh.add(
+        identity=newcomer,
+        models=[str(ours)],
+        hosting=short,
+        experts=ExpertParallelConfig(enabled=False, dispatch=fast),
+        gateway=SHORT_HOST_WAIT,
+    )
+    await mesh.wait(
+        lambda: getattr(holding.membership.table.get(newcomer.node_id), "state", None) is not None
+    )
+    await old_host.stop()
+    mesh.nodes.remove(old_host)
+    hosting = new_host.hosting
+    await mesh.wait(lambda: hosting.elections.get("tiny-moe", NOBODY).hosts == (newcomer.node_id,))
+    await mesh.wait(lambda: "tiny-moe" in new_host.experts.errors)  # no plan fits
+    assert holding.expert_service.held("tiny-moe")  # (the old plan's experts, still published)
+    assert new_host.experts.coverage("tiny-moe"), "another checkpoint's experts count as held"
+    request = CompletionRequest(
+        model="tiny-moe", request_id="mixed", prompt="Hello there", sampling=SamplingParams()
+    )
+    with pytest.raises(ServingError):
+        async with asyncio.timeout(60):
+            await answer(new_host, request)
+    stats = new_host.experts.stats.get("tiny-moe")
+    assert stats is None or stats.remote_calls == 0, "it called another checkpoint's experts"
