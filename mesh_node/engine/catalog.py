@@ -53,12 +53,19 @@ def resolve_model(
                 f"{path} has no config.json; point --model at a Hugging Face model folder "
                 f"(config.json, *.safetensors, tokenizer files)"
             )
-        return ResolvedModel(path.name, path.resolve(), "local")
+        return ResolvedModel(folder_name(path), path.resolve(), "local")
     if not REPO_ID.match(text) or text.startswith((".", "/", "~")):
         raise ModelNotFoundError(
             f"{text!r} is neither an existing folder nor a Hugging Face repo id (owner/name)"
         )
     return _from_hub(text, cache_dir, allow_download)
+
+
+def folder_name(path: Path) -> str:
+    """The name of the model in folder `path`: the folder's as given, `.` and `..` taken away
+    (`--model .` in a model's folder would name it "", which no request can ask for); a link's
+    own name, not its target's."""
+    return Path(os.path.abspath(path)).name
 
 
 def hf_cache_folder(cache_dir: str | os.PathLike[str] | None = None) -> Path:
@@ -190,7 +197,7 @@ def list_local_models(
     for folder in folders:
         path = Path(folder).expanduser()
         if (path / "config.json").is_file():
-            models.append(describe_model(path.name, path, "local"))
+            models.append(describe_model(folder_name(path), path, "local"))
         elif path.is_dir():
             for child in sorted(p for p in path.iterdir() if (p / "config.json").is_file()):
                 models.append(describe_model(child.name, child, "local"))

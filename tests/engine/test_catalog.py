@@ -42,6 +42,27 @@ def test_local_folder(references):
     assert resolved.source == "local" and resolved.path == folder.resolve()
 
 
+def test_a_folder_given_as_dot_or_through_dot_dot_is_named_by_the_folder(
+    references, tmp_path, monkeypatch
+):
+    """`--model .` in a model's folder (or `model/sub/..`) names the model by that folder, as
+    `--model /path/to/model` would (and `mesh-node models --path .` lists it so): a model named
+    "" (or "..") could not be asked for (the API requires a non-empty model) and would list as
+    such in /v1/models. A link keeps its own name (the name the user gave it)."""
+    folder, _ = references.get("mixtral")
+    monkeypatch.chdir(folder)
+    assert resolve_model(".").name == folder.name
+    assert resolve_model("./").name == folder.name
+    listed = list_local_models(["."], include_hf_cache=False)
+    assert [m.name for m in listed if m.source == "local"] == [folder.name]
+    (tmp_path / "sub").mkdir()
+    monkeypatch.chdir(tmp_path / "sub")
+    (tmp_path / "tiny").symlink_to(folder)
+    assert resolve_model("../tiny").name == "tiny"
+    assert resolve_model("../tiny/.").name == "tiny"
+    assert resolve_model(str(tmp_path / "sub" / ".." / "tiny")).name == "tiny"
+
+
 def test_folder_without_config_and_nonsense(tmp_path):
     with pytest.raises(ModelNotFoundError, match=r"has no config\.json"):
         resolve_model(tmp_path)
