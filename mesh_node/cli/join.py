@@ -108,8 +108,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         help="expert parallelism: offer this node's Mixture-of-Experts models split across the "
         "mesh, each node holding a share of the experts in proportion to its memory (exact: "
         "same output as one node holding everything). A model is split when any node offers "
-        "it so; start every node of the mesh with the same --dtype (named, when GPUs and CPUs "
-        "mix: auto picks by device)",
+        "it so (if the memory offered cannot hold its experts within 10 minutes, its host "
+        "runs it whole where it has room); start every node of the mesh with the same --dtype "
+        "(named, when GPUs and CPUs mix: auto picks by device)",
     )
     parser.add_argument(
         "--moe-shards",

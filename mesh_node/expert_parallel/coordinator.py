@@ -450,29 +450,9 @@ class ExpertParallel:
             if why is not None:  # (shown in the status; cleared once a plan is made)
                 self._plan_errors[model] = f"cannot get the host's expert rankings: {why}"
             return False
-        trunk = host_info.trunk_bytes
         others = {n for n, i in infos if i.checkpoint != host_info.checkpoint}
         self._say_other_checkpoints(model, host_info.checkpoint, others, dict(infos))
-        offers = tuple(
-            sorted(
-                (
-                    PeerOffer(
-                        node,
-                        planned_budget(max(0, i.expert_budget - (trunk if node == host else 0))),
-                        self._machine_of(node),
-                    )
-                    for node, i in infos
-                    if i.expert_budget > 0 and self.participates(node) and node not in others
-                ),
-                key=lambda o: o.node_id,
-            )
-        )
-        if host not in {o.node_id for o in offers}:
-            offers = tuple(
-                sorted(
-                    (*offers, PeerOffer(host, 0, self._machine_of(host))), key=lambda o: o.node_id
-                )
-            )
+        offers = self._offers(host, host_info, infos)
         current = self.plans.get(model)
         if current is not None and current.inputs == (host, offers, digest):
             # (the offers are rounded: a budget that moved a little moves nothing; inputs that
@@ -501,6 +481,47 @@ class ExpertParallel:
             plan.bytes_of(self.node_id),
         )
         return True
+
+    def _offers(
+        self, host: NodeId, host_info: ModelInfo, infos: list[tuple[NodeId, ModelInfo]]
+    ) -> tuple[PeerOffer, ...]:
+        """The plan's offers (PROTOCOL.md): the participating nodes offering a budget for the
+        host's checkpoint, the host's less its trunk, and the host itself (budget 0 if none)."""
+        trunk = host_info.trunk_bytes
+        offers = [
+            PeerOffer(
+                node,
+                planned_budget(max(0, i.expert_budget - (trunk if node == host else 0))),
+                self._machine_of(node),
+            )
+            for node, i in infos
+            if i.expert_budget > 0
+            and self.participates(node)
+            and i.checkpoint == host_info.checkpoint
+        ]
+        if host not in {o.node_id for o in offers}:
+            offers.append(PeerOffer(host, 0, self._machine_of(host)))
+        return tuple(sorted(offers, key=lambda o: o.node_id))
+
+    def lacking_room(self, model: str) -> str | None:
+        """Why no plan can place the experts of `model` with this node as its host (the
+        offers together cannot hold each of them once, as step 1 of plan_experts finds;
+        no rankings needed); None when they can, or when this node does not offer `model`."""
+        infos = self.offers_of(model)
+        mine = next((i for n, i in infos if n == self.node_id), None)
+        shape = self._shapes.get(model)
+        if mine is None or shape is None:
+            return None
+        layers, num_experts, expert_bytes = shape
+        offers = self._offers(self.node_id, mine, infos)
+        held = sum(o.budget // expert_bytes for o in offers)
+        needed = len(layers) * num_experts
+        if held >= needed:
+            return None
+        return (
+            f"the nodes offering memory for its experts (--moe-split) have room for "
+            f"{held} of its {needed} experts"
+        )
 
     def _say_other_checkpoints(self, model, host_copy: str, others: set[NodeId], infos) -> None:
         """Log, once per node and copy, a node whose copy of `model` is another checkpoint than

@@ -27,6 +27,7 @@ from fractions import Fraction
 from mesh_node.identity import NodeId
 
 GIB = 1 << 30
+HEADROOM = 1.1  # a host needs free memory of at least this many times the model's bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,7 +72,7 @@ def elect(
     model: str,
     nodes: Iterable[NodeView],
     *,
-    headroom: float = 1.1,
+    headroom: float = HEADROOM,
     busy_inflight: float = 4.0,
     idle_inflight: float = 1.0,
     max_hosts: int | None = None,

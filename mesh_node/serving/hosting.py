@@ -11,6 +11,7 @@ tokens/s) is published every few seconds while it changes.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -29,7 +30,7 @@ from mesh_node.expert_parallel.independent_shards import IndependentShards
 from mesh_node.membership.messages import Load, ModelInfo
 from mesh_node.membership.swim import Membership
 from mesh_node.membership.table import CONTACT, PeerTable
-from mesh_node.placement.election import Election, NodeView, elect
+from mesh_node.placement.election import HEADROOM, Election, NodeView, elect, fits
 from mesh_node.placement.rankings import checkpoint_fingerprint
 from mesh_node.serving.local import LocalModels
 
@@ -352,11 +353,38 @@ class Hosting:
             assert self.shards is not None
             return await self.shards.load(resolved, self.config), False
         if self._split(model):
-            return await self._load_split(resolved), True
+            assert self.experts is not None
+            try:
+                return await self._load_split(resolved), True
+            except _NotCovered:
+                # more memory may still come (nodes joining), so the host waited cover_timeout;
+                # when no plan can hold the experts even so, it runs the whole model if it has
+                # room, rather than wait again and again while the model is served nowhere
+                lacking = self.experts.lacking_room(model)
+                if lacking is None or not self._room_for_whole(model):
+                    raise
+                log.warning(
+                    "%s: %s (after waiting %.0f s for more): hosting it whole here",
+                    model,
+                    lacking,
+                    self.config.cover_timeout,
+                )
         generator = await run_blocking(
             lambda: self._load_generator(resolved, self.config), "model-load", close_quietly
         )
         return generator, False
+
+    def _room_for_whole(self, model: str) -> bool:
+        """This node has room for the whole of `model` (not just the trunk a split model's
+        host loads), by the election's measure."""
+        me = next((v for v in node_views(self.membership.table) if v.node_id == self.node_id), None)
+        info = next(
+            (i for i in self.membership.self_state.current.models_on_disk if i.name == model), None
+        )
+        if me is None or info is None:
+            return False
+        whole = dataclasses.replace(me, models_on_disk={model: info.bytes})
+        return fits(whole, model, HEADROOM)
 
     async def _load(self, model: str) -> None:
         split = self._split(model)

@@ -170,10 +170,12 @@ async def test_a_new_host_calls_no_experts_an_old_plan_left_on_a_node_of_another
     (the other copy's node is left out of it): the holder keeps the experts of its last plan
     and publishes them. The new host must not count them as covering its model, nor call
     them: its answers would be its trunk with another model's experts. It says the experts
-    have no holder instead."""
+    have no holder instead (and then hosts its own copy whole)."""
     fast = DispatchConfig(holder_wait=2.0, call_timeout=5.0)
     ours = build_random_checkpoint(tmp_path / "a", "tiny-moe", "qwen3_moe", 1, **TWO_LAYERS)
     theirs = build_random_checkpoint(tmp_path / "b", "tiny-moe", "qwen3_moe", 2, **TWO_LAYERS)
+    with Generator.from_pretrained(str(ours), device="cpu") as alone:
+        expected = alone.generate(GenerationRequest(prompt="Hello there")).text
     first, newcomer, holder = sorted(
         (NodeIdentity.generate() for _ in range(3)), key=lambda i: i.node_id
     )
@@ -214,8 +216,11 @@ async def test_a_new_host_calls_no_experts_an_old_plan_left_on_a_node_of_another
     request = CompletionRequest(
         model="tiny-moe", request_id="mixed", prompt="Hello there", sampling=SamplingParams()
     )
-    with pytest.raises(ServingError):
+    try:  # (an error, or once the host gave up waiting for holders, its own model whole)
         async with asyncio.timeout(60):
-            await answer(new_host, request)
+            text, _ = await answer(new_host, request)
+        assert text == expected
+    except ServingError:
+        pass
     stats = new_host.experts.stats.get("tiny-moe")
     assert stats is None or stats.remote_calls == 0, "it called another checkpoint's experts"

@@ -427,12 +427,42 @@ async def test_a_split_models_host_loads_the_whole_model_once_its_expert_holders
     assert text == "624"
 
 
-async def test_a_host_whose_experts_find_no_holders_in_time_keeps_offering_and_retries(mesh):
-    """Too little memory in the mesh for the experts at first: the elected host gives up after
-    cover_timeout, but keeps offering the model (and its budget); once enough memory joins,
-    the model is served. (Before, it withdrew the model from the mesh until a restart.)"""
+async def test_a_split_whose_offers_cannot_hold_the_experts_is_hosted_whole_where_it_fits(mesh):
+    """One node offers the built-in model split (--moe-split) with room for 2 of its 32
+    experts; the other, without the flag, has room for the whole model. The model is split
+    (a node offers it so), but no plan fits: once the elected host has waited cover_timeout
+    for more memory, it hosts the whole model (before, it waited again, for ever: the model was
+    served nowhere while a node had room for all of it)."""
     from mesh_node.serving.hosting import HostingConfig
 
+    short = HostingConfig(cover_timeout=3.0)
+    low, high = _by_node_id(2)
+    host = await mesh.add(identity=low, hosting=short)
+    weak = await mesh.add(
+        identity=high, hosting=short, experts=ExpertParallelConfig(enabled=True, memory=1 << 20)
+    )
+    await mesh.wait(lambda: mesh.hosts_of("builtin") == [host], timeout=30)
+    assert host.experts.is_split("builtin")
+    async with asyncio.timeout(30):
+        text, _ = await answer(weak, chat("builtin", "What is 348 + 276?"))
+    assert text == "624"
+    assert weak.expert_service.held("builtin") == {}
+
+
+async def test_a_host_whose_experts_find_no_holders_in_time_keeps_offering_and_retries(
+    mesh, monkeypatch
+):
+    """Too little memory in the mesh for the experts at first (and on the host for the whole
+    model: 8 MiB free, the model 13.7 MB): the elected host gives up after cover_timeout, but
+    keeps offering the model (and its budget); once enough memory joins, the model is served.
+    (Before, it withdrew the model from the mesh until a restart.)"""
+    from mesh_node import node as node_module
+    from mesh_node.membership.messages import Hardware
+    from mesh_node.serving.hosting import HostingConfig
+
+    monkeypatch.setattr(
+        node_module, "probe_hardware", lambda with_gpus=True: Hardware(2, 1 << 30, 8 << 20)
+    )
     short = HostingConfig(cover_timeout=3.0)
     low, high = _by_node_id(2)
     first = await mesh.add(
