@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import subprocess
 import sys
 
 import pytest
 
-from mesh_node.cli.arguments import byte_size
+from mesh_node.cli.arguments import byte_size, host_port, listen_host
 
 # flags that keep a node on loopback, should a check that ought to refuse the command regress
 # and let it start (ports picked by the system; no mDNS; no API or console)
@@ -38,6 +39,65 @@ def test_sizes_parse_with_binary_and_decimal_units(text, size):
 def test_bad_sizes_say_what_a_size_looks_like(text):
     with pytest.raises(argparse.ArgumentTypeError, match="size"):
         byte_size(text)
+
+
+@pytest.mark.parametrize(
+    ("text", "address"),
+    [
+        ("node-a:7300", ("node-a", 7300)),
+        ("10.0.0.2:1", ("10.0.0.2", 1)),
+        ("[fd00::1]:7300", ("fd00::1", 7300)),
+        ("[fe80::1%eth0]:65535", ("fe80::1%eth0", 65535)),
+    ],
+)
+def test_peer_addresses_parse(text, address):
+    assert host_port(text) == address
+
+
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        ("fd00::1:7300", "put an IPv6 address in brackets"),  # (was read as [fd00::1]:7300)
+        ("fd00::1", "put an IPv6 address in brackets"),  # (was read as [fd00:]:1)
+        ("[fd00::1]x:7300", "must be [IPv6]:PORT"),
+        ("[10.0.0.2]:7300", "must be [IPv6]:PORT"),
+        ("[]:7300", "must be [IPv6]:PORT"),
+        ("[fd00::1:7300", "must be [IPv6]:PORT"),
+        ("node-a", "must be HOST:PORT"),
+        (":7300", "must be HOST:PORT"),
+        ("node-a:0", "out of range (1-65535)"),
+        ("node-a:70000", "outside 0-65535"),
+        ("host name:7300", "not an IP address or host name"),
+        ("bad!host:7300", "not an IP address or host name"),
+    ],
+)
+def test_peer_addresses_that_cannot_be_dialed_are_refused_with_the_reason(text, says):
+    """Such a --peer was dialed and failed later with a misleading hint ('a firewall drops
+    QUIC silently'); such an --advertise stopped the node with a traceback."""
+    with pytest.raises(argparse.ArgumentTypeError, match=re.escape(says)):
+        host_port(text)
+
+
+def test_listen_hosts_take_ipv6_in_brackets_too():
+    assert listen_host("[::1]") == listen_host("::1") == "::1"
+    assert listen_host("0.0.0.0") == "0.0.0.0" and listen_host("node-a") == "node-a"
+    with pytest.raises(argparse.ArgumentTypeError, match="not an IP address or host name"):
+        listen_host("bad!host")
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [["--advertise", "fd00::1"], ["--advertise", "[::1]:0"], ["--api-host", "[::1"]],
+)
+def test_join_refuses_addresses_it_cannot_use_before_starting(flags):
+    result = subprocess.run(
+        [sys.executable, "-m", "mesh_node", "join", MESH_ID, "--ephemeral", *CONFINED, *flags],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert "Traceback" not in result.stderr, result.stderr[-600:]
+    assert result.returncode == 2 and f"argument {flags[0]}" in result.stderr
 
 
 def test_join_refuses_split_and_shards_together():

@@ -6,6 +6,8 @@ import argparse
 import ipaddress
 import re
 
+from mesh_node.transport.addresses import host_error, port_error
+
 
 def port_number(text: str) -> int:
     try:
@@ -18,13 +20,40 @@ def port_number(text: str) -> int:
 
 
 def host_port(text: str) -> tuple[str, int]:
-    """'HOST:PORT' or '[v6]:PORT' -> (host, port)."""
-    host, sep, port = text.rpartition(":")
-    if not sep or not host:
-        raise argparse.ArgumentTypeError(f"{text!r} must be HOST:PORT")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    return host, port_number(port)
+    """'HOST:PORT' or '[IPv6]:PORT' -> (host, port), an address one can dial: an IP address or
+    a host name, an IPv6 address in brackets (a zone too: '[fe80::1%eth0]:7300'), a port in
+    1-65535."""
+    if text.startswith("["):
+        host, sep, port = text[1:].partition("]:")
+        try:
+            ipaddress.IPv6Address(host if sep else "")
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} must be [IPv6]:PORT, e.g. [fd00::1]:7300"
+            ) from None
+    else:
+        host, sep, port = text.rpartition(":")
+        if ":" in host:
+            raise argparse.ArgumentTypeError(
+                f"{text!r}: put an IPv6 address in brackets, e.g. [fd00::1]:7300"
+            )
+        if not sep or not host:
+            raise argparse.ArgumentTypeError(f"{text!r} must be HOST:PORT")
+    number = port_number(port)
+    problem = port_error(number) or host_error(host)
+    if problem:
+        raise argparse.ArgumentTypeError(f"{text!r}: {problem}")
+    return host, number
+
+
+def listen_host(text: str) -> str:
+    """An address to listen on: an IP address literal (IPv6 with or without brackets) or a
+    host name."""
+    host = text[1:-1] if text.startswith("[") and text.endswith("]") else text
+    problem = host_error(host)
+    if problem:
+        raise argparse.ArgumentTypeError(problem)
+    return host
 
 
 def ipv4_address(text: str) -> str:

@@ -9,7 +9,14 @@ import os
 import sys
 from pathlib import Path
 
-from mesh_node.cli.arguments import byte_size, host_name, host_port, ipv4_address, port_number
+from mesh_node.cli.arguments import (
+    byte_size,
+    host_name,
+    host_port,
+    ipv4_address,
+    listen_host,
+    port_number,
+)
 from mesh_node.engine.catalog import check_cache_folder
 from mesh_node.engine.errors import EngineError
 from mesh_node.expert_parallel.coordinator import ExpertParallelConfig
@@ -48,8 +55,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         action="append",
         type=host_port,
         default=[],
-        help="address of a node already in the mesh to join through (repeatable); "
-        "needed where LAN discovery (mDNS) cannot reach",
+        help="address of a node already in the mesh to join through (repeatable; an IPv6 "
+        "address in brackets: [fd00::1]:7300); needed where LAN discovery (mDNS) cannot reach",
     )
     parser.add_argument(
         "--port",
@@ -60,6 +67,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument(
         "--host",
         default="0.0.0.0",
+        type=listen_host,
         help="address to listen on (default: %(default)s, all IPv4 interfaces)",
     )
     parser.add_argument(
@@ -158,6 +166,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument(
         "--api-host",
         default="127.0.0.1",
+        type=listen_host,
         help="address the API listens on (default: %(default)s, this machine only; use "
         "0.0.0.0 to serve the LAN, ideally with --api-key)",
     )
@@ -178,6 +187,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument(
         "--console-host",
         default="127.0.0.1",
+        type=listen_host,
         help="address the console listens on (default: %(default)s, this machine only; the "
         "console has no authentication, so expose it only on trusted networks)",
     )
