@@ -22,7 +22,12 @@ from mesh_node.expert_parallel.coordinator import ExpertParallel, ExpertParallel
 from mesh_node.expert_parallel.independent_shards import IndependentShards
 from mesh_node.expert_parallel.service import ExpertService
 from mesh_node.identity import MeshSecret, NodeId, NodeIdentity, default_home
-from mesh_node.membership.discovery import DiscoveryDialer, MdnsDiscovery, local_ipv4_addresses
+from mesh_node.membership.discovery import (
+    DiscoveryDialer,
+    MdnsDiscovery,
+    local_ipv4_addresses,
+    local_ipv6_addresses,
+)
 from mesh_node.membership.messages import Address
 from mesh_node.membership.state import SelfState, machine_id, probe_hardware
 from mesh_node.membership.swim import Membership, MembershipConfig
@@ -137,9 +142,18 @@ class Node:
         port = self.endpoint.port
         if self.config.advertise:
             return [Address(h, p) for h, p in self.config.advertise]
-        if self.endpoint.host not in ("0.0.0.0", "::", ""):
-            return [Address(self.endpoint.host, port)]
-        found = local_ipv4_addresses() or ["127.0.0.1"]
+        host = self.endpoint.host
+        if host not in ("0.0.0.0", "::", ""):
+            return [Address(host, port)]
+        found = local_ipv4_addresses()
+        if host == "::":  # (IPv4 too: on Linux an IPv6 socket on all interfaces takes both)
+            found += local_ipv6_addresses()
+        if not found and host != "::" and local_ipv6_addresses():
+            log.warning(
+                "this machine has no IPv4 address but IPv6 ones, and this node listens on "
+                "IPv4 only: other machines cannot reach it (listen on IPv6 with --host ::)"
+            )
+        found = found or ["::1" if host == "::" else "127.0.0.1"]
         return [Address(ip, port) for ip in found[:8]]
 
     async def start(self) -> None:

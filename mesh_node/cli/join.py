@@ -68,7 +68,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "--host",
         default="0.0.0.0",
         type=listen_host,
-        help="address to listen on (default: %(default)s, all IPv4 interfaces)",
+        help="address to listen on (default: %(default)s, all IPv4 interfaces; :: for all "
+        "IPv6 and IPv4 interfaces, e.g. on a machine with IPv6 addresses only)",
     )
     parser.add_argument(
         "--model",
@@ -155,7 +156,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         default=[],
         help="address peers should use to reach this node (repeatable; default: the --host "
         "address, or when listening on all interfaces up to 8 of this machine's IPv4 "
-        "addresses, with the port bound); set it behind NAT or in containers",
+        "addresses, then with --host :: its global and unique-local IPv6 ones, with the port "
+        "bound); set it behind NAT or in containers",
     )
     parser.add_argument(
         "--api-port",

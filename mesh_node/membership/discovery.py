@@ -272,3 +272,19 @@ def local_ipv4_addresses() -> list[str]:
             if isinstance(ip.ip, str) and not ip.ip.startswith("127."):
                 found.append(ip.ip)
     return sorted(set(found))
+
+
+def local_ipv6_addresses() -> list[str]:
+    """This machine's IPv6 addresses that a peer can dial as they are: global and unique-local
+    ones, not loopback, nor link-local (fe80::/10 needs the zone of the peer's own interface,
+    which only the peer knows)."""
+    import ifaddr
+
+    found = set()
+    for adapter in ifaddr.get_adapters():
+        for ip in adapter.ips:
+            if isinstance(ip.ip, tuple):  # (address, flowinfo, scope id)
+                address = ipaddress.IPv6Address(ip.ip[0].split("%")[0])
+                if not (address.is_loopback or address.is_link_local or address.is_multicast):
+                    found.add(address)
+    return [str(a) for a in sorted(found)]

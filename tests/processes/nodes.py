@@ -74,7 +74,7 @@ class NodeProcess:
                     raise RuntimeError(f"node exited early: {''.join(self.stderr_lines)}")
                 if m := re.match(r"node \w+\s+\((\w{52})\)", line):
                     self.node_id = NodeId.parse(m.group(1))
-                if m := re.match(r"listening on udp [\d.]+:(\d+)", line):
+                if m := re.match(r"listening on udp \S+:(\d+)", line):
                     self.port = int(m.group(1))
                 if m := re.match(r"console on (\S+)", line):
                     self.console_url = m.group(1)

@@ -1,0 +1,79 @@
+"""Addresses beyond one IPv4 loopback: nodes in network namespaces on a private bridge with
+IPv6 addresses only, joining through bracketed --peer addresses."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from mesh_node.identity import new_mesh_id
+from tests.processes.nodes import NodeProcess, stop_all
+
+needs_netns = pytest.mark.skipif(
+    os.geteuid() != 0 or not shutil.which("ip") or not sys.platform.startswith("linux"),
+    reason="network namespaces need root and ip",
+)
+
+
+def ip(*args: str, check: bool = True) -> None:
+    subprocess.run(["ip", *args], check=check, capture_output=True, timeout=10)
+
+
+@contextlib.contextmanager
+def bridged_namespaces(addresses: list[str]):
+    """A fresh network namespace per address (given with its prefix, e.g. 'fd00::1/64'), each
+    joined by a veth pair to a bridge in one more namespace of its own; all removed afterwards.
+    Nothing is added to the test's own namespace."""
+    tag = f"n6{os.getpid() % 100000}"
+    hub = f"{tag}h"
+    spaces = [f"{tag}{i}" for i in range(len(addresses))]
+    try:
+        for ns in (hub, *spaces):
+            ip("netns", "add", ns)
+            ip("-n", ns, "link", "set", "lo", "up")
+        ip("-n", hub, "link", "add", "bridge0", "type", "bridge")
+        ip("-n", hub, "link", "set", "bridge0", "up")
+        for i, (ns, address) in enumerate(zip(spaces, addresses, strict=True)):
+            ip("link", "add", f"{tag}e{i}", "type", "veth", "peer", "name", f"{tag}p{i}")
+            ip("link", "set", f"{tag}e{i}", "netns", ns)
+            ip("link", "set", f"{tag}p{i}", "netns", hub)
+            ip("-n", hub, "link", "set", f"{tag}p{i}", "master", "bridge0", "up")
+            extra = ["nodad"] if ":" in address else []  # (usable at once)
+            ip("-n", ns, "addr", "add", address, "dev", f"{tag}e{i}", *extra)
+            ip("-n", ns, "link", "set", f"{tag}e{i}", "up")
+        yield spaces
+    finally:
+        for ns in (*spaces, hub):  # (a namespace takes its ends of the veth pairs with it)
+            ip("netns", "del", ns, check=False)
+
+
+@needs_netns
+async def test_nodes_listening_on_all_ipv6_interfaces_reach_each_other_directly():
+    """Three IPv6-only hosts, every node on `--host ::`: each advertises its IPv6 address, so
+    the two that joined through the first connect to each other directly (they advertised
+    127.0.0.1, the only IPv4 address they had: each dialed itself there, twice a second with a
+    warning, never learned the other's state, and the two were cut off should the first go)."""
+    mesh_id = new_mesh_id()
+    nodes: list[NodeProcess] = []
+    with bridged_namespaces(["fd00::1/64", "fd00::2/64", "fd00::3/64"]) as spaces:
+        try:
+            for i, ns in enumerate(spaces):
+                seed = ("--peer", "[fd00::1]:7300") if i else ()
+                nodes.append(
+                    await NodeProcess.join(
+                        mesh_id, "--client", "--host", "::", "--port", "7300", *seed,
+                        prefix=("ip", "netns", "exec", ns),
+                    )
+                )  # fmt: skip
+            _, second, third = nodes
+            await second.wait_log(rf"connection with {third.node_id.short} \(fd00::3:", 15)
+            await third.wait_log(rf"node {second.node_id.short} is alive", 5)
+        finally:
+            await stop_all(nodes)
+        for node in nodes:
+            assert not any("SELF_CONNECTION" in line for line in node.stderr_lines)
