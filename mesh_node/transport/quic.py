@@ -34,6 +34,7 @@ from cryptography.x509.oid import NameOID
 
 from mesh_node.identity import MeshSecret, NodeId, NodeIdentity
 from mesh_node.transport.addresses import PortInUse, calling_address, normalize_host
+from mesh_node.transport.answering_socket import AnsweringSocket, answers_from_dialed_address
 from mesh_node.transport.connection import Connection
 from mesh_node.transport.datagram_size import datagram_size
 from mesh_node.transport.endpoint import Address, Endpoint
@@ -477,21 +478,25 @@ class QuicEndpoint(Endpoint):
 
     async def start(self) -> None:
         """Bind the UDP port (0 picks a free one; `self.port` holds the result)."""
+        configuration = self._configuration(is_client=False)
+        listener = QuicListener(
+            configuration=configuration,
+            create_protocol=lambda quic, **kw: QuicCarrier(
+                quic, make_connection=self.new_connection, **kw
+            ),
+        )
         try:
-            configuration = self._configuration(is_client=False)
-            _, self._server = await asyncio.get_running_loop().create_datagram_endpoint(
-                lambda: QuicListener(
-                    configuration=configuration,
-                    create_protocol=lambda quic, **kw: QuicCarrier(
-                        quic, make_connection=self.new_connection, **kw
-                    ),
-                ),
-                local_addr=(self.host, self.port),
-            )
+            if answers_from_dialed_address(self.host):  # (see answering_socket)
+                await AnsweringSocket.listen(listener, self.host, self.port)
+            else:
+                await asyncio.get_running_loop().create_datagram_endpoint(
+                    lambda: listener, local_addr=(self.host, self.port)
+                )
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
                 raise PortInUse("quic", "QUIC (udp)", self.host, self.port) from exc
             raise OSError(f"cannot listen on {self.host}:{self.port} (udp): {exc}") from exc
+        self._server = listener
         size_socket_buffers(self._server._transport)
         sock = self._server._transport.get_extra_info("socket")
         self.port = sock.getsockname()[1]

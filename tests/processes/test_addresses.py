@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -25,10 +26,11 @@ def ip(*args: str, check: bool = True) -> None:
 
 
 @contextlib.contextmanager
-def bridged_namespaces(addresses: list[str]):
-    """A fresh network namespace per address (given with its prefix, e.g. 'fd00::1/64'), each
-    joined by a veth pair to a bridge in one more namespace of its own; all removed afterwards.
-    Nothing is added to the test's own namespace."""
+def bridged_namespaces(addresses: list[str | tuple[str, ...]]):
+    """A fresh network namespace per item of `addresses` with that address (or those, the
+    first the primary one; each with its prefix, e.g. 'fd00::1/64'), each joined by a veth
+    pair to a bridge in one more namespace of its own; all removed afterwards. Nothing is
+    added to the test's own namespace."""
     tag = f"n6{os.getpid() % 100000}"
     hub = f"{tag}h"
     spaces = [f"{tag}{i}" for i in range(len(addresses))]
@@ -38,13 +40,14 @@ def bridged_namespaces(addresses: list[str]):
             ip("-n", ns, "link", "set", "lo", "up")
         ip("-n", hub, "link", "add", "bridge0", "type", "bridge")
         ip("-n", hub, "link", "set", "bridge0", "up")
-        for i, (ns, address) in enumerate(zip(spaces, addresses, strict=True)):
+        for i, (ns, given) in enumerate(zip(spaces, addresses, strict=True)):
             ip("link", "add", f"{tag}e{i}", "type", "veth", "peer", "name", f"{tag}p{i}")
             ip("link", "set", f"{tag}e{i}", "netns", ns)
             ip("link", "set", f"{tag}p{i}", "netns", hub)
             ip("-n", hub, "link", "set", f"{tag}p{i}", "master", "bridge0", "up")
-            extra = ["nodad"] if ":" in address else []  # (usable at once)
-            ip("-n", ns, "addr", "add", address, "dev", f"{tag}e{i}", *extra)
+            for address in (given,) if isinstance(given, str) else given:
+                extra = ["nodad"] if ":" in address else []  # (usable at once)
+                ip("-n", ns, "addr", "add", address, "dev", f"{tag}e{i}", *extra)
             ip("-n", ns, "link", "set", f"{tag}e{i}", "up")
         yield spaces
     finally:
@@ -77,3 +80,33 @@ async def test_nodes_listening_on_all_ipv6_interfaces_reach_each_other_directly(
             await stop_all(nodes)
         for node in nodes:
             assert not any("SELF_CONNECTION" in line for line in node.stderr_lines)
+
+
+@needs_netns
+@pytest.mark.parametrize("host", ["0.0.0.0", "::"])
+async def test_a_node_with_two_addresses_answers_from_the_one_dialed(host):
+    """A node on all interfaces with a second address on its interface (10.61.1.5 beside
+    10.61.1.1, fd00::5 beside fd00::1), dialed at the second one: it answers from there (it
+    answered from the address the kernel picked for the way back, the first, and the
+    dialer's QUIC dropped what came from an address it had not dialed: no join, ever)."""
+    mesh_id = new_mesh_id()
+    nodes: list[NodeProcess] = []
+    first = ("10.61.1.1/24", "10.61.1.5/24", "fd00::1/64", "fd00::5/64")
+    with bridged_namespaces([first, ("10.61.1.2/24",), ("fd00::3/64",)]) as spaces:
+        joiners = [(spaces[1], "0.0.0.0", "10.61.1.5:7300")]
+        if host == "::":
+            joiners.append((spaces[2], "::", "[fd00::5]:7300"))
+        try:
+            for ns, own, seed in [(spaces[0], host, None), *joiners]:
+                nodes.append(
+                    await NodeProcess.join(
+                        mesh_id, "--client", "--host", own, "--port", "7300",
+                        *(("--peer", seed) if seed else ()),
+                        prefix=("ip", "netns", "exec", ns),
+                    )
+                )  # fmt: skip
+            for node, (_, _, seed) in zip(nodes[1:], joiners, strict=True):
+                short = nodes[0].node_id.short
+                await node.wait_log(rf"joined through {short} \({re.escape(seed)}\)", 10)
+        finally:
+            await stop_all(nodes)
