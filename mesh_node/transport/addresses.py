@@ -47,14 +47,18 @@ def normalize_host(host: str) -> str:
 def calling_address(family: int, remote: str, own: str | None = None) -> str:
     """The local address a socket of `family` that calls `remote` (an IP literal) binds:
     loopback's for a loopback address (its answers can only come from there, and nothing else
-    need listen); else `own`, for IPv4 when it is one address (a node bound to it calls from
-    it); else every interface."""
+    need listen); else `own`, for IPv4 when it is one IPv4 address or a name (a node bound to
+    it calls from it); else every interface (an IPv4 call of a node on '::' included)."""
     v6 = family == socket.AF_INET6
     ip = ip_of(remote)
     if ip is not None and ip.is_loopback and (ip.version == 6) == v6:
         return "::1" if v6 else "127.0.0.1"
-    if own is not None and not v6 and own != "0.0.0.0":
-        return own
+    if own is not None and not v6:
+        own_ip = ip_of(own)
+        if own_ip is None:
+            return own
+        if own_ip.version == 4 and not own_ip.is_unspecified:
+            return str(own_ip)
     return "::" if v6 else "0.0.0.0"
 
 

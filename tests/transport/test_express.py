@@ -628,6 +628,11 @@ def test_a_lane_to_a_loopback_address_calls_from_a_loopback_socket():
         (socket.AF_INET, "10.0.0.7", "10.0.0.2", "10.0.0.2"),  # a node bound to one address
         (socket.AF_INET, "10.0.0.7", "0.0.0.0", "0.0.0.0"),
         (socket.AF_INET6, "2001:db8::7", "10.0.0.2", "::"),
+        # a node on IPv6 calling IPv4 (it bound its IPv4 socket to '::' and could not dial)
+        (socket.AF_INET, "10.0.0.7", "::", "0.0.0.0"),
+        (socket.AF_INET, "10.0.0.7", "fd00::2", "0.0.0.0"),
+        (socket.AF_INET, "10.0.0.7", "::ffff:10.0.0.2", "10.0.0.2"),
+        (socket.AF_INET, "10.0.0.7", "node-a", "node-a"),  # (a name: its IPv4 address)
     ],
 )
 def test_a_calling_socket_binds_loopback_for_loopback_peers_only(family, remote, own, bound):
