@@ -1041,7 +1041,7 @@ class ExpertParallel:
             reply = await conn.request(ExpressOpen(secret), timeout=self.config.connect_timeout)
             if not isinstance(reply, ExpressLane):
                 raise RemoteError(ErrorCode.UNEXPECTED_MESSAGE, type(reply).__name__)
-            address = (conn.remote_address[0], reply.port)
+            address = (conn.remote_ip, reply.port)  # (remote_address: maybe a name)
             # one Ping first, off the engine's thread: a lane whose port a firewall blocks is
             # never used (its first call would stall a decode step until it gave up)
             start = await asyncio.to_thread(

@@ -66,7 +66,8 @@ class Carrier(Protocol):
     bit 0 is the initiator (0 client, 1 server), bit 1 is set on unidirectional streams."""
 
     is_client: bool
-    remote_address: tuple[str, int]
+    remote_address: tuple[str, int]  # as dialed (a host name too), else as the peer came
+    remote_ip: str  # the IP address its datagrams go to (what a dialed name resolved to)
 
     def open_stream(self, unidirectional: bool) -> int: ...
     # raises RuntimeError on a stream that is finished or reset
@@ -314,6 +315,11 @@ class Connection:
     @property
     def remote_address(self) -> tuple[str, int]:
         return self._carrier.remote_address
+
+    @property
+    def remote_ip(self) -> str:
+        """The peer's IP address on this connection (`remote_address` may hold a name)."""
+        return self._carrier.remote_ip
 
     @property
     def is_open(self) -> bool:

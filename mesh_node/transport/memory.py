@@ -78,6 +78,7 @@ class MemoryCarrier:
         self.network = endpoint.network
         self.is_client = is_client
         self.remote_address = remote
+        self.remote_ip = remote[0]
         self.peer: MemoryCarrier | None = None
         self.connection: Connection | None = None
         self._next = {False: 0 if is_client else 1, True: 2 if is_client else 3}

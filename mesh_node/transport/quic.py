@@ -125,6 +125,11 @@ class QuicCarrier(QuicConnectionProtocol):
                 return ("?", 0)
         return self._remote
 
+    @property
+    def remote_ip(self) -> str:
+        paths = self._quic._network_paths
+        return normalize_host(paths[0].addr[0]) if paths else self.remote_address[0]
+
     def open_stream(self, unidirectional: bool) -> int:
         return self._quic.get_next_available_stream_id(is_unidirectional=unidirectional)
 

@@ -19,11 +19,12 @@ from mesh_node.expert_parallel.coordinator import ExpertParallel
 from mesh_node.expert_parallel.dispatch import DispatchStats, ExpertRoutes, RemoteExperts
 from mesh_node.expert_parallel.lanes import ExpertLanes
 from mesh_node.expert_parallel.service import ExpertService
-from mesh_node.identity import NodeIdentity
+from mesh_node.identity import MeshSecret, NodeIdentity, new_mesh_id
 from mesh_node.protocol import REGISTRY
 from mesh_node.transport.connection import Handlers
 from mesh_node.transport.express import ExpressClient, ExpressServer
 from mesh_node.transport.messages import ExpressLane, ExpressOpen, Ping, Pong
+from mesh_node.transport.quic import QuicEndpoint
 
 
 def test_calls_go_on_the_lane_and_over_quic_when_it_stops_answering():
@@ -154,6 +155,7 @@ class _Granting:
 
     def __init__(self, grant):
         self.remote_address = ("127.0.0.1", 7300)
+        self.remote_ip = "127.0.0.1"
         self.is_open = True
         self._grant = grant
 
@@ -254,3 +256,34 @@ def test_peers_held_off_are_remembered_within_a_bound():
         assert peers[-1] in lanes._not_before and peers[0] not in lanes._not_before
     finally:
         lanes.close()
+
+
+async def test_a_lane_to_a_peer_dialed_by_name_goes_to_the_address_the_name_resolved_to():
+    """A host whose connection to a peer was dialed by name (`--peer node-a:7300`, as in
+    docker-compose.yml) gets a lane to it (it took the name for the lane's address, which a
+    lane cannot resolve: no lane to that peer, ever, and only a line at info level)."""
+    mesh = MeshSecret(new_mesh_id())
+    peer = QuicEndpoint(NodeIdentity.generate(), mesh, registry=REGISTRY, handlers=Handlers(),
+                        host="::", port=0)  # fmt: skip
+    server = ExpressServer(REGISTRY, host="::")  # (whichever address localhost names)
+    server.on_call(Ping, lambda node, msg: Pong(msg.seq))
+    server.attach(peer)
+    host = QuicEndpoint(NodeIdentity.generate(), mesh, registry=REGISTRY, handlers=Handlers(),
+                        host="127.0.0.1", port=0)  # fmt: skip
+    owner = SimpleNamespace(config=SimpleNamespace(connect_timeout=2.0), endpoint=host)
+    lanes = ExpertLanes("builtin", ExpressClient(REGISTRY))
+    await peer.start()
+    server.start()
+    await host.start()
+    try:
+        conn = await host.connect(("localhost", peer.port), expect=peer.node_id, timeout=5)
+        assert conn.remote_address == ("localhost", peer.port)
+        await ExpertParallel._open_lane(owner, lanes, peer.node_id, conn)
+        assert peer.node_id in lanes.client
+        call = lanes.client.call(peer.node_id, Ping(7))
+        assert await asyncio.to_thread(lanes.client.result, call, 2.0) == Pong(7)
+    finally:
+        lanes.client.close()
+        await host.close()
+        server.close()
+        await peer.close()
