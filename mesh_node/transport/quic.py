@@ -61,6 +61,7 @@ def self_signed_certificate(identity: NodeIdentity) -> x509.Certificate:
 
 
 MAX_LOOKUPS = 8  # host names being resolved at once (each holds an executor thread meanwhile)
+MAX_ADDRESSES = 4  # addresses of a host name dialed in turn (the time shared between them)
 ACK_HOLD = 0.020  # see QuicCarrier (acknowledgements); below the 25 ms max_ack_delay announced
 BURST_GAP = 0.001  # packets closer than this (aioquic's acknowledgement delay), none between
 ACK_HOLD_PACKETS = 8  # packets held at most; then due at once (a writer waits at 256 KiB unacked)
@@ -510,9 +511,34 @@ class QuicEndpoint(Endpoint):
     async def _dial(
         self, host: str, port: int, expect: NodeId | None, timeout: float
     ) -> Connection:
+        """Dial host:port: each address a name resolves to in turn (a first share of the time
+        to ::1 of 'localhost' must not keep the dial from 127.0.0.1), each with an equal share
+        of the time left."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        family, addr = await self._resolve(host, port, timeout)
+        targets = await self._resolve(host, port, timeout)
+        failure: ConnectionLost | None = None
+        for tried, (family, addr) in enumerate(targets):
+            share = max(deadline - loop.time(), 0.001) / (len(targets) - tried)
+            try:
+                return await self._dial_address(host, port, family, addr, expect, share)
+            except ConnectionLost as exc:
+                failure = exc
+                if len(targets) > 1:
+                    log.debug("dialing %s:%d at %s: %s", host, port, addr[0], exc)
+        assert failure is not None  # (a lookup gives at least one address)
+        raise failure
+
+    async def _dial_address(
+        self,
+        host: str,
+        port: int,
+        family: int,
+        addr: tuple,
+        expect: NodeId | None,
+        timeout: float,
+    ) -> Connection:
+        loop = asyncio.get_running_loop()
         configuration = self._configuration(is_client=True)
         configuration.max_datagram_size = datagram_size(addr[0])
         quic = QuicConnection(configuration=configuration)
@@ -536,10 +562,11 @@ class QuicEndpoint(Endpoint):
         self._reapers.add(reaper)
         reaper.add_done_callback(self._reapers.discard)
         carrier.connect(addr)
-        return await self._await_open(conn, f"{host}:{port}", max(deadline - loop.time(), 0.001))
+        return await self._await_open(conn, f"{host}:{port}", timeout)
 
-    async def _resolve(self, host: str, port: int, timeout: float) -> tuple[int, tuple]:
-        """(family, socket address) of host:port. An IP address needs no lookup; a name is
+    async def _resolve(self, host: str, port: int, timeout: float) -> list[tuple[int, tuple]]:
+        """(family, socket address) of host:port, for each address a name has (at most
+        MAX_ADDRESSES, in the resolver's order). An IP address needs no lookup; a name is
         looked up within `timeout`, at most MAX_LOOKUPS at once (a lookup holds an executor
         thread until the resolver answers, however long: names a peer hands over must not
         queue every later dial behind them)."""
@@ -549,7 +576,7 @@ class QuicEndpoint(Endpoint):
             ip = None
         if ip is not None and "%" not in host:  # (in standard form, as replies will come from)
             family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
-            return family, ((str(ip), port, 0, 0) if ip.version == 6 else (str(ip), port))
+            return [(family, ((str(ip), port, 0, 0) if ip.version == 6 else (str(ip), port)))]
         if self._lookups >= MAX_LOOKUPS:
             raise ConnectionLost(f"cannot resolve {host}: {MAX_LOOKUPS} name lookups running")
         loop = asyncio.get_running_loop()
@@ -569,8 +596,12 @@ class QuicEndpoint(Endpoint):
             raise ConnectionLost(f"cannot resolve {host} within {timeout:g}s") from None
         except (OSError, ValueError) as exc:  # ValueError: e.g. a label over 63 characters
             raise ConnectionLost(f"cannot resolve {host}: {exc}") from None
-        family, _, _, _, addr = infos[0]
-        return family, addr
+        found: dict[tuple, int] = {}
+        for family, _, _, _, addr in infos:
+            found.setdefault(addr, family)
+        if not found:
+            raise ConnectionLost(f"cannot resolve {host}: no address")
+        return [(family, addr) for addr, family in found.items()][:MAX_ADDRESSES]
 
     async def _reap(
         self, conn: Connection, carrier: QuicCarrier, transport: asyncio.DatagramTransport

@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -109,5 +110,44 @@ async def test_a_node_with_two_addresses_answers_from_the_one_dialed(host):
             for node, (_, _, seed) in zip(nodes[1:], joiners, strict=True):
                 short = nodes[0].node_id.short
                 await node.wait_log(rf"joined through {short} \({re.escape(seed)}\)", 10)
+        finally:
+            await stop_all(nodes)
+
+
+@contextlib.contextmanager
+def namespace_with_hosts(hosts: str):
+    """A fresh network namespace (loopback only) whose processes, run with `ip netns exec`,
+    read `hosts` as /etc/hosts (ip mounts /etc/netns/NAME/hosts there); removed afterwards."""
+    ns = f"n6{os.getpid() % 100000}n"
+    folder = Path("/etc/netns") / ns
+    try:
+        ip("netns", "add", ns)
+        ip("-n", ns, "link", "set", "lo", "up")
+        folder.mkdir(parents=True)
+        (folder / "hosts").write_text(hosts)
+        yield ns
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            folder.parent.rmdir()  # (only when empty: another namespace may use it)
+        ip("netns", "del", ns, check=False)
+
+
+@needs_netns
+async def test_a_peer_named_with_several_addresses_is_dialed_at_each():
+    """`--peer localhost:7300` where localhost is ::1 first and then 127.0.0.1 (Debian's and
+    Ubuntu's /etc/hosts), to a node on IPv4: the second address answers (only the first was
+    dialed: 'no answer from localhost:7300', for ever)."""
+    mesh_id = new_mesh_id()
+    nodes: list[NodeProcess] = []
+    with namespace_with_hosts("::1 localhost\n127.0.0.1 localhost\n") as ns:
+        try:
+            for extra in (("--port", "7300"), ("--peer", "localhost:7300")):
+                nodes.append(
+                    await NodeProcess.join(
+                        mesh_id, "--client", *extra, prefix=("ip", "netns", "exec", ns)
+                    )
+                )
+            await nodes[1].wait_log(rf"joined through {nodes[0].node_id.short} ", 10)
         finally:
             await stop_all(nodes)
