@@ -179,30 +179,21 @@ async def test_a_new_host_calls_no_experts_an_old_plan_left_on_a_node_of_another
     first, newcomer, holder = sorted(
         (NodeIdentity.generate() for _ in range(3)), key=lambda i: i.node_id
     )
-    short = HostingConfig(cover_timeout=5.0)
-    old_host = await mesh.add(
-        identity=first,
-        models=[str(theirs)],
-        hosting=short,
-        experts=ExpertParallelConfig(enabled=False, dispatch=fast),
-        gateway=SHORT_HOST_WAIT,
-    )
-    holding = await mesh.add(
-        identity=holder,
-        models=[str(theirs)],
-        hosting=short,
-        experts=ExpertParallelConfig(enabled=True, memory=64 << 20, dispatch=fast),
-        gateway=SHORT_HOST_WAIT,
-    )
+
+    async def add(identity, folder, **experts):
+        return await mesh.add(
+            identity=identity,
+            models=[str(folder)],
+            hosting=HostingConfig(cover_timeout=5.0),
+            experts=ExpertParallelConfig(dispatch=fast, **experts),
+            gateway=SHORT_HOST_WAIT,
+        )
+
+    old_host = await add(first, theirs, enabled=False)
+    holding = await add(holder, theirs, enabled=True, memory=64 << 20)
     await mesh.wait(lambda: mesh.hosts_of("tiny-moe") == [old_host], timeout=60)
     await mesh.wait(lambda: holding_one_plan(mesh.nodes, "tiny-moe"), timeout=60)
-    new_host = await mesh.add(
-        identity=newcomer,
-        models=[str(ours)],
-        hosting=short,
-        experts=ExpertParallelConfig(enabled=False, dispatch=fast),
-        gateway=SHORT_HOST_WAIT,
-    )
+    new_host = await add(newcomer, ours, enabled=False)
     await mesh.wait(
         lambda: getattr(holding.membership.table.get(newcomer.node_id), "state", None) is not None
     )
