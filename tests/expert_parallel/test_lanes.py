@@ -263,13 +263,20 @@ async def test_a_lane_to_a_peer_dialed_by_name_goes_to_the_address_the_name_reso
     docker-compose.yml) gets a lane to it (it took the name for the lane's address, which a
     lane cannot resolve: no lane to that peer, ever, and only a line at info level)."""
     mesh = MeshSecret(new_mesh_id())
-    peer = QuicEndpoint(NodeIdentity.generate(), mesh, registry=REGISTRY, handlers=Handlers(),
-                        host="::", port=0)  # fmt: skip
+    peer = QuicEndpoint(
+        NodeIdentity.generate(), mesh, registry=REGISTRY, handlers=Handlers(), host="::", port=0
+    )
     server = ExpressServer(REGISTRY, host="::")  # (whichever address localhost names)
     server.on_call(Ping, lambda node, msg: Pong(msg.seq))
     server.attach(peer)
-    host = QuicEndpoint(NodeIdentity.generate(), mesh, registry=REGISTRY, handlers=Handlers(),
-                        host="127.0.0.1", port=0)  # fmt: skip
+    host = QuicEndpoint(
+        NodeIdentity.generate(),
+        mesh,
+        registry=REGISTRY,
+        handlers=Handlers(),
+        host="127.0.0.1",
+        port=0,
+    )
     owner = SimpleNamespace(config=SimpleNamespace(connect_timeout=2.0), endpoint=host)
     lanes = ExpertLanes("builtin", ExpressClient(REGISTRY))
     await peer.start()
